@@ -1,0 +1,22 @@
+"""Shared test fixtures: real clips live in ../shared/data beside the project (never committed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_clip(name: str) -> Path:
+    """Path of a real clip in ../shared/data; skips the test cleanly when it is absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+@pytest.fixture
+def clip():
+    return shared_clip
