@@ -1,0 +1,1 @@
+"""Face landmarks: the mediapipe face-mesh wrapper and the landmark index sets every stage shares."""

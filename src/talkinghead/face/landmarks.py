@@ -1,0 +1,123 @@
+"""Mediapipe face mesh (478 points, refined lips and irises) and measurements taken from it.
+
+Landmarks are float32 [478, 3]: x, y in continuous pixel coordinates of the frame (see
+``talkinghead.camera``), z in the same pixel scale (mediapipe's relative depth, smaller = closer).
+A missing face is a row of NaN. ``prepare`` and ``eval`` both measure mouth opening and blinks
+through the functions here, so a figure means the same thing in both.
+
+mediapipe is imported lazily: the rest of the package runs where it is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+
+NUM_LANDMARKS = 478
+
+# Index sets of the canonical mediapipe mesh. "Left"/"right" are the subject's own.
+LIPS_OUTER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
+LIPS_INNER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191)
+UPPER_LIP_INNER, LOWER_LIP_INNER = 13, 14
+MOUTH_CORNERS = (61, 291)
+RIGHT_EYE = (33, 160, 158, 133, 153, 144)  # outer, upper x2, inner, lower x2 (EAR order p1..p6)
+LEFT_EYE = (263, 387, 385, 362, 380, 373)
+RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263
+RIGHT_IRIS, LEFT_IRIS = tuple(range(468, 473)), tuple(range(473, 478))
+NOSE_TIP = 1
+NOSE = (1, 2, 4, 5, 6, 19, 94, 168, 195, 197)
+CHIN = 152
+FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
+             148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
+
+
+def interocular(lm: np.ndarray) -> np.ndarray:
+    """Outer-eye-corner distance [...] in pixels: the scale every landmark distance is normalised by."""
+    return np.linalg.norm(lm[..., LEFT_EYE_OUTER, :2] - lm[..., RIGHT_EYE_OUTER, :2], axis=-1)
+
+
+def mouth_opening(lm: np.ndarray) -> np.ndarray:
+    """Inner-lip gap divided by the interocular distance [...]; ~0 closed, ~0.3-0.5 wide open."""
+    gap = np.linalg.norm(lm[..., UPPER_LIP_INNER, :2] - lm[..., LOWER_LIP_INNER, :2], axis=-1)
+    return gap / interocular(lm)
+
+
+def eye_aspect_ratio(lm: np.ndarray) -> np.ndarray:
+    """Eye aspect ratio (Soukupova & Cech 2016) of the [..., 2] (right, left) eyes; drops to ~0 in a blink."""
+    out = []
+    for p1, p2, p3, p4, p5, p6 in (RIGHT_EYE, LEFT_EYE):
+        v = np.linalg.norm(lm[..., p2, :2] - lm[..., p6, :2], axis=-1) + np.linalg.norm(
+            lm[..., p3, :2] - lm[..., p5, :2], axis=-1)
+        h = np.linalg.norm(lm[..., p1, :2] - lm[..., p4, :2], axis=-1)
+        out.append(v / (2.0 * h))
+    return np.stack(out, axis=-1)
+
+
+class FaceMesh:
+    """Mediapipe face mesh in video mode (it tracks between frames). Use as a context manager.
+
+    ``detect(image)`` returns every face found as a list of [478, 3] arrays.
+    """
+
+    def __init__(self, max_faces: int = 2, video_mode: bool = True, min_confidence: float = 0.5):
+        os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's C++ logging would clutter stderr
+        try:
+            import mediapipe as mp
+        except ImportError:  # the GPU box runs train/render on prepared datasets without mediapipe
+            from talkinghead.errors import UserError
+
+            raise UserError("face tracking needs mediapipe: pip install 'talkinghead[prepare]'") from None
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=not video_mode, max_num_faces=max_faces, refine_landmarks=True,
+            min_detection_confidence=min_confidence, min_tracking_confidence=min_confidence)
+
+    def detect(self, image: np.ndarray) -> list[np.ndarray]:
+        h, w = image.shape[:2]
+        result = self._mesh.process(np.ascontiguousarray(image))
+        faces = []
+        for face in result.multi_face_landmarks or ():
+            xyz = np.array([(p.x * w, p.y * h, p.z * w) for p in face.landmark], dtype=np.float32)
+            faces.append(xyz)
+        return faces
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self) -> "FaceMesh":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _bbox_area(lm: np.ndarray) -> float:
+    span = lm[:, :2].max(0) - lm[:, :2].min(0)
+    return float(span[0] * span[1])
+
+
+def track(frames: Iterable[np.ndarray], progress: bool = False, total: int | None = None) -> np.ndarray:
+    """Landmarks of one person through a clip: float32 [T, 478, 3], NaN rows where no face was found.
+
+    With several faces in view, the person is the largest face at first sight and then, frame after
+    frame, the face whose landmarks lie closest to the last ones kept (one identity, not whoever is
+    biggest in each frame).
+    """
+    from tqdm import tqdm
+
+    rows: list[np.ndarray] = []
+    last: np.ndarray | None = None
+    with FaceMesh() as mesh:
+        for image in tqdm(frames, total=total, desc="face mesh", unit="frame", disable=not progress):
+            faces = mesh.detect(image)
+            if not faces:
+                rows.append(np.full((NUM_LANDMARKS, 3), np.nan, np.float32))
+                continue
+            if last is None:
+                pick = max(faces, key=_bbox_area)
+            else:
+                pick = min(faces, key=lambda f: float(np.mean(np.linalg.norm(f[:, :2] - last[:, :2], axis=-1))))
+            rows.append(pick)
+            last = pick
+    return np.stack(rows) if rows else np.zeros((0, NUM_LANDMARKS, 3), np.float32)
