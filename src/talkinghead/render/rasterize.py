@@ -1,0 +1,128 @@
+"""One differentiable rasterizer entry point with gsplat's semantics and two backends.
+
+``backend="torch"`` is our own implementation (:mod:`projection` + :mod:`raster_torch`), running anywhere
+PyTorch does. ``backend="gsplat"`` calls ``gsplat.rasterization`` (CUDA only), imported lazily so that this
+module imports on machines without it. ``"auto"`` picks gsplat for CUDA tensors when gsplat is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .projection import project
+from .raster_torch import composite
+from .sh import eval_sh
+
+Backend = Literal["auto", "torch", "gsplat"]
+
+
+def gsplat_available() -> bool:
+    """True when CUDA is usable and the gsplat package is installed (nothing is imported)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("gsplat") is not None
+
+
+def rasterize(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4] (w, x, y, z), any norm
+    scales: Tensor,  # [N, 3] linear
+    opacities: Tensor,  # [N] in [0, 1]
+    colors: Tensor,  # [N, D] features, or [N, K, 3] SH coefficients when sh_degree is given
+    viewmat: Tensor,  # [4, 4] or [C, 4, 4] world-to-camera (OpenCV)
+    K: Tensor,  # [3, 3] or [C, 3, 3]
+    width: int,
+    height: int,
+    background: Tensor | None = None,  # [D] or [H, W, D] (or with a leading [C])
+    sh_degree: int | None = None,
+    backend: Backend = "auto",
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+    """Render 3D Gaussians from one camera, or from C cameras at once.
+
+    Returns ``(image, alpha, depth, info)``:
+        image: [H, W, D] composited colours, plus ``(1 - alpha) * background`` when one is given;
+        alpha: [H, W, 1] accumulated opacity;
+        depth: [H, W, 1] expected camera-space depth ``sum(w_i z_i) / alpha`` (gsplat's "ED"), 0 where empty;
+        info: as gsplat's ``meta``, always with a camera axis: ``means2d`` [C, N, 2] screen-space centres --
+        call ``.retain_grad()`` on it before ``backward()`` to read the positional gradient densification
+        uses; ``radii`` [C, N, 2] int pixel half-extents (0 = culled); ``depths`` [C, N] camera z; ``width``,
+        ``height``, ``n_cameras``, ``backend``.
+    With batched cameras (``viewmat`` [C, 4, 4]) image, alpha and depth gain a leading [C] axis too.
+
+    With ``sh_degree`` the colour is ``max(SH(view direction) + 0.5, 0)`` as in 3DGS and gsplat.
+    Differentiable in means, quats, scales, opacities, colors and background.
+    """
+    batched = viewmat.dim() == 3
+    viewmats = viewmat if batched else viewmat[None]
+    Ks = K if batched else K[None]
+    if Ks.shape[0] != viewmats.shape[0]:
+        raise ValueError(f"{viewmats.shape[0]} viewmats but {Ks.shape[0]} intrinsics")
+    if backend == "auto":
+        backend = "gsplat" if means.is_cuda and gsplat_available() else "torch"
+    if backend == "gsplat":
+        run = _rasterize_gsplat
+    elif backend == "torch":
+        run = _rasterize_torch
+    else:
+        raise ValueError(f"unknown backend {backend!r} (auto, torch or gsplat)")
+    image, alpha, depth, info = run(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near_plane, far_plane
+    )
+    if background is not None:
+        bg = background.to(image)
+        image = image + (1.0 - alpha) * (bg if bg.dim() > 1 else bg.view(1, 1, 1, -1))
+    info.update(width=width, height=height, n_cameras=viewmats.shape[0], backend=backend)
+    if not batched:
+        image, alpha, depth = image[0], alpha[0], depth[0]
+    return image, alpha, depth, info
+
+
+def _colors(colors: Tensor, means: Tensor, viewmat: Tensor, sh_degree: int | None) -> Tensor:
+    if sh_degree is None:
+        return colors
+    campos = -viewmat[:3, :3].T @ viewmat[:3, 3]
+    return torch.clamp_min(eval_sh(sh_degree, colors, means - campos) + 0.5, 0.0)
+
+
+def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far):
+    projs = [project(means, quats, scales, opacities, v, k, width, height, near, far) for v, k in zip(viewmats, Ks)]
+    # retain_grad() only sees gradients on a tensor the loss was computed from, so the compositor reads
+    # slices of the very [C, N, 2] tensor that info returns.
+    means2d = torch.stack([p.means2d for p in projs])
+    images, alphas, depths = [], [], []
+    for c, (proj, viewmat) in enumerate(zip(projs, viewmats)):
+        idx = torch.nonzero(proj.visible).squeeze(1)
+        idx = idx[torch.argsort(proj.depths.detach()[idx], stable=True)]  # front to back
+        rgb = _colors(colors, means, viewmat, sh_degree)
+        D = rgb.shape[-1]
+        feats = torch.cat([rgb[idx], proj.depths[idx, None], rgb.new_ones(idx.shape[0], 1)], 1)
+        out = composite(means2d[c, idx], proj.conics[idx], opacities[idx], feats, proj.boxes[idx], width, height)
+        out = out.view(height, width, D + 2)
+        images.append(out[..., :D])
+        alphas.append(out[..., D + 1 :])
+        depths.append(out[..., D : D + 1] / out[..., D + 1 :].clamp(min=1e-10))
+    info = {
+        "means2d": means2d,
+        "radii": torch.stack([p.radii for p in projs]),
+        "depths": torch.stack([p.depths for p in projs]),
+    }
+    return torch.stack(images), torch.stack(alphas), torch.stack(depths), info
+
+
+def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far):
+    from gsplat import rasterization  # CUDA-only dependency, imported on use
+
+    render, alpha, meta = rasterization(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+        near_plane=near, far_plane=far, eps2d=0.3, sh_degree=sh_degree,
+        packed=False, rasterize_mode="classic", render_mode="RGB+ED",
+    )  # fmt: skip
+    radii = meta["radii"]
+    if radii.dim() == 2:  # gsplat < 1.5 returns one radius per Gaussian
+        radii = radii[..., None].expand(-1, -1, 2)
+    info = {"means2d": meta["means2d"], "radii": radii, "depths": meta["depths"]}
+    return render[..., :-1], alpha, render[..., -1:], info
