@@ -1,0 +1,225 @@
+"""Audio features with one row per video frame: what every method's audio branch consumes.
+
+Frame ``i`` of a clip at ``fps`` is the instant ``i / fps``; audio sample ``s`` is at ``s / 16000`` (see
+``docs/dataset.md``). Every feature below describes the audio *around* that instant, so row ``i`` lines up
+with image ``i``. The same :func:`compute_audio_features` runs on the training clip (``prepare``) and on
+new driving audio (``render``), so an avatar sees the same kind of input in both.
+
+Features (all per video frame, ``T = num_frames`` rows; audio shorter than the video is zero-padded, longer
+audio is ignored past the last frame):
+
+* ``mel`` [T, 80]: natural-log mel power. 25 ms Hann windows every 10 ms (n_fft 512), 80 triangular HTK-mel
+  bands over 0-8 kHz, then the *power* of the 10 ms frames is averaged under a box of one video frame
+  (1 / fps) centred on the frame's instant before taking the log (so nothing between frames is skipped).
+* ``energy`` [T]: RMS level in dBFS of the audio in the same 1 / fps box (floor -100 dB).
+* ``phone_ids`` [T] / ``phone_posteriors`` [T, 40]: pocketsphinx phone recognition, see
+  :mod:`talkinghead.audio.phones` for what the "posteriors" are and are not.
+* ``wav2vec`` [T, D] (optional): hidden states of a local wav2vec 2.0 / HuBERT model linearly interpolated
+  from 50 Hz to the video frames, as the papers do (:mod:`talkinghead.audio.wav2vec`).
+
+:meth:`AudioFeatures.stack` gives the normalised vector methods consume. Its normalisation never uses
+statistics of *another* clip: log-mel is mean-normalised per band over the utterance's own speech frames
+(cepstral-mean-normalisation style, which removes microphone and speaker timbre offsets) and divided by a
+fixed scale; energy is taken relative to the utterance's median speech level. Applied identically to
+training and driving audio, this lets an avatar trained on one recording be driven by another speaker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from talkinghead.audio import phones as _phones
+from talkinghead.errors import UserError
+from talkinghead.media import AUDIO_RATE, read_audio
+
+N_MELS = 80
+N_FFT = 512
+WIN = 400  # 25 ms
+HOP = 160  # 10 ms
+ENERGY_FLOOR_DB = -100.0
+MEL_SCALE = 3.0  # fixed divisor of mean-normalised log-mel: brings speech to roughly unit spread
+ENERGY_SCALE = 20.0  # dB per unit in stack()
+ENERGY_RANGE = (-3.0, 1.0)  # stack() clips relative energy to [-60 dB, +20 dB] around the speech level
+
+# check_audio thresholds: speech is typically -35..-15 dBFS RMS over a second.
+MIN_SECONDS = 0.1
+SILENT_PEAK = 1e-3
+SILENT_RMS_DB = -55.0
+
+
+@dataclass
+class AudioFeatures:
+    """Per-video-frame audio features of one utterance (all arrays have T rows)."""
+
+    fps: float
+    mel: np.ndarray  # [T, n_mels] float32, natural-log mel power
+    energy: np.ndarray  # [T] float32, dBFS
+    phone_ids: np.ndarray  # [T] int64, indices into phone_names
+    phone_posteriors: np.ndarray  # [T, P] float32, rows sum to 1
+    phone_names: list[str] = field(default_factory=lambda: list(_phones.PHONES))
+    wav2vec: np.ndarray | None = None  # [T, D] float32
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.mel.shape[0])
+
+    @property
+    def names(self) -> list[str]:
+        """One name per column of :meth:`stack`."""
+        out = [f"phone:{p}" for p in self.phone_names]
+        out += [f"mel:{i}" for i in range(self.mel.shape[1])]
+        out.append("energy")
+        if self.wav2vec is not None:
+            out += [f"wav2vec:{i}" for i in range(self.wav2vec.shape[1])]
+        return out
+
+    def stack(self) -> np.ndarray:
+        """The normalised per-frame vector methods consume: float32 [T, D], columns as :attr:`names`.
+
+        ``[phone posteriors | (log-mel - speech mean per band) / MEL_SCALE | relative energy / 20 dB |
+        wav2vec]``. Means and the speech level come from this utterance's own speech frames (all frames when
+        no speech was found), never from another clip; see the module docstring.
+        """
+        speech = self.phone_ids != _phones.SIL
+        if speech.sum() < 3:
+            speech = np.ones(self.num_frames, bool)
+        if self.num_frames == 0:
+            mel_mean, level = np.zeros(self.mel.shape[1], np.float32), 0.0
+        else:
+            mel_mean = self.mel[speech].mean(axis=0)
+            level = float(np.median(self.energy[speech]))
+        mel = (self.mel - mel_mean) / MEL_SCALE
+        energy = np.clip((self.energy - level) / ENERGY_SCALE, *ENERGY_RANGE)
+        parts = [self.phone_posteriors, mel, energy[:, None]]
+        if self.wav2vec is not None:
+            parts.append(self.wav2vec)
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an ``.npz`` (no pickled objects) atomically: a temporary file renamed at the end."""
+        path = Path(path)
+        arrays = dict(fps=np.float64(self.fps), mel=self.mel, energy=self.energy, phone_ids=self.phone_ids,
+                      phone_posteriors=self.phone_posteriors, phone_names=np.array(self.phone_names, dtype=str))
+        if self.wav2vec is not None:
+            arrays["wav2vec"] = self.wav2vec
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AudioFeatures":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(fps=float(z["fps"]), mel=z["mel"], energy=z["energy"], phone_ids=z["phone_ids"],
+                           phone_posteriors=z["phone_posteriors"], phone_names=[str(p) for p in z["phone_names"]],
+                           wav2vec=z["wav2vec"] if "wav2vec" in z.files else None)
+        except (OSError, KeyError, ValueError) as exc:
+            raise UserError(f"cannot read audio features {path}: {exc}") from None
+
+
+def check_audio(wave: np.ndarray, source: str) -> None:
+    """Raise :class:`UserError` naming ``source`` when ``wave`` (float [S], 16 kHz) is empty or silent.
+
+    Silent = peak below 1e-3, or no second of it louder than -55 dBFS RMS (speech is ~-35..-15 dBFS).
+    """
+    wave = np.asarray(wave)
+    if wave.ndim != 1 or wave.size < MIN_SECONDS * AUDIO_RATE:
+        raise UserError(f"{source}: the audio is empty or shorter than {MIN_SECONDS:g} s")
+    if not np.all(np.isfinite(wave)):
+        raise UserError(f"{source}: the audio holds invalid (NaN or infinite) samples")
+    peak = float(np.max(np.abs(wave)))
+    if peak < SILENT_PEAK:
+        raise UserError(f"{source}: the audio is silent (peak level {20 * np.log10(peak + 1e-12):.0f} dBFS)")
+    second = min(AUDIO_RATE, wave.size)
+    csum = np.concatenate([[0.0], np.cumsum(wave.astype(np.float64) ** 2)])
+    loudest = float(np.max(csum[second:] - csum[:-second]) / second)
+    loudest_db = 10 * np.log10(loudest + 1e-12)
+    if loudest_db < SILENT_RMS_DB:
+        raise UserError(f"{source}: the audio is nearly silent (loudest second at {loudest_db:.0f} dBFS RMS, "
+                        f"speech is around -30 dBFS)")
+
+
+def load_driving_audio(path: str | os.PathLike) -> np.ndarray:
+    """New audio for ``render``: any media file's first audio track, mono float32 [S] at 16 kHz, checked."""
+    wave = read_audio(path)
+    check_audio(wave, str(path))
+    return wave
+
+
+def mel_filterbank(n_mels: int = N_MELS, n_fft: int = N_FFT, rate: int = AUDIO_RATE) -> np.ndarray:
+    """Triangular filters on the HTK mel scale over 0..rate/2: float32 [n_mels, n_fft // 2 + 1], peak 1."""
+    def hz_to_mel(f):
+        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+
+    edges_hz = 700.0 * (10 ** (np.linspace(0.0, hz_to_mel(rate / 2), n_mels + 2) / 2595.0) - 1.0)
+    bins = np.linspace(0.0, rate / 2, n_fft // 2 + 1)
+    lo, mid, hi = edges_hz[:-2, None], edges_hz[1:-1, None], edges_hz[2:, None]
+    up = (bins[None] - lo) / (mid - lo)
+    down = (hi - bins[None]) / (hi - mid)
+    return np.clip(np.minimum(up, down), 0.0, None).astype(np.float32)
+
+
+def _mel_power(wave: np.ndarray, count: int) -> np.ndarray:
+    """Mel power [count, N_MELS] of 25 ms windows centred at 10 ms steps (zero-padded at both ends)."""
+    padded = np.pad(wave.astype(np.float32), (WIN // 2, WIN + count * HOP))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, WIN)[: count * HOP: HOP]
+    spec = np.abs(np.fft.rfft(frames * np.hanning(WIN).astype(np.float32), n=N_FFT, axis=1)) ** 2
+    return spec.astype(np.float32) @ mel_filterbank().T
+
+
+def _box_average(x: np.ndarray, times: np.ndarray, half: float, rate: float) -> np.ndarray:
+    """Mean of the rows of ``x`` (sampled at ``rate`` Hz, row k at k / rate) within ``times`` ± ``half`` s."""
+    csum = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0, dtype=np.float64)])
+    a = np.clip(np.ceil((times - half) * rate - 1e-9).astype(np.int64), 0, len(x))
+    b = np.clip(np.floor((times + half) * rate - 1e-9).astype(np.int64) + 1, 0, len(x))
+    b = np.maximum(b, np.minimum(a + 1, len(x)))
+    return ((csum[b] - csum[a]) / np.maximum(b - a, 1).reshape((-1,) + (1,) * (x.ndim - 1))).astype(np.float32)
+
+
+def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, progress: bool = False,
+                           wav2vec_model: str | os.PathLike | None = None) -> AudioFeatures:
+    """Features of ``wave`` (float32 [S] at 16 kHz, sample 0 at frame 0) for ``num_frames`` frames at ``fps``.
+
+    ``wav2vec_model``: a local wav2vec 2.0 / HuBERT folder (transformers format); its features are added.
+    """
+    from tqdm import tqdm
+
+    if fps <= 0 or num_frames < 0:
+        raise ValueError(f"need fps > 0 and num_frames >= 0, got {fps}, {num_frames}")
+    wave = np.asarray(wave, np.float32).reshape(-1)
+    duration = num_frames / fps
+    wave = wave[: int(np.ceil((duration + 1.0 / fps) * AUDIO_RATE))]  # audio past the last frame is not needed
+    steps = ["phones", "mel"] + (["wav2vec"] if wav2vec_model is not None else [])
+    bar = tqdm(total=len(steps), desc="audio features", unit="step", disable=not progress)
+    times = np.arange(num_frames) / fps
+
+    segments = _phones.recognize_phones(wave)
+    posteriors = _phones.phone_posteriors(segments, fps, num_frames)
+    ids = _phones.phone_labels(segments, fps, num_frames)
+    bar.update()
+
+    count = int(np.ceil(duration * AUDIO_RATE / HOP)) + 2
+    mel_power = _mel_power(wave, count)
+    mel = np.log(_box_average(mel_power, times, 0.5 / fps, AUDIO_RATE / HOP) + 1e-10).astype(np.float32)
+    padded = np.pad(wave.astype(np.float64) ** 2, (0, max(0, int(np.ceil(duration * AUDIO_RATE)) + 1 - len(wave))))
+    power = _box_average(padded[:, None], times, 0.5 / fps, AUDIO_RATE)[:, 0]
+    energy = np.maximum(10.0 * np.log10(power + 1e-12), ENERGY_FLOOR_DB).astype(np.float32)
+    bar.update()
+
+    w2v = None
+    if wav2vec_model is not None:
+        from talkinghead.audio.wav2vec import load_wav2vec, wav2vec_features
+
+        w2v = wav2vec_features(load_wav2vec(wav2vec_model), wave, fps, num_frames)
+        bar.update()
+    bar.close()
+    return AudioFeatures(fps=float(fps), mel=mel.reshape(num_frames, N_MELS), energy=energy,
+                         phone_ids=ids, phone_posteriors=posteriors.astype(np.float32), wav2vec=w2v)
