@@ -1,0 +1,157 @@
+"""The small contract every method satisfies, and the config pieces every method's config contains.
+
+Shapes: H, W the training/render size; D the per-frame audio feature size; R the audio window radius.
+
+* :class:`Condition` -- what a method may look at to render frame n (no ground truth): camera, backdrop
+  (background plate + torso of that frame, head removed), audio window, blink. Render-time driving builds
+  the same object from new audio, so a method cannot accidentally depend on training-only inputs.
+* :class:`Batch` -- a Condition plus the ground truth of that frame (image, region masks, mouth crop).
+* :class:`Method` -- the protocol the trainer and renderer call; a ``torch.nn.Module`` implementing the five
+  methods below satisfies it (composition: a method holds its sub-networks, it does not inherit a base model).
+* :class:`MethodSpec` -- a method as data: config type, ``make_config(preset, variant)``, ``build``.
+
+Configs are plain dataclasses. A method's config *contains* ``data: DataConfig`` and ``schedule:
+Schedule`` (read by the shared data loader and trainer) beside its own fields; :func:`config_to_dict` /
+:func:`config_from_dict` turn any of them into JSON and back, so an avatar records exactly how it was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DataConfig:
+    """How the shared loader presents a prepared dataset to a method."""
+
+    size: int = 128  # training/render side in pixels (the dataset is square)
+    audio_radius: int = 8  # audio window = features of frames n-R .. n+R (2R+1 rows)
+    mouth_crop: int = 0  # >0: also load a mouth crop of this many pixels wide from the full-size frames
+    mouth_margin: float = 0.35  # crop box = lips' landmark box grown by this fraction of its width
+
+
+@dataclass
+class Schedule:
+    """The trainer's loop: how long, how often to validate and checkpoint."""
+
+    iterations: int = 3000
+    val_every: int = 500  # write validation PNGs + loss curve every this many iterations (0: only at the end)
+    checkpoint_every: int = 500  # save a resumable checkpoint every this many iterations
+    seed: int = 0
+
+
+@dataclass
+class DatasetInfo:
+    """What a model needs to know about its dataset to be built (saved in the avatar's config.json)."""
+
+    num_frames: int
+    fps: float
+    size: int  # training side in pixels
+    audio_dim: int  # D
+    audio_mean: list[float]  # [D] normalisation of the audio features (from the training frames)
+    audio_std: list[float]  # [D]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Condition:
+    """Inputs to render one frame. ``index`` is the source frame of pose/backdrop (-1 if none)."""
+
+    viewmat: Tensor  # [4, 4] world (head) -> camera
+    K: Tensor  # [3, 3] at the render size
+    backdrop: Tensor  # [H, W, 3] background + torso, head removed, in [0, 1]
+    audio: Tensor  # [2R+1, D] normalised audio features around the frame
+    blink: Tensor  # [2] (right, left) 0 open .. 1 closed
+    index: int = -1
+
+    @property
+    def width(self) -> int:
+        return int(self.backdrop.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.backdrop.shape[0])
+
+
+@dataclass
+class MouthCrop:
+    """The mouth region of a frame at a finer sampling than the training size (for the lip loss)."""
+
+    K: Tensor  # [3, 3] intrinsics of the crop camera (same viewmat)
+    image: Tensor  # [h, w, 3] ground truth crop
+    backdrop: Tensor  # [h, w, 3] backdrop crop
+
+
+@dataclass
+class Batch:
+    """One training frame: its Condition and its ground truth."""
+
+    cond: Condition
+    image: Tensor  # [H, W, 3] ground truth in [0, 1]
+    head_mask: Tensor  # [H, W] 1 on hair + face + mouth
+    face_mask: Tensor  # [H, W] 1 on face skin + mouth
+    mouth_box: Tensor  # [4] (x0, y0, x1, y1) pixels at the training size
+    mouth: MouthCrop | None = None
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What the trainer and the renderer call. Nothing else about a method is assumed."""
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimizers over all trainable parameters (rebuilt on resume, then their state is loaded)."""
+
+    def train_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Scalar loss for one frame at iteration ``step`` and named figures for the log."""
+
+    def after_step(self, step: int) -> None:
+        """Called after the optimizers stepped (learning-rate schedules, densification...)."""
+
+    def render(self, cond: Condition) -> Tensor:
+        """The frame [H, W, 3] in [0, 1] (no grad needed)."""
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as data (registered by name in :mod:`talkinghead.methods`)."""
+
+    name: str
+    description: str
+    config_type: type
+    make_config: Callable[[str, str | None], Any]  # (preset, variant) -> config dataclass
+    build: Callable[..., Method]  # (config, DatasetInfo, dataset=None) -> model; dataset given for a fresh start
+    presets: tuple[str, ...] = ("cpu-small", "gpu")
+    variants: tuple[str, ...] = ()
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A (nested) config dataclass as JSON-ready dict."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from :func:`config_to_dict`'s output; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = config_from_dict(tp, value)
+        elif isinstance(value, list) and typing.get_origin(tp) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,149 @@
+"""``talkinghead render``: an avatar + audio (or a dataset split) -> mp4 with the audio muxed in.
+
+Driving (:func:`render_audio`): features of the new audio come from the same extractor prepare used
+(:func:`talkinghead.audio.features.compute_audio_features`) and are normalised with the avatar's training
+statistics; head pose, background and torso replay the training sequence, back and forth when the audio
+is longer (a ping-pong loop never jumps), or hold its first frame with ``pose="static"``.
+
+Self-driven (:func:`render_split`): the split's own audio features, poses and backdrops, frame for frame
+comparable with the ground truth. This is the function evaluation calls.
+
+The reported ``fps`` counts only the method's ``render`` calls (deformation + rasterization), as the papers'
+FPS columns do; ``fps_end_to_end`` includes encoding the mp4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from talkinghead.errors import UserError
+
+from .data import FrameStore, audio_windows, open_dataset
+from .trainer import load_model
+
+
+def pingpong(j: int, n: int) -> int:
+    """Index into n frames played forward, then backward, then forward... (0 1 .. n-1 n-2 .. 1 0 1 ..)."""
+    if n == 1:
+        return 0
+    period = 2 * (n - 1)
+    j %= period
+    return j if j < n else period - j
+
+
+def _check_out(out: Path) -> None:
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name like out.mp4")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def _data_path(meta: dict, data: Path | None) -> Path:
+    path = Path(data) if data is not None else Path(meta["data"])
+    open_dataset(path)  # a one-line error when the training data moved
+    return path
+
+
+def _encode(out: Path, frames: Iterator[np.ndarray], fps: float, audio: np.ndarray, total: int,
+            desc: str) -> tuple[int, float, float]:
+    """Writes the mp4; returns (frames, seconds in render calls, seconds overall)."""
+    from tqdm import tqdm
+
+    from talkinghead.media import write_video
+
+    t0 = time.perf_counter()
+    count = write_video(out, tqdm(frames, total=total, desc=desc, unit="frame"), fps, audio=audio)
+    return count, 0.0, time.perf_counter() - t0
+
+
+def _run(model, conds, out: Path, fps: float, audio: np.ndarray, desc: str) -> dict:
+    render_s = [0.0]
+
+    def frames():
+        with torch.no_grad():
+            for cond in conds:
+                t = time.perf_counter()
+                img = model.render(cond)
+                render_s[0] += time.perf_counter() - t
+                yield (img.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
+
+    n_total = len(conds)
+    count, _, wall = _encode(out, frames(), fps, audio, n_total, desc)
+    return {"frames": count, "fps": count / max(render_s[0], 1e-9), "fps_end_to_end": count / max(wall, 1e-9),
+            "render_s": round(render_s[0], 3), "wall_s": round(wall, 3), "out": str(out)}
+
+
+class _Conds:
+    """A lazy sequence of Conditions (len + iteration) so frames are built as they are rendered."""
+
+    def __init__(self, n: int, make):
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return (self.make(j) for j in range(self.n))
+
+
+def render_split(avatar: Path, data: Path | None, split: str, out_mp4: Path) -> dict:
+    """Self-driven render of ``split`` (its audio, poses, backdrops) to ``out_mp4``; returns fps, frames, ..."""
+    from talkinghead.media import read_audio
+
+    _check_out(out_mp4)
+    spec, cfg, info, model, meta = load_model(avatar)
+    data = _data_path(meta, data)
+    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split=split,
+                       with_targets=False, progress=False)
+    first, last = int(store.indices[0]), int(store.indices[-1]) + 1
+    wave = read_audio(Path(data) / "audio.wav")
+    audio = wave[int(round(first / store.fps * 16000)):int(round(last / store.fps * 16000))]
+    res = _run(model, _Conds(len(store), store.condition), Path(out_mp4), store.fps, audio, f"render {split}")
+    res.update(split=split, first_frame=first, method=meta["method"])
+    return res
+
+
+def driving_features(audio_path: Path, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(wave [S] at 16 kHz, per-frame features [T, D]) of a driving audio file, T = ceil(duration * fps)."""
+    from talkinghead.audio.features import compute_audio_features, load_driving_audio
+
+    wave = load_driving_audio(audio_path)
+    num_frames = max(1, int(np.ceil(len(wave) / 16000 * fps)))
+    feats = compute_audio_features(wave, fps, num_frames).stack()
+    return wave, np.asarray(feats, np.float32)
+
+
+def render_audio(avatar: Path, audio: Path, out_mp4: Path, pose: str = "train", data: Path | None = None) -> dict:
+    """Drive the avatar with ``audio``: poses/backdrops from the training sequence (ping-pong or static)."""
+    _check_out(out_mp4)
+    spec, cfg, info, model, meta = load_model(avatar)
+    data = _data_path(meta, data)
+    wave, feats = driving_features(audio, info.fps)
+    if feats.shape[1] != info.audio_dim:
+        raise UserError(f"driving features have {feats.shape[1]} dims but the avatar was trained on {info.audio_dim}")
+    windows = audio_windows(feats, info, cfg.data.audio_radius)
+    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="train",
+                       with_targets=False, progress=True)
+    n = len(store)
+
+    def make(j: int):
+        k = 0 if pose == "static" else pingpong(j, n)
+        return store.condition(k, audio=windows[j])
+
+    res = _run(model, _Conds(len(windows), make), Path(out_mp4), info.fps, wave, "render")
+    res.update(pose=pose, method=meta["method"])
+    return res
