@@ -1,0 +1,195 @@
+"""Head pose and camera: a person-specific rigid template, one pinhole K per clip, R and t per frame.
+
+The papers get pose from BFM fitting (AD-NeRF / ER-NeRF pre-processing, reused by GaussianTalker and
+DEGSTalk). Ours, from the face mesh of every frame (issue 2, step 4):
+
+1. Rigid template (``rigid_template``): generalised Procrustes of the per-frame 3D landmark clouds
+   (x, y pixels, mediapipe depth in the same scale) on *stable* landmarks only (forehead, nose bridge,
+   eye corners, temples; no mouth, jaw or brows, which move with speech). The mean shape is put in the
+   head frame: origin at the centroid of the stable points, x from the right to the left eye corners
+   (subject's own sides), y from forehead to chin, z = x cross y (into the head), so a frontal face has
+   rotation identity; scaled so the outer eye corners are ``EYE_CORNER_DISTANCE_M`` apart (metres).
+2. Intrinsics (``clip_intrinsics``): one K per clip, principal point at the crop centre, focal from a
+   fixed field of view. Deviation: we do not fit the focal; a mostly frontal talking head does not
+   constrain it (focal and depth trade off), and a fixed plausible value keeps the clips comparable.
+3. Per-frame pose (``estimate_poses``): a similarity (Umeyama) alignment of the template to the frame's
+   3D landmarks gives R and, from the scale, the depth (weak perspective); Levenberg-Marquardt PnP on the
+   2D landmarks of the stable points then refines R, t under the full perspective K.
+4. Light zero-phase temporal smoothing (a Gaussian of ``SMOOTH_SIGMA`` frames applied forwards and
+   backwards on rotation vectors and translations): offline, so it removes landmark noise without lag.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from talkinghead import camera
+
+# Landmarks that move rigidly with the skull: forehead, nose bridge and tip, eye corners, temples, cheekbones.
+STABLE = (10, 151, 9, 8, 109, 338, 67, 297, 103, 332, 108, 337, 69, 299,  # forehead
+          168, 6, 197, 195, 5, 4, 1,  # nose bridge and tip
+          33, 133, 263, 362, 130, 359, 243, 463,  # eye corners
+          127, 356, 162, 389, 21, 251, 54, 284, 234, 454,  # temples, sides of the head
+          116, 345, 123, 352, 117, 346, 47, 277, 198, 420)  # cheekbones, sides of the nose
+RIGHT_SIDE = (33, 133, 127, 234, 162, 116, 123, 130)  # subject's right, mirrored by LEFT_SIDE
+LEFT_SIDE = (263, 362, 356, 454, 389, 345, 352, 359)
+FOREHEAD, CHIN = 10, 152
+RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263
+EYE_CORNER_DISTANCE_M = 0.09  # average adult outer-canthus distance: sets the unit of head coordinates
+DEFAULT_FOV_DEG = 24.0  # a portrait lens; ~1200 px focal at 512 px, the value ER-NeRF's crops imply
+SMOOTH_SIGMA = 0.8  # frames
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
+    """Least-squares similarity ``dst ~ s * R @ src + t`` (Umeyama 1991) of points src, dst: [N, 3].
+
+    Returns (s, R [3, 3] proper rotation, t [3]).
+    """
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
+    d = np.ones(3)
+    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
+        d[2] = -1.0
+    R = U @ np.diag(d) @ Vt
+    s = float((S * d).sum() / (a ** 2).sum(1).mean()) if with_scale else 1.0
+    return s, R, mu_d - s * R @ mu_s
+
+
+def _batched_umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``umeyama`` for one src [N, 3] onto many dst [T, N, 3]: s [T], R [T, 3, 3], t [T, 3]."""
+    mu_s, mu_d = src.mean(0), dst.mean(1)
+    a, b = src - mu_s, dst - mu_d[:, None]
+    U, S, Vt = np.linalg.svd(np.einsum("tni,nj->tij", b, a) / len(src))
+    d = np.ones((len(dst), 3))
+    d[:, 2] = np.sign(np.linalg.det(U) * np.linalg.det(Vt))
+    R = U @ (d[:, :, None] * Vt)
+    s = (S * d).sum(1) / (a ** 2).sum(1).mean()
+    return s, R, mu_d - s[:, None] * np.einsum("tij,j->ti", R, mu_s)
+
+
+def align_to_template(landmarks: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """Per-frame 3D landmarks [T, 478, 3] brought into head coordinates [T, 478, 3].
+
+    Each frame is mapped by the similarity that best fits its stable points to the template's, so what
+    is left in the result is the non-rigid motion (speech, blinks, expressions).
+    """
+    s, R, t = _batched_umeyama(template[list(STABLE)], landmarks[:, list(STABLE)].astype(np.float64))
+    # Inverse of x -> s R x + t applied to every landmark.
+    out = np.einsum("tji,tnj->tni", R, landmarks - t[:, None]) / s[:, None, None]
+    return out.astype(np.float32)
+
+
+def lift_to_head(landmarks: np.ndarray, meshes: np.ndarray, viewmats: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Head-frame meshes [T, V, 3] that project exactly onto the 2D landmarks [T, V, 3] under viewmats, K.
+
+    Each vertex of ``meshes`` (head coordinates, e.g. from ``align_to_template``) keeps its camera depth
+    but slides along its pixel's ray, so pose + mesh reproduce what the tracker saw, non-rigid and
+    perspective effects included.
+    """
+    R, t = viewmats[:, :3, :3].astype(np.float64), viewmats[:, :3, 3].astype(np.float64)
+    depth = np.einsum("tj,tnj->tn", R[:, 2], meshes) + t[:, None, 2]  # [T, V]
+    x = (landmarks[..., 0] - K[0, 2]) / K[0, 0] * depth
+    y = (landmarks[..., 1] - K[1, 2]) / K[1, 1] * depth
+    cam = np.stack([x, y, depth], axis=-1)
+    return np.einsum("tji,tnj->tni", R, cam - t[:, None]).astype(np.float32)
+
+
+def rigid_template(landmarks: np.ndarray, iterations: int = 3) -> np.ndarray:
+    """The person's mean face mesh [478, 3] in head coordinates (metres), from landmarks [T, 478, 3]."""
+    lm = landmarks.astype(np.float64)
+    ref = lm[len(lm) // 2]
+    for _ in range(iterations):  # generalised Procrustes: align all to the mean, re-estimate the mean
+        s, R, t = _batched_umeyama(ref[list(STABLE)], lm[:, list(STABLE)])
+        aligned = np.einsum("tji,tnj->tni", R, lm - t[:, None]) / s[:, None, None]
+        ref = np.median(aligned, axis=0)
+    x = ref[list(LEFT_SIDE)].mean(0) - ref[list(RIGHT_SIDE)].mean(0)
+    x /= np.linalg.norm(x)
+    y = ref[CHIN] - ref[FOREHEAD]
+    y -= x * (y @ x)
+    y /= np.linalg.norm(y)
+    C = np.stack([x, y, np.cross(x, y)])  # rows: head axes in the reference frame
+    scale = EYE_CORNER_DISTANCE_M / np.linalg.norm(ref[LEFT_EYE_OUTER] - ref[RIGHT_EYE_OUTER])
+    return (scale * (ref - ref[list(STABLE)].mean(0)) @ C.T).astype(np.float32)
+
+
+def clip_intrinsics(size: int, fov_deg: float = DEFAULT_FOV_DEG) -> np.ndarray:
+    """K [3, 3] of a square ``size`` image: focal from the field of view, principal point at the centre."""
+    f = camera.focal_from_fov(fov_deg, size)
+    return camera.intrinsics(f, f, size / 2.0, size / 2.0)
+
+
+def _rotvec_to_matrix(rv: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.Rodrigues(np.asarray(rv, np.float64).reshape(3, 1))[0]
+
+
+def _matrix_to_rotvec(R: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.Rodrigues(np.asarray(R, np.float64))[0].reshape(3)
+
+
+def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Zero-phase Gaussian smoothing of x [T, D] along time (edges reflected)."""
+    if sigma <= 0 or len(x) < 3:
+        return x
+    from scipy.ndimage import gaussian_filter1d
+
+    return gaussian_filter1d(x, sigma, axis=0, mode="nearest")
+
+
+def estimate_poses(landmarks: np.ndarray, template: np.ndarray, K: np.ndarray,
+                   smooth_sigma: float = SMOOTH_SIGMA) -> np.ndarray:
+    """World-to-camera viewmats [T, 4, 4] of the head from landmarks [T, 478, 3] in pixels of K's image."""
+    import cv2
+
+    stable = list(STABLE)
+    obj = template[stable].astype(np.float64)
+    f = float(K[0, 0])
+    s, R, t = _batched_umeyama(obj, landmarks[:, stable].astype(np.float64))
+    rvecs, tvecs = np.zeros((len(landmarks), 3)), np.zeros((len(landmarks), 3))
+    for i in range(len(landmarks)):
+        # Weak-perspective start: s pixels per metre at depth f / s; the origin projects to t[:2].
+        depth = f / s[i]
+        t0 = np.array([(t[i, 0] - K[0, 2]) * depth / f, (t[i, 1] - K[1, 2]) * depth / f, depth])
+        rvec, tvec = _matrix_to_rotvec(R[i]).reshape(3, 1), t0.reshape(3, 1)
+        ok, rvec, tvec = cv2.solvePnP(obj, landmarks[i, stable, :2].astype(np.float64), K.astype(np.float64),
+                                      None, rvec, tvec, useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
+        if not ok or tvec[2, 0] <= 0:
+            rvec, tvec = _matrix_to_rotvec(R[i]).reshape(3, 1), t0.reshape(3, 1)
+        rvecs[i], tvecs[i] = rvec.reshape(3), tvec.reshape(3)
+    # Smooth rotations as rotation vectors relative to the clip's middle frame (no wrap-around there).
+    R_ref = _rotvec_to_matrix(rvecs[len(rvecs) // 2])
+    rel = np.stack([_matrix_to_rotvec(_rotvec_to_matrix(r) @ R_ref.T) for r in rvecs])
+    rel, tvecs = _smooth(rel, smooth_sigma), _smooth(tvecs, smooth_sigma)
+    out = np.zeros((len(landmarks), 4, 4), np.float32)
+    for i in range(len(landmarks)):
+        out[i] = camera.viewmat(_rotvec_to_matrix(rel[i]) @ R_ref, tvecs[i])
+    return out
+
+
+def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
+    """Angle [...] in degrees of rotation matrices R [..., 3, 3]."""
+    cos = (np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+def frame_to_frame_jitter_deg(viewmats: np.ndarray) -> np.ndarray:
+    """Rotation angle [T-1] in degrees between consecutive head poses of viewmats [T, 4, 4]."""
+    R = viewmats[:, :3, :3].astype(np.float64)
+    return rotation_angle_deg(R[1:] @ np.transpose(R[:-1], (0, 2, 1)))
+
+
+def euler_deg(viewmats: np.ndarray) -> np.ndarray:
+    """Head (pitch, yaw, roll) [T, 3] in degrees of viewmats [T, 4, 4]: R = Rz(roll) Ry(yaw) Rx(pitch).
+
+    Pitch about the camera x axis (nodding), yaw about y (shaking), roll about z (tilting in the image
+    plane; positive turns the face clockwise on screen, since y points down).
+    """
+    R = viewmats[:, :3, :3].astype(np.float64)
+    yaw = np.arcsin(np.clip(-R[:, 2, 0], -1.0, 1.0))
+    pitch = np.arctan2(R[:, 2, 1], R[:, 2, 2])
+    roll = np.arctan2(R[:, 1, 0], R[:, 0, 0])
+    return np.degrees(np.stack([pitch, yaw, roll], axis=1))
