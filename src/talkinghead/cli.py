@@ -16,6 +16,7 @@ from talkinghead.errors import UserError
 
 # Modules that add subcommands, in the order they appear in --help.
 _COMMAND_MODULES: tuple[str, ...] = (
+    "talkinghead.prepare.command",
     "talkinghead.methods.command",
 )
 
