@@ -1,13 +1,26 @@
 """Gaussian splatting core shared by every Gaussian method: one rasterizer API, two backends.
 
-* :func:`rasterize` renders 3D Gaussians with gsplat's conventions (``backend="torch"`` runs on CPU,
+* :func:`rasterize` renders 3D Gaussians with gsplat's conventions (``backend="torch"`` runs anywhere,
   ``"gsplat"`` on CUDA);
 * :func:`eval_sh` evaluates spherical-harmonic colours;
 * :class:`GaussianModel` holds learnable parameters, saves/loads safetensors and exports 3DGS ``.ply``;
 * :class:`DensityStrategy` is 3DGS's adaptive density control (clone, split, prune, opacity reset).
 """
 
+from .model import GaussianModel
+from .projection import quat_to_rotmat
 from .rasterize import gsplat_available, rasterize
 from .sh import eval_sh, num_sh_bases, rgb_to_sh, sh_to_rgb
+from .strategy import DensityStrategy
 
-__all__ = ["rasterize", "gsplat_available", "eval_sh", "num_sh_bases", "rgb_to_sh", "sh_to_rgb"]
+__all__ = [
+    "rasterize",
+    "gsplat_available",
+    "eval_sh",
+    "num_sh_bases",
+    "rgb_to_sh",
+    "sh_to_rgb",
+    "quat_to_rotmat",
+    "GaussianModel",
+    "DensityStrategy",
+]
