@@ -11,7 +11,9 @@ mediapipe is imported lazily: the rest of the package runs where it is not insta
 from __future__ import annotations
 
 import os
-from typing import Iterable
+import sys
+from contextlib import contextmanager
+from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
@@ -53,6 +55,39 @@ def eye_aspect_ratio(lm: np.ndarray) -> np.ndarray:
         h = np.linalg.norm(lm[..., p1, :2] - lm[..., p4, :2], axis=-1)
         out.append(v / (2.0 * h))
     return np.stack(out, axis=-1)
+
+
+def _flush_c_stdio() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def quiet_native_stderr() -> Iterator[TextIO]:
+    """Silence what native code writes to file descriptor 2 inside the block; yields the real stderr.
+
+    mediapipe's C++ side (TFLite, absl logging) prints a few lines when a graph starts and around its
+    first inferences, from its own threads, whatever GLOG_minloglevel says. Inside the block descriptor 2
+    goes to /dev/null; write progress bars to the yielded stream, which still reaches the terminal.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    real = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        os.dup2(devnull, 2)
+        yield real
+    finally:
+        sys.stderr.flush()
+        _flush_c_stdio()  # native lines may sit in a C stdio buffer until exit otherwise
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        real.close()
 
 
 class FaceMesh:
@@ -108,8 +143,8 @@ def track(frames: Iterable[np.ndarray], progress: bool = False, total: int | Non
 
     rows: list[np.ndarray] = []
     last: np.ndarray | None = None
-    with FaceMesh() as mesh:
-        for image in tqdm(frames, total=total, desc="face mesh", unit="frame", disable=not progress):
+    with quiet_native_stderr() as stderr, FaceMesh() as mesh:
+        for image in tqdm(frames, total=total, desc="face mesh", unit="frame", disable=not progress, file=stderr):
             faces = mesh.detect(image)
             if not faces:
                 rows.append(np.full((NUM_LANDMARKS, 3), np.nan, np.float32))

@@ -24,6 +24,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -97,6 +98,13 @@ def _prefetch(it: Iterator, depth: int = 16) -> Iterator:
         yield item
     if error:
         raise error[0]
+
+
+@contextmanager
+def _timed(record: dict, name: str):
+    t0 = time.perf_counter()
+    yield
+    record[name] = round(time.perf_counter() - t0, 3)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -422,16 +430,22 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
             from talkinghead.prepare import masks
 
             log("segmenting")
-            person = masks.segment_person(cropped)
-            parsing = masks.parse_frames(cropped, landmarks, person)
+            parts = {}
+            with _timed(parts, "segment"):
+                person = masks.segment_person(cropped, progress=cfg.progress)
+            with _timed(parts, "parse"):
+                parsing = masks.parse_frames(cropped, landmarks, person)
             del person
-            plate = masks.background_plate(cropped, parsing)
-            _imwrite_rgb(work / "background.png", plate)
-            torso = masks.torso_images(cropped, parsing, plate)
-            _write_images(work / "parsing", parsing, ".png", io_pool, cfg.progress, "write parsing")
-            _write_images(work / "torso", torso, ".jpg", io_pool, cfg.progress, "write torso")
+            with _timed(parts, "plate"):
+                plate = masks.background_plate(cropped, parsing)
+                _imwrite_rgb(work / "background.png", plate)
+            with _timed(parts, "torso"):
+                torso = masks.torso_images(cropped, parsing, plate)
+            with _timed(parts, "write"):
+                _write_images(work / "parsing", parsing, ".png", io_pool, cfg.progress, "write parsing")
+                _write_images(work / "torso", torso, ".jpg", io_pool, cfg.progress, "write torso")
             del torso
-            stages.finish("masks", masks_key, time.perf_counter() - t0)
+            stages.finish("masks", masks_key, time.perf_counter() - t0, parts_s=parts)
         timings["masks"] = stages.info("masks")["seconds"]
 
         # geometry
