@@ -18,6 +18,7 @@ from talkinghead.errors import UserError
 _COMMAND_MODULES: tuple[str, ...] = (
     "talkinghead.prepare.command",
     "talkinghead.methods.command",
+    "talkinghead.eval.command",
 )
 
 
