@@ -313,12 +313,14 @@ def background_plate(frames: np.ndarray, parsing: np.ndarray) -> np.ndarray:
     r = max(1, int(round(PLATE_MARGIN * max(H, W))))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     invalid = np.stack([cv2.dilate((parsing[t] > 0).astype(np.uint8), kernel) for t in pick]).astype(bool)
-    values = frames[pick].astype(np.uint16)  # [N, H, W, 3]
-    values[invalid] = 1024  # sorts after every real value
-    values.sort(axis=0)
+    n = len(pick)
+    # Sort each pixel's samples: rows of a contiguous [H * W * 3, N] array sort ~5x faster than along axis 0.
+    values = np.ascontiguousarray(frames[pick].reshape(n, -1).T).astype(np.uint16)
+    values[np.repeat(invalid.reshape(n, -1).T, 3, axis=0)] = 1024  # sorts after every real value
+    values.sort(axis=1)
     count = (~invalid).sum(axis=0)  # [H, W]
-    mid = np.maximum(count - 1, 0) // 2
-    plate = np.take_along_axis(values, mid[None, :, :, None].repeat(3, axis=3), axis=0)[0]
+    mid = np.repeat((np.maximum(count - 1, 0) // 2).reshape(-1), 3)
+    plate = np.take_along_axis(values, mid[:, None], axis=1).reshape(H, W, 3)
     seen = count > 0
     if not seen.any():  # the person covers every pixel of every frame: nothing to show behind them
         return np.full((H, W, 3), np.median(frames[pick].reshape(-1, 3), axis=0), np.uint8)
@@ -329,7 +331,10 @@ def background_plate(frames: np.ndarray, parsing: np.ndarray) -> np.ndarray:
 
 def torso_images(frames: np.ndarray, parsing: np.ndarray, plate: np.ndarray) -> np.ndarray:
     """Torso (label 1) pixels of each frame over the plate, everything else from the plate: uint8 [T, H, W, 3]."""
+    import cv2
+
     out = np.empty_like(frames)
-    out[:] = plate
-    np.copyto(out, frames, where=(parsing == TORSO)[..., None])
+    for t in range(len(frames)):  # cv2.copyTo is ~10x faster than a boolean-masked numpy copy
+        out[t] = plate
+        cv2.copyTo(frames[t], (parsing[t] == TORSO).view(np.uint8), out[t])
     return out

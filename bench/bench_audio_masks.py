@@ -1,0 +1,210 @@
+"""Benchmark of prepare's audio features and masks, and the choice of mediapipe selfie-segmentation model.
+
+Not a test. Measures, on a real clip (default: the 71 s CNN anchor at 512x512, 25 fps):
+
+* audio: ``compute_audio_features`` on the whole sound track (phone recognition + log-mel + energy);
+* masks: ``segment_person``, ``parse_frames``, ``background_plate`` (64-frame subsample) and
+  ``torso_images`` over every frame, in chunks of 256 frames as a memory-bounded pipeline would run them
+  (face tracking, needed for the landmarks, is not counted);
+* selfie model 0 vs 1 on short runs of consecutive frames of several clips: landmark coverage (fraction of
+  face-mesh points inside the person mask: higher is better), soft pixels (fraction with 0.1 < p < 0.9:
+  lower is a crisper mask), flicker (fraction of pixels whose person/background decision changes between
+  consecutive frames: lower is steadier), and ms per frame.
+
+Appends the figures to its section of bench/RESULTS.md (other sections are kept) and, with ``--png DIR``,
+writes parsing overlays of a few clips for a visual check.
+
+    .venv/bin/python bench/bench_audio_masks.py [--clip cnn_anchor_en_71s.mp4] [--png /tmp/masks] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from talkinghead.audio import compute_audio_features
+from talkinghead.face.landmarks import track
+from talkinghead.media import iter_frames, read_audio, read_frames
+from talkinghead.prepare import masks
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Audio features and masks (bench/bench_audio_masks.py)"
+COMPARE_CLIPS = ("may_en_5s.mp4", "cnn_anchor_en_71s.mp4", "hdtf_radio2_8s.mp4",
+                 "lowres_woman_11s_200x278_29.97fps.mp4", "retalk_woman_glasses_5s.mp4")
+OVERLAY_CLIPS = ("cnn_anchor_en_71s.mp4", "hdtf_radio2_8s.mp4", "lowres_woman_11s_200x278_29.97fps.mp4",
+                 "may_en_5s.mp4", "retalk_woman_glasses_5s.mp4")
+COLOURS = np.array([[0, 0, 0], [40, 40, 255], [255, 200, 0], [0, 220, 0], [255, 0, 255]], np.uint8)
+CHUNK = 256
+
+
+def bench_audio(clip: Path, fps: float) -> dict:
+    wave = read_audio(clip)
+    seconds = len(wave) / 16000
+    frames = int(seconds * fps)
+    compute_audio_features(wave[:16000], fps, 25)  # warm-up: imports, decoder model load
+    t0 = time.perf_counter()
+    features = compute_audio_features(wave, fps, frames)
+    total = time.perf_counter() - t0
+    speech = float(np.mean(features.phone_ids != 0))
+    return {"audio_s": seconds, "audio_features_s": total, "speech_fraction": speech,
+            "distinct_phones": int(len(np.unique(features.phone_ids)))}
+
+
+def bench_masks(clip: Path, fps: float) -> dict:
+    frames = read_frames(clip, fps)
+    landmarks = track(frames)
+    ok = np.isfinite(landmarks).all(axis=(1, 2))
+    timings = {"segment": 0.0, "parse": 0.0, "plate": 0.0, "torso": 0.0}
+    masks.segment_person(frames[:2])  # warm-up: mediapipe graph start
+    parsing = np.empty(frames.shape[:3], np.uint8)
+    for a in range(0, len(frames), CHUNK):
+        b = min(a + CHUNK, len(frames))
+        t0 = time.perf_counter()
+        person = masks.segment_person(frames[a:b])
+        t1 = time.perf_counter()
+        parsing[a:b] = masks.parse_frames(frames[a:b], landmarks[a:b], person)
+        timings["segment"] += t1 - t0
+        timings["parse"] += time.perf_counter() - t1
+    t0 = time.perf_counter()
+    pick = np.linspace(0, len(frames) - 1, masks.PLATE_FRAMES).round().astype(int)
+    plate = masks.background_plate(frames[pick], parsing[pick])
+    timings["plate"] = time.perf_counter() - t0
+    for a in range(0, len(frames), CHUNK):
+        t0 = time.perf_counter()
+        masks.torso_images(frames[a:a + CHUNK], parsing[a:a + CHUNK], plate)
+        timings["torso"] += time.perf_counter() - t0
+    counts = np.bincount(parsing.ravel(), minlength=5) / parsing.size
+    return {"frames": len(frames), "size": f"{frames.shape[2]}x{frames.shape[1]}", "tracked": float(ok.mean()),
+            **{f"{k}_s": v for k, v in timings.items()}, "label_fractions": counts.round(3).tolist()}
+
+
+def compare_models(count: int, fps: float) -> list[dict]:
+    rows = []
+    for name in COMPARE_CLIPS:
+        frames = []
+        for i, image in enumerate(iter_frames(DATA / name, fps)):
+            frames.append(image)
+            if len(frames) == count:
+                break
+        frames = np.stack(frames)
+        landmarks = track(frames)
+        for model in (0, 1):
+            masks.SELFIE_MODEL = model
+            masks.segment_person(frames[:1])
+            t0 = time.perf_counter()
+            person = masks.segment_person(frames)
+            ms = 1000 * (time.perf_counter() - t0) / len(frames)
+            xy = np.clip(np.floor(landmarks[..., :2]), 0, [frames.shape[2] - 1, frames.shape[1] - 1])
+            good = np.isfinite(xy).all(axis=(1, 2))
+            xy = xy[good].astype(int)
+            t = np.repeat(np.flatnonzero(good), xy.shape[1])
+            coverage = float((person[t, xy[..., 1].ravel(), xy[..., 0].ravel()] > 0.5).mean())
+            binary = person > 0.5
+            rows.append({"clip": name, "model": model, "coverage": coverage,
+                         "soft": float(((person > 0.1) & (person < 0.9)).mean()),
+                         "flicker": float((binary[1:] != binary[:-1]).mean()), "ms_per_frame": ms})
+    masks.SELFIE_MODEL = 0
+    return rows
+
+
+def overlays(folder: Path, fps: float) -> None:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in OVERLAY_CLIPS:
+        frames = []
+        for i, image in enumerate(iter_frames(DATA / name, fps)):
+            if i % 10 == 0:
+                frames.append(image)
+            if len(frames) == 12:
+                break
+        frames = np.stack(frames)
+        landmarks = track(frames)
+        parsing = masks.parse_frames(frames, landmarks, masks.segment_person(frames))
+        plate = masks.background_plate(frames, parsing)
+        torso = masks.torso_images(frames, parsing, plate)
+        k = 5
+        over = (0.5 * frames[k] + 0.5 * COLOURS[parsing[k]]).astype(np.uint8)
+        row = np.concatenate([frames[k], over, plate, torso[k]], axis=1)
+        cv2.imwrite(str(folder / f"{Path(name).stem}.png"), cv2.cvtColor(row, cv2.COLOR_RGB2BGR))
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            model = line.split(":", 1)[1].strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=RESULTS.parent).stdout.strip()
+    load = os.getloadavg()
+    return (f"{model}, {os.cpu_count()} cores; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+            f"commit {commit}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
+
+
+def report(audio: dict, mask: dict, compare: list[dict], clip: str) -> str:
+    lines = [f"### {machine()}", "",
+             f"Clip `{clip}`: {audio['audio_s']:.1f} s of audio, {mask['frames']} frames at {mask['size']}.", "",
+             "| step | seconds | per frame / rate |", "|---|---|---|",
+             f"| audio features (phones + log-mel + energy) | {audio['audio_features_s']:.2f} | "
+             f"{audio['audio_s'] / audio['audio_features_s']:.0f}x real time |"]
+    total = 0.0
+    for key in ("segment", "parse", "plate", "torso"):
+        seconds = mask[f"{key}_s"]
+        total += seconds
+        per = "64 frames" if key == "plate" else f"{1000 * seconds / mask['frames']:.2f} ms"
+        lines.append(f"| masks: {key} | {seconds:.2f} | {per} |")
+    lines += [f"| masks total | {total:.2f} | {1000 * total / mask['frames']:.2f} ms |", "",
+              f"Speech frames {audio['speech_fraction']:.2f}, {audio['distinct_phones']} distinct phone labels; "
+              f"tracked frames {mask['tracked']:.3f}; label fractions (bg, torso, hair, face, mouth) "
+              f"{mask['label_fractions']}.", "",
+              "Selfie segmentation model (consecutive frames per clip):", "",
+              "| clip | model | landmark coverage | soft pixels | flicker | ms/frame |", "|---|---|---|---|---|---|"]
+    for r in compare:
+        lines.append(f"| {r['clip']} | {r['model']} | {r['coverage']:.4f} | {r['soft']:.4f} | {r['flicker']:.4f} | "
+                     f"{r['ms_per_frame']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def append_section(text: str) -> None:
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if SECTION not in old:
+        old = old.rstrip("\n") + f"\n\n{SECTION}\n"
+    start = old.index(SECTION) + len(SECTION)
+    nxt = old.find("\n## ", start)
+    end = len(old) if nxt < 0 else nxt + 1
+    body = old[start:end].rstrip("\n") + "\n\n" + text
+    new = old[:start] + body + ("\n" + old[end:] if nxt >= 0 else "")
+    tmp = RESULTS.with_name(".RESULTS.md.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, RESULTS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clip", default="cnn_anchor_en_71s.mp4", help="clip in ../shared/data")
+    parser.add_argument("--fps", type=float, default=25.0)
+    parser.add_argument("--compare-frames", type=int, default=50, help="consecutive frames per clip for 0 vs 1")
+    parser.add_argument("--png", type=Path, help="write parsing overlays of a few clips to this folder")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    clip = DATA / args.clip
+    audio = bench_audio(clip, args.fps)
+    mask = bench_masks(clip, args.fps)
+    compare = compare_models(args.compare_frames, args.fps)
+    text = report(audio, mask, compare, args.clip)
+    print(text)
+    if args.png:
+        overlays(args.png, args.fps)
+    if not args.no_write:
+        append_section(text)
+
+
+if __name__ == "__main__":
+    main()
