@@ -272,19 +272,18 @@ def _slice_audio(features, num_frames: int):
 
 def _geometry(landmarks: np.ndarray, size: int, fov_deg: float) -> tuple[Tracks, FaceModel, dict]:
     """Pose, camera, face model, blink and mouth opening of crop-pixel landmarks [T, 478, 3] (no NaN)."""
-    from talkinghead import camera
     from talkinghead.face.landmarks import mouth_opening
     from talkinghead.prepare import blink, face_model, pose
 
-    template = pose.rigid_template(landmarks)
     K = pose.clip_intrinsics(size, fov_deg)
-    viewmats = pose.estimate_poses(landmarks, template, K)
+    template, viewmats = pose.fit_head(landmarks, K)
     meshes = pose.lift_to_head(landmarks, pose.align_to_template(landmarks, template), viewmats, K)
     triangles = face_model.orient_triangles(face_model.mesh_triangles(), template)
     model, expression, explained = face_model.fit_face_model(meshes, triangles)
     rebuilt = model.vertices(expression)
     fit_mm = float(np.linalg.norm(rebuilt - meshes, axis=-1).mean() * 1000)
-    projected = np.stack([camera.project(rebuilt[i], viewmats[i], K) for i in range(len(rebuilt))])
+    cam = np.einsum("tij,tvj->tvi", viewmats[:, :3, :3], rebuilt) + viewmats[:, None, :3, 3]
+    projected = cam[..., :2] / cam[..., 2:] * K[[0, 1], [0, 1]] + K[:2, 2]
     reproj_px = float(np.linalg.norm(projected - landmarks[..., :2], axis=-1).mean())
     jitter = pose.frame_to_frame_jitter_deg(viewmats)
     tracks = Tracks(landmarks=landmarks.astype(np.float32), viewmats=viewmats, K=K, expression=expression,
@@ -490,6 +489,11 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
                               progress=cfg.progress)
                 stages.finish("preview", preview_key, time.perf_counter() - t0)
             timings["preview"] = stages.info("preview")["seconds"]
+        elif "preview" in stages.done and not stages.reusable("preview", _key("preview", masks_key, geometry_key)):
+            for name in ("preview.mp4", "preview.png"):  # drawn from data this run replaced
+                (work / name).unlink(missing_ok=True)
+            del stages.done["preview"]
+            _write_json(stages.path, stages.done)
         io_pool.shutdown()
     finally:
         if pool is not None:
@@ -502,7 +506,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         "num_frames": num_frames, "fps": cfg.fps, "size": [cfg.size, cfg.size],
         "tracked_fraction": float(tracked.mean()),
         "split": _split(num_frames, cfg.fps, cfg.test_seconds),
-        "timings_s": timings, "reused_stages": [n for n in STAGE_VERSION if n in stages.done and n not in stages.finished_now],
+        "timings_s": timings, "reused_stages": [n for n in STAGE_VERSION if n in timings and n not in stages.finished_now],
         "source": source, "versions": _versions(),
         "options": {"size": cfg.size, "fps": cfg.fps, "test_seconds": cfg.test_seconds, "fov_deg": cfg.fov_deg,
                     "max_gap_s": cfg.max_gap_s, "wav2vec_model": str(cfg.wav2vec_model) if cfg.wav2vec_model else None},

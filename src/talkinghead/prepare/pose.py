@@ -3,12 +3,14 @@
 The papers get pose from BFM fitting (AD-NeRF / ER-NeRF pre-processing, reused by GaussianTalker and
 DEGSTalk). Ours, from the face mesh of every frame (issue 2, step 4):
 
-1. Rigid template (``rigid_template``): generalised Procrustes of the per-frame 3D landmark clouds
+1. Rigid template (``rigid_template``, refined by ``fit_head``): generalised Procrustes of the per-frame 3D landmark clouds
    (x, y pixels, mediapipe depth in the same scale) on *stable* landmarks only (forehead, nose bridge,
    eye corners, temples; no mouth, jaw or brows, which move with speech). The mean shape is put in the
    head frame: origin at the centroid of the stable points, x from the right to the left eye corners
    (subject's own sides), y from forehead to chin, z = x cross y (into the head), so a frontal face has
    rotation identity; scaled so the outer eye corners are ``EYE_CORNER_DISTANCE_M`` apart (metres).
+   Those clouds are weak-perspective (mediapipe's depth is relative), so ``fit_head`` then alternates
+   PnP poses (step 3) with re-estimating the template from the landmarks lifted onto their camera rays.
 2. Intrinsics (``clip_intrinsics``): one K per clip, principal point at the crop centre, focal from a
    fixed field of view. Deviation: we do not fit the focal; a mostly frontal talking head does not
    constrain it (focal and depth trade off), and a fixed plausible value keeps the clips comparable.
@@ -103,6 +105,11 @@ def rigid_template(landmarks: np.ndarray, iterations: int = 3) -> np.ndarray:
         s, R, t = _batched_umeyama(ref[list(STABLE)], lm[:, list(STABLE)])
         aligned = np.einsum("tji,tnj->tni", R, lm - t[:, None]) / s[:, None, None]
         ref = np.median(aligned, axis=0)
+    return _canonical(ref)
+
+
+def _canonical(ref: np.ndarray) -> np.ndarray:
+    """Mesh ref [478, 3] moved into the head frame and scaled to metres (module docstring, step 1)."""
     x = ref[list(LEFT_SIDE)].mean(0) - ref[list(RIGHT_SIDE)].mean(0)
     x /= np.linalg.norm(x)
     y = ref[CHIN] - ref[FOREHEAD]
@@ -111,6 +118,26 @@ def rigid_template(landmarks: np.ndarray, iterations: int = 3) -> np.ndarray:
     C = np.stack([x, y, np.cross(x, y)])  # rows: head axes in the reference frame
     scale = EYE_CORNER_DISTANCE_M / np.linalg.norm(ref[LEFT_EYE_OUTER] - ref[RIGHT_EYE_OUTER])
     return (scale * (ref - ref[list(STABLE)].mean(0)) @ C.T).astype(np.float32)
+
+
+def refine_template(landmarks: np.ndarray, template: np.ndarray, viewmats: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """A perspective-correct template: the landmarks lifted onto their rays at the depths the current
+    template and poses give, taken back to head coordinates and averaged (median) over the clip."""
+    meshes = lift_to_head(landmarks, np.broadcast_to(template, landmarks.shape), viewmats, K)
+    return _canonical(np.median(meshes.astype(np.float64), axis=0))
+
+
+def fit_head(landmarks: np.ndarray, K: np.ndarray, iterations: int = 2,
+             smooth_sigma: float = SMOOTH_SIGMA) -> tuple[np.ndarray, np.ndarray]:
+    """Template [478, 3] and viewmats [T, 4, 4] of landmarks [T, 478, 3] (pixels of K's image).
+
+    Starts from the weak-perspective template (``rigid_template``), then alternates PnP poses and
+    ``refine_template`` so the template loses the perspective distortion of the per-frame clouds.
+    """
+    template = rigid_template(landmarks)
+    for _ in range(iterations):
+        template = refine_template(landmarks, template, estimate_poses(landmarks, template, K, 0.0), K)
+    return template, estimate_poses(landmarks, template, K, smooth_sigma)
 
 
 def clip_intrinsics(size: int, fov_deg: float = DEFAULT_FOV_DEG) -> np.ndarray:
@@ -172,8 +199,10 @@ def estimate_poses(landmarks: np.ndarray, template: np.ndarray, K: np.ndarray,
 
 def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
     """Angle [...] in degrees of rotation matrices R [..., 3, 3]."""
+    R = np.asarray(R, np.float64)
     cos = (np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    axis = np.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    return np.degrees(np.arctan2(np.linalg.norm(axis, axis=-1) / 2.0, cos))  # exact near 0, unlike arccos
 
 
 def frame_to_frame_jitter_deg(viewmats: np.ndarray) -> np.ndarray:

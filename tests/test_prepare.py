@@ -1,0 +1,158 @@
+"""``talkinghead prepare`` end to end on a real 5 s clip: layout, tracking, geometry, masks, audio, preview, reuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from talkinghead import camera
+from talkinghead.data import PreparedDataset
+
+
+def _prepare(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "talkinghead.cli", "prepare", *map(str, args), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ):
+    from conftest import shared_clip
+
+    video = shared_clip("may_en_5s.mp4")
+    out = tmp_path_factory.mktemp("prep") / "may"
+    run = _prepare(video, "--out", out, "--preview")
+    assert run.returncode == 0, run.stderr
+    return video, out, run
+
+
+def test_layout_and_meta(dataset):
+    video, out, run = dataset
+    meta = json.loads((out / "meta.json").read_text())
+    T = meta["num_frames"]
+    assert T == 125  # 5.0 s x 25 fps
+    assert meta["fps"] == 25 and meta["size"] == [512, 512]
+    assert meta["tracked_fraction"] >= 0.99
+    assert meta["split"] == {"train": [0, T - round(T / 11)], "test": [T - round(T / 11), T]}
+    assert {"track", "images", "masks", "geometry", "audio", "preview", "total"} <= set(meta["timings_s"])
+    from talkinghead.prepare.pipeline import sha256
+
+    assert meta["source"]["sha256"] == sha256(video)
+    assert "mediapipe" in meta["versions"]
+    for folder, ext in (("images", "jpg"), ("parsing", "png"), ("torso", "jpg")):
+        assert len(list((out / folder).glob(f"*.{ext}"))) == T
+    assert (out / "background.png").exists() and (out / "preview.mp4").exists() and (out / "preview.png").exists()
+    assert not (out.parent / f".{out.name}.partial").exists()
+    assert run.stdout.strip().startswith(str(out))
+
+
+def test_reader_fields(dataset):
+    _, out, _ = dataset
+    ds = PreparedDataset(out)
+    f = ds.frame(10)
+    assert f.image.shape == (512, 512, 3) and f.parsing.shape == (512, 512)
+    assert f.landmarks.shape == (478, 3) and f.expression.shape == (ds.face_model.num_expression,)
+    assert 0 <= f.blink.min() and f.blink.max() <= 1
+    assert ds.audio_matrix.shape[0] == ds.num_frames  # one row of audio features per video frame
+    assert len(ds.audio_wave) == pytest.approx(ds.num_frames / ds.fps * 16000, abs=16000 / ds.fps)
+    small = PreparedDataset(out, size=128).frame(10)
+    assert small.image.shape == (128, 128, 3)
+    np.testing.assert_allclose(small.landmarks, f.landmarks / 4, rtol=1e-5)
+
+
+def test_head_pose_is_steady_and_faces_the_camera(dataset):
+    _, out, _ = dataset
+    ds = PreparedDataset(out)
+    from talkinghead.prepare.pose import euler_deg, frame_to_frame_jitter_deg
+
+    assert np.median(frame_to_frame_jitter_deg(ds.tracks.viewmats)) < 1.0
+    assert np.abs(euler_deg(ds.tracks.viewmats)[:, :2]).max() < 30  # May looks at the camera
+    z = ds.tracks.viewmats[:, 2, 3]
+    assert (z > 0.2).all() and (z < 3).all()  # metres in front of the camera
+
+
+def test_face_model_reconstructs_the_tracked_meshes(dataset):
+    _, out, _ = dataset
+    ds = PreparedDataset(out)
+    meta = ds.meta["face_model"]
+    assert 1 <= meta["num_expression"] <= 32 and meta["explained_variance"] >= 0.9
+    assert meta["fit_error_mm"] < 0.5
+    t, model = ds.tracks, ds.face_model
+    verts = model.vertices(t.expression)
+    errors = [np.linalg.norm(camera.project(verts[i], t.viewmats[i], t.K) - t.landmarks[i, :, :2], axis=-1).mean()
+              for i in range(ds.num_frames)]
+    assert np.mean(errors) < 1.0  # pixels, at 512
+    # triangle normals point towards the camera on the front of the face (wound outwards)
+    v = model.neutral[model.triangles]
+    normal = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
+    assert (normal[:, 2] < 0).mean() > 0.8
+
+
+def test_mouth_mask_inside_the_face_region(dataset):
+    import cv2
+
+    _, out, _ = dataset
+    ds = PreparedDataset(out)
+    from talkinghead.face.landmarks import FACE_OVAL
+
+    for i in range(0, ds.num_frames, 10):
+        f = ds.frame(i)
+        region = np.zeros((512, 512), np.uint8)
+        cv2.fillPoly(region, [np.round(f.landmarks[list(FACE_OVAL), :2] - 0.5).astype(np.int32)], 1)
+        if f.mouth.any():
+            assert (region[f.mouth] == 1).mean() > 0.99
+        assert (region[f.face] == 1).mean() > 0.95
+
+
+def test_mouth_opening_follows_the_mouth_mask(dataset):
+    _, out, _ = dataset
+    ds = PreparedDataset(out)
+    area = np.array([ds.parsing(i).__eq__(4).sum() for i in range(ds.num_frames)])
+    assert np.corrcoef(area, ds.tracks.mouth_opening)[0, 1] > 0.5
+
+
+def test_preview_draws_landmarks_on_the_face(dataset):
+    import av
+
+    _, out, _ = dataset
+    ds = PreparedDataset(out)
+    with av.open(str(out / "preview.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert c.streams.audio
+    assert len(frames) == ds.num_frames
+    i = 30
+    lm = np.round(ds.tracks.landmarks[i, :468, :2] - 0.5).astype(int)
+    drawn = frames[i][lm[:, 1], lm[:, 0]].astype(float)
+    original = (ds.image(i) * 255)[lm[:, 1], lm[:, 0]]
+    assert drawn.mean() > 230  # white dots where the landmarks are
+    assert drawn.mean() - original.mean() > 40
+    bg = ds.parsing(i) == 0
+    assert np.abs(frames[i][bg].astype(float) - ds.image(i)[bg] * 255).mean() < 8  # background untouched
+
+
+def test_second_run_reuses_finished_stages(dataset):
+    video, out, _ = dataset
+    before = (out / "images" / "000000.jpg").stat().st_mtime_ns
+    run = _prepare(video, "--out", out, "--preview")
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(meta["reused_stages"]) == {"track", "images", "masks", "geometry", "audio", "preview"}
+    assert (out / "images" / "000000.jpg").stat().st_mtime_ns == before
+
+
+def test_new_size_redoes_only_what_depends_on_it(dataset, tmp_path):
+    video, out, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    run = _prepare(video, "--out", copy, "--size", "128", "--test-seconds", "1")
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((copy / "meta.json").read_text())
+    assert meta["size"] == [128, 128] and meta["split"]["test"] == [100, 125]
+    assert set(meta["reused_stages"]) == {"track", "audio"}
+    assert not (copy / "preview.mp4").exists()  # drawn at the old size: removed
+    ds = PreparedDataset(copy)
+    assert ds.frame(0).image.shape == (128, 128, 3) and ds.K[0, 2] == 64
