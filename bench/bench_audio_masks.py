@@ -96,10 +96,9 @@ def compare_models(count: int, fps: float) -> list[dict]:
         frames = np.stack(frames)
         landmarks = track(frames)
         for model in (0, 1):
-            masks.SELFIE_MODEL = model
-            masks.segment_person(frames[:1])
+            masks.segment_person(frames[:1], model=model)
             t0 = time.perf_counter()
-            person = masks.segment_person(frames)
+            person = masks.segment_person(frames, model=model)
             ms = 1000 * (time.perf_counter() - t0) / len(frames)
             xy = np.clip(np.floor(landmarks[..., :2]), 0, [frames.shape[2] - 1, frames.shape[1] - 1])
             good = np.isfinite(xy).all(axis=(1, 2))
@@ -110,7 +109,6 @@ def compare_models(count: int, fps: float) -> list[dict]:
             rows.append({"clip": name, "model": model, "coverage": coverage,
                          "soft": float(((person > 0.1) & (person < 0.9)).mean()),
                          "flicker": float((binary[1:] != binary[:-1]).mean()), "ms_per_frame": ms})
-    masks.SELFIE_MODEL = 0
     return rows
 
 
