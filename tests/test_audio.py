@@ -146,3 +146,7 @@ def test_load_driving_audio(tmp_path):
     assert load_driving_audio(speech).shape[0] == pytest.approx(2 * RATE, abs=64)
     with pytest.raises(UserError, match="not found"):
         load_driving_audio(tmp_path / "nope.wav")
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"RIFF not really a wave file" * 10)
+    with pytest.raises(UserError, match="garbage.wav"):
+        load_driving_audio(garbage)
