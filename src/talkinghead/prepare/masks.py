@@ -168,10 +168,10 @@ class _Head:
         return [self.quad(self.left_u - reach, self.left_u, lo, hi),
                 self.quad(self.right_u, self.right_u + reach, lo, hi)]
 
-    def head_polygon(self, lm: np.ndarray, sb: float) -> np.ndarray:
-        """Rule 3's head region [N, 2]: above the jaw arc, plus the band beside it down to ``sb``."""
+    def head_polygon(self, lm: np.ndarray) -> np.ndarray:
+        """Rule 3's head region [N, 2]: above the jaw arc, plus the band beside it down to ``side_bottom``."""
         band_l, band_r = self.band
-        top = self.top
+        sb, top = self.side_bottom, self.top
         return np.concatenate([lm[_JAW, :2], np.stack([
             self.point(self.left_u, sb), self.point(band_l, sb), self.point(band_l, top),
             self.point(band_r, top), self.point(band_r, sb), self.point(self.right_u, sb)])])
@@ -189,7 +189,7 @@ def _long_hair(image: np.ndarray, labels: np.ndarray, head: _Head, offset: np.nd
     h, w = labels.shape[0] // k, labels.shape[1] // k
     if h < 4 or w < 4:
         return
-    small = labels[: h * k: k, : w * k: k]
+    small = labels[k // 2: h * k: k, k // 2: w * k: k]  # block centres, as the INTER_AREA colours below
     shape = small.shape
 
     def fill(polygon):
@@ -256,11 +256,11 @@ def parse_frames(frames: np.ndarray, landmarks: np.ndarray, person: np.ndarray) 
         offset = np.array([x0, y0], np.float64)
         labels = out[t, y0:y1, x0:x1]
         shape = labels.shape
-        strips = _fill(shape, head.side_strips()[0] - offset) | _fill(shape, head.side_strips()[1] - offset)
+        left, right = head.side_strips()
+        strips = _fill(shape, left - offset) | _fill(shape, right - offset)
         area = int(strips.sum())
-        long_hair = area > 0 and labels[strips].sum() >= LONG_HAIR_FILL * area
-        poly = head.head_polygon(lm, head.side_bottom)
-        labels += labels & _fill(shape, poly - offset).view(np.uint8)  # head: torso 1 -> hair 2
+        long_hair = area > 0 and labels[strips].sum() >= LONG_HAIR_FILL * area  # labels are 0/1 person here
+        labels += labels & _fill(shape, head.head_polygon(lm) - offset).view(np.uint8)  # head: torso 1 -> hair 2
         face = _fill(shape, lm[_OVAL, :2] - offset)
         labels[face] = FACE
         if long_hair:
