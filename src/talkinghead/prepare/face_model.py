@@ -18,6 +18,9 @@ clip itself (issue 2, step 5):
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
+
 import numpy as np
 
 from talkinghead.data import FaceModel
@@ -26,11 +29,25 @@ VARIANCE_KEPT = 0.98
 MAX_EXPRESSION = 32
 
 
+def _tessellation() -> frozenset:
+    """mediapipe's FACEMESH_TESSELATION edge list, read from its plain-Python module without importing
+    mediapipe itself (which takes seconds), so a cached ``prepare`` stage stays fast."""
+    import importlib.util
+    import runpy
+
+    spec = importlib.util.find_spec("mediapipe")
+    if spec is None or spec.origin is None:
+        from talkinghead.errors import UserError
+
+        raise UserError("the face mesh triangulation comes from mediapipe: pip install 'talkinghead[prepare]'")
+    path = Path(spec.origin).parent / "python" / "solutions" / "face_mesh_connections.py"
+    return runpy.run_path(str(path))["FACEMESH_TESSELATION"]
+
+
+@lru_cache(maxsize=1)
 def mesh_triangles() -> np.ndarray:
     """Triangles [F, 3] int32 of the mediapipe face mesh (unwound; see ``orient_triangles``)."""
-    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
-
-    edges = {tuple(sorted(e)) for e in FACEMESH_TESSELATION}
+    edges = {tuple(sorted(e)) for e in _tessellation()}
     neighbours: dict[int, set[int]] = {}
     for a, b in edges:
         neighbours.setdefault(a, set()).add(b)
@@ -56,6 +73,24 @@ def orient_triangles(triangles: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     return np.where(outward[:, None], triangles, triangles[:, [0, 2, 1]]).astype(np.int32)
 
 
+def _top_components(X: np.ndarray, k: int, oversample: int = 10, power_iterations: int = 4,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k principal axes of centred rows X [N, D]: (eigenvalues of X^T X [k'], unit rows [k', D]).
+
+    Randomised range finder with power iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1):
+    the model needs at most a few dozen components of a 1434-dimensional space, and a full
+    eigen-decomposition costs seconds on a long clip. Seeded, so a clip always gives the same model.
+    """
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(X @ rng.standard_normal((X.shape[1], min(k + oversample, min(X.shape)))))[0]
+    for _ in range(power_iterations):
+        Q = np.linalg.qr(X @ (X.T @ Q))[0]
+    _, S, Vt = np.linalg.svd(Q.T @ X, full_matrices=False)
+    w = S[:k] ** 2
+    keep = w > (w[0] * 1e-12 if len(w) else 0)
+    return w[keep], Vt[:k][keep]
+
+
 def fit_face_model(meshes: np.ndarray, triangles: np.ndarray, variance_kept: float = VARIANCE_KEPT,
                    max_expression: int = MAX_EXPRESSION) -> tuple[FaceModel, np.ndarray, float]:
     """PCA face model of aligned meshes [T, V, 3] (head coordinates).
@@ -66,23 +101,13 @@ def fit_face_model(meshes: np.ndarray, triangles: np.ndarray, variance_kept: flo
     X = meshes.reshape(T, -1).astype(np.float64)
     neutral = X.mean(0)
     Xc = X - neutral
-    # Eigen-decomposition of the smaller Gram / covariance matrix: T may be thousands, 3V is 1434.
-    if T <= 3 * V:
-        w, U = np.linalg.eigh(Xc @ Xc.T)
-        w, U = w[::-1].clip(min=0), U[:, ::-1]
-        keep = w > w[0] * 1e-12 if w[0] > 0 else np.zeros_like(w, bool)
-        components = (U[:, keep].T @ Xc) / np.sqrt(w[keep])[:, None]
-        w = w[keep]
-    else:
-        w, Vecs = np.linalg.eigh(Xc.T @ Xc)
-        w, components = w[::-1].clip(min=0), Vecs[:, ::-1].T
-    total = w.sum()
-    if total <= 0:  # a perfectly rigid face: no expression space
-        E = 0
-        explained = 1.0
+    total = float((Xc ** 2).sum())  # total variance (x T): the trace, without an eigen-decomposition
+    w, components = _top_components(Xc, min(max_expression, T, 3 * V)) if total > 0 else (np.zeros(0), None)
+    if len(w) == 0:  # a perfectly rigid face: no expression space
+        E, explained, components = 0, 1.0, np.zeros((0, 3 * V))
     else:
         cumulative = np.cumsum(w) / total
-        E = int(min(np.searchsorted(cumulative, variance_kept) + 1, max_expression, len(w)))
+        E = int(min(np.searchsorted(cumulative, variance_kept) + 1, len(w)))
         explained = float(cumulative[E - 1])
     basis = components[:E]  # [E, 3V], orthonormal rows
     coeffs = (Xc @ basis.T).astype(np.float32)

@@ -225,19 +225,23 @@ def _imwrite_rgb(path: Path, image: np.ndarray) -> None:
     buf.tofile(str(path))
 
 
-def _write_images(folder: Path, images: np.ndarray | list, ext: str, pool: ThreadPoolExecutor,
-                  progress: bool, desc: str) -> None:
-    """Write images [T, H, W(, 3)] as folder/%06d.ext, encoded in threads (cv2 releases the GIL)."""
+def _start_writing(folder: Path, images: np.ndarray, ext: str, pool: ThreadPoolExecutor) -> Callable[[bool], None]:
+    """Start writing images [T, H, W(, 3)] as folder/%06d.ext in the pool's threads (cv2 releases the GIL,
+    so encoding overlaps the next computation); returns the function that waits and puts the folder in place."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     futures = [pool.submit(_imwrite_rgb, tmp / f"{i:06d}{ext}", image) for i, image in enumerate(images)]
-    with _bar(len(futures), desc, progress) as bar:
-        for f in futures:
-            f.result()
-            bar.update()
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+
+    def finish(progress: bool) -> None:
+        with _bar(len(futures), f"write {folder.name}", progress) as bar:
+            for f in futures:
+                f.result()
+                bar.update()
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
+    return finish
 
 
 def _read_images(folder: Path, ext: str, count: int) -> np.ndarray:
@@ -282,7 +286,7 @@ def _geometry(landmarks: np.ndarray, size: int, fov_deg: float) -> tuple[Tracks,
     model, expression, explained = face_model.fit_face_model(meshes, triangles)
     rebuilt = model.vertices(expression)
     fit_mm = float(np.linalg.norm(rebuilt - meshes, axis=-1).mean() * 1000)
-    cam = np.einsum("tij,tvj->tvi", viewmats[:, :3, :3], rebuilt) + viewmats[:, None, :3, 3]
+    cam = rebuilt @ np.transpose(viewmats[:, :3, :3], (0, 2, 1)) + viewmats[:, None, :3, 3]
     projected = cam[..., :2] / cam[..., 2:] * K[[0, 1], [0, 1]] + K[:2, 2]
     reproj_px = float(np.linalg.norm(projected - landmarks[..., :2], axis=-1).mean())
     jitter = pose.frame_to_frame_jitter_deg(viewmats)
@@ -396,7 +400,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         if num_frames < MIN_SECONDS * cfg.fps:
             raise UserError(f"{video} is {num_frames / cfg.fps:.1f} s long; prepare needs at least {MIN_SECONDS:g} s")
 
-        from talkinghead.prepare.crop import Crop, fixed_crop
+        from talkinghead.prepare.crop import fixed_crop
         from talkinghead.prepare.tracking import fill_gaps
 
         landmarks_src, tracked = fill_gaps(raw, cfg.fps, cfg.max_gap_s, source=str(video))
@@ -406,6 +410,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         # images (+ masks and preview need the cropped frames in memory)
         cropped = None
         io_pool = ThreadPoolExecutor(max_workers=2)
+        pending: list[Callable[[], None]] = []  # finishers of stages whose files are still being written
         if need_images:
             t0 = time.perf_counter()
             with _bar(num_frames, "crop", cfg.progress) as bar:
@@ -416,12 +421,14 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
                     cropped[i] = crop.apply(image, cfg.size)
                     bar.update()
             frames.kept = None
+            timings["crop"] = round(time.perf_counter() - t0, 3)
             if not stages.reusable("images", images_key):
-                _write_images(work / "images", cropped, ".jpg", io_pool, cfg.progress, "write images")
-                stages.finish("images", images_key, time.perf_counter() - t0, crop=asdict(crop))
-            timings["images"] = round(time.perf_counter() - t0, 3)
-        else:
-            timings["images"] = stages.info("images")["seconds"]
+                write = _start_writing(work / "images", cropped, ".jpg", io_pool)
+
+                def finish_images(write=write, t0=t0):
+                    write(cfg.progress)
+                    stages.finish("images", images_key, time.perf_counter() - t0, crop=asdict(crop))
+                pending.append(finish_images)
 
         # masks
         if not stages.reusable("masks", masks_key):
@@ -440,14 +447,17 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
                 _imwrite_rgb(work / "background.png", plate)
             with _timed(parts, "torso"):
                 torso = masks.torso_images(cropped, parsing, plate)
-            with _timed(parts, "write"):
-                _write_images(work / "parsing", parsing, ".png", io_pool, cfg.progress, "write parsing")
-                _write_images(work / "torso", torso, ".jpg", io_pool, cfg.progress, "write torso")
+            writes = [_start_writing(work / "parsing", parsing, ".png", io_pool),
+                      _start_writing(work / "torso", torso, ".jpg", io_pool)]
             del torso
-            stages.finish("masks", masks_key, time.perf_counter() - t0, parts_s=parts)
-        timings["masks"] = stages.info("masks")["seconds"]
 
-        # geometry
+            def finish_masks(writes=writes, t0=t0, parts=parts):
+                for write in writes:
+                    write(cfg.progress)
+                stages.finish("masks", masks_key, time.perf_counter() - t0, parts_s=parts)
+            pending.append(finish_masks)
+
+        # geometry (while the image files are written)
         if not stages.reusable("geometry", geometry_key):
             t0 = time.perf_counter()
             tracks, model, geo_info = _geometry(landmarks, cfg.size, cfg.fov_deg)
@@ -456,6 +466,12 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
             model.save(work / "face_model.npz")
             stages.finish("geometry", geometry_key, time.perf_counter() - t0, **geo_info)
         timings["geometry"] = stages.info("geometry")["seconds"]
+        t0 = time.perf_counter()
+        for finish in pending:
+            finish()
+        timings["write_wait"] = round(time.perf_counter() - t0, 3)
+        for name in ("images", "masks"):
+            timings[name] = stages.info(name)["seconds"]
 
         # audio
         from talkinghead.audio.features import AudioFeatures

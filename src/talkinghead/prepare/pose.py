@@ -62,12 +62,12 @@ def _batched_umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.n
     """``umeyama`` for one src [N, 3] onto many dst [T, N, 3]: s [T], R [T, 3, 3], t [T, 3]."""
     mu_s, mu_d = src.mean(0), dst.mean(1)
     a, b = src - mu_s, dst - mu_d[:, None]
-    U, S, Vt = np.linalg.svd(np.einsum("tni,nj->tij", b, a) / len(src))
+    U, S, Vt = np.linalg.svd(np.transpose(b, (0, 2, 1)) @ a / len(src))
     d = np.ones((len(dst), 3))
     d[:, 2] = np.sign(np.linalg.det(U) * np.linalg.det(Vt))
     R = U @ (d[:, :, None] * Vt)
     s = (S * d).sum(1) / (a ** 2).sum(1).mean()
-    return s, R, mu_d - s[:, None] * np.einsum("tij,j->ti", R, mu_s)
+    return s, R, mu_d - s[:, None] * (R @ mu_s)
 
 
 def align_to_template(landmarks: np.ndarray, template: np.ndarray) -> np.ndarray:
@@ -78,7 +78,7 @@ def align_to_template(landmarks: np.ndarray, template: np.ndarray) -> np.ndarray
     """
     s, R, t = _batched_umeyama(template[list(STABLE)], landmarks[:, list(STABLE)].astype(np.float64))
     # Inverse of x -> s R x + t applied to every landmark.
-    out = np.einsum("tji,tnj->tni", R, landmarks - t[:, None]) / s[:, None, None]
+    out = (landmarks - t[:, None]) @ R / s[:, None, None]  # row vectors: x @ R applies R^T
     return out.astype(np.float32)
 
 
@@ -90,11 +90,11 @@ def lift_to_head(landmarks: np.ndarray, meshes: np.ndarray, viewmats: np.ndarray
     perspective effects included.
     """
     R, t = viewmats[:, :3, :3].astype(np.float64), viewmats[:, :3, 3].astype(np.float64)
-    depth = np.einsum("tj,tnj->tn", R[:, 2], meshes) + t[:, None, 2]  # [T, V]
+    depth = (meshes @ R[:, 2, :, None])[..., 0] + t[:, None, 2]  # [T, V]
     x = (landmarks[..., 0] - K[0, 2]) / K[0, 0] * depth
     y = (landmarks[..., 1] - K[1, 2]) / K[1, 1] * depth
     cam = np.stack([x, y, depth], axis=-1)
-    return np.einsum("tji,tnj->tni", R, cam - t[:, None]).astype(np.float32)
+    return ((cam - t[:, None]) @ R).astype(np.float32)
 
 
 def rigid_template(landmarks: np.ndarray, iterations: int = 3) -> np.ndarray:
@@ -103,7 +103,7 @@ def rigid_template(landmarks: np.ndarray, iterations: int = 3) -> np.ndarray:
     ref = lm[len(lm) // 2]
     for _ in range(iterations):  # generalised Procrustes: align all to the mean, re-estimate the mean
         s, R, t = _batched_umeyama(ref[list(STABLE)], lm[:, list(STABLE)])
-        aligned = np.einsum("tji,tnj->tni", R, lm - t[:, None]) / s[:, None, None]
+        aligned = (lm - t[:, None]) @ R / s[:, None, None]
         ref = np.median(aligned, axis=0)
     return _canonical(ref)
 
@@ -134,9 +134,10 @@ def fit_head(landmarks: np.ndarray, K: np.ndarray, iterations: int = 2,
     Starts from the weak-perspective template (``rigid_template``), then alternates PnP poses and
     ``refine_template`` so the template loses the perspective distortion of the per-frame clouds.
     """
-    template = rigid_template(landmarks)
+    subset = landmarks[:: max(1, len(landmarks) // 400)]  # the template needs a few hundred frames, not all
+    template = rigid_template(subset)
     for _ in range(iterations):
-        template = refine_template(landmarks, template, estimate_poses(landmarks, template, K, 0.0), K)
+        template = refine_template(subset, template, estimate_poses(subset, template, K, 0.0), K)
     return template, estimate_poses(landmarks, template, K, smooth_sigma)
 
 
