@@ -80,15 +80,17 @@ def project(
     lim_y = 0.3 * 0.5 * height / fy
     tx = zs * torch.minimum(torch.maximum(x / zs, -(cx / fx + lim_x)), (width - cx) / fx + lim_x)
     ty = zs * torch.minimum(torch.maximum(y / zs, -(cy / fy + lim_y)), (height - cy) / fy + lim_y)
-    zero = torch.zeros_like(zs)
-    J = torch.stack([fx / zs, zero, -fx * tx / zs**2, zero, fy / zs, -fy * ty / zs**2], -1).reshape(-1, 2, 3)
-
-    # cov2d = (J R_view R_q S)(J R_view R_q S)^T: one [N,2,3] product instead of a full 3x3 sandwich.
-    T = (J @ R) @ (quat_to_rotmat(quats) * scales[:, None, :])
-    cov = T @ T.transpose(-1, -2)
-    a = cov[:, 0, 0] + eps2d
-    b = cov[:, 0, 1]
-    c = cov[:, 1, 1] + eps2d
+    # cov2d = (J W)(J W)^T with W = R_view R_q S: the 3D covariance never needs forming. The shared
+    # rotation goes through one [3, 3] x [3, 3N] matmul; J has only four non-zeros, so J W is elementwise
+    # (batched 3x3 matmuls are slow on CPU).
+    Wm = torch.einsum("ik,nkj->nij", R, quat_to_rotmat(quats) * scales[:, None, :])  # [N, 3, 3]
+    j00, j02 = fx / zs, -fx * tx / zs**2
+    j11, j12 = fy / zs, -fy * ty / zs**2
+    r0 = j00[:, None] * Wm[:, 0] + j02[:, None] * Wm[:, 2]  # first row of J W, [N, 3]
+    r1 = j11[:, None] * Wm[:, 1] + j12[:, None] * Wm[:, 2]
+    a = (r0 * r0).sum(-1) + eps2d
+    b = (r0 * r1).sum(-1)
+    c = (r1 * r1).sum(-1) + eps2d
     det = a * c - b * b
     ok = in_depth & (det > 0) & (opacities >= ALPHA_MIN)
     inv_det = 1.0 / torch.where(ok, det, torch.ones_like(det))

@@ -1,18 +1,22 @@
 """Front-to-back alpha compositing of screen-space Gaussians in plain PyTorch (CPU or any device).
 
-What 3DGS's CUDA tile rasterizer computes, organised for a CPU:
+It computes what 3DGS's CUDA tile rasterizer computes (Kerbl et al. 2023, sec. 6), organised for a CPU:
 
-* Every Gaussian lists the pixels it can touch (its box, see :func:`projection.project`); the
-  (pixel, Gaussian) pairs where alpha >= 1/255 are kept and ordered by pixel, then depth. These per-pixel
-  lists are 3DGS's per-tile lists with 1-pixel tiles: a CPU gains nothing from evaluating a whole 16x16
-  tile per Gaussian (as the GPU's thread blocks do) and would pay ~10x more exp() calls for it.
-* Transmittance is a segmented cumulative sum of log(1 - alpha) (in float64: it runs across the lists of
-  many pixels), so a pixel's early termination (T < 1e-4) is a mask, not a loop.
-* The image is processed in row bands grouped so that a chunk holds at most ``max_pairs`` candidate pairs:
-  memory stays O(pairs of a chunk), never O(N * H * W).
-* The backward pass is written by hand (as in the 3DGS paper's supplement) instead of left to autograd:
-  it needs only the pair lists from the forward pass, recomputes alpha, and is ~2x faster than autograd
-  through the same graph while keeping no [pairs]-sized float tensors alive between the passes.
+* **Exact footprints instead of tiles.** A Gaussian's alpha ``o * exp(-sigma)`` reaches 1/255 on an ellipse;
+  each image row cuts it in one run of pixels ("span"), found in closed form. Only pixels inside are
+  evaluated: a CPU gains nothing from evaluating whole 16x16 tiles (as GPU thread blocks do) and would pay
+  several times the exp() calls. The (pixel, Gaussian) pairs are then sorted by pixel; the sort is stable
+  and pairs are generated front to back, so each pixel's list is in depth order -- 3DGS's per-tile lists
+  with 1-pixel tiles.
+* **Transmittance as a segmented scan.** ``T_i = prod_{j<i} (1 - alpha_j)`` is a cumulative sum of
+  ``log(1 - alpha)`` over each pixel's list (in float64, since one scan runs across many lists); early
+  termination (3DGS stops a pixel before T drops below 1e-4) and the 1/255 skip become masks, not loops.
+* **Chunks of rows.** The image is processed in bands of rows holding at most ``max_pairs`` pairs, so memory
+  is bounded by the pairs of one chunk plus what the backward pass keeps (24 bytes a pair), never N x H x W.
+* **A hand-written backward** (the 3DGS gradient of compositing) over the pairs saved by the forward pass.
+  Per span, ``sigma - log(o)`` is a quadratic ``A dx^2 + B dx + C`` in the pixel offset ``dx`` along the
+  row; the backward pass returns gradients of the per-span (A, B, C, dx0), and autograd carries them to
+  means2d, conics and opacities through cheap span-sized ops.
 """
 
 from __future__ import annotations
@@ -25,160 +29,148 @@ from torch import Tensor
 from .projection import ALPHA_MIN
 
 ALPHA_MAX = 0.99  # 3DGS clamps alpha so that one Gaussian never makes a pixel fully opaque.
-T_MIN = 1e-4  # a pixel stops accumulating once its transmittance would drop below this.
+T_MIN = 1e-4  # a pixel stops accumulating before its transmittance would drop below this.
 BAND = 16  # rows per band: the unit in which the image is cut into chunks.
+_EDGE = 1e-3  # px of slack on span ends; pixels it lets in are dropped by the exact alpha test.
 
 
-def _chunks(boxes: Tensor, height: int, max_pairs: int) -> list[tuple[int, int]]:
-    """Row ranges [r0, r1), whole bands each, holding at most ``max_pairs`` box pixels (one band may hold more)."""
-    n_bands = (height + BAND - 1) // BAND
-    if n_bands == 1 or boxes.shape[0] == 0:
-        return [(0, height)]
-    lo = torch.arange(n_bands, device=boxes.device) * BAND
-    rows = (torch.minimum(boxes[:, 3:4], lo + BAND) - torch.maximum(boxes[:, 1:2], lo)).clamp(min=0)
-    per_band = ((boxes[:, 2:3] - boxes[:, 0:1]) * rows).sum(0).tolist()
-    out, start, acc = [], 0, 0
-    for b, n in enumerate(per_band):
+def _spans(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int, height: int):
+    """Row runs of pixels where each Gaussian's alpha can reach 1/255 (no gradient).
+
+    Returns (gid [S], y [S], x0 [S], length [S]) ordered by Gaussian then row; empty runs are dropped.
+    """
+    u, v = means2d.unbind(-1)
+    a, b, c = conics.unbind(-1)
+    det = a * c - b * b
+    thr = torch.log(opacities * 255.0).clamp(min=0)  # alpha >= 1/255  <=>  sigma <= thr
+    ext_y = torch.sqrt(2 * thr * a / det)  # half-height of the ellipse sigma = thr
+    y0 = torch.ceil(v - ext_y - 0.5).clamp(0, height).long()
+    y1 = (torch.floor(v + ext_y - 0.5) + 1).clamp(0, height).long()
+    rows = (y1 - y0).clamp(min=0)
+    gid = torch.repeat_interleave(torch.arange(len(u), device=u.device), rows)
+    y = torch.arange(len(gid), device=u.device) + (y0 - torch.cumsum(rows, 0) + rows).index_select(0, gid)
+    # On row y: a dx^2 + 2 b dy dx + c dy^2 <= 2 thr, whose discriminant / 4 is 2 a thr - det dy^2.
+    per_g = torch.stack([v, u, b / a, 2 * a * thr, det, 1 / a], 1).index_select(0, gid)
+    v_, u_, b_a, two_a_thr, det_, inv_a = per_g.unbind(1)
+    dy = y.to(u.dtype) + 0.5 - v_
+    half = torch.sqrt((two_a_thr - det_ * dy * dy).clamp(min=0)) * inv_a
+    centre = u_ - b_a * dy - 0.5
+    x0 = torch.ceil(centre - half - _EDGE).clamp(0, width).long()
+    x1 = (torch.floor(centre + half + _EDGE) + 1).clamp(0, width).long()
+    keep = torch.nonzero(x1 > x0).squeeze(1)
+    return gid.index_select(0, keep), y.index_select(0, keep), x0.index_select(0, keep), (x1 - x0).index_select(0, keep)
+
+
+def _chunks(y: Tensor, length: Tensor, height: int, max_pairs: int) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) of whole bands, each holding at most ``max_pairs`` pairs (or a single band)."""
+    per_row = torch.bincount(y, weights=length.double(), minlength=height)
+    per_band = per_row.view(-1).split(BAND)
+    out, start, acc = [], 0, 0.0
+    for i, n in enumerate(t.sum().item() for t in per_band):
         if acc and acc + n > max_pairs:
-            out.append((start * BAND, b * BAND))
-            start, acc = b, 0
+            out.append((start * BAND, i * BAND))
+            start, acc = i, 0.0
         acc += n
     out.append((start * BAND, height))
     return out
 
 
-def _pairs(boxes: Tensor, r0: int, r1: int, width: int) -> tuple[Tensor, Tensor]:
-    """All (Gaussian, pixel) candidates in rows [r0, r1), Gaussian-major in input (depth) order.
-
-    Returns gid [M] (index into the Gaussians) and pix [M] (flat pixel index y * width + x).
-    """
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    ya, yb = y0.clamp(min=r0), y1.clamp(max=r1)
-    bw, bh = x1 - x0, (yb - ya).clamp(min=0)
-    g = torch.nonzero(bh > 0).squeeze(1)
-    bw, counts = bw[g], bw[g] * bh[g]
-    gid = torch.repeat_interleave(g, counts)
+def _segment_ends(pix: Tensor, n_pixels: int) -> tuple[Tensor, Tensor]:
+    """For pairs sorted by (local) pixel: index of the first and the last pair of each pair's pixel."""
+    counts = torch.bincount(pix, minlength=n_pixels)
     first = torch.cumsum(counts, 0) - counts
-    off = torch.arange(gid.shape[0], device=boxes.device) - torch.repeat_interleave(first, counts)
-    w = torch.repeat_interleave(bw, counts)
-    row = off // w
-    pix = (torch.repeat_interleave(ya[g], counts) + row) * width + torch.repeat_interleave(x0[g], counts) + (off - row * w)
-    return gid, pix
-
-
-def _alpha(gid: Tensor, pix: Tensor, means2d: Tensor, conics: Tensor, opacities: Tensor, width: int):
-    """alpha (clamped), the unclamped opacity * exp(-sigma), and the offsets dx, dy of each pair."""
-    px = (pix % width).to(means2d.dtype) + 0.5
-    py = torch.div(pix, width, rounding_mode="floor").to(means2d.dtype) + 0.5
-    dx = px - means2d[:, 0].index_select(0, gid)
-    dy = py - means2d[:, 1].index_select(0, gid)
-    a, b, c = (conics[:, i].index_select(0, gid) for i in range(3))
-    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-    raw = opacities.index_select(0, gid) * torch.exp(-sigma)
-    # sigma < 0 only happens through round-off on a degenerate conic; 3DGS skips those pairs too.
-    raw = torch.where(sigma >= 0, raw, torch.zeros_like(raw))
-    return raw.clamp(max=ALPHA_MAX), raw, dx, dy, (a, b, c)
-
-
-def _segments(pix: Tensor, r0: int, r1: int, width: int) -> tuple[Tensor, Tensor]:
-    """For pairs sorted by pixel: index of the first and of the last pair of each pair's pixel."""
-    counts = torch.bincount(pix - r0 * width, minlength=(r1 - r0) * width)
-    first = torch.cumsum(counts, 0) - counts
-    start = torch.repeat_interleave(first, counts)
-    end = torch.repeat_interleave(first + counts - 1, counts)
-    return start, end
-
-
-def _transmittance(alpha: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
-    """Per pair: T before it and log T after it, within its pixel's depth-ordered list."""
-    cs = torch.cumsum(torch.log1p(-alpha).double(), 0)
-    base = torch.cat([cs.new_zeros(1), cs])[start]
-    log_after = cs - base
-    log_before = log_after - torch.log1p(-alpha).double()
-    return torch.exp(log_before).to(alpha.dtype), log_after
+    return torch.repeat_interleave(first, counts), torch.repeat_interleave(first + counts - 1, counts)
 
 
 class _Composite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, feats, boxes, width, height, max_pairs):
-        out = feats.new_zeros(height * width, feats.shape[1])
+    def forward(ctx, A, B, C, dx0, feats, span_gid, span_pix0, chunks, n_pixels, keep_for_backward):
+        out = feats.new_zeros(n_pixels, feats.shape[1])
         saved = []
-        for r0, r1 in _chunks(boxes, height, max_pairs):
-            gid, pix = _pairs(boxes, r0, r1, width)
-            alpha, *_ = _alpha(gid, pix, means2d, conics, opacities, width)
-            keep = torch.nonzero(alpha >= ALPHA_MIN).squeeze(1)
-            # Stable sort by pixel keeps each pixel's list in depth order (pairs were made depth-major).
-            order = keep[torch.argsort(pix[keep], stable=True)]
-            gid, pix, alpha = gid[order], pix[order], alpha[order]
-            start, _ = _segments(pix, r0, r1, width)
-            T, log_after = _transmittance(alpha, start)
-            # T only decreases along a list, so "not terminated" is a prefix of each list; pairs past it
-            # contribute nothing and are dropped for good.
-            live = torch.nonzero(log_after >= math.log(T_MIN)).squeeze(1)
-            if live.shape[0] < gid.shape[0]:
-                gid, pix, alpha, T = gid[live], pix[live], alpha[live], T[live]
+        for sidx, length, p0, n_chunk in chunks:
+            # Per-span constants of this chunk, then expanded to one row per pair.
+            sA, sB, sC, sdx0 = (t.index_select(0, sidx) for t in (A, B, C, dx0))
+            s_gid, s_pix = span_gid.index_select(0, sidx), span_pix0.index_select(0, sidx) - p0
+            span = torch.repeat_interleave(torch.arange(len(sidx), device=feats.device), length)
+            col = torch.arange(len(span), device=feats.device) - (torch.cumsum(length, 0) - length).index_select(0, span)
+            pix = (s_pix.index_select(0, span) + col).int()  # pixel index within the chunk
+            order = torch.argsort(pix, stable=True)  # pairs were made front to back: lists stay depth-sorted
+            span, pix = span.index_select(0, order), pix.index_select(0, order).long()
+            dx = sdx0.index_select(0, span) + col.index_select(0, order).to(feats.dtype)
+            q = (sA.index_select(0, span) * dx + sB.index_select(0, span)) * dx + sC.index_select(0, span)
+            raw = torch.exp(-q)  # o * exp(-sigma)
+            alpha = torch.where(raw >= ALPHA_MIN, raw.clamp(max=ALPHA_MAX), torch.zeros_like(raw))
+            start, end = _segment_ends(pix, n_chunk)
+            log1m = torch.log1p(-alpha).double()
+            cs = torch.cumsum(log1m, 0)
+            log_after = cs - torch.cat([cs.new_zeros(1), cs]).index_select(0, start)
+            T = torch.exp(log_after - log1m).to(alpha.dtype)
+            # T only decreases along a list, so "not yet terminated" is a prefix of it. Later pairs get
+            # alpha = 0, which leaves them inert in both passes.
+            alpha = torch.where(log_after >= math.log(T_MIN), alpha, torch.zeros_like(alpha))
+            gid = s_gid.index_select(0, span)
+            pix = pix + p0
             out.index_add_(0, pix, (alpha * T)[:, None] * feats.index_select(0, gid))
-            saved.append((r0, r1, gid.int(), pix.int()))
+            if keep_for_backward:
+                saved.append((sidx, span.int(), gid.int(), pix.int(), end.int(), alpha, T, dx))
         ctx.chunks = saved
-        ctx.width = width
-        ctx.save_for_backward(means2d, conics, opacities, feats)
+        ctx.save_for_backward(A, B, feats)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        means2d, conics, opacities, feats = ctx.saved_tensors
-        width = ctx.width
+        A, B, feats = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         g_feats = torch.zeros_like(feats)
-        g_geo = means2d.new_zeros(means2d.shape[0], 6)  # u, v, a, b, c, opacity
-        for r0, r1, gid, pix in ctx.chunks:
-            gid, pix = gid.long(), pix.long()
-            alpha, raw, dx, dy, (a, b, c) = _alpha(gid, pix, means2d, conics, opacities, width)
-            start, end = _segments(pix, r0, r1, width)
-            T, _ = _transmittance(alpha, start)
-            w = alpha * T
+        g_span = feats.new_zeros(A.shape[0], 3)  # sums over each span of g_q dx^2, g_q dx, g_q
+        for sidx, span, gid, pix, end, alpha, T, dx in ctx.chunks:
+            span, gid, pix, end = span.long(), gid.long(), pix.long(), end.long()
             gp = grad_out.index_select(0, pix)  # dL/d(pixel value), per pair
+            w = alpha * T
             g_feats.index_add_(0, gid, w[:, None] * gp)
-            g_w = (gp * feats.index_select(0, gid)).sum(1)  # dL/dw of this pair
-            # d out / d alpha_i = T_i f_i - (sum_{j behind i} w_j f_j) / (1 - alpha_i)
-            contrib = w * g_w
-            cs = torch.cumsum(contrib.double(), 0)
-            behind = (cs[end] - cs).to(alpha.dtype)
+            g_w = (gp * feats.index_select(0, gid)).sum(1)  # dL/dw_i
+            # d out / d alpha_i = T_i f_i - (sum of w_j f_j over the pairs behind i) / (1 - alpha_i)
+            cs = torch.cumsum((w * g_w).double(), 0)
+            behind = (cs.index_select(0, end) - cs).to(alpha.dtype)
             g_alpha = T * g_w - behind / (1.0 - alpha)
-            g_alpha = torch.where(raw < ALPHA_MAX, g_alpha, torch.zeros_like(g_alpha))
-            g_sigma = -g_alpha * raw
-            gs_dx, gs_dy = g_sigma * dx, g_sigma * dy
-            g_geo.index_add_(
-                0,
-                gid,
-                torch.stack(
-                    [
-                        -(a * gs_dx + b * gs_dy),
-                        -(b * gs_dx + c * gs_dy),
-                        0.5 * gs_dx * dx,
-                        gs_dx * dy,
-                        0.5 * gs_dy * dy,
-                        g_alpha * raw / opacities.index_select(0, gid),
-                    ],
-                    1,
-                ),
-            )
-        return g_geo[:, :2], g_geo[:, 2:5], g_geo[:, 5], g_feats, None, None, None, None
+            # alpha = exp(-q) where it is neither skipped (0) nor clamped; d alpha / d q = -alpha.
+            g_q = torch.where((alpha > 0) & (alpha < ALPHA_MAX), -g_alpha * alpha, torch.zeros_like(alpha))
+            g_q_dx = g_q * dx
+            per_span = alpha.new_zeros(len(sidx), 3).index_add_(0, span, torch.stack([g_q_dx * dx, g_q_dx, g_q], 1))
+            g_span.index_add_(0, sidx, per_span)
+        g_A, g_B, g_C = g_span.unbind(1)
+        g_dx0 = 2 * A * g_B + B * g_C  # d q / d dx0 = 2 A dx + B, summed over the span's pixels
+        return g_A, g_B, g_C, g_dx0, g_feats, None, None, None, None, None
 
 
 def composite(
-    means2d: Tensor,  # [n, 2]
-    conics: Tensor,  # [n, 3]
+    means2d: Tensor,  # [n, 2] pixel coordinates
+    conics: Tensor,  # [n, 3] inverse 2D covariance (a, b, c)
     opacities: Tensor,  # [n]
     feats: Tensor,  # [n, F]
-    boxes: Tensor,  # [n, 4] int64 (x0, y0, x1, y1), end-exclusive
     width: int,
     height: int,
     max_pairs: int = 1 << 22,
 ) -> Tensor:
-    """Alpha-composite Gaussians, **given sorted front to back**, into [height * width, F] (sum of w_i f_i).
+    """Alpha-composite Gaussians **given sorted front to back** into [height * width, F]: sum_i w_i f_i.
 
-    Append a column of ones to ``feats`` to get the pixel alpha. Differentiable in means2d, conics,
-    opacities and feats.
+    ``w_i = alpha_i T_i`` are the 3DGS blending weights; append a column of ones to ``feats`` to get the
+    pixel alpha. Differentiable in means2d, conics, opacities and feats. Opacities must be >= 1/255 and
+    conics positive definite (what :func:`projection.project` keeps as visible).
     """
-    return _Composite.apply(means2d, conics, opacities, feats, boxes, width, height, max_pairs)
+    with torch.no_grad():
+        gid, y, x0, length = _spans(means2d.detach(), conics.detach(), opacities.detach(), width, height)
+        chunks = []
+        for r0, r1 in _chunks(y, length, height, max_pairs):
+            sidx = torch.nonzero((y >= r0) & (y < r1)).squeeze(1)
+            chunks.append((sidx, length[sidx], r0 * width, (r1 - r0) * width))
+    # Per span: sigma - log(o) = A dx^2 + B dx + C with dx = dx0 + k at the span's k-th pixel.
+    per_span = torch.cat([means2d, conics, torch.log(opacities)[:, None]], 1).index_select(0, gid)
+    u, v, a, b, c, log_o = per_span.unbind(1)
+    dy = y.to(means2d.dtype) + 0.5 - v
+    A = 0.5 * a
+    B = b * dy
+    C = 0.5 * c * dy * dy - log_o
+    dx0 = x0.to(means2d.dtype) + 0.5 - u
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (means2d, conics, opacities, feats))
+    return _Composite.apply(A, B, C, dx0, feats, gid, y * width + x0, chunks, height * width, keep)

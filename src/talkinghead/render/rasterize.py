@@ -100,7 +100,7 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
         rgb = _colors(colors, means, viewmat, sh_degree)
         D = rgb.shape[-1]
         feats = torch.cat([rgb[idx], proj.depths[idx, None], rgb.new_ones(idx.shape[0], 1)], 1)
-        out = composite(means2d[c, idx], proj.conics[idx], opacities[idx], feats, proj.boxes[idx], width, height)
+        out = composite(means2d[c, idx], proj.conics[idx], opacities[idx], feats, width, height)
         out = out.view(height, width, D + 2)
         images.append(out[..., :D])
         alphas.append(out[..., D + 1 :])
