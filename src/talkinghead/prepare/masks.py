@@ -22,8 +22,10 @@ width between landmarks 234 and 454, ``Hf`` = chin-to-forehead (landmark 10) hei
    ``EAR_DROP * Hf`` below the ear landmarks outside the ears' width. Person pixels inside it that are not
    face are hair (2): hair on top, ears, hair beside the cheeks. All other person pixels are torso (1):
    the neck under the jaw, shoulders, clothes.
-4. long hair: when the person fills most of the strips just outside the ears (``SIDE_STRIP * W`` wide,
-   from ``EAR_DROP * Hf`` below to ``EAR_RISE * Hf`` above the ear landmarks), hair falls below the ears.
+4. long hair: when the person fills most of the strips beside the ears (``SIDE_STRIP * W`` wide, starting
+   ``EAR_WIDTH * W`` outside the ear landmarks so the ears themselves do not count, from ``EAR_DROP * Hf``
+   below to ``EAR_RISE * Hf`` above the ear landmarks), hair falls below the ears. (Measured fill of these
+   strips: 0.64-1.0 on the four long-haired clips, 0.0-0.28 on the five short-haired ones.)
    Then torso pixels further down inside the band, down to ``LONG_HAIR_DEPTH * Hf`` below the chin but
    never in the neck column (``NECK_HALF_WIDTH * W`` either side of the face centre), become hair when
    their Lab colour lies within ``HAIR_MAHALANOBIS`` standard deviations of the sure hair (above the eyes
@@ -54,7 +56,8 @@ EAR_DROP = 0.15  # the head band beside the jaw ends this far below the ear land
 EAR_RISE = 0.1  # the long-hair test looks beside the face from EAR_DROP below to this far above the ears
 LONG_HAIR_DEPTH = 0.9  # how far below the chin long hair may reach, in face heights
 LONG_HAIR_FILL = 0.5  # fraction of the strips just outside the ears that must be person to call the hair long
-SIDE_STRIP = 0.4  # width of those strips, just outside the ear landmarks, in face half-widths
+EAR_WIDTH = 0.2  # those strips start this far outside the ear landmarks, past the ears, in face half-widths
+SIDE_STRIP = 0.4  # width of those strips, in face half-widths
 NECK_HALF_WIDTH = 0.7  # long hair is never grown in front of the neck: this column under the chin, in half-widths
 HAIR_ANALYSIS_PX = 64  # face height (pixels) at which the long-hair colour analysis runs
 HAIR_MAHALANOBIS = 3.0  # colour distance (in standard deviations of the hair on top) still called hair
@@ -164,9 +167,9 @@ class _Head:
     def side_strips(self) -> list[np.ndarray]:
         """The two quads [4, 2] just outside the ears where rule 3 looks for hair reaching below the ears."""
         lo, hi = self.side_bottom, self.ear_v + EAR_RISE * self.face_h
-        reach = SIDE_STRIP * self.half_w
-        return [self.quad(self.left_u - reach, self.left_u, lo, hi),
-                self.quad(self.right_u, self.right_u + reach, lo, hi)]
+        skip, reach = EAR_WIDTH * self.half_w, (EAR_WIDTH + SIDE_STRIP) * self.half_w
+        return [self.quad(self.left_u - reach, self.left_u - skip, lo, hi),
+                self.quad(self.right_u + skip, self.right_u + reach, lo, hi)]
 
     def head_polygon(self, lm: np.ndarray) -> np.ndarray:
         """Rule 3's head region [N, 2]: above the jaw arc, plus the band beside it down to ``side_bottom``."""
