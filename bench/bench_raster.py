@@ -7,6 +7,10 @@ that neighbours overlap (scale ~ spacing / 2), flattened along one random axis, 
 resolution, so pixels per Gaussian grow 4x per doubling of the side, as in a real render.
 
     .venv/bin/python bench/bench_raster.py [--sizes 128 256 512] [--counts 5000 20000 50000] [--backends torch gsplat]
+                                           [--sh 3] [--threads 2] [--repeats 5]
+
+Times are wall-clock, best of ``--repeats`` runs after one warm-up, so other load on the machine inflates
+them less; still note the load (``uptime``) beside any figure you record.
 """
 
 from __future__ import annotations
@@ -78,8 +82,11 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=[5000, 20000, 50000])
     ap.add_argument("--backends", nargs="+", default=["torch", "gsplat"] if gsplat_available() else ["torch"])
     ap.add_argument("--sh", type=int, default=None, help="SH degree (default: plain RGB colours)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timings are the best of this many runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print("| backend | size | gaussians | forward ms | forward+backward ms | fps (forward) |")
     print("|---|---|---|---|---|---|")

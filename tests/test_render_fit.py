@@ -11,7 +11,7 @@ from conftest import shared_clip
 from talkinghead.render import GaussianModel
 
 SIZE, GRID, STEPS = 64, 20, 150  # 400 Gaussians; ~3 s of CPU time (measured, not asserted)
-PSNR_MIN = 27.0  # reaches ~29-30 dB; the uniform grey start is ~13 dB
+PSNR_MIN = 30.0  # measured 33.2 dB (torch 2.13 CPU); the uniform grey start is 12.9 dB
 
 
 def first_frame(path, size: int) -> torch.Tensor:

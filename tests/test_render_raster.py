@@ -259,3 +259,14 @@ def test_auto_backend_is_torch_on_cpu_and_unknown_backends_are_rejected():
     assert info["backend"] == "torch"
     with pytest.raises(ValueError, match="backend"):
         rasterize(*random_scene(3), viewmat, K, 8, 6, backend="cuda")
+
+
+def test_nothing_visible_renders_the_background_and_zero_gradients():
+    viewmat, K = camera(8, 6, 10.0)
+    means, quats, scales, opacities, colors = random_scene(4)
+    means = (means * torch.tensor([1.0, 1.0, -1.0])).requires_grad_()  # all behind the camera
+    image, alpha, depth, _ = rasterize(means, quats, scales, opacities, colors, viewmat, K, 8, 6, background=torch.ones(3))
+    assert torch.equal(image, torch.ones(6, 8, 3)) and torch.equal(alpha, torch.zeros(6, 8, 1))
+    assert torch.equal(depth, torch.zeros(6, 8, 1))
+    image.sum().backward()
+    assert torch.equal(means.grad, torch.zeros(4, 3))
