@@ -1,0 +1,223 @@
+"""Evaluation metrics on a real clip with known answers: identity, simulated wobble, audio delay, still frame.
+
+The clip is tracked once per module; perturbations are built in memory (or written as short mp4s for the
+command-line tests) so the whole file stays around a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import shared_clip
+
+from talkinghead import media
+
+FPS = 25.0
+
+
+def wobble(frames: np.ndarray, shift_px: float, rot_deg: float, seed: int = 0) -> np.ndarray:
+    """Small random per-frame shifts and rotations about the image centre (simulated wobble)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h, w = frames.shape[1:3]
+    out = []
+    for f in frames:
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.normal(0.0, rot_deg), 1.0)
+        m[:, 2] += rng.normal(0.0, shift_px, 2)
+        out.append(cv2.warpAffine(f, m, (w, h), borderMode=cv2.BORDER_REFLECT))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def may():
+    from talkinghead.audio.features import compute_audio_features
+    from talkinghead.face.landmarks import track
+
+    path = shared_clip("may_en_5s.mp4")
+    frames = media.read_frames(path, FPS)
+    audio = media.read_audio(path)
+    return {"path": path, "frames": frames, "track": track(frames), "audio": audio,
+            "features": compute_audio_features(audio, FPS, len(frames))}
+
+
+def test_identity_gives_perfect_scores(may):
+    from talkinghead.eval import image_metrics as im
+    from talkinghead.eval.landmark_metrics import landmark_metrics
+    from talkinghead.eval.stability import stability_score
+
+    f, tr = may["frames"], may["track"]
+    mask = im.face_mask_from_landmarks(tr[0], *f.shape[1:3])
+    assert 0.05 < mask.mean() < 0.6  # a face, not the whole frame or nothing
+    assert im.psnr(f[0], f[0]) == float("inf") and im.psnr(f[0], f[0], mask) == float("inf")
+    assert im.ssim(f[0], f[0]) == pytest.approx(1.0) and im.ssim(f[0], f[0], mask) == pytest.approx(1.0)
+    lm = landmark_metrics(tr, tr, f.shape[2])
+    assert lm["lmd_mouth"] == 0 and lm["lmd_all"] == 0 and lm["blink_error"] == 0
+    assert lm["mouth_open_corr"] == pytest.approx(1.0)
+    s = stability_score(tr, tr, FPS)
+    assert s.motion_difference == 0 and s.score == pytest.approx(s.reference_score)
+
+
+def test_ssim_matches_torchmetrics():
+    tm = pytest.importorskip("torchmetrics.functional.image")
+    import torch
+
+    from talkinghead.eval.image_metrics import ssim
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-30, 30, a.shape), 0, 255).astype(np.uint8)
+    t = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].double()  # noqa: E731
+    ref = float(tm.structural_similarity_index_measure(t(a), t(b), data_range=255.0))
+    assert ssim(a, b) == pytest.approx(ref, abs=2e-3)
+
+
+def test_wobble_ranks_monotonically(may):
+    from talkinghead.eval import image_metrics as im
+    from talkinghead.eval.stability import stability_score
+    from talkinghead.face.landmarks import track
+
+    f, tr = may["frames"][:75], may["track"][:75]
+    ref = stability_score(tr, tr, FPS).score
+    scores, psnrs, ssims = [], [], []
+    for shift, rot in ((0.5, 0.2), (1.5, 0.5), (3.0, 1.0)):
+        w = wobble(f, shift, rot)
+        scores.append(stability_score(track(w), tr, FPS).score)
+        psnrs.append(np.mean([im.psnr(w[i], f[i]) for i in range(0, 75, 15)]))
+        ssims.append(np.mean([im.ssim(w[i], f[i]) for i in range(0, 75, 25)]))
+    assert ref < scores[0] < scores[1] < scores[2], (ref, scores)
+    assert psnrs[0] > psnrs[1] > psnrs[2] and ssims[0] > ssims[1] > ssims[2] and ssims[0] < 1
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_landmark_sync_finds_audio_delay(may, k):
+    from talkinghead.audio.features import compute_audio_features
+    from talkinghead.eval.sync import articulation_signal, landmark_sync
+    from talkinghead.face.landmarks import mouth_opening
+
+    mouth = mouth_opening(may["track"])
+    base = landmark_sync(articulation_signal(may["features"]), mouth, FPS)
+    assert abs(base.offset) <= 2  # the original clip is in sync
+    delayed = np.concatenate([np.zeros(int(k * 16000 / FPS), np.float32), may["audio"]])
+    res = landmark_sync(articulation_signal(compute_audio_features(delayed, FPS, len(mouth))), mouth, FPS)
+    assert abs((res.offset - base.offset) - k) <= 1, (base.offset, res.offset)
+
+
+def test_still_frame_has_no_sync(may):
+    from talkinghead.eval.landmark_metrics import pearson
+    from talkinghead.eval.sync import articulation_signal, landmark_sync
+    from talkinghead.face.landmarks import mouth_opening, track
+
+    still = np.repeat(may["frames"][:1], len(may["frames"]), axis=0)
+    mouth_still = mouth_opening(track(still))
+    mouth = mouth_opening(may["track"])
+    assert abs(pearson(mouth_still, mouth)) < 0.2
+    art = articulation_signal(may["features"])
+    real = landmark_sync(art, mouth, FPS).confidence
+    fake = landmark_sync(art, mouth_still, FPS).confidence
+    assert fake < 0.25 * real, (fake, real)
+
+
+# --- the commands, end to end -------------------------------------------------------------------------------
+
+def _run(argv, capsys):
+    from talkinghead.cli import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def clips(may, tmp_path_factory):
+    """Short mp4s: 2 s of the clip (gt), the same wobbled (pred), a faceless one, a non-video."""
+    d = tmp_path_factory.mktemp("clips")
+    n = 50
+    audio = may["audio"][: int(n / FPS * 16000)]
+    media.write_video(d / "gt.mp4", may["frames"][:n], FPS, audio=audio)
+    media.write_video(d / "wobble.mp4", wobble(may["frames"][:n - 4], 1.5, 0.5), FPS, audio=audio)
+    media.write_video(d / "noface.mp4", np.full((n, 64, 64, 3), 120, np.uint8), FPS, audio=audio)
+    (d / "text.mp4").write_text("not a video")
+    return d
+
+
+def test_eval_self_vs_itself_cli(clips, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "self"
+    code, stdout, _ = _run(["eval", "--pred", str(clips / "gt.mp4"), "--gt", str(clips / "gt.mp4"),
+                            "--out", str(out), "--no-video", "--quiet"], capsys)
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert m["psnr_face"] == "inf" and m["psnr_full"] == "inf" and m["ssim_face"] == pytest.approx(1.0)
+    assert m["lmd_mouth"] == 0 and m["landmark_sync_offset_vs_gt"] == 0
+    assert m["stability"] == pytest.approx(m["stability_reference"])
+    assert m["lpips_face"] is None and m["syncnet_conf"] is None  # no weights here: null, not a number
+    assert "∞" in (out / "report.md").read_text()
+
+
+def test_eval_wobble_cli_report_and_compare(clips, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "wobble"
+    code, _, _ = _run(["eval", "--pred", str(clips / "wobble.mp4"), "--gt", str(clips / "gt.mp4"),
+                       "--out", str(out), "--quiet"], capsys)
+    assert code == 0
+    report = json.loads((out / "metrics.json").read_text())
+    m = report["metrics"]
+    assert 20 < m["psnr_full"] < 40 and m["ssim_face"] < 0.99
+    assert m["stability"] > m["stability_reference"]
+    assert report["inputs"]["evaluated_frames"] == 46
+    assert any("unequal lengths" in n for n in report["notes"])
+    assert report["null_reasons"]["fid"] and report["null_reasons"]["csim"]
+    for png in ("mouth_opening.png", "nose.png", "psnr.png", "sync.png"):
+        assert (out / png).stat().st_size > 1000
+    side = media.probe(out / "side_by_side.mp4")
+    assert (side.width, side.height) == (3 * 512, 512)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+    same = tmp_path / "same"
+    assert _run(["eval", "--pred", str(clips / "gt.mp4"), "--gt", str(clips / "gt.mp4"), "--out", str(same),
+                 "--no-video", "--quiet"], capsys)[0] == 0
+    table = tmp_path / "table.md"
+    code, stdout, _ = _run(["compare", str(out), str(same), "--out", str(table)], capsys)
+    assert code == 0
+    text = table.read_text()
+    assert "| wobble |" in text and "| same |" in text and "Stability ↓" in text and "PSNR face ↑" in text
+    assert "**∞**" in text  # the perfect run is the best PSNR, in bold
+
+
+def test_eval_cross_driven_cli(clips, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "cross"
+    code, _, _ = _run(["eval", "--pred", str(clips / "gt.mp4"), "--audio", str(shared_clip("may_en_5s.mp4")),
+                       "--out", str(out), "--quiet"], capsys)
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["mode"] == "cross-driven" and m["metrics"]["psnr_face"] is None
+    assert isinstance(m["metrics"]["landmark_sync_offset"], int)
+    assert "reference video" in m["null_reasons"]["stability"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pred", "{d}/noface.mp4", "--gt", "{d}/gt.mp4"], "no face found in the prediction"),
+    (["--pred", "{d}/text.mp4", "--gt", "{d}/gt.mp4"], "cannot read"),
+    (["--pred", "{d}/missing.mp4", "--gt", "{d}/gt.mp4"], "file not found"),
+    (["--pred", "{d}/gt.mp4"], "--gt GT.mp4"),
+    ([], "nothing to evaluate"),
+])
+def test_eval_bad_input_is_one_error_line(clips, tmp_path, capsys, argv, message):
+    out = tmp_path / "r"
+    argv = [a.format(d=clips) for a in argv]
+    code, _, err = _run(["eval", *argv, "--out", str(out), "--quiet"], capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_compare_rejects_non_report(tmp_path, capsys):
+    code, _, err = _run(["compare", str(tmp_path), "--out", str(tmp_path / "t.md")], capsys)
+    assert code == 2 and "not an evaluation report" in err
