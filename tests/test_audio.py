@@ -68,6 +68,14 @@ def test_phone_posteriors_from_segments():
     assert ids[24] == SIL and ids[25] == aa and ids[49] == aa and ids[50] == SIL and ids[79] == SIL
 
 
+def test_phones_on_german_speech():
+    # The English phone models still segment another language into phones (the papers' DeepSpeech too).
+    wave = read_audio(shared_clip("german_anchor_de_20s.mp4"))[: 8 * RATE]
+    f = compute_audio_features(wave, 25.0, 200)
+    speech = f.phone_ids != SIL
+    assert speech.mean() > 0.6 and len(set(f.phone_ids[speech].tolist())) >= 15
+
+
 def test_phones_on_real_speech(may_wave):
     f = compute_audio_features(may_wave, 25.0, 125)
     speech = f.phone_ids != SIL
