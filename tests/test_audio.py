@@ -122,9 +122,13 @@ def test_save_load_roundtrip(tmp_path):
     for name in ("mel", "energy", "phone_ids", "phone_posteriors", "wav2vec"):
         np.testing.assert_array_equal(getattr(f, name), getattr(g, name))
     np.testing.assert_array_equal(f.stack(), g.stack())
-    assert [p.name for p in tmp_path.iterdir()] == ["audio_features.npz"]  # no temporary left
+    assert [p.name for p in tmp_path.iterdir()] == ["audio_features.npz"]  # no temporary left behind
     with pytest.raises(UserError):
         AudioFeatures.load(tmp_path / "missing.npz")
+    f.energy = f.energy[:-1]
+    f.save(tmp_path / "bad.npz")
+    with pytest.raises(UserError, match="inconsistent"):
+        AudioFeatures.load(tmp_path / "bad.npz")
 
 
 @pytest.mark.parametrize("wave, words", [

@@ -118,11 +118,16 @@ class AudioFeatures:
     def load(cls, path: str | os.PathLike) -> "AudioFeatures":
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(fps=float(z["fps"]), mel=z["mel"], energy=z["energy"], phone_ids=z["phone_ids"],
-                           phone_posteriors=z["phone_posteriors"], phone_names=[str(p) for p in z["phone_names"]],
-                           wav2vec=z["wav2vec"] if "wav2vec" in z.files else None)
+                out = cls(fps=float(z["fps"]), mel=z["mel"], energy=z["energy"], phone_ids=z["phone_ids"],
+                          phone_posteriors=z["phone_posteriors"], phone_names=[str(p) for p in z["phone_names"]],
+                          wav2vec=z["wav2vec"] if "wav2vec" in z.files else None)
         except (OSError, KeyError, ValueError) as exc:
             raise UserError(f"cannot read audio features {path}: {exc}") from None
+        rows = {len(a) for a in (out.mel, out.energy, out.phone_ids, out.phone_posteriors,
+                                 out.wav2vec if out.wav2vec is not None else out.mel)}
+        if len(rows) != 1 or out.phone_posteriors.shape[1] != len(out.phone_names):
+            raise UserError(f"cannot read audio features {path}: arrays of inconsistent sizes")
+        return out
 
 
 def check_audio(wave: np.ndarray, source: str) -> None:
