@@ -9,8 +9,10 @@ resolution, so pixels per Gaussian grow 4x per doubling of the side, as in a rea
     .venv/bin/python bench/bench_raster.py [--sizes 128 256 512] [--counts 5000 20000 50000] [--backends torch gsplat]
                                            [--sh 3] [--threads 2] [--repeats 5]
 
-Times are wall-clock, best of ``--repeats`` runs after one warm-up, so other load on the machine inflates
-them less; still note the load (``uptime``) beside any figure you record.
+Times are the best of ``--repeats`` runs after one warm-up: wall-clock, and for forward+backward also the
+process CPU time summed over threads. Other load on a shared machine inflates wall times, and with more
+than one thread OpenMP's waiting inflates both; with ``--threads 1`` the CPU time is close to what an idle
+machine's wall clock shows. Note the load (``uptime``) beside any figure you record.
 """
 
 from __future__ import annotations
@@ -47,19 +49,21 @@ def head_scene(n: int, size: int, device: str = "cpu", sh_degree: int | None = N
     return [t.to(device) for t in tensors]
 
 
-def time_ms(fn, repeats: int, sync) -> float:
+def time_ms(fn, repeats: int, sync) -> tuple[float, float]:
+    """Best wall-clock ms and best CPU ms (process time, summed over threads) of ``repeats`` runs."""
     fn()  # warm-up
     sync()
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync()
-        best = min(best, (time.perf_counter() - t0) * 1000)
-    return best
+        wall = min(wall, (time.perf_counter() - t0) * 1000)
+        cpu = min(cpu, (time.process_time() - c0) * 1000)
+    return wall, cpu
 
 
-def bench(size: int, n: int, backend: str, sh_degree: int | None, repeats: int) -> tuple[float, float]:
+def bench(size: int, n: int, backend: str, sh_degree: int | None, repeats: int):
     device = "cuda" if backend == "gsplat" else "cpu"
     means, quats, scales, opacities, colors, viewmat, K = head_scene(n, size, device, sh_degree)
     params = [t.requires_grad_() for t in (means, quats, scales, opacities, colors)]
@@ -88,13 +92,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print("| backend | size | gaussians | forward ms | forward+backward ms | fps (forward) |")
-    print("|---|---|---|---|---|---|")
+    print("| backend | size | gaussians | forward ms | forward+backward ms | fwd+bwd CPU ms | fps (forward) |")
+    print("|---|---|---|---|---|---|---|")
     for backend in args.backends:
         for size in args.sizes:
             for n in args.counts:
-                fwd, fwd_bwd = bench(size, n, backend, args.sh, args.repeats)
-                print(f"| {backend} | {size}^2 | {n} | {fwd:.1f} | {fwd_bwd:.1f} | {1000 / fwd:.0f} |", flush=True)
+                (fwd, _), (fwd_bwd, cpu) = bench(size, n, backend, args.sh, args.repeats)
+                print(f"| {backend} | {size}^2 | {n} | {fwd:.1f} | {fwd_bwd:.1f} | {cpu:.1f} | {1000 / fwd:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ It computes what 3DGS's CUDA tile rasterizer computes (Kerbl et al. 2023, sec. 6
   ``log(1 - alpha)`` over each pixel's list (in float64, since one scan runs across many lists); early
   termination (3DGS stops a pixel before T drops below 1e-4) and the 1/255 skip become masks, not loops.
 * **Chunks of rows.** The image is processed in bands of rows holding at most ``max_pairs`` pairs, so memory
-  is bounded by the pairs of one chunk plus what the backward pass keeps (24 bytes a pair), never N x H x W.
+  is bounded by the pairs of one chunk plus what the backward pass keeps (28 bytes a pair), never N x H x W.
 * **A hand-written backward** (the 3DGS gradient of compositing) over the pairs saved by the forward pass.
   Per span, ``sigma - log(o)`` is a quadratic ``A dx^2 + B dx + C`` in the pixel offset ``dx`` along the
   row; the backward pass returns gradients of the per-span (A, B, C, dx0), and autograd carries them to

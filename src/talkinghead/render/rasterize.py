@@ -35,7 +35,7 @@ def rasterize(
     K: Tensor,  # [3, 3] or [C, 3, 3]
     width: int,
     height: int,
-    background: Tensor | None = None,  # [D] or [H, W, D] (or with a leading [C])
+    background: Tensor | None = None,  # [D] or [H, W, D]; batched: also [C, D] or [C, H, W, D]
     sh_degree: int | None = None,
     backend: Backend = "auto",
     near_plane: float = 0.01,
@@ -74,7 +74,9 @@ def rasterize(
     )
     if background is not None:
         bg = background.to(image)
-        image = image + (1.0 - alpha) * (bg if bg.dim() > 1 else bg.view(1, 1, 1, -1))
+        if bg.dim() == 1 or (batched and bg.dim() == 2):  # one colour (per camera)
+            bg = bg[..., None, None, :]
+        image = image + (1.0 - alpha) * bg
     info.update(width=width, height=height, n_cameras=viewmats.shape[0], backend=backend)
     if not batched:
         image, alpha, depth = image[0], alpha[0], depth[0]
@@ -97,9 +99,9 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
     for c, (proj, viewmat) in enumerate(zip(projs, viewmats)):
         idx = torch.nonzero(proj.visible).squeeze(1)
         idx = idx[torch.argsort(proj.depths.detach()[idx], stable=True)]  # front to back
-        rgb = _colors(colors, means, viewmat, sh_degree)
+        rgb = _colors(colors[idx], means[idx], viewmat, sh_degree)  # only for the Gaussians drawn
         D = rgb.shape[-1]
-        feats = torch.cat([rgb[idx], proj.depths[idx, None], rgb.new_ones(idx.shape[0], 1)], 1)
+        feats = torch.cat([rgb, proj.depths[idx, None], rgb.new_ones(idx.shape[0], 1)], 1)
         out = composite(means2d[c, idx], proj.conics[idx], opacities[idx], feats, width, height)
         out = out.view(height, width, D + 2)
         images.append(out[..., :D])
