@@ -94,10 +94,11 @@ class _Composite(torch.autograd.Function):
             span = torch.repeat_interleave(torch.arange(len(sidx), device=feats.device), length)
             col = torch.arange(len(span), device=feats.device) - (torch.cumsum(length, 0) - length).index_select(0, span)
             pix = (s_pix.index_select(0, span) + col).int()  # pixel index within the chunk
-            order = torch.argsort(pix, stable=True)  # pairs were made front to back: lists stay depth-sorted
-            span, pix = span.index_select(0, order), pix.index_select(0, order).long()
-            dx = sdx0.index_select(0, span) + col.index_select(0, order).to(feats.dtype)
+            dx = sdx0.index_select(0, span) + col.to(feats.dtype)
             q = (sA.index_select(0, span) * dx + sB.index_select(0, span)) * dx + sC.index_select(0, span)
+            order = torch.argsort(pix, stable=True)  # pairs were made front to back: lists stay depth-sorted
+            span, pix, dx, q = (t.index_select(0, order) for t in (span, pix, dx, q))
+            pix = pix.long()
             raw = torch.exp(-q)  # o * exp(-sigma)
             alpha = torch.where(raw >= ALPHA_MIN, raw.clamp(max=ALPHA_MAX), torch.zeros_like(raw))
             start, end = _segment_ends(pix, n_chunk)
