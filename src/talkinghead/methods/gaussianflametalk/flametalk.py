@@ -1,0 +1,367 @@
+"""FlameTalk: audio -> speech-related expression parameters of the person's face model (sec. 3.2).
+
+GaussianFlameTalk (``../shared/papers/000_f37e518be7d9cc94.txt``) predicts FLAME parameters from audio with a
+FaceFormer-style transformer. We have no FLAME; ``prepare``'s person-specific linear face model (neutral mesh +
+PCA expression basis on the mediapipe mesh) plays its part: "FLAME parameters" below are its expression
+coefficients ``e [E]`` and a mesh is ``neutral + e @ basis``.
+
+Pieces and where they follow the paper:
+
+* **Audio encoder** (sec. 3.2, "transformer encoder ... linear projection layer to generate C^{1:T}"). Input:
+  the per-frame audio features of :mod:`talkinghead.audio.features` (``AudioFeatures.stack()``). With a local
+  wav2vec 2.0 model at ``prepare`` time those rows carry its frozen hidden states (the paper's frozen encoder,
+  loaded by :mod:`talkinghead.audio.wav2vec`); the offline default is phone posteriors + log-mel + energy.
+  On top: a linear embedding and a small *causal* transformer encoder (frame t sees frames <= t, and at most
+  ``context`` frames back: "for a given frame t, the transformer encoder ingests audio for frames {1..t}"),
+  then the linear projection to ``C^{1:T}``. Deviation: with wav2vec features our encoder layers are trained
+  on top of the frozen model rather than being its own attention stack.
+* **Transformer decoder** (FaceFormer, which the paper follows "similar to [15]"): periodic positional encoding
+  (PPE, period p) on the inputs; biased causal self-attention (ALiBi-style bias ``-slope_h * floor((i-j)/p)``,
+  future frames masked); cross-attention to ``C`` under the binary alignment mask (motion frame t attends to
+  audio frame t only). Autoregressive: the input at t is the embedding of the prediction at t-1 (a start
+  token at t=0). Its output is the latent offsets ``O_v^{1:T}``.
+* **Style encoder** (eq. 1): a linear layer embeds the template mesh N_m (the mean of the tracked training
+  meshes, centred) into S; ``O_sv^t = S + O_v^t``.
+* **Motion decoder**: linear layers mapping ``O_sv^t`` to the speech-related coefficients (see
+  :func:`speech_components`); the other coefficients are the template's, as the paper builds its augmented
+  ground truth M_gt' ("the remaining FLAME parameter values ... are instantiated using the neutral template").
+* **Loss** (eq. 2): squared L2 distance in vertex space between the predicted mesh and M_gt' (tracked speech
+  coefficients + template's others), averaged over vertices and frames (FaceFormer's MSE; eq. 2 sums norms,
+  a scale/robustness difference we note as a deviation).
+* **Training** on random windows of ``context`` frames of the training split. FaceFormer trains
+  autoregressively (the decoder reads its own past predictions); ``training_inputs="autoregressive"`` does
+  exactly that, one decoder pass per frame, which is ~50x too slow on a CPU. The default ``"own"`` is our
+  deviation with the same intent: a no-grad teacher-forced pass gives the model's own predictions, which are
+  then fed back (shifted) to a second, differentiable pass, so training sees its own outputs as inputs like
+  inference does. ``"ground_truth"`` is plain teacher forcing.
+* **Inference**: causal and streaming: frame t uses audio <= t and the last ``context`` predictions only.
+
+"Speech-related" for a PCA basis. FLAME separates jaw pose from expression; our PCA components mix regions.
+Component e is speech-related when the share of its displacement energy on the mouth/jaw region (every vertex
+below the nose tip along the nose -> chin direction, see :func:`mouth_jaw_region`) is at least
+``min_mouth_share``; the largest such shares are taken first and at most ``max_speech`` kept. Eye and brow
+components (blinks, raised brows) fall out: they are driven from the training video instead, as the paper
+takes eyes from the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from talkinghead.face.landmarks import CHIN, LIPS_INNER, LIPS_OUTER, NOSE_TIP, mouth_opening
+
+
+@dataclass
+class FlameTalkConfig:
+    """FlameTalk's architecture and training (defaults: a small model that trains in minutes on a CPU)."""
+
+    d_model: int = 64  # width of every latent (C, O_v, S)
+    heads: int = 4
+    encoder_layers: int = 2  # causal audio transformer layers
+    decoder_layers: int = 1  # FaceFormer decoder layers
+    period: int = 25  # PPE / bias period in frames (FaceFormer: 25 at 25-30 fps)
+    context: int = 100  # frames of history the encoder and decoder see (training windows have this length)
+    dropout: float = 0.1
+    max_speech: int = 12  # at most this many speech-related expression coefficients
+    min_mouth_share: float = 0.5  # a component is speech-related when >= this share of its energy is mouth/jaw
+    iterations: int = 1200
+    batch: int = 4
+    lr: float = 1e-3
+    training_inputs: str = "own"  # decoder inputs in training: "own", "ground_truth" or "autoregressive"
+    seed: int = 0
+
+
+# --- the speech-related subset -----------------------------------------------------------------------------
+
+def mouth_jaw_region(neutral: np.ndarray) -> np.ndarray:
+    """Bool [V]: vertices of the mouth and jaw, i.e. below the nose tip along the nose -> chin axis.
+
+    neutral: [V, 3] with mediapipe numbering (vertex j = landmark j).
+    """
+    down = neutral[CHIN] - neutral[NOSE_TIP]
+    down = down / np.linalg.norm(down)
+    return (neutral - neutral[NOSE_TIP]) @ down > 0.0
+
+
+def speech_components(neutral: np.ndarray, basis: np.ndarray, min_share: float = 0.5, max_count: int = 12) -> np.ndarray:
+    """Indices [S] of the expression components whose displacement lies mostly on the mouth/jaw region.
+
+    basis: [E, V, 3]. Share_e = sum over mouth/jaw vertices of |basis_e,v|^2 / sum over all vertices. Sorted
+    by decreasing share; at least one component (the most mouth-centred) is always returned.
+    """
+    region = mouth_jaw_region(neutral)
+    energy = (basis**2).sum(-1)  # [E, V]
+    share = energy[:, region].sum(1) / np.maximum(energy.sum(1), 1e-20)
+    order = np.argsort(-share, kind="stable")
+    keep = [int(e) for e in order if share[e] >= min_share][:max_count]
+    return np.array(keep or [int(order[0])], dtype=np.int64)
+
+
+# --- the network ----------------------------------------------------------------------------------------------
+
+def periodic_positional_encoding(length: int, d_model: int, period: int) -> Tensor:
+    """FaceFormer's PPE [length, d]: the sinusoidal encoding of ``t mod period``."""
+    pos = torch.arange(period, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(period, d_model)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div[: d_model // 2])
+    return pe.repeat(length // period + 1, 1)[:length]
+
+
+def biased_causal_mask(length: int, heads: int, period: int, context: int) -> Tensor:
+    """FaceFormer's biased causal mask [heads, L, L] (additive): ALiBi slopes times the period index of
+    the distance ``-slope_h * floor((i - j) / period)`` for ``i - context < j <= i``, -inf elsewhere."""
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None]
+    dist = (i - j).float()
+    bias = -slopes[:, None, None] * torch.floor(dist / period)[None]
+    allowed = (j <= i) & (j > i - context)
+    return bias.masked_fill(~allowed[None], float("-inf"))
+
+
+def causal_window_mask(length: int, context: int) -> Tensor:
+    """Bool [L, L], True where attention is *blocked*: the future and anything ``context`` or more back."""
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None]
+    return (j > i) | (j <= i - context)
+
+
+def alignment_mask(length: int) -> Tensor:
+    """FaceFormer's binary alignment mask [L, L] for equal audio and motion rates: True (blocked) off the
+    diagonal, so motion frame t reads audio frame t only."""
+    return ~torch.eye(length, dtype=torch.bool)
+
+
+class FlameTalk(nn.Module):
+    """Audio features [B, T, D] -> speech-related expression coefficients [B, T, S] (see module docstring).
+
+    Buffers hold everything inference needs: feature normalisation, the face model restricted to what is
+    used, the template expression, the speech subset and its coefficient normalisation.
+    """
+
+    def __init__(self, cfg: FlameTalkConfig, audio_dim: int, neutral: Tensor, basis: Tensor,
+                 template_expression: Tensor, speech_idx: Tensor, audio_mean: Tensor | None = None,
+                 audio_std: Tensor | None = None, speech_std: Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        E = basis.shape[0]
+        S = int(speech_idx.numel())
+        d = cfg.d_model
+        self.register_buffer("neutral", neutral.float().clone())  # [V, 3]
+        self.register_buffer("basis", basis.float().clone())  # [E, V, 3]
+        self.register_buffer("template_expression", template_expression.float().clone())  # [E]
+        self.register_buffer("speech_idx", speech_idx.long().clone())  # [S]
+        self.register_buffer("audio_mean", torch.zeros(audio_dim) if audio_mean is None else audio_mean.float())
+        self.register_buffer("audio_std", torch.ones(audio_dim) if audio_std is None else audio_std.float())
+        self.register_buffer("speech_std", torch.ones(S) if speech_std is None else speech_std.float())
+        self.num_expression = E
+
+        self.audio_embed = nn.Linear(audio_dim, d)
+        enc_layer = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, cfg.dropout, batch_first=True)
+        self.audio_encoder = nn.TransformerEncoder(enc_layer, cfg.encoder_layers, enable_nested_tensor=False)
+        self.audio_projection = nn.Linear(d, d)  # -> C^{1:T}
+        self.motion_embed = nn.Linear(S, d)  # previous prediction -> decoder input
+        self.start_token = nn.Parameter(torch.zeros(d))
+        dec_layer = nn.TransformerDecoderLayer(d, cfg.heads, 2 * d, cfg.dropout, batch_first=True)
+        self.decoder = nn.TransformerDecoder(dec_layer, cfg.decoder_layers)
+        self.style_encoder = nn.Linear(neutral.numel(), d)  # template mesh -> S (eq. 1)
+        self.motion_decoder = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, S))
+        nn.init.zeros_(self.motion_decoder[-1].weight)  # start from the template expression
+        nn.init.zeros_(self.motion_decoder[-1].bias)
+
+    # template and meshes -------------------------------------------------------------------------------
+    def template_mesh(self) -> Tensor:
+        """N_m [V, 3]: the mesh of the template (mean training) expression."""
+        return self.neutral + torch.einsum("e,evc->vc", self.template_expression, self.basis)
+
+    def full_expression(self, speech: Tensor) -> Tensor:
+        """[..., S] speech coefficients -> [..., E]: template values everywhere else."""
+        out = self.template_expression.expand(*speech.shape[:-1], self.num_expression).clone()
+        out[..., self.speech_idx] = speech
+        return out
+
+    def augmented_target(self, expression: Tensor) -> Tensor:
+        """Tracked expression [..., E] -> M_gt' [..., V, 3]: speech coefficients kept, the rest template."""
+        return self.mesh(expression[..., self.speech_idx])
+
+    def mesh(self, speech: Tensor) -> Tensor:
+        """Speech coefficients [..., S] -> mesh [..., V, 3]."""
+        return self.neutral + torch.einsum("...e,evc->...vc", self.full_expression(speech), self.basis)
+
+    # network -------------------------------------------------------------------------------------------
+    def style(self) -> Tensor:
+        """S [d] from the centred template mesh (its scale is metres: ~0.1, hence the x10)."""
+        t = self.template_mesh()
+        return self.style_encoder(10.0 * (t - t.mean(0)).reshape(-1))
+
+    def encode_audio(self, audio: Tensor) -> Tensor:
+        """C^{1:T} [B, T, d] from raw features [B, T, D]; causal, ``context`` frames back."""
+        x = self.audio_embed((audio - self.audio_mean) / self.audio_std)
+        T = x.shape[1]
+        x = x + periodic_positional_encoding(T, x.shape[-1], self.cfg.period).to(x)
+        mask = causal_window_mask(T, self.cfg.context).to(x.device)
+        return self.audio_projection(self.audio_encoder(x, mask=mask))
+
+    def _decode(self, inputs: Tensor, C: Tensor) -> Tensor:
+        """Decoder inputs [B, L, d] and aligned audio C [B, L, d] -> normalised speech coeffs [B, L, S]."""
+        B, L, d = inputs.shape
+        x = inputs + periodic_positional_encoding(L, d, self.cfg.period).to(inputs)
+        self_mask = biased_causal_mask(L, self.cfg.heads, self.cfg.period, self.cfg.context).to(x)
+        self_mask = self_mask.repeat(B, 1, 1)  # [B * heads, L, L] as nn.MultiheadAttention wants
+        O_v = self.decoder(x, C, tgt_mask=self_mask, memory_mask=alignment_mask(L).to(x.device))
+        return self.motion_decoder(O_v + self.style())  # eq. 1, then the motion decoder
+
+    def forward(self, audio: Tensor, target_speech: Tensor | None = None) -> Tensor:
+        """Speech coefficients [B, T, S] for audio features [B, T, D].
+
+        With ``target_speech`` [B, T, S] (training) the decoder reads it, shifted by one frame, in one pass; otherwise it runs autoregressively on its own predictions, never looking ahead.
+        """
+        C = self.encode_audio(audio)
+        B, T, d = C.shape
+        start = self.start_token.expand(B, 1, d)
+        if target_speech is not None:
+            prev = self.motion_embed(target_speech[:, :-1] / self.speech_std)
+            return self._decode(torch.cat([start, prev], 1), C) * self.speech_std
+        preds: list[Tensor] = []
+        inputs = start
+        ctx = self.cfg.context
+        for t in range(T):
+            # Past the context window, restart the window on a period boundary so the PPE phase matches.
+            lo = max(0, t + 1 - ctx)
+            lo -= lo % self.cfg.period
+            out = self._decode(inputs[:, lo:], C[:, lo : t + 1])[:, -1:]
+            preds.append(out)
+            if t + 1 < T:
+                inputs = torch.cat([inputs, self.motion_embed(out)], 1)
+        return torch.cat(preds, 1) * self.speech_std
+
+    def vertex_loss(self, pred_speech: Tensor, expression: Tensor) -> Tensor:
+        """Eq. 2: mean squared vertex distance between the predicted mesh and M_gt' (tracked [B, T, E])."""
+        diff = pred_speech - expression[..., self.speech_idx]  # the template parts cancel exactly
+        basis = self.basis[self.speech_idx]  # [S, V, 3]
+        return (torch.einsum("...s,svc->...vc", diff, basis) ** 2).sum(-1).mean()
+
+    @torch.no_grad()
+    def predict(self, audio: np.ndarray | Tensor) -> np.ndarray:
+        """Full expression [T, E] (float32) for audio features [T, D]: causal, streaming inference."""
+        was = self.training
+        self.eval()
+        x = torch.as_tensor(np.asarray(audio, np.float32))[None]
+        speech = self(x)[0]
+        self.train(was)
+        return self.full_expression(speech).numpy().astype(np.float32)
+
+
+def build_flametalk(cfg: FlameTalkConfig, audio: np.ndarray, expression: np.ndarray, neutral: np.ndarray,
+                    basis: np.ndarray) -> FlameTalk:
+    """A fresh FlameTalk for one identity from its training frames: audio [T, D], tracked expression [T, E]."""
+    idx = speech_components(neutral, basis, cfg.min_mouth_share, cfg.max_speech)
+    template = expression.mean(0)
+    std = np.maximum(expression[:, idx].std(0), 1e-6)
+    a_std = np.maximum(audio.std(0), 1e-3)
+    t = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
+    return FlameTalk(cfg, audio.shape[1], t(neutral), t(basis), t(template), torch.as_tensor(idx),
+                     t(audio.mean(0)), t(a_std), t(std))
+
+
+TRAINING_INPUTS = ("own", "ground_truth", "autoregressive")
+
+
+def train_flametalk(model: FlameTalk, audio: np.ndarray, expression: np.ndarray, progress: bool = True,
+                    log: list | None = None) -> FlameTalk:
+    """Train on one clip's training frames: audio features [T, D], tracked expression [T, E] (eq. 2 loss).
+
+    Random windows of ``cfg.context`` frames (the whole clip when shorter), Adam, cosine-decayed learning rate.
+    Appends ``{"step", "loss"}`` rows to ``log`` when given.
+    """
+    from tqdm import tqdm
+
+    cfg = model.cfg
+    if cfg.training_inputs not in TRAINING_INPUTS:
+        raise ValueError(f"training_inputs must be one of {TRAINING_INPUTS}, got {cfg.training_inputs!r}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    A = torch.as_tensor(np.asarray(audio, np.float32))
+    X = torch.as_tensor(np.asarray(expression, np.float32))
+    T = A.shape[0]
+    L = min(cfg.context, T)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.iterations)))
+    model.train()
+    bar = tqdm(range(cfg.iterations), desc="flametalk", unit="it", disable=not progress)
+    for step in bar:
+        starts = torch.randint(0, T - L + 1, (cfg.batch,), generator=gen)
+        a = torch.stack([A[s : s + L] for s in starts])
+        x = torch.stack([X[s : s + L] for s in starts])
+        target = x[..., model.speech_idx]
+        if cfg.training_inputs == "autoregressive":
+            pred = model(a)
+        elif cfg.training_inputs == "ground_truth":
+            pred = model(a, target)
+        else:
+            with torch.no_grad():
+                own = model(a, target)
+            pred = model(a, own)
+        loss = model.vertex_loss(pred, x)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 20 == 0 or step == cfg.iterations - 1:
+            rmse_mm = 1000.0 * math.sqrt(loss.item())
+            bar.set_postfix(vertex_rmse_mm=f"{rmse_mm:.3f}")
+            if log is not None:
+                log.append({"step": step, "loss": loss.item()})
+    model.eval()
+    return model
+
+
+LIP_VERTICES = tuple(sorted(set(LIPS_OUTER) | set(LIPS_INNER)))
+
+
+def evaluate_flametalk(model: FlameTalk, audio: np.ndarray, expression: np.ndarray) -> dict[str, float]:
+    """FlameTalk on held-out frames: audio [T, D], tracked expression [T, E]. Distances in millimetres.
+
+    * ``vertex_error_mm``: mean per-vertex distance to M_gt' (tracked speech coefficients + template);
+      ``baseline_vertex_error_mm``: the same for the mean face (the template mesh every frame);
+    * ``lip_error_mm`` / ``baseline_lip_error_mm``: the same over the lip vertices;
+    * ``vertex_error_full_mm``: to the full tracked mesh (all coefficients), for reference;
+    * ``mouth_opening_corr``: Pearson correlation of the mouth opening (inner-lip gap / interocular,
+      :func:`talkinghead.face.landmarks.mouth_opening` on the meshes) of predicted vs tracked meshes.
+    """
+    pred_expr = torch.as_tensor(model.predict(audio))
+    X = torch.as_tensor(np.asarray(expression, np.float32))
+    with torch.no_grad():
+        pred = model.neutral + torch.einsum("te,evc->tvc", pred_expr, model.basis)
+        target = model.augmented_target(X)
+        full = model.neutral + torch.einsum("te,evc->tvc", X, model.basis)
+        mean_face = model.template_mesh().expand_as(target)
+
+    def err(a: Tensor, b: Tensor, idx=None) -> float:
+        d = (a - b).norm(dim=-1)
+        return 1000.0 * float((d if idx is None else d[:, list(idx)]).mean())
+
+    # mouth_opening reads x, y: the head frame is camera-like (x right, y down, the face looking along z).
+    mo_pred = mouth_opening(pred.numpy())
+    mo_true = mouth_opening(full.numpy())
+    corr = float(np.corrcoef(mo_pred, mo_true)[0, 1]) if mo_pred.std() > 0 and mo_true.std() > 0 else float("nan")
+    return {
+        "frames": int(X.shape[0]),
+        "speech_components": int(model.speech_idx.numel()),
+        "vertex_error_mm": err(pred, target),
+        "baseline_vertex_error_mm": err(mean_face, target),
+        "lip_error_mm": err(pred, target, LIP_VERTICES),
+        "baseline_lip_error_mm": err(mean_face, target, LIP_VERTICES),
+        "vertex_error_full_mm": err(pred, full),
+        "baseline_vertex_error_full_mm": err(mean_face, full),
+        "mouth_opening_corr": corr,
+    }
