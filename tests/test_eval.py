@@ -221,3 +221,26 @@ def test_eval_bad_input_is_one_error_line(clips, tmp_path, capsys, argv, message
 def test_compare_rejects_non_report(tmp_path, capsys):
     code, _, err = _run(["compare", str(tmp_path), "--out", str(tmp_path / "t.md")], capsys)
     assert code == 2 and "not an evaluation report" in err
+
+
+def test_eval_avatar_form(tmp_path, capsys):
+    """prepare -> train (a few iterations) -> eval AVATAR: renders the test split, reads speed from the logs."""
+    import importlib.util
+    import json
+
+    for mod in ("talkinghead.prepare.command", "talkinghead.methods.command"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} not available")
+    clip = shared_clip("may_en_5s.mp4")
+    data, avatar, out = tmp_path / "data", tmp_path / "avatar", tmp_path / "report"
+    assert _run(["prepare", str(clip), "--out", str(data), "--size", "128", "--quiet"], capsys)[0] == 0
+    assert _run(["train", str(data), "--out", str(avatar), "--preset", "cpu-small", "--iterations", "3"],
+                capsys)[0] == 0
+    code, _, err = _run(["eval", str(avatar), "--data", str(data), "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "metrics.json").read_text())
+    m, inputs = report["metrics"], report["inputs"]
+    assert m["render_fps"] > 0 and m["train_time_s"] > 0 and inputs["method"]
+    assert inputs["evaluated_frames"] == inputs["ground_truth"]["frames"] > 0
+    assert isinstance(m["psnr_face"], float) and 0 < m["ssim_full"] < 1
+    assert (out / "prediction.mp4").is_file() and (out / "side_by_side.mp4").is_file()

@@ -191,6 +191,7 @@ def run_eval(args) -> int:
         audio = None
         if form == "avatar":
             pred, gt, mask_fn, speed = _avatar_run(args, tmp, opts)
+            audio = gt.audio()  # the split's audio that drove the render, not its AAC re-encoding
         else:
             from talkinghead.media import read_audio
 
@@ -201,6 +202,7 @@ def run_eval(args) -> int:
         ref = Clip.from_file(args.ref, pred.fps) if args.ref else None
         ev = evaluate(pred, gt, audio=audio, ref=ref, mask_fn=mask_fn, opts=opts)
         if form == "avatar":
+            ev.inputs["prediction"]["path"] = str(args.out / "prediction.mp4")
             ev.inputs["method"] = speed.pop("method")
             ev.inputs["avatar"] = str(args.avatar)
             for k, v in speed.items():
