@@ -54,8 +54,7 @@ class DatasetInfo:
     fps: float
     size: int  # training side in pixels
     audio_dim: int  # D
-    audio_mean: list[float]  # [D] normalisation of the audio features (from the training frames)
-    audio_std: list[float]  # [D]
+    audio_names: list[str]  # [D] column names of the audio features (checked against driving audio)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -31,6 +31,8 @@ def register(subparsers) -> None:
                    help="training size/length (default: gpu with CUDA, else cpu-small)")
     p.add_argument("--iterations", type=int, default=None, help="override the preset's iteration count")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in AVATAR")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: measured ~4x faster than 2 when other jobs share the cores)")
     p.set_defaults(func=_train)
 
     r = subparsers.add_parser(
@@ -52,6 +54,7 @@ def register(subparsers) -> None:
                    help="with --audio: replay the training poses (default) or hold the first one")
     r.add_argument("--data", type=Path, default=None,
                    help="prepared dataset (default: the one the avatar was trained on)")
+    r.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default %(default)s)")
     r.set_defaults(func=_render)
 
 
@@ -60,6 +63,7 @@ def _train(args) -> int:
 
     from .trainer import train
 
+    torch.set_num_threads(max(1, args.threads))
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu-small")
     log = train(args.data, args.method, args.out, preset=preset, variant=args.variant, resume=args.resume,
                 iterations=args.iterations)
@@ -69,8 +73,11 @@ def _train(args) -> int:
 
 
 def _render(args) -> int:
+    import torch
+
     from .render import render_audio, render_split
 
+    torch.set_num_threads(max(1, args.threads))
     if args.audio is not None:
         res = render_audio(args.avatar, args.audio, args.out, pose=args.pose, data=args.data)
     else:

@@ -1,9 +1,9 @@
 """The shared loader: a prepared dataset (read through :mod:`talkinghead.data`) as method inputs.
 
 Frames of a split are decoded once and cached as uint8 tensors at the training size (a 71 s clip at 128^2
-is ~90 MB per image stack), so an iteration costs no JPEG decoding. The audio features are normalised with
-the training frames' mean and std; the same statistics are stored in the avatar and applied to driving
-audio at render time (:func:`audio_windows`), so train and render see the same feature scale.
+is ~90 MB per image stack), so an iteration costs no JPEG decoding. The audio rows are
+``AudioFeatures.stack()`` (already normalised per utterance by the extractor, identically for training and
+driving audio), windowed by :func:`audio_windows` the same way at train and render time.
 
 Parsing labels follow docs/dataset.md: 0 background, 1 torso, 2 hair, 3 face skin, 4 inner mouth.
 """
@@ -11,6 +11,7 @@ Parsing labels follow docs/dataset.md: 0 background, 1 torso, 2 hair, 3 face ski
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,44 +27,23 @@ HAIR, FACE, MOUTH = 2, 3, 4
 
 
 def open_dataset(path: Path, size: int | None = None):
-    """``talkinghead.data.PreparedDataset`` or a one-line UserError when ``path`` is not one."""
+    """``talkinghead.data.PreparedDataset`` (a one-line UserError when ``path`` is not one)."""
     from talkinghead.data import PreparedDataset
 
-    path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise UserError(f"{path} is not a prepared dataset (no meta.json; run `talkinghead prepare VIDEO --out DIR`)")
-    return PreparedDataset(path, size=size)
+    return PreparedDataset(Path(path), size=size)
 
 
-def audio_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std [D] (std floored so constant dimensions stay finite)."""
-    mean = features.mean(0)
-    std = np.maximum(features.std(0), 1e-3)
-    return mean.astype(np.float32), std.astype(np.float32)
-
-
-def audio_windows(features: np.ndarray, info: DatasetInfo, radius: int) -> Tensor:
-    """Normalised sliding windows [T, 2R+1, D] of per-frame features [T, D], edges repeated."""
-    x = (np.asarray(features, np.float32) - np.asarray(info.audio_mean, np.float32)) / np.asarray(info.audio_std, np.float32)
-    x = torch.from_numpy(x)
+def audio_windows(features: np.ndarray, radius: int) -> Tensor:
+    """Sliding windows [T, 2R+1, D] of per-frame features [T, D], edge rows repeated (as the dataset's)."""
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     padded = torch.cat([x[:1].expand(radius, -1), x, x[-1:].expand(radius, -1)], 0)
     return padded.unfold(0, 2 * radius + 1, 1).permute(0, 2, 1).contiguous()
 
 
 def dataset_info(ds, size: int) -> DatasetInfo:
-    """What a model needs to know about ``ds`` (audio normalisation from the training frames)."""
-    feats = np.asarray(ds.audio_features, np.float32)
-    a, b = _split_range(ds, "train")
-    mean, std = audio_stats(feats[a:b])
-    return DatasetInfo(num_frames=int(ds.num_frames), fps=float(ds.fps), size=size, audio_dim=int(feats.shape[1]),
-                       audio_mean=mean.tolist(), audio_std=std.tolist())
-
-
-def _split_range(ds, split: str) -> tuple[int, int]:
-    idx = np.asarray(ds.split_indices(split))
-    if idx.size == 0:
-        raise UserError(f"the dataset's {split!r} split is empty")
-    return int(idx.min()), int(idx.max()) + 1
+    """What a model needs to know about ``ds``."""
+    return DatasetInfo(num_frames=int(ds.num_frames), fps=float(ds.fps), size=size,
+                       audio_dim=int(ds.audio_matrix.shape[1]), audio_names=list(ds.audio_features.names))
 
 
 def _to_u8(image: np.ndarray) -> Tensor:
@@ -99,12 +79,14 @@ class FrameStore:
             self.indices = self.indices[pick]
         self.fps = float(ds.fps)
         self.K = torch.as_tensor(np.asarray(ds.K), dtype=torch.float32)
-        self.windows = audio_windows(np.asarray(ds.audio_features), self.info, cfg.audio_radius)
+        self.windows = audio_windows(ds.audio_matrix, cfg.audio_radius)
         n = len(self.indices)
         backdrops, viewmats, blinks, images, labels, boxes = [], [], [], [], [], []
-        for i in tqdm(self.indices, desc=f"loading {split} frames", unit="frame", disable=not progress):
-            fr = ds.frame(int(i))
-            backdrops.append(_to_u8(fr.torso))
+        pool = ThreadPoolExecutor(2)  # decoding releases the GIL
+        frames = pool.map(lambda i: ds.frame(int(i)), self.indices)
+        for fr in tqdm(frames, total=len(self.indices), desc=f"loading {split} frames", unit="frame",
+                       disable=not progress):
+            backdrops.append(_to_u8(fr.torso_image))
             viewmats.append(np.asarray(fr.viewmat, np.float32))
             blinks.append(np.asarray(fr.blink, np.float32))
             if with_targets:
@@ -112,6 +94,7 @@ class FrameStore:
                 labels.append(torch.from_numpy(np.asarray(fr.parsing, np.uint8)))
                 lips = np.asarray(fr.landmarks, np.float32)[list(LIPS_OUTER), :2]
                 boxes.append(np.concatenate([lips.min(0), lips.max(0)]))
+        pool.shutdown()
         self.backdrops = torch.stack(backdrops)  # [T, H, W, 3] uint8
         self.viewmats = torch.from_numpy(np.stack(viewmats))  # [T, 4, 4]
         self.blinks = torch.from_numpy(np.stack(blinks))  # [T, 2]
@@ -152,7 +135,7 @@ class FrameStore:
         from tqdm import tqdm
 
         full = open_dataset(path)
-        scale = float(full.meta["size"][0]) / self.cfg.size  # full-size pixels per training pixel
+        scale = full.size / self.cfg.size  # full-size pixels per training pixel
         cw = self.cfg.mouth_crop
         ch = max(8, int(round(cw * 0.75)))
         b = self.mouth_boxes
@@ -160,9 +143,11 @@ class FrameStore:
         bw_full = max(cw, int(math.ceil(width * scale)))  # box side in full-size pixels
         bh_full = max(ch, int(round(bw_full * ch / cw)))
         Ks, imgs, bds = [], [], []
-        for k, i in enumerate(tqdm(self.indices, desc="loading mouth crops", unit="frame", disable=not progress)):
-            fr = full.frame(int(i))
-            img, bd = np.asarray(fr.image), np.asarray(fr.torso)
+        # cv2 decodes outside the GIL: two threads read the full-size JPEGs while this one crops.
+        pool = ThreadPoolExecutor(2)
+        pairs = pool.map(lambda i: (full.image(int(i)), full.torso_image(int(i))), self.indices)
+        for k, (img, bd) in enumerate(tqdm(pairs, total=len(self.indices), desc="loading mouth crops",
+                                           unit="frame", disable=not progress)):
             H, W = img.shape[:2]
             cx, cy = float(b[k, 0] + b[k, 2]) / 2 * scale, float(b[k, 1] + b[k, 3]) / 2 * scale
             x0 = int(np.clip(round(cx - bw_full / 2), 0, max(0, W - bw_full)))
@@ -176,6 +161,7 @@ class FrameStore:
             Kc[0, 0], Kc[0, 2] = self.K[0, 0] * sx, (self.K[0, 2] - x0 / scale) * sx
             Kc[1, 1], Kc[1, 2] = self.K[1, 1] * sy, (self.K[1, 2] - y0 / scale) * sy
             Ks.append(Kc)
+        pool.shutdown()
         self.crops = (torch.stack(Ks), torch.stack(imgs), torch.stack(bds))
 
 

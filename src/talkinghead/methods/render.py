@@ -27,7 +27,7 @@ import torch
 from talkinghead.errors import UserError
 
 from .data import FrameStore, audio_windows, open_dataset
-from .trainer import load_model
+from .trainer import load_model, read_avatar_config
 
 
 def pingpong(j: int, n: int) -> int:
@@ -102,40 +102,40 @@ class _Conds:
 
 def render_split(avatar: Path, data: Path | None, split: str, out_mp4: Path) -> dict:
     """Self-driven render of ``split`` (its audio, poses, backdrops) to ``out_mp4``; returns fps, frames, ..."""
-    from talkinghead.media import read_audio
-
     _check_out(out_mp4)
     spec, cfg, info, model, meta = load_model(avatar)
     data = _data_path(meta, data)
     store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split=split,
                        with_targets=False, progress=False)
     first, last = int(store.indices[0]), int(store.indices[-1]) + 1
-    wave = read_audio(Path(data) / "audio.wav")
+    wave = open_dataset(data).audio_wave
     audio = wave[int(round(first / store.fps * 16000)):int(round(last / store.fps * 16000))]
     res = _run(model, _Conds(len(store), store.condition), Path(out_mp4), store.fps, audio, f"render {split}")
     res.update(split=split, first_frame=first, method=meta["method"])
     return res
 
 
-def driving_features(audio_path: Path, fps: float) -> tuple[np.ndarray, np.ndarray]:
-    """(wave [S] at 16 kHz, per-frame features [T, D]) of a driving audio file, T = ceil(duration * fps)."""
-    from talkinghead.audio.features import compute_audio_features, load_driving_audio
+def driving_features(wave: np.ndarray, fps: float) -> np.ndarray:
+    """Per-frame features [T, D] of a 16 kHz wave [S] for T = ceil(duration * fps) frames (prepare's extractor)."""
+    from talkinghead.audio.features import compute_audio_features
 
-    wave = load_driving_audio(audio_path)
     num_frames = max(1, int(np.ceil(len(wave) / 16000 * fps)))
-    feats = compute_audio_features(wave, fps, num_frames).stack()
-    return wave, np.asarray(feats, np.float32)
+    return np.asarray(compute_audio_features(wave, fps, num_frames).stack(), np.float32)
 
 
 def render_audio(avatar: Path, audio: Path, out_mp4: Path, pose: str = "train", data: Path | None = None) -> dict:
     """Drive the avatar with ``audio``: poses/backdrops from the training sequence (ping-pong or static)."""
+    from talkinghead.audio.features import load_driving_audio
+
     _check_out(out_mp4)
+    fps = float(read_avatar_config(avatar)["info"]["fps"])
+    wave = load_driving_audio(audio)  # unreadable or silent audio fails here, before any heavy work
     spec, cfg, info, model, meta = load_model(avatar)
     data = _data_path(meta, data)
-    wave, feats = driving_features(audio, info.fps)
+    feats = driving_features(wave, fps)
     if feats.shape[1] != info.audio_dim:
         raise UserError(f"driving features have {feats.shape[1]} dims but the avatar was trained on {info.audio_dim}")
-    windows = audio_windows(feats, info, cfg.data.audio_radius)
+    windows = audio_windows(feats, cfg.data.audio_radius)
     store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="train",
                        with_targets=False, progress=True)
     n = len(store)

@@ -279,7 +279,7 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
             o.zero_grad(set_to_none=True)
         loss, logs = model.train_loss(store.batch(k), step)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {float(loss)} at iteration {step}")
+            raise RuntimeError(f"loss is {loss.item()} at iteration {step}")
         loss.backward()
         for o in opts:
             o.step()
@@ -287,7 +287,7 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
         history["step"].append(step)
         for name, v in logs.items():
             history.setdefault(name, []).append(float(v))
-        bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         done = step + 1
         elapsed = elapsed_before + time.perf_counter() - t_loop
         if done == total or (cfg.schedule.val_every and done % cfg.schedule.val_every == 0):

@@ -1,0 +1,221 @@
+"""GaussianTalker (Cho et al., ACM MM 2024): audio-driven deformation of triplane-encoded 3D Gaussians.
+
+Pieces and where they follow the paper (``../shared/papers/001_e7f8775f0c6545fb.txt``):
+
+* canonical Gaussians G_can = {mu_c, r_c, s_c, SH_c, alpha_c} (eq. 6): explicit positions mu_c (initialised
+  from the face model, :mod:`.canonical`), every other attribute from F_can(f(mu_c)) (eq. 8, :mod:`.deformation`)
+  with f the multi-resolution triplane (eq. 7, :mod:`.triplane`);
+* spatial-audio cross-attention over the tokens {audio, eye, viewpoint, null} (eqs. 10-13, :mod:`.attention`),
+  L = 2 (GaussianTalker) or L = 1 (``--variant fast``, GaussianTalker*);
+* F_deform: offsets of every attribute (eqs. 9, 14). Offsets of scale and opacity are added before their
+  activations (log-scale, logit), of rotation before normalising the quaternion;
+* rendering (eqs. 15, 16): the head's Gaussians splatted directly onto the frame's background + torso image
+  (sec. 4.4.2, as ER-NeRF), with :func:`talkinghead.render.rasterize`;
+* two stages (sec. 4.4.1): canonical (G_can only, L1 + lambda D-SSIM (+ LPIPS)), then deformation (the whole
+  network, + lambda_lip x L1 of a mouth crop). The crop is rendered as its own camera at ``mouth_crop`` pixels
+  wide from the full-size frame: at 128^2 the lips span ~25 pixels, so the lip loss sees them 2-3x finer.
+
+Deviations: no adaptive density control (the point count stays ``num_gaussians``: the cpu-small budget has
+no room for it, and mu_c starts on the face surface instead of from SfM); pre-norm attention blocks; the
+canonical scale has a fixed per-point base (see :mod:`.deformation`); the eye token encodes prepare's blink
+value (eye aspect ratio based) instead of AU45; LPIPS is used only when its weights are present locally.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from talkinghead.methods.base import Batch, Condition, DatasetInfo
+from talkinghead.methods.losses import PerceptualLoss, dssim
+from talkinghead.render import num_sh_bases, rasterize
+
+from .attention import AudioEncoder, SpatialAudioAttention, ViewpointEncoder, blink_encoding
+from .canonical import base_log_scales, initial_points
+from .config import GaussianTalkerConfig
+from .deformation import CanonicalMLP, DeformMLP
+from .triplane import Triplane
+
+
+class GaussianTalker(nn.Module):
+    """The method's model; satisfies :class:`talkinghead.methods.base.Method`."""
+
+    def __init__(self, cfg: GaussianTalkerConfig, info: DatasetInfo, points: Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.num_gaussians
+        if points is None:  # shapes only: the weights come from load_state_dict
+            points = torch.zeros(n, 3)
+            base, bounds = torch.zeros(n, 1), torch.tensor([[-1.0] * 3, [1.0] * 3])
+        else:
+            base = base_log_scales(points)
+            lo, hi = points.min(0).values, points.max(0).values
+            pad = 0.1 * (hi - lo)
+            bounds = torch.stack([lo - pad, hi + pad])
+        d = cfg.feature_dim
+        self.num_sh = num_sh_bases(cfg.sh_degree)
+        self.means = nn.Parameter(points.clone())  # mu_c [N, 3]
+        self.register_buffer("base_log_scale", base)  # [N, 1]
+        self.register_buffer("deform_on", torch.zeros((), dtype=torch.bool))  # deformation stage reached
+        self.triplane = Triplane(cfg.triplane_resolutions, cfg.triplane_channels, bounds)
+        self.f_can = CanonicalMLP(d, cfg.hidden, self.num_sh)
+        self.audio_encoder = AudioEncoder(info.audio_dim, d, cfg.hidden)
+        self.eye_proj = nn.Linear(blink_encoding(torch.zeros(2)).shape[-1], d)
+        self.view_encoder = ViewpointEncoder(d, cfg.hidden)
+        self.null = nn.Parameter(torch.randn(d) * 0.1)
+        self.attention = SpatialAudioAttention(d, cfg.attention_layers, cfg.attention_heads)
+        self.f_deform = DeformMLP(d, cfg.hidden, self.num_sh)
+        self._opt: torch.optim.Optimizer | None = None
+        self._lpips: PerceptualLoss | None = None
+        self._lpips_note = "off: not loaded"
+        self._cache: tuple | None = None  # (f, canonical raw attributes) while not training
+
+    # ------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, cfg: GaussianTalkerConfig, info: DatasetInfo, dataset=None) -> "GaussianTalker":
+        """A fresh model initialised from ``dataset``'s face model, or an empty one to load weights into."""
+        points = None
+        if dataset is not None:
+            fm = dataset.face_model
+            points = torch.from_numpy(initial_points(
+                fm.neutral, fm.triangles, cfg.num_gaussians, cfg.face_fraction, cfg.mouth_fraction,
+                cfg.lip_weight, seed=cfg.schedule.seed))
+        model = cls(cfg, info, points)
+        if dataset is not None:
+            model._setup_lpips()
+        return model
+
+    def _setup_lpips(self) -> None:
+        if self.cfg.lambda_lpips <= 0:
+            self._lpips_note = "off: lambda_lpips = 0"
+            return
+        self._lpips, reason = PerceptualLoss.load(self.cfg.lpips_weights)
+        self._lpips_note = "on" if self._lpips is not None else f"off: {reason}"
+
+    @property
+    def head_radius(self) -> float:
+        lo, hi = self.triplane.bounds
+        return float((hi - lo).max()) / 2
+
+    # ------------------------------------------------------------------------------------------ Gaussians
+
+    def _canonical(self) -> tuple[Tensor, dict[str, Tensor]]:
+        if not self.training and self._cache is not None:
+            return self._cache
+        f = self.triplane(self.means)  # f(mu_c): [N, d]
+        out = (f, self.f_can(f))
+        if not self.training:
+            self._cache = out
+        return out
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        self._cache = None
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+    def tokens(self, cond: Condition) -> Tensor:
+        """[4, d] condition tokens {audio, eye, viewpoint, null} of eq. 13."""
+        a = self.audio_encoder(cond.audio)
+        e = self.eye_proj(blink_encoding(cond.blink))
+        v = self.view_encoder(cond.viewmat)
+        return torch.stack([a, e, v, self.null])
+
+    def gaussians(self, cond: Condition | None, deform: bool) -> dict[str, Tensor]:
+        """Activated Gaussian attributes for a frame: means [N, 3], quats [N, 4], scales [N, 3],
+        opacities [N], sh [N, K, 3]; ``attention`` [N, 4] too when deformed."""
+        f, can = self._canonical()
+        means = self.means
+        log_s = self.base_log_scale + can["scale"]
+        rot, sh, logit = can["rotation"], can["sh"], can["opacity"][:, 0]
+        out: dict[str, Tensor] = {}
+        if deform:
+            z, attn = self.attention(f, self.tokens(cond))
+            dlt = self.f_deform(z)
+            means = means + dlt["means"]
+            log_s = log_s + dlt["scale"]
+            rot = rot + dlt["rotation"]
+            sh = sh + dlt["sh"]
+            logit = logit + dlt["opacity"][:, 0]
+            out["attention"] = attn
+            out["offsets"] = dlt["means"]
+        out.update(means=means, quats=F.normalize(rot, dim=-1), scales=torch.exp(log_s.clamp(max=0.0)),
+                   opacities=torch.sigmoid(logit), sh=sh)
+        return out
+
+    def _raster(self, g: dict[str, Tensor], viewmat: Tensor, K: Tensor, backdrop: Tensor) -> Tensor:
+        img, _, _, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], viewmat, K,
+                                 backdrop.shape[1], backdrop.shape[0], background=backdrop,
+                                 sh_degree=self.cfg.sh_degree, backend=self.cfg.backend)
+        return img
+
+    # ------------------------------------------------------------------------------------------ Method
+
+    def render(self, cond: Condition) -> Tensor:
+        g = self.gaussians(cond, deform=bool(self.deform_on))
+        return self._raster(g, cond.viewmat, cond.K, cond.backdrop).clamp(0, 1)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        mlp = [p for name, p in self.named_parameters() if not name.startswith(("means", "triplane."))]
+        self._opt = torch.optim.Adam([
+            {"params": [self.means], "lr": self.cfg.lr_means * self.head_radius, "name": "means"},
+            {"params": list(self.triplane.parameters()), "lr": self.cfg.lr_triplane, "name": "triplane"},
+            {"params": mlp, "lr": self.cfg.lr_mlp, "name": "mlp"},
+        ], eps=1e-15)
+        for group in self._opt.param_groups:
+            group["initial_lr"] = group["lr"]
+        return [self._opt]
+
+    def canonical_steps(self) -> int:
+        return int(round(self.cfg.canonical_fraction * self.cfg.schedule.iterations))
+
+    def train_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        deform = step >= self.canonical_steps()
+        if deform and not bool(self.deform_on):
+            self.deform_on.fill_(True)
+        g = self.gaussians(batch.cond, deform)
+        pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop)
+        l1 = (pred - batch.image).abs().mean()
+        ds = dssim(pred, batch.image)
+        loss = l1 + cfg.lambda_dssim * ds
+        logs = {"l1": l1.item(), "dssim": ds.item()}
+        if self._lpips is not None:
+            lp = self._lpips(pred, batch.image)
+            loss = loss + cfg.lambda_lpips * lp
+            logs["lpips"] = lp.item()
+        if deform and batch.mouth is not None and cfg.lambda_lip > 0:
+            m = batch.mouth
+            crop = self._raster(g, batch.cond.viewmat, m.K, m.backdrop)
+            lip = (crop - m.image).abs().mean()
+            loss = loss + cfg.lambda_lip * lip
+            logs["lip"] = lip.item()
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    def after_step(self, step: int) -> None:
+        """Exponential learning-rate decay: positions to 1% (as 3DGS), networks to 10% at the last iteration."""
+        if self._opt is None:
+            return
+        t = min(1.0, (step + 1) / max(1, self.cfg.schedule.iterations))
+        for group in self._opt.param_groups:
+            final = 0.01 if group["name"] == "means" else 0.1
+            group["lr"] = group["initial_lr"] * math.exp(t * math.log(final))
+
+    def log_extras(self) -> dict[str, Any]:
+        return {"lpips": self._lpips_note, "num_gaussians": self.cfg.num_gaussians,
+                "attention_layers": self.cfg.attention_layers, "canonical_iterations": self.canonical_steps()}
+
+    def attention_summary(self, cond: Condition) -> np.ndarray:
+        """Mean attention [4] of all Gaussians on the tokens (audio, eye, viewpoint, null), cf. the paper's Fig. 4."""
+        with torch.no_grad():
+            g = self.gaussians(cond, deform=True)
+        return g["attention"].mean(0).numpy()
