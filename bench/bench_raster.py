@@ -91,14 +91,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    cpu = platform.processor() or platform.machine()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")
     print("| backend | size | gaussians | forward ms | forward+backward ms | fwd+bwd CPU ms | fps (forward) |")
     print("|---|---|---|---|---|---|---|")
     for backend in args.backends:
         for size in args.sizes:
             for n in args.counts:
                 (fwd, _), (fwd_bwd, cpu) = bench(size, n, backend, args.sh, args.repeats)
-                print(f"| {backend} | {size}^2 | {n} | {fwd:.1f} | {fwd_bwd:.1f} | {cpu:.1f} | {1000 / fwd:.0f} |", flush=True)
+                row = f"| {backend} | {size}^2 | {n} | {fwd:.1f} | {fwd_bwd:.1f} | {cpu:.1f} | {1000 / fwd:.0f} |"
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def test_from_points_uses_neighbour_distances_and_renders():
 def _fake_info(model: GaussianModel, grad: torch.Tensor) -> dict:
     means2d = torch.zeros(1, len(model), 2, requires_grad=True)
     means2d.grad = grad[None]
-    return {"means2d": means2d, "radii": torch.ones(1, len(model), 2, dtype=torch.int32), "width": 100, "height": 100, "n_cameras": 1}
+    radii = torch.ones(1, len(model), 2, dtype=torch.int32)
+    return {"means2d": means2d, "radii": radii, "width": 100, "height": 100, "n_cameras": 1}
 
 
 def test_strategy_clones_small_splits_large_prunes_transparent_and_keeps_adam_in_step():
@@ -122,3 +123,22 @@ def test_strategy_resets_opacity_and_needs_the_retained_gradient():
     info["means2d"].grad = None
     with pytest.raises(RuntimeError, match="step_pre_backward"):
         strategy.step_post_backward(model, opt, 101, info)
+
+
+def test_strategy_runs_on_real_renders():
+    torch.manual_seed(0)
+    model = random_model(30, sh_degree=1)
+    target = torch.rand(24, 32, 3)
+    K = torch.tensor([[30.0, 0, 16], [0, 30, 12], [0, 0, 1]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    strategy = DensityStrategy(refine_start_iter=0, refine_every=2, grow_grad2d=1e-9, grow_scale3d=1.0)
+    for step in range(1, 5):
+        image, _, _, info = model.render(torch.eye(4), K, 32, 24)
+        strategy.step_pre_backward(info)
+        (image - target).abs().mean().backward()
+        changes = strategy.step_post_backward(model, opt, step, info)
+        opt.step()
+        opt.zero_grad()
+    # Every Gaussian seen on screen had a gradient above the (tiny) threshold at steps 2 and 4: cloned.
+    assert changes["cloned"] > 0 and len(model) > 30
+    assert all(p.shape[0] == len(model) for p in model.parameters())

@@ -81,8 +81,11 @@ def test_two_gaussians_composite_front_to_back_whatever_their_order():
     a2 = 0.6 * math.exp(-0.5 * 0.5 / ((20 * 0.5 / 3) ** 2 + 0.3))
     torch.testing.assert_close(centre, torch.tensor([a1, 0.0, (1 - a1) * a2]))
     torch.testing.assert_close(alpha[H // 2, W // 2, 0], torch.tensor(1 - (1 - a1) * (1 - a2)))
-    torch.testing.assert_close(depth[H // 2, W // 2, 0], torch.tensor((a1 * 2 + (1 - a1) * a2 * 3) / (a1 + (1 - a1) * a2)))
-    flipped, *_ = rasterize(means.flip(0), args["quats"], args["scales"], opac.flip(0), colors.flip(0), viewmat, K, W, H)
+    expected_depth = (a1 * 2 + (1 - a1) * a2 * 3) / (a1 + (1 - a1) * a2)
+    torch.testing.assert_close(depth[H // 2, W // 2, 0], torch.tensor(expected_depth))
+    flipped, *_ = rasterize(
+        means.flip(0), args["quats"], args["scales"], opac.flip(0), colors.flip(0), viewmat, K, W, H
+    )
     torch.testing.assert_close(flipped, image)
 
 
@@ -138,7 +141,8 @@ def test_chunked_compositing_equals_one_chunk_forward_and_backward():
     idx = idx[torch.argsort(p.depths[idx])]
     results = []
     for max_pairs in (1 << 22, 300):
-        inputs = [t.detach().clone().requires_grad_() for t in (p.means2d[idx], p.conics[idx], opacities[idx], colors[idx])]
+        sorted_scene = (p.means2d[idx], p.conics[idx], opacities[idx], colors[idx])
+        inputs = [t.detach().clone().requires_grad_() for t in sorted_scene]
         out = composite(*inputs, W, H, max_pairs=max_pairs)
         (out * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out] + [t.grad for t in inputs])
@@ -178,10 +182,8 @@ def test_sh_basis_is_orthonormal_and_degree_0_is_the_dc_term():
     i = torch.arange(n, dtype=torch.float64) + 0.5
     phi, z = math.pi * (1 + 5**0.5) * i, 1 - 2 * i / n
     dirs = torch.stack([torch.sqrt(1 - z * z) * torch.cos(phi), torch.sqrt(1 - z * z) * torch.sin(phi), z], -1)
-    basis = torch.stack(
-        [eval_sh(3, torch.eye(16, dtype=torch.float64)[k].view(1, 16, 1).expand(n, 16, 3), dirs)[:, 0] for k in range(16)],
-        1,
-    )
+    one_hot = torch.eye(16, dtype=torch.float64)
+    basis = torch.stack([eval_sh(3, one_hot[k].view(1, 16, 1).expand(n, 16, 3), dirs)[:, 0] for k in range(16)], 1)
     gram = basis.T @ basis * (4 * math.pi / n)
     torch.testing.assert_close(gram, torch.eye(16, dtype=torch.float64), atol=2e-3, rtol=0)
     coeffs = torch.randn(4, 16, 3, dtype=torch.float64)
@@ -238,7 +240,8 @@ def test_gsplat_adapter_passes_gsplat_conventions_and_unpacks_its_outputs(monkey
         calls.update(kw, viewmats=viewmats.shape, Ks=Ks.shape)
         C, N = viewmats.shape[0], means.shape[0]
         render = torch.arange(C * height * width * 4.0).view(C, height, width, 4)
-        meta = {"means2d": torch.zeros(C, N, 2), "radii": torch.ones(C, N, dtype=torch.int32), "depths": torch.ones(C, N)}
+        radii = torch.ones(C, N, dtype=torch.int32)  # gsplat < 1.5: one radius per Gaussian
+        meta = {"means2d": torch.zeros(C, N, 2), "radii": radii, "depths": torch.ones(C, N)}
         return render, torch.full((C, height, width, 1), 0.5), meta
 
     monkeypatch.setitem(sys.modules, "gsplat", types.SimpleNamespace(rasterization=rasterization))
@@ -265,7 +268,8 @@ def test_nothing_visible_renders_the_background_and_zero_gradients():
     viewmat, K = camera(8, 6, 10.0)
     means, quats, scales, opacities, colors = random_scene(4)
     means = (means * torch.tensor([1.0, 1.0, -1.0])).requires_grad_()  # all behind the camera
-    image, alpha, depth, _ = rasterize(means, quats, scales, opacities, colors, viewmat, K, 8, 6, background=torch.ones(3))
+    scene = (means, quats, scales, opacities, colors)
+    image, alpha, depth, _ = rasterize(*scene, viewmat, K, 8, 6, background=torch.ones(3))
     assert torch.equal(image, torch.ones(6, 8, 3)) and torch.equal(alpha, torch.zeros(6, 8, 1))
     assert torch.equal(depth, torch.zeros(6, 8, 1))
     image.sum().backward()

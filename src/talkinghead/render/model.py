@@ -34,7 +34,9 @@ CHECKPOINT_FORMAT = "talkinghead.gaussians/1"
 class GaussianModel(torch.nn.Module):
     """A set of 3D Gaussians with SH colours up to ``sh_degree``; see the module docstring for the layout."""
 
-    def __init__(self, means: Tensor, log_scales: Tensor, quats: Tensor, logit_opacities: Tensor, sh0: Tensor, shN: Tensor):
+    def __init__(
+        self, means: Tensor, log_scales: Tensor, quats: Tensor, logit_opacities: Tensor, sh0: Tensor, shN: Tensor
+    ):
         super().__init__()
         n = means.shape[0]
         k = shN.shape[1] + 1

@@ -7,7 +7,6 @@ pixel centres at +0.5, quaternions (w, x, y, z). Everything here is plain differ
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,6 @@ class Projected:
     means2d: Tensor  # [N, 2] pixel coordinates of the centres
     conics: Tensor  # [N, 3] inverse 2D covariance (a, b, c) of [[a, b], [b, c]], low-pass included
     depths: Tensor  # [N] camera-space z
-    boxes: Tensor  # [N, 4] int64 pixel box (x0, y0, x1, y1), end-exclusive, clipped to the image
     radii: Tensor  # [N, 2] int32 half-extent in pixels (x, y); 0 where culled (gsplat's ``radii``)
     visible: Tensor  # [N] bool: in front of the near plane, finite footprint, overlapping the image
 
@@ -99,7 +97,7 @@ def project(
 
     with torch.no_grad():
         # Beyond this many sigmas, opacity * exp(-d^2 / 2) < 1/255.
-        n_sigma = torch.sqrt(2.0 * torch.log((opacities.clamp(min=ALPHA_MIN) * 255.0))).clamp(max=math.sqrt(2 * math.log(255)))
+        n_sigma = torch.sqrt(2.0 * torch.log(opacities.clamp(min=ALPHA_MIN, max=1.0) * 255.0))
         ext_x = n_sigma * a.clamp(min=0).sqrt()
         ext_y = n_sigma * c.clamp(min=0).sqrt()
         u, v = means2d.unbind(-1)
@@ -109,6 +107,5 @@ def project(
         y0 = torch.ceil(v - ext_y - 0.5).clamp(0, height)
         y1 = (torch.floor(v + ext_y - 0.5) + 1).clamp(0, height)
         ok = ok & (x1 > x0) & (y1 > y0) & torch.isfinite(u) & torch.isfinite(v)
-        boxes = torch.stack([x0, y0, x1, y1], -1).nan_to_num(0).long()
         radii = torch.stack([torch.ceil(ext_x), torch.ceil(ext_y)], -1).nan_to_num(0).int() * ok[:, None]
-    return Projected(means2d, conics, z, boxes, radii, ok)
+    return Projected(means2d, conics, z, radii, ok)

@@ -92,7 +92,8 @@ class _Composite(torch.autograd.Function):
             sA, sB, sC, sdx0 = (t.index_select(0, sidx) for t in (A, B, C, dx0))
             s_gid, s_pix = span_gid.index_select(0, sidx), span_pix0.index_select(0, sidx) - p0
             span = torch.repeat_interleave(torch.arange(len(sidx), device=feats.device), length)
-            col = torch.arange(len(span), device=feats.device) - (torch.cumsum(length, 0) - length).index_select(0, span)
+            first = torch.cumsum(length, 0) - length
+            col = torch.arange(len(span), device=feats.device) - first.index_select(0, span)
             pix = (s_pix.index_select(0, span) + col).int()  # pixel index within the chunk
             dx = sdx0.index_select(0, span) + col.to(feats.dtype)
             q = (sA.index_select(0, span) * dx + sB.index_select(0, span)) * dx + sC.index_select(0, span)

@@ -137,10 +137,13 @@ def _limit(clone: Tensor, split: Tensor, score: Tensor, room: int) -> tuple[Tens
 
 
 def _states_of(optimizer: torch.optim.Optimizer, param: Tensor) -> list[dict]:
-    return [optimizer.state[p] for group in optimizer.param_groups for p in group["params"] if p is param and p in optimizer.state]
+    params = (p for group in optimizer.param_groups for p in group["params"])
+    return [optimizer.state[p] for p in params if p is param and p in optimizer.state]
 
 
-def _replace(model: GaussianModel, optimizer: torch.optim.Optimizer, update: Callable[[str, Tensor, bool], Tensor]) -> None:
+def _replace(
+    model: GaussianModel, optimizer: torch.optim.Optimizer, update: Callable[[str, Tensor, bool], Tensor]
+) -> None:
     """Swap each parameter for ``update(name, old, False)`` and its optimiser state for ``update(name, s, True)``.
 
     The optimiser keys its state by parameter object, so the new Parameter takes the old one's place in
