@@ -8,7 +8,7 @@ import soundfile as sf
 
 from conftest import shared_clip
 from talkinghead.audio import AudioFeatures, check_audio, compute_audio_features, load_driving_audio
-from talkinghead.audio.phones import PHONES, SIL, PhoneSegment, phone_labels, phone_posteriors
+from talkinghead.audio.phones import CELL_OFFSET_S, PHONES, SIL, PhoneSegment, phone_labels, phone_posteriors
 from talkinghead.errors import UserError
 from talkinghead.media import read_audio
 
@@ -57,15 +57,23 @@ def test_features_are_aligned_to_frame_times():
     assert f.mel[47, band_440] < f.mel[60, band_440] - 10
 
 
-def test_phone_posteriors_from_segments():
-    segs = [PhoneSegment("SIL", 0.0, 1.0), PhoneSegment("AA", 1.0, 2.0), PhoneSegment("SIL", 2.0, 3.0)]
-    post = phone_posteriors(segs, 25.0, 75)
+def test_phone_posteriors_and_labels_known_answer():
+    # 10 ms log-likelihoods: SIL for 1 s, AA for 1 s, SIL for 1 s (others 50 nats below).
     aa = PHONES.index("AA")
+    loglik = np.full((300, len(PHONES)), -50.0, np.float32)
+    loglik[:100, SIL] = loglik[200:, SIL] = 0.0
+    loglik[100:200, aa] = 0.0
+    post = phone_posteriors(loglik, 25.0, 80)
+    assert post.shape == (80, len(PHONES))
+    np.testing.assert_allclose(post.sum(1), 1.0, atol=1e-5)
     assert post[37, aa] > 0.99 and post[10, SIL] > 0.99
-    assert 0.35 < post[25, aa] < 0.65  # frame 25 is at the boundary (1.0 s)
-    assert post[70, SIL] > 0.99
+    assert 0.3 < post[25, aa] < 0.6  # frame 25 (1.0 s) sits on the boundary (cells start 7.8 ms late)
+    assert post[79, SIL] > 0.99  # past the rows: silence
+    off = CELL_OFFSET_S
+    segs = [PhoneSegment("SIL", off, 1.0 + off), PhoneSegment("AA", 1.0 + off, 2.0 + off),
+            PhoneSegment("SIL", 2.0 + off, 3.0 + off)]
     ids = phone_labels(segs, 25.0, 80)
-    assert ids[24] == SIL and ids[25] == aa and ids[49] == aa and ids[50] == SIL and ids[79] == SIL
+    assert ids[25] == SIL and ids[26] == aa and ids[50] == aa and ids[51] == SIL and ids[79] == SIL
 
 
 def test_phones_on_german_speech():
@@ -81,8 +89,9 @@ def test_phones_on_real_speech(may_wave):
     speech = f.phone_ids != SIL
     assert speech.mean() > 0.6
     assert len(set(f.phone_ids[speech].tolist())) >= 15  # many different sounds, not one label
-    # Posteriors agree with the labels where the phone is stable.
-    assert (f.phone_posteriors.argmax(1) == f.phone_ids).mean() > 0.8
+    # The acoustic posteriors (no phone language model) mostly agree with the 1-best labels; a wrong
+    # senone-to-phone mapping would agree at chance (1/40).
+    assert (f.phone_posteriors.argmax(1) == f.phone_ids).mean() > 0.4
 
 
 @pytest.mark.parametrize("kind", ["zeros", "noise", "hum"])

@@ -12,8 +12,10 @@ audio is ignored past the last frame):
   bands over 0-8 kHz, then the *power* of the 10 ms frames is averaged under a box of one video frame
   (1 / fps) centred on the frame's instant before taking the log (so nothing between frames is skipped).
 * ``energy`` [T]: RMS level in dBFS of the audio in the same 1 / fps box (floor -100 dB).
-* ``phone_ids`` [T] / ``phone_posteriors`` [T, 40]: pocketsphinx phone recognition, see
-  :mod:`talkinghead.audio.phones` for what the "posteriors" are and are not.
+* ``phone_ids`` [T]: the 1-best phone (pocketsphinx allphone search with its phone trigram) at the frame's
+  instant; ``phone_posteriors`` [T, 40]: the acoustic model's phone posteriors (softmax of per-10 ms phone
+  log-likelihoods read from pocketsphinx's senone scores) averaged around the frame. See
+  :mod:`talkinghead.audio.phones` for how they are obtained and calibrated.
 * ``wav2vec`` [T, D] (optional): hidden states of a local wav2vec 2.0 / HuBERT model linearly interpolated
   from 50 Hz to the video frames, as the papers do (:mod:`talkinghead.audio.wav2vec`).
 
@@ -206,9 +208,9 @@ def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, pro
     bar = tqdm(total=len(steps), desc="audio features", unit="step", disable=not progress)
     times = np.arange(num_frames) / fps
 
-    segments = _phones.recognize_phones(wave)
-    posteriors = _phones.phone_posteriors(segments, fps, num_frames)
-    ids = _phones.phone_labels(segments, fps, num_frames)
+    recognition = _phones.recognize_phones(wave)
+    posteriors = _phones.phone_posteriors(recognition.loglik, fps, num_frames)
+    ids = _phones.phone_labels(recognition.segments, fps, num_frames)
     bar.update()
 
     count = int(np.ceil(duration * AUDIO_RATE / HOP)) + 2
