@@ -31,7 +31,6 @@ outputs, because the recogniser hallucinates phones on digital silence.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -164,7 +163,8 @@ def recognize_phones(wave: np.ndarray) -> PhoneRecognition:
             decoder.end_utt()
             segs = list(decoder.seg())
             logs = sorted(logdir.iterdir())
-            scores = _read_senone_log(logs[0], len(ci_map) * n_state) if logs else np.zeros((0, len(ci_map) * n_state))
+            n_ci_sen = len(ci_map) * n_state
+            scores = _read_senone_log(logs[0], n_ci_sen) if logs else np.zeros((0, n_ci_sen))
         finally:
             shutil.rmtree(logdir, ignore_errors=True)
         for seg in segs:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from talkinghead.errors import UserError
-from talkinghead.media import AUDIO_RATE
 
 STRIDE_S = 0.02  # 320 samples at 16 kHz: the product of the conv feature encoder's strides
 OFFSET_S = 0.0125  # centre of the first 400-sample receptive field
