@@ -16,6 +16,7 @@ Defaults are the paper's (and gsplat ``DefaultStrategy``'s) for scenes normalise
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,11 +37,12 @@ class DensityStrategy:
     refine_start_iter: int = 500
     refine_stop_iter: int = 15_000
     refine_every: int = 100
-    reset_every: int = 3000  # opacity reset period; also stops densifying in the last period before it
+    reset_every: int = 3000  # opacity reset period
     split_factor: float = 1.6  # a split Gaussian's two children have scales divided by this (the paper's phi)
     max_gaussians: int | None = None  # growth stops at this count (pruning continues)
-    grad2d_sum: Tensor | None = field(default=None, repr=False)  # [N] accumulated |d loss / d means2d|
-    visible_count: Tensor | None = field(default=None, repr=False)  # [N] how many renders saw each Gaussian
+    # State between refinements: [N] summed |d loss / d means2d| (NDC) and how many renders saw each Gaussian.
+    grad2d_sum: Tensor | None = field(default=None, init=False, repr=False)
+    visible_count: Tensor | None = field(default=None, init=False, repr=False)
 
     def step_pre_backward(self, info: dict[str, Any]) -> None:
         """Ask autograd to keep the screen-space means' gradient (a non-leaf tensor)."""
@@ -67,7 +69,8 @@ class DensityStrategy:
         grad = info["means2d"].grad  # [C, N, 2], d loss / d pixel coordinates
         if grad is None:
             raise RuntimeError("means2d has no gradient: call step_pre_backward(info) before backward()")
-        # Pixel gradients to NDC units (x_ndc = 2 u / W - 1), so thresholds do not depend on resolution.
+        # Pixel gradients to NDC units (x_ndc = 2 u / W - 1), so thresholds do not depend on resolution; times
+        # the number of cameras, which a loss averaged over cameras divides out (as gsplat does).
         scale = grad.new_tensor([info["width"] / 2, info["height"] / 2]) * info["n_cameras"]
         norms = (grad.detach() * scale).norm(dim=-1)  # [C, N]
         seen = (info["radii"] > 0).all(-1)
@@ -99,7 +102,7 @@ class DensityStrategy:
                 offsets = (quat_to_rotmat(model.quats[split]) @ (scales * torch.randn_like(scales))[..., None])[..., 0]
                 children = {name: getattr(model, name)[split].repeat_interleave(2, 0) for name in PARAM_NAMES}
                 children["means"] = children["means"] + torch.stack([offsets, -offsets], 1).reshape(-1, 3)
-                children["log_scales"] = children["log_scales"] - torch.log(torch.tensor(self.split_factor))
+                children["log_scales"] = children["log_scales"] - math.log(self.split_factor)
                 _append(model, optimizer, children)
                 _select(model, optimizer, ~torch.cat([split, split.new_zeros(2 * n_split)]))
         return n_clone, n_split
