@@ -4,8 +4,8 @@ It computes what 3DGS's CUDA tile rasterizer computes (Kerbl et al. 2023, sec. 6
 
 * **Exact footprints instead of tiles.** A Gaussian's alpha ``o * exp(-sigma)`` reaches 1/255 on an ellipse;
   each image row cuts it in one run of pixels ("span"), found in closed form. Only pixels inside are
-  evaluated: a CPU gains nothing from evaluating whole 16x16 tiles (as GPU thread blocks do) and would pay
-  several times the exp() calls. The (pixel, Gaussian) pairs are then sorted by pixel; the sort is stable
+  evaluated: a CPU gains nothing from evaluating whole 16x16 tiles (as GPU thread blocks do), which on
+  ``bench/bench_raster.py``'s head scene means 33x (128^2, 20k) and 15x (512^2, 50k) more alpha evaluations. The (pixel, Gaussian) pairs are then sorted by pixel; the sort is stable
   and pairs are generated front to back, so each pixel's list is in depth order -- 3DGS's per-tile lists
   with 1-pixel tiles.
 * **Transmittance as a segmented scan.** ``T_i = prod_{j<i} (1 - alpha_j)`` is a cumulative sum of
