@@ -9,7 +9,7 @@ import torch
 
 from talkinghead.render import eval_sh, gsplat_available, rasterize
 from talkinghead.render.projection import project, quat_to_rotmat
-from talkinghead.render.raster_torch import composite
+from talkinghead.render.raster_torch import _chunks, _spans, composite
 
 
 def camera(width: int, height: int, f: float, dtype=torch.float32):
@@ -139,6 +139,8 @@ def test_chunked_compositing_equals_one_chunk_forward_and_backward():
     p = project(means, quats, scales, opacities, viewmat, K, W, H)
     idx = torch.nonzero(p.visible).squeeze(1)
     idx = idx[torch.argsort(p.depths[idx])]
+    _, y, _, length = _spans(p.means2d[idx], p.conics[idx], opacities[idx], W, H)
+    assert len(_chunks(y, length, H, 1 << 22)) == 1 and len(_chunks(y, length, H, 300)) >= 3
     results = []
     for max_pairs in (1 << 22, 300):
         sorted_scene = (p.means2d[idx], p.conics[idx], opacities[idx], colors[idx])
