@@ -59,7 +59,7 @@ def test_known_head_motion_is_recovered():
         lms[i, :, :2] = uv
         lms[i, :, 2] = (depth - depth.mean()) * K[0, 0] / depth.mean()
         truth.append(R)
-    template, viewmats = pose.fit_head(lms, K, smooth_sigma=0)
+    template, viewmats = pose.fit_head(lms, K, smooth_window=0)
     assert np.linalg.norm(template[pose.LEFT_EYE_OUTER] - template[pose.RIGHT_EYE_OUTER]) == pytest.approx(
         pose.EYE_CORNER_DISTANCE_M, rel=1e-4)
     # The template's head frame is its own; relative motions between frames must match the truth.
@@ -91,7 +91,7 @@ def test_roll_of_rotated_real_frames(clip):
     for images in (frames, rotated):
         lm = track(images)
         assert not np.isnan(lm).any()
-        poses.append(pose.fit_head(lm, K, smooth_sigma=0)[1])
+        poses.append(pose.fit_head(lm, K, smooth_window=0)[1])
     delta = poses[1][:, :3, :3] @ np.transpose(poses[0][:, :3, :3], (0, 2, 1))
     roll = np.degrees(np.arctan2(delta[:, 1, 0], delta[:, 0, 0]))
     expected = np.degrees(np.arctan2(M[1, 0], M[0, 0]))  # the image-plane rotation applied to pixels
@@ -106,3 +106,22 @@ def test_jitter_and_euler_of_static_pose():
     np.testing.assert_allclose(pose.frame_to_frame_jitter_deg(vm), 0, atol=1e-3)
     np.testing.assert_allclose(pose.euler_deg(vm)[:, 2], 10, atol=1e-4)
     np.testing.assert_allclose(pose.euler_deg(vm)[:, :2], 0, atol=1e-4)
+
+
+def test_smoothing_removes_noise_without_lag():
+    """A steady head turn with per-frame noise: smoothing cuts the jitter and leaves the turn in place."""
+    rng = np.random.default_rng(4)
+    T = 60
+    yaw = np.linspace(-20, 20, T)  # 0.68 deg per frame
+    vm = np.stack([camera.viewmat(_rot("y", a), [0, 0, 1]) for a in yaw])
+    noisy = vm.copy()
+    for i in range(T):
+        noisy[i, :3, :3] = _rot("x", rng.normal(0, 0.3)) @ _rot("y", rng.normal(0, 0.3)) @ vm[i, :3, :3]
+    rv = np.stack([pose._matrix_to_rotvec(R) for R in noisy[:, :3, :3]])
+    smoothed = np.stack([camera.viewmat(pose._rotvec_to_matrix(r), [0, 0, 1])
+                         for r in pose._smooth(rv, pose.smooth_window(25))])
+    assert np.median(pose.pose_acceleration_deg(smoothed)) < 0.5 * np.median(pose.pose_acceleration_deg(noisy))
+    assert np.median(pose.pose_acceleration_deg(vm)) < 1e-3  # a steady turn has no jitter
+    # no lag: the smoothed yaw stays centred on the true one
+    err = pose.euler_deg(smoothed)[:, 1] - yaw
+    assert abs(err.mean()) < 0.1 and np.abs(err).max() < 0.6

@@ -67,9 +67,12 @@ def test_reader_fields(dataset):
 def test_head_pose_is_steady_and_faces_the_camera(dataset):
     _, out, _ = dataset
     ds = PreparedDataset(out)
-    from talkinghead.prepare.pose import euler_deg, frame_to_frame_jitter_deg
+    from talkinghead.prepare.pose import euler_deg, frame_to_frame_jitter_deg, pose_acceleration_deg
 
     assert np.median(frame_to_frame_jitter_deg(ds.tracks.viewmats)) < 1.0
+    assert np.median(pose_acceleration_deg(ds.tracks.viewmats)) < 0.5
+    assert ds.meta["pose"]["frame_to_frame_deg_median"] == pytest.approx(
+        np.median(frame_to_frame_jitter_deg(ds.tracks.viewmats)), abs=1e-4)
     assert np.abs(euler_deg(ds.tracks.viewmats)[:, :2]).max() < 30  # May looks at the camera
     z = ds.tracks.viewmats[:, 2, 3]
     assert (z > 0.2).all() and (z < 3).all()  # metres in front of the camera

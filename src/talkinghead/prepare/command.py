@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     meta = json.loads((out / "meta.json").read_text())
     print(f"{out}: {meta['num_frames']} frames at {meta['fps']:g} fps, {meta['size'][0]}x{meta['size'][1]}, "
-          f"tracked {meta['tracked_fraction']:.1%}, pose jitter {meta['pose']['jitter_deg_median']:.2f} deg median, "
+          f"tracked {meta['tracked_fraction']:.1%}, head turn {meta['pose']['frame_to_frame_deg_median']:.2f} deg/frame and jitter "
+          f"{meta['pose']['jitter_deg_median']:.2f} deg (medians), "
           f"{meta['timings_s']['total']:.1f} s")
     return 0

@@ -39,7 +39,7 @@ MIN_SECONDS = 2.0
 PAPERS_TRAIN_TO_TEST = 10  # the papers hold out the last 1/11 of a clip (10:1)
 JPEG_QUALITY = 95
 KEEP_FRAMES_BYTES = 6 << 30  # above this, source frames are decoded a second time instead of kept in memory
-STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 1, "audio": 1, "preview": 1}
+STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 2, "audio": 1, "preview": 1}
 
 
 @dataclass(frozen=True)
@@ -274,13 +274,13 @@ def _slice_audio(features, num_frames: int):
                          wav2vec=None if features.wav2vec is None else features.wav2vec[:num_frames])
 
 
-def _geometry(landmarks: np.ndarray, size: int, fov_deg: float) -> tuple[Tracks, FaceModel, dict]:
+def _geometry(landmarks: np.ndarray, size: int, fov_deg: float, fps: float) -> tuple[Tracks, FaceModel, dict]:
     """Pose, camera, face model, blink and mouth opening of crop-pixel landmarks [T, 478, 3] (no NaN)."""
     from talkinghead.face.landmarks import mouth_opening
     from talkinghead.prepare import blink, face_model, pose
 
     K = pose.clip_intrinsics(size, fov_deg)
-    template, viewmats = pose.fit_head(landmarks, K)
+    template, viewmats = pose.fit_head(landmarks, K, pose.smooth_window(fps))
     meshes = pose.lift_to_head(landmarks, pose.align_to_template(landmarks, template), viewmats, K)
     triangles = face_model.orient_triangles(face_model.mesh_triangles(), template)
     model, expression, explained = face_model.fit_face_model(meshes, triangles)
@@ -289,12 +289,16 @@ def _geometry(landmarks: np.ndarray, size: int, fov_deg: float) -> tuple[Tracks,
     cam = rebuilt @ np.transpose(viewmats[:, :3, :3], (0, 2, 1)) + viewmats[:, None, :3, 3]
     projected = cam[..., :2] / cam[..., 2:] * K[[0, 1], [0, 1]] + K[:2, 2]
     reproj_px = float(np.linalg.norm(projected - landmarks[..., :2], axis=-1).mean())
-    jitter = pose.frame_to_frame_jitter_deg(viewmats)
+    step = pose.frame_to_frame_jitter_deg(viewmats)
+    jitter = pose.pose_acceleration_deg(viewmats)
     tracks = Tracks(landmarks=landmarks.astype(np.float32), viewmats=viewmats, K=K, expression=expression,
                     blink=blink.blink_values(meshes), mouth_opening=mouth_opening(landmarks).astype(np.float32),
                     tracked=np.ones(len(landmarks), bool))
-    info = {"pose": {"fov_deg": fov_deg, "jitter_deg_median": float(np.median(jitter)) if len(jitter) else 0.0,
-                     "jitter_deg_p95": float(np.percentile(jitter, 95)) if len(jitter) else 0.0},
+    info = {"pose": {"fov_deg": fov_deg,
+                     "frame_to_frame_deg_median": float(np.median(step)),
+                     "frame_to_frame_deg_p95": float(np.percentile(step, 95)),
+                     "jitter_deg_median": float(np.median(jitter)),
+                     "jitter_deg_p95": float(np.percentile(jitter, 95))},
             "face_model": {"num_expression": model.num_expression, "explained_variance": explained,
                            "fit_error_mm": fit_mm, "reprojection_error_px": reproj_px}}
     return tracks, model, info
@@ -332,9 +336,14 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = lambda _: None) -> 
         raise UserError(f"--size must be at least 16, got {cfg.size}")
     if cfg.fps <= 0:
         raise UserError(f"--fps must be positive, got {cfg.fps:g}")
+    if cfg.test_seconds is not None and cfg.test_seconds < 0:
+        raise UserError(f"--test-seconds must be 0 or more, got {cfg.test_seconds:g}")
     info = media.probe(video)  # missing file / not a video -> UserError
     if info.duration_s and info.duration_s < MIN_SECONDS:
         raise UserError(f"{video} is {info.duration_s:.1f} s long; prepare needs at least {MIN_SECONDS:g} s")
+    if info.duration_s and cfg.test_seconds is not None and cfg.test_seconds >= info.duration_s:
+        raise UserError(f"--test-seconds {cfg.test_seconds:g} leaves no training frames "
+                        f"(the clip is {info.duration_s:.1f} s)")
     audio_path = Path(cfg.audio) if cfg.audio else video
     if cfg.audio is None and not info.has_audio:
         raise UserError(f"{video} has no audio track; give one with --audio WAV")
@@ -379,6 +388,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
     audio_key = _key("audio", STAGE_VERSION["audio"], source["audio_sha256"], cfg.fps, cfg.wav2vec_model)
     audio_future = None
     pool = None
+    io_pool = ThreadPoolExecutor(max_workers=2)  # image encoding, overlapping the next computation
     if not stages.reusable("audio", audio_key):
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         audio_future = pool.submit(_compute_audio, wave, cfg.fps, estimate,
@@ -409,7 +419,6 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
 
         # images (+ masks and preview need the cropped frames in memory)
         cropped = None
-        io_pool = ThreadPoolExecutor(max_workers=2)
         pending: list[Callable[[], None]] = []  # finishers of stages whose files are still being written
         if need_images:
             t0 = time.perf_counter()
@@ -460,7 +469,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         # geometry (while the image files are written)
         if not stages.reusable("geometry", geometry_key):
             t0 = time.perf_counter()
-            tracks, model, geo_info = _geometry(landmarks, cfg.size, cfg.fov_deg)
+            tracks, model, geo_info = _geometry(landmarks, cfg.size, cfg.fov_deg, cfg.fps)
             tracks.tracked = tracked
             tracks.save(work / "tracks.npz")
             model.save(work / "face_model.npz")
@@ -510,10 +519,10 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
                 (work / name).unlink(missing_ok=True)
             del stages.done["preview"]
             _write_json(stages.path, stages.done)
-        io_pool.shutdown()
     finally:
+        io_pool.shutdown(wait=True, cancel_futures=True)  # no thread may write into a folder being removed
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
 
     timings["total"] = round(time.perf_counter() - start, 3)
     stack_dims = int(features.stack().shape[1])

@@ -17,8 +17,10 @@ DEGSTalk). Ours, from the face mesh of every frame (issue 2, step 4):
 3. Per-frame pose (``estimate_poses``): a similarity (Umeyama) alignment of the template to the frame's
    3D landmarks gives R and, from the scale, the depth (weak perspective); Levenberg-Marquardt PnP on the
    2D landmarks of the stable points then refines R, t under the full perspective K.
-4. Light zero-phase temporal smoothing (a Gaussian of ``SMOOTH_SIGMA`` frames applied forwards and
-   backwards on rotation vectors and translations): offline, so it removes landmark noise without lag.
+4. Light zero-phase temporal smoothing of rotation vectors and translations: a Savitzky-Golay filter
+   (local quadratic fit over ``SMOOTH_SECONDS``, 9 frames at 25 fps). Offline and symmetric, so there is
+   no lag; a local quadratic keeps velocity and acceleration, so real head turns pass (gain 0.99 at 1 Hz,
+   0.93 at 2 Hz) while the tracker's frame-to-frame noise is cut (measured in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ FOREHEAD, CHIN = 10, 152
 RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263
 EYE_CORNER_DISTANCE_M = 0.09  # average adult outer-canthus distance: sets the unit of head coordinates
 DEFAULT_FOV_DEG = 24.0  # a portrait lens; ~1200 px focal at 512 px, the value ER-NeRF's crops imply
-SMOOTH_SIGMA = 0.8  # frames
+SMOOTH_SECONDS = 0.36  # Savitzky-Golay window: 9 frames at 25 fps
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
@@ -128,7 +130,7 @@ def refine_template(landmarks: np.ndarray, template: np.ndarray, viewmats: np.nd
 
 
 def fit_head(landmarks: np.ndarray, K: np.ndarray, iterations: int = 2,
-             smooth_sigma: float = SMOOTH_SIGMA) -> tuple[np.ndarray, np.ndarray]:
+             smooth_window: int = 9) -> tuple[np.ndarray, np.ndarray]:
     """Template [478, 3] and viewmats [T, 4, 4] of landmarks [T, 478, 3] (pixels of K's image).
 
     Starts from the weak-perspective template (``rigid_template``), then alternates PnP poses and
@@ -137,8 +139,8 @@ def fit_head(landmarks: np.ndarray, K: np.ndarray, iterations: int = 2,
     subset = landmarks[:: max(1, len(landmarks) // 400)]  # the template needs a few hundred frames, not all
     template = rigid_template(subset)
     for _ in range(iterations):
-        template = refine_template(subset, template, estimate_poses(subset, template, K, 0.0), K)
-    return template, estimate_poses(landmarks, template, K, smooth_sigma)
+        template = refine_template(subset, template, estimate_poses(subset, template, K, 0), K)
+    return template, estimate_poses(landmarks, template, K, smooth_window)
 
 
 def clip_intrinsics(size: int, fov_deg: float = DEFAULT_FOV_DEG) -> np.ndarray:
@@ -159,17 +161,23 @@ def _matrix_to_rotvec(R: np.ndarray) -> np.ndarray:
     return cv2.Rodrigues(np.asarray(R, np.float64))[0].reshape(3)
 
 
-def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Zero-phase Gaussian smoothing of x [T, D] along time (edges reflected)."""
-    if sigma <= 0 or len(x) < 3:
-        return x
-    from scipy.ndimage import gaussian_filter1d
+def smooth_window(fps: float) -> int:
+    """Odd Savitzky-Golay window in frames covering ``SMOOTH_SECONDS`` at ``fps``."""
+    return max(5, int(round(SMOOTH_SECONDS * fps)) // 2 * 2 + 1)
 
-    return gaussian_filter1d(x, sigma, axis=0, mode="nearest")
+
+def _smooth(x: np.ndarray, window: int) -> np.ndarray:
+    """Zero-phase Savitzky-Golay smoothing (quadratic) of x [T, D] along time; window 0 = none."""
+    window = min(window, len(x) if len(x) % 2 else len(x) - 1)
+    if window < 5:
+        return x
+    from scipy.signal import savgol_filter
+
+    return savgol_filter(x, window, 2, axis=0, mode="interp")
 
 
 def estimate_poses(landmarks: np.ndarray, template: np.ndarray, K: np.ndarray,
-                   smooth_sigma: float = SMOOTH_SIGMA) -> np.ndarray:
+                   smooth_window: int = 9) -> np.ndarray:
     """World-to-camera viewmats [T, 4, 4] of the head from landmarks [T, 478, 3] in pixels of K's image."""
     import cv2
 
@@ -191,7 +199,7 @@ def estimate_poses(landmarks: np.ndarray, template: np.ndarray, K: np.ndarray,
     # Smooth rotations as rotation vectors relative to the clip's middle frame (no wrap-around there).
     R_ref = _rotvec_to_matrix(rvecs[len(rvecs) // 2])
     rel = np.stack([_matrix_to_rotvec(_rotvec_to_matrix(r) @ R_ref.T) for r in rvecs])
-    rel, tvecs = _smooth(rel, smooth_sigma), _smooth(tvecs, smooth_sigma)
+    rel, tvecs = _smooth(rel, smooth_window), _smooth(tvecs, smooth_window)
     out = np.zeros((len(landmarks), 4, 4), np.float32)
     for i in range(len(landmarks)):
         out[i] = camera.viewmat(_rotvec_to_matrix(rel[i]) @ R_ref, tvecs[i])
@@ -207,9 +215,21 @@ def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
 
 
 def frame_to_frame_jitter_deg(viewmats: np.ndarray) -> np.ndarray:
-    """Rotation angle [T-1] in degrees between consecutive head poses of viewmats [T, 4, 4]."""
+    """Rotation angle [T-1] in degrees between consecutive head poses of viewmats [T, 4, 4].
+
+    Real head motion and tracking noise together; see ``pose_acceleration_deg`` for the noise alone."""
     R = viewmats[:, :3, :3].astype(np.float64)
     return rotation_angle_deg(R[1:] @ np.transpose(R[:-1], (0, 2, 1)))
+
+
+def pose_acceleration_deg(viewmats: np.ndarray) -> np.ndarray:
+    """Change [T-2] in degrees of the frame-to-frame rotation: ``angle(D_i D_{i-1}^T)``, D_i = R_{i+1} R_i^T.
+
+    Zero for a head turning at constant angular velocity; what is left is jitter (tracking noise and
+    sudden jerks), the part of frame-to-frame motion a viewer sees as shaking."""
+    R = viewmats[:, :3, :3].astype(np.float64)
+    D = R[1:] @ np.transpose(R[:-1], (0, 2, 1))
+    return rotation_angle_deg(D[1:] @ np.transpose(D[:-1], (0, 2, 1)))
 
 
 def euler_deg(viewmats: np.ndarray) -> np.ndarray:
