@@ -80,6 +80,8 @@ def segment_person(frames: np.ndarray, *, progress: bool = False, model: int = S
     """
     from tqdm import tqdm
 
+    from talkinghead.face.landmarks import quiet_native_stderr
+
     os.environ.setdefault("GLOG_minloglevel", "2")
     try:
         import mediapipe as mp
@@ -88,8 +90,10 @@ def segment_person(frames: np.ndarray, *, progress: bool = False, model: int = S
 
         raise UserError("person segmentation needs mediapipe: pip install 'talkinghead[prepare]'") from None
     out = np.empty(frames.shape[:3], np.float32)
-    with mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=model) as seg:
-        for t in tqdm(range(len(frames)), desc="person masks", unit="frame", disable=not progress):
+    # mediapipe's native logging (TFLite start-up lines) would clutter the terminal; the bar still shows.
+    with quiet_native_stderr() as stderr, \
+            mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=model) as seg:
+        for t in tqdm(range(len(frames)), desc="person masks", unit="frame", disable=not progress, file=stderr):
             out[t] = seg.process(np.ascontiguousarray(frames[t])).segmentation_mask
     np.clip(out, 0.0, 1.0, out=out)
     return out
