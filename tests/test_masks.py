@@ -163,3 +163,11 @@ def test_plate_has_no_person_on_a_real_clip(may):
     torso = torso_images(frames, parsing, plate)
     assert torso.shape == frames.shape
     np.testing.assert_array_equal(torso[parsing == FACE], np.broadcast_to(plate, frames.shape)[parsing == FACE])
+
+
+def test_missing_landmark_rows_borrow_the_nearest_tracked_frame():
+    from talkinghead.prepare.masks import _nearest_tracked
+
+    lm = np.zeros((10, 478, 3), np.float32)
+    lm[[0, 1, 2, 6, 7, 9]] = np.nan
+    np.testing.assert_array_equal(_nearest_tracked(lm), [3, 3, 3, 3, 4, 5, 5, 8, 8, 8])

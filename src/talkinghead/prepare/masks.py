@@ -115,7 +115,10 @@ def _nearest_tracked(landmarks: np.ndarray) -> np.ndarray:
     if not len(good):
         raise ValueError("parse_frames needs at least one tracked frame in the chunk (interpolate gaps first)")
     t = np.arange(len(landmarks))
-    return good[np.abs(good[None, :] - t[:, None]).argmin(axis=1)]
+    after = np.minimum(np.searchsorted(good, t), len(good) - 1)  # first tracked frame >= t (or the last)
+    before = good[np.maximum(after - 1, 0)]
+    after = good[after]
+    return np.where(np.abs(t - before) <= np.abs(after - t), before, after)
 
 
 @dataclass
