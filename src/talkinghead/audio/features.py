@@ -178,8 +178,12 @@ def _mel_power(wave: np.ndarray, count: int) -> np.ndarray:
     """Mel power [count, N_MELS] of 25 ms windows centred at 10 ms steps (zero-padded at both ends)."""
     padded = np.pad(wave.astype(np.float32), (WIN // 2, WIN + count * HOP))
     frames = np.lib.stride_tricks.sliding_window_view(padded, WIN)[: count * HOP: HOP]
-    spec = np.abs(np.fft.rfft(frames * np.hanning(WIN).astype(np.float32), n=N_FFT, axis=1)) ** 2
-    return spec.astype(np.float32) @ mel_filterbank().T
+    window, bank = np.hanning(WIN).astype(np.float32), mel_filterbank().T
+    out = np.empty((count, N_MELS), np.float32)
+    for a in range(0, count, 6000):  # a minute at a time bounds the complex spectrum's memory
+        spec = np.abs(np.fft.rfft(frames[a:a + 6000] * window, n=N_FFT, axis=1)) ** 2
+        out[a:a + 6000] = spec.astype(np.float32) @ bank
+    return out
 
 
 def _box_average(x: np.ndarray, times: np.ndarray, half: float, rate: float) -> np.ndarray:
