@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 # name -> module whose import registers it (imported lazily, on first look-up).
 _BUILTIN: dict[str, str] = {
     "gaussiantalker": "talkinghead.methods.gaussiantalker",
+    "gaussianflametalk": "talkinghead.methods.gaussianflametalk",
 }
 _REGISTRY: dict[str, "MethodSpec"] = {}
 

@@ -67,6 +67,7 @@ class FlameTalkConfig:
     decoder_layers: int = 1  # FaceFormer decoder layers
     period: int = 25  # PPE / bias period in frames (FaceFormer: 25 at 25-30 fps)
     context: int = 100  # frames of history the encoder and decoder see (training windows have this length)
+    audio_lookahead: int = 0  # audio frames past t the encoder may read (0: strictly causal, as sec. 3.2)
     dropout: float = 0.1
     max_speech: int = 12  # at most this many speech-related expression coefficients
     min_mouth_share: float = 0.5  # a component is speech-related when >= this share of its energy is mouth/jaw
@@ -127,11 +128,12 @@ def biased_causal_mask(length: int, heads: int, period: int, context: int) -> Te
     return bias.masked_fill(~allowed[None], float("-inf"))
 
 
-def causal_window_mask(length: int, context: int) -> Tensor:
-    """Bool [L, L], True where attention is *blocked*: the future and anything ``context`` or more back."""
+def causal_window_mask(length: int, context: int, lookahead: int = 0) -> Tensor:
+    """Bool [L, L], True where attention is *blocked*: more than ``lookahead`` frames ahead, or ``context``
+    or more frames back."""
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None]
-    return (j > i) | (j <= i - context)
+    return (j > i + lookahead) | (j <= i - context)
 
 
 def alignment_mask(length: int) -> Tensor:
@@ -207,7 +209,7 @@ class FlameTalk(nn.Module):
         x = self.audio_embed((audio - self.audio_mean) / self.audio_std)
         T = x.shape[1]
         x = x + periodic_positional_encoding(T, x.shape[-1], self.cfg.period).to(x)
-        mask = causal_window_mask(T, self.cfg.context).to(x.device)
+        mask = causal_window_mask(T, self.cfg.context, self.cfg.audio_lookahead).to(x.device)
         return self.audio_projection(self.audio_encoder(x, mask=mask))
 
     def _decode(self, inputs: Tensor, C: Tensor) -> Tensor:
@@ -226,22 +228,24 @@ class FlameTalk(nn.Module):
         """
         C = self.encode_audio(audio)
         B, T, d = C.shape
-        start = self.start_token.expand(B, 1, d)
         if target_speech is not None:
-            prev = self.motion_embed(target_speech[:, :-1] / self.speech_std)
-            return self._decode(torch.cat([start, prev], 1), C) * self.speech_std
+            inputs = torch.cat([self.start_token.expand(B, 1, d), self.motion_embed(target_speech[:, :-1] / self.speech_std)], 1)
+            return self._decode(inputs, C) * self.speech_std
         preds: list[Tensor] = []
-        inputs = start
-        ctx = self.cfg.context
         for t in range(T):
-            # Past the context window, restart the window on a period boundary so the PPE phase matches.
-            lo = max(0, t + 1 - ctx)
-            lo -= lo % self.cfg.period
-            out = self._decode(inputs[:, lo:], C[:, lo : t + 1])[:, -1:]
-            preds.append(out)
-            if t + 1 < T:
-                inputs = torch.cat([inputs, self.motion_embed(out)], 1)
-        return torch.cat(preds, 1) * self.speech_std
+            lo = max(0, t + 1 - self.cfg.context)
+            preds.append(self.next_frame(C[:, lo : t + 1], torch.cat(preds[lo:t], 1) if t > lo else None))
+        return torch.cat(preds, 1)
+
+    def next_frame(self, C: Tensor, prev: Tensor | None) -> Tensor:
+        """One autoregressive step: speech coefficients [B, 1, S] of the last frame of the window C [B, L, d]
+        given the predictions [B, L-1, S] of the window's earlier frames (None when L = 1). The window's
+        first decoder input is the start token, as in every training window."""
+        B, L, d = C.shape
+        inputs = self.start_token.expand(B, 1, d)
+        if prev is not None:
+            inputs = torch.cat([inputs, self.motion_embed(prev / self.speech_std)], 1)
+        return self._decode(inputs, C)[:, -1:] * self.speech_std
 
     def vertex_loss(self, pred_speech: Tensor, expression: Tensor) -> Tensor:
         """Eq. 2: mean squared vertex distance between the predicted mesh and M_gt' (tracked [B, T, E])."""

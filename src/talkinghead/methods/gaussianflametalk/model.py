@@ -1,0 +1,251 @@
+"""GaussianFlameTalk (``../shared/papers/000_f37e518be7d9cc94.txt``): FlameTalk drives a mesh-rigged Gaussian avatar.
+
+Two stages (sec. 3), both run by one ``talkinghead train DATA --method gaussianflametalk`` (``--variant
+avatar`` or ``--variant flametalk`` trains one of them):
+
+1. **Avatar** (sec. 3.1, :mod:`.avatar`): rigged Gaussians + per-frame pose/expression corrections, trained
+   by the shared trainer frame by frame with 3DGS's L1 + 0.2 D-SSIM on the frame composited over its
+   background + torso image (as GaussianTalker), an L1 on a finer mouth crop (as our GaussianTalker), an
+   alpha-vs-head-mask L1 (our addition: the shell has no mesh to hold it), and GaussianAvatars' position and
+   scale regularisers.
+2. **FlameTalk** (sec. 3.2, :mod:`.flametalk`): trained once, when the model is built, on the training split's
+   audio features and tracked expressions (it needs no images), before the avatar iterations start.
+
+Rendering a frame (``render(cond)``): the speech-related expression coefficients come from FlameTalk on the
+driving audio; every other coefficient (eyes, brows) and the head pose come from the source frame
+``cond.index`` of the training video (its tracked values plus the learned corrections when it is a training
+frame), as the paper's self- and cross-reenactment take pose and eyes from the reference video. The
+renderer calls ``render`` frame by frame with an audio window; FlameTalk runs *streaming* over those calls
+(:class:`_Stream`): consecutive windows overlap, so each call appends one audio row and one prediction to a
+causal history; a window that does not continue the previous one (a jump) restarts the history from the
+window's past rows. ``drive = "tracked"`` renders the tracked expression instead (the avatar alone).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from talkinghead.methods.base import Batch, Condition, DatasetInfo
+from talkinghead.methods.losses import dssim
+from talkinghead.render import rasterize
+
+from .avatar import RiggedAvatar
+from .config import GaussianFlameTalkConfig
+from .flametalk import FlameTalk, build_flametalk, evaluate_flametalk, speech_components, train_flametalk
+
+
+class GaussianFlameTalk(nn.Module):
+    """The method's model; satisfies :class:`talkinghead.methods.base.Method`."""
+
+    def __init__(self, cfg: GaussianFlameTalkConfig, info: DatasetInfo, avatar: RiggedAvatar,
+                 flametalk: FlameTalk):
+        super().__init__()
+        self.cfg = cfg
+        self.info = info
+        self.avatar = avatar
+        self.flametalk = flametalk
+        self.register_buffer("flametalk_trained", torch.zeros((), dtype=torch.bool))
+        self.drive = "audio"  # or "tracked": render the tracked expression (evaluates the avatar alone)
+        self._opt: torch.optim.Optimizer | None = None
+        self._stream = _Stream()
+        self._extras: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, cfg: GaussianFlameTalkConfig, info: DatasetInfo, dataset=None) -> "GaussianFlameTalk":
+        """A fresh model from ``dataset`` (FlameTalk trained here when its stage is on), or an empty one
+        whose tensors ``load_state_dict`` resizes to the saved ones."""
+        if dataset is None:
+            avatar = RiggedAvatar(info.num_frames, 1, 1, cfg.sh_degree)
+            ft = FlameTalk(cfg.flametalk, info.audio_dim, torch.zeros(1, 3), torch.zeros(1, 1, 3), torch.zeros(1),
+                           torch.zeros(1, dtype=torch.long))
+            return cls(cfg, info, avatar, ft)
+        fm, tracks = dataset.face_model, dataset.tracks
+        train = dataset.split_indices("train")
+        audio = np.asarray(dataset.audio_matrix, np.float32)
+        avatar = RiggedAvatar.initial(dataset, cfg.per_triangle, cfg.lip_per_triangle, cfg.num_shell,
+                                      cfg.sh_degree, seed=cfg.schedule.seed)
+        ft = build_flametalk(cfg.flametalk, audio[train], tracks.expression[train], fm.neutral, fm.basis)
+        model = cls(cfg, info, avatar, ft)
+        if "flametalk" in cfg.stages:
+            model.fit_flametalk(dataset)
+        return model
+
+    def fit_flametalk(self, dataset, progress: bool = True) -> dict[str, float]:
+        """Stage 2 (sec. 3.2): train FlameTalk on the training split, measure it on the test split."""
+        audio = np.asarray(dataset.audio_matrix, np.float32)
+        X = dataset.tracks.expression
+        train, test = dataset.split_indices("train"), dataset.split_indices("test")
+        log: list = []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny matrices: more threads only add contention
+        try:
+            train_flametalk(self.flametalk, audio[train], X[train], progress=progress, log=log)
+        finally:
+            torch.set_num_threads(threads)
+        self.flametalk_trained.fill_(True)
+        metrics = evaluate_flametalk(self.flametalk, audio[test], X[test]) if len(test) > 1 else {}
+        self._extras["flametalk"] = {"final_loss": log[-1]["loss"] if log else None, "test": metrics}
+        return metrics
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        self.avatar.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("avatar.")})
+        ft = {k[10:]: v for k, v in state.items() if k.startswith("flametalk.")}
+        if "basis" in ft:  # rebuild FlameTalk at the saved sizes
+            self.flametalk = FlameTalk(self.cfg.flametalk, self.info.audio_dim, ft["neutral"], ft["basis"],
+                                       ft["template_expression"], ft["speech_idx"])
+        self.flametalk.load_state_dict(ft)
+        self.flametalk_trained.copy_(state["flametalk_trained"])
+        self._stream = _Stream()
+        return None
+
+    # ------------------------------------------------------------------------------------------ frames
+
+    def _expression(self, cond: Condition, speech: Tensor | None) -> Tensor:
+        """Expression [E] of the frame: source frame's (optimised) values, speech part replaced if given."""
+        e = self.avatar.frame_expression(cond.index, optimized=self._is_train_frame(cond.index))
+        if speech is None:
+            return e
+        e = e.clone()
+        e[self.flametalk.speech_idx] = speech
+        return e
+
+    def _is_train_frame(self, index: int) -> bool:
+        return 0 <= index < self.avatar.trained_frames.shape[0] and bool(self.avatar.trained_frames[index])
+
+    def _raster(self, g: dict[str, Tensor], viewmat: Tensor, K: Tensor, backdrop: Tensor) -> tuple[Tensor, Tensor]:
+        img, alpha, _, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], viewmat, K,
+                                     backdrop.shape[1], backdrop.shape[0], background=backdrop,
+                                     sh_degree=self.cfg.sh_degree, backend=self.cfg.backend)
+        return img, alpha
+
+    def speech_for(self, cond: Condition) -> Tensor:
+        """FlameTalk's speech coefficients [S] for the frame of ``cond`` (streaming, see module docstring)."""
+        R = (cond.audio.shape[0] - 1) // 2
+        return self._stream.step(self.flametalk, cond.audio, R)
+
+    def render(self, cond: Condition) -> Tensor:
+        speech = None
+        if self.drive == "audio" and bool(self.flametalk_trained):
+            speech = self.speech_for(cond)
+        expr = self._expression(cond, speech)
+        viewmat = cond.viewmat
+        if self._is_train_frame(cond.index):
+            viewmat = self.avatar.frame_viewmat(cond.index, viewmat)
+        img, _ = self._raster(self.avatar.gaussians(expr), viewmat, cond.K, cond.backdrop)
+        return img.clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        a, c = self.avatar, self.cfg
+        self._opt = torch.optim.Adam([
+            {"params": [a.local_means], "lr": c.lr_local_means, "name": "local_means"},
+            {"params": [a.shell_means], "lr": c.lr_shell_means, "name": "shell_means"},
+            {"params": [a.local_log_scales, a.shell_log_scales], "lr": c.lr_scales, "name": "scales"},
+            {"params": [a.local_quats, a.shell_quats], "lr": c.lr_quats, "name": "quats"},
+            {"params": [a.sh], "lr": c.lr_colors, "name": "colors"},
+            {"params": [a.opacity_logits], "lr": c.lr_opacities, "name": "opacities"},
+            {"params": [a.pose_delta], "lr": c.lr_pose, "name": "pose"},
+            {"params": [a.expression_delta], "lr": c.lr_expression, "name": "expression"},
+        ], eps=1e-15)
+        for group in self._opt.param_groups:
+            group["initial_lr"] = group["lr"]
+        return [self._opt]
+
+    def train_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        c, a = self.cfg, self.avatar
+        cond = batch.cond
+        if "avatar" not in c.stages:
+            zero = sum(p.sum() for p in a.parameters()) * 0.0
+            return zero, {"loss": 0.0}
+        i = cond.index
+        a.trained_frames[i] = True
+        expr = a.frame_expression(i)
+        viewmat = a.frame_viewmat(i, cond.viewmat)
+        g = a.gaussians(expr)
+        pred, alpha = self._raster(g, viewmat, cond.K, cond.backdrop)
+        l1 = (pred - batch.image).abs().mean()
+        ds = dssim(pred, batch.image)
+        alpha_l1 = (alpha[..., 0] - batch.head_mask).abs().mean()
+        pos, scale = a.binding_regularisers(c.eps_position, c.eps_scale)
+        frame = (a.pose_delta[i] ** 2).sum() * 100.0 + (a.expression_delta[i] ** 2).sum()
+        loss = (l1 + c.lambda_dssim * ds + c.lambda_alpha * alpha_l1 + c.lambda_position * pos
+                + c.lambda_scale * scale + c.lambda_frame * frame)
+        logs = {"l1": l1.item(), "dssim": ds.item(), "alpha": alpha_l1.item()}
+        if batch.mouth is not None and c.lambda_lip > 0:
+            m = batch.mouth
+            crop, _ = self._raster(g, viewmat, m.K, m.backdrop)
+            lip = (crop - m.image).abs().mean()
+            loss = loss + c.lambda_lip * lip
+            logs["lip"] = lip.item()
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    def after_step(self, step: int) -> None:
+        """Exponential learning-rate decay (3DGS): positions to 1%, the rest to 10% at the last iteration."""
+        if self._opt is None:
+            return
+        t = min(1.0, (step + 1) / max(1, self.cfg.schedule.iterations))
+        for group in self._opt.param_groups:
+            final = 0.01 if group["name"] in ("local_means", "shell_means") else 0.1
+            group["lr"] = group["initial_lr"] * math.exp(t * math.log(final))
+
+    def train(self, mode: bool = True):
+        self._stream = _Stream()
+        return super().train(mode)
+
+    def log_extras(self) -> dict[str, Any]:
+        a = self.avatar
+        trained = a.trained_frames
+        out = {"num_bound": a.num_bound, "num_shell": int(a.shell_means.shape[0]), "stages": list(self.cfg.stages),
+               "speech_components": [int(i) for i in self.flametalk.speech_idx],
+               "frames_with_corrections": int(trained.sum())}
+        if trained.any():
+            out["mean_pose_correction_deg"] = float(a.pose_delta.detach()[trained, :3].norm(dim=-1).mean() * 180 / math.pi)
+            out["mean_pose_correction_mm"] = float(a.pose_delta.detach()[trained, 3:].norm(dim=-1).mean() * 1000)
+        out.update(self._extras)
+        return out
+
+
+class _Stream:
+    """FlameTalk run causally across successive ``render`` calls (see the module docstring): one encoder pass
+    over the kept audio history and one decoder step per frame."""
+
+    def __init__(self):
+        self.audio: Tensor | None = None  # [n, D] raw features up to the current frame + the lookahead rows
+        self.preds: Tensor | None = None  # [m, S] predictions up to the previous call's frame
+        self.last_window: Tensor | None = None
+
+    def step(self, ft: FlameTalk, window: Tensor, R: int) -> Tensor:
+        """Speech coefficients [S] of the window's centre frame. window: [2R+1, D] raw features."""
+        look = min(ft.cfg.audio_lookahead, R)
+        ctx = ft.cfg.context
+        continues = (self.last_window is not None and self.last_window.shape == window.shape
+                     and torch.equal(self.last_window[1:], window[:-1]))
+        if continues:  # encoder outputs of the window's frames need their own context: keep 2x
+            self.audio = torch.cat([self.audio, window[R + look : R + look + 1]])[-(2 * ctx + look):]
+        else:  # a jump: restart from the window's past rows, predicting them first
+            self.audio = window[: R + look + 1].clone()
+            self.preds = None
+        self.last_window = window
+        with torch.no_grad():
+            if self.preds is None:  # warm-up over the restarted history
+                n = self.audio.shape[0] - look
+                self.preds = ft(self.audio[None])[0, :n]
+                return self.preds[-1]
+            C = ft.encode_audio(self.audio[None])[:, : self.audio.shape[0] - look]  # frames up to the current
+            L = min(ctx, C.shape[1], self.preds.shape[0] + 1)
+            prev = self.preds[self.preds.shape[0] - (L - 1):][None] if L > 1 else None
+            out = ft.next_frame(C[:, -L:], prev)[0, 0]
+        self.preds = torch.cat([self.preds, out[None]])[-ctx:]
+        return out
+
+
+__all__ = ["GaussianFlameTalk", "speech_components"]
