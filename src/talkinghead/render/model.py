@@ -41,8 +41,8 @@ class GaussianModel(torch.nn.Module):
         n = means.shape[0]
         k = shN.shape[1] + 1
         self.sh_degree = round(math.sqrt(k)) - 1
-        if num_sh_bases(self.sh_degree) != k:
-            raise ValueError(f"shN must hold (d + 1)^2 - 1 coefficients, got {k - 1}")
+        if num_sh_bases(self.sh_degree) != k or self.sh_degree > 3:
+            raise ValueError(f"shN must hold (d + 1)^2 - 1 coefficients for a degree d <= 3, got {k - 1}")
         for name, t, shape in (
             ("means", means, (n, 3)), ("log_scales", log_scales, (n, 3)), ("quats", quats, (n, 4)),
             ("logit_opacities", logit_opacities, (n,)), ("sh0", sh0, (n, 1, 3)), ("shN", shN, (n, k - 1, 3)),
@@ -61,25 +61,28 @@ class GaussianModel(torch.nn.Module):
         scales: Tensor | None = None,  # [N] or [N, 3] linear; default: RMS distance to the 3 nearest points
     ) -> "GaussianModel":
         """Initial Gaussians on a point cloud, as 3DGS does: isotropic, identity rotation, low opacity."""
-        n = points.shape[0]
+        n, device = points.shape[0], points.device
         if scales is None:
             scales = _neighbour_distance(points)
-        scales = scales.float().reshape(n, -1).expand(n, 3)
+        scales = scales.to(device, torch.float32).reshape(n, -1).expand(n, 3)
         if colors is None:
-            colors = torch.full((n, 3), 0.5)
-        quats = torch.zeros(n, 4)
+            colors = torch.full((n, 3), 0.5, device=device)
+        quats = torch.zeros(n, 4, device=device)
         quats[:, 0] = 1.0
         return cls(
             means=points.float(),
             log_scales=torch.log(scales),
             quats=quats,
-            logit_opacities=torch.logit(torch.full((n,), opacity)),
+            logit_opacities=torch.logit(torch.full((n,), opacity, device=device)),
             sh0=rgb_to_sh(colors.float())[:, None, :],
-            shN=torch.zeros(n, num_sh_bases(sh_degree) - 1, 3),
+            shN=torch.zeros(n, num_sh_bases(sh_degree) - 1, 3, device=device),
         )
 
     def __len__(self) -> int:
         return self.means.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"{len(self)} Gaussians, SH degree {self.sh_degree}"
 
     @property
     def scales(self) -> Tensor:
