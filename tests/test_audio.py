@@ -171,3 +171,16 @@ def test_load_driving_audio(tmp_path):
     garbage.write_bytes(b"RIFF not really a wave file" * 10)
     with pytest.raises(UserError, match="garbage.wav"):
         load_driving_audio(garbage)
+
+
+def test_imports_stay_light():
+    # Training and rendering import these on machines without pocketsphinx or mediapipe (and with numpy 2).
+    import subprocess
+    import sys
+
+    code = ("import sys, talkinghead.audio, talkinghead.audio.phones, talkinghead.audio.wav2vec, "
+            "talkinghead.prepare.masks; "
+            "print(sorted(m for m in ('pocketsphinx', 'transformers', 'torch', 'mediapipe', 'cv2', 'av') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
