@@ -138,7 +138,9 @@ def check_audio(wave: np.ndarray, source: str) -> None:
     Silent = peak below 1e-3, or no second of it louder than -55 dBFS RMS (speech is ~-35..-15 dBFS).
     """
     wave = np.asarray(wave)
-    if wave.ndim != 1 or wave.size < MIN_SECONDS * AUDIO_RATE:
+    if wave.ndim != 1:
+        raise ValueError(f"check_audio expects mono samples [S], got shape {wave.shape}")
+    if wave.size < MIN_SECONDS * AUDIO_RATE:
         raise UserError(f"{source}: the audio is empty or shorter than {MIN_SECONDS:g} s")
     if not np.all(np.isfinite(wave)):
         raise UserError(f"{source}: the audio holds invalid (NaN or infinite) samples")
