@@ -49,18 +49,18 @@ from talkinghead.face.landmarks import CHIN, FACE_OVAL, LEFT_EYE_OUTER, LIPS_INN
 
 BACKGROUND, TORSO, HAIR, FACE, MOUTH = 0, 1, 2, 3, 4
 
-SELFIE_MODEL = 0  # mediapipe's square 256x256 "general" model; see bench/bench_audio_masks.py
+SELFIE_MODEL = 0  # mediapipe's square 256x256 "general" model: crisper and steadier than 1 (bench/RESULTS.md)
 PERSON_THRESHOLD = 0.5
 HEAD_BAND = 2.0  # half-width of the head band, in face half-widths
 EAR_DROP = 0.15  # the head band beside the jaw ends this far below the ear landmarks, in face heights
 EAR_RISE = 0.1  # the long-hair test looks beside the face from EAR_DROP below to this far above the ears
 LONG_HAIR_DEPTH = 0.9  # how far below the chin long hair may reach, in face heights
-LONG_HAIR_FILL = 0.5  # fraction of the strips just outside the ears that must be person to call the hair long
+LONG_HAIR_FILL = 0.5  # fraction of the strips beside the ears that must be person to call the hair long
 EAR_WIDTH = 0.2  # those strips start this far outside the ear landmarks, past the ears, in face half-widths
 SIDE_STRIP = 0.4  # width of those strips, in face half-widths
 NECK_HALF_WIDTH = 0.7  # long hair is never grown in front of the neck: this column under the chin, in half-widths
 HAIR_ANALYSIS_PX = 64  # face height (pixels) at which the long-hair colour analysis runs
-HAIR_MAHALANOBIS = 3.0  # colour distance (in standard deviations of the hair on top) still called hair
+HAIR_MAHALANOBIS = 3.0  # colour distance (in standard deviations of the sure hair's colour) still called hair
 PLATE_FRAMES = 64  # frames used for the background median
 PLATE_MARGIN = 0.015  # person mask dilation before taking background pixels, as a fraction of the image side
 
