@@ -5,14 +5,17 @@ It computes what 3DGS's CUDA tile rasterizer computes (Kerbl et al. 2023, sec. 6
 * **Exact footprints instead of tiles.** A Gaussian's alpha ``o * exp(-sigma)`` reaches 1/255 on an ellipse;
   each image row cuts it in one run of pixels ("span"), found in closed form. Only pixels inside are
   evaluated: a CPU gains nothing from evaluating whole 16x16 tiles (as GPU thread blocks do), which on
-  ``bench/bench_raster.py``'s head scene means 33x (128^2, 20k) and 15x (512^2, 50k) more alpha evaluations. The (pixel, Gaussian) pairs are then sorted by pixel; the sort is stable
-  and pairs are generated front to back, so each pixel's list is in depth order -- 3DGS's per-tile lists
-  with 1-pixel tiles.
+  ``bench/bench_raster.py``'s head scene means 33x (128^2, 20k) and 15x (512^2, 50k) more alpha
+  evaluations. The (pixel, Gaussian) pairs are then sorted by pixel; the sort is stable and pairs are
+  generated front to back, so each pixel's list is in depth order -- 3DGS's per-tile lists with 1-pixel tiles.
 * **Transmittance as a segmented scan.** ``T_i = prod_{j<i} (1 - alpha_j)`` is a cumulative sum of
   ``log(1 - alpha)`` over each pixel's list (in float64, since one scan runs across many lists); early
   termination (3DGS stops a pixel before T drops below 1e-4) and the 1/255 skip become masks, not loops.
+* **Blending as a sparse matrix product.** The weights ``w_i = alpha_i T_i`` form a [pixels x Gaussians]
+  matrix that the pixel-sorted pairs already lay out in CSR form; ``W @ feats`` (and ``W^T @ grad`` in the
+  backward pass, from the pairs in generation order) is ~10x faster than gathering and scatter-adding rows.
 * **Chunks of rows.** The image is processed in bands of rows holding at most ``max_pairs`` pairs, so memory
-  is bounded by the pairs of one chunk plus what the backward pass keeps (28 bytes a pair), never N x H x W.
+  is bounded by the pairs of one chunk plus what the backward pass keeps (32 bytes a pair), never N x H x W.
 * **A hand-written backward** (the 3DGS gradient of compositing) over the pairs saved by the forward pass.
   Per span, ``sigma - log(o)`` is a quadratic ``A dx^2 + B dx + C`` in the pixel offset ``dx`` along the
   row; the backward pass returns gradients of the per-span (A, B, C, dx0), and autograd carries them to
@@ -22,6 +25,7 @@ It computes what 3DGS's CUDA tile rasterizer computes (Kerbl et al. 2023, sec. 6
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -75,20 +79,32 @@ def _chunks(y: Tensor, length: Tensor, height: int, max_pairs: int) -> list[tupl
     return out
 
 
-def _segment_ends(pix: Tensor, n_pixels: int) -> tuple[Tensor, Tensor]:
-    """For pairs sorted by (local) pixel: index of the first and the last pair of each pair's pixel."""
+def _segments(pix: Tensor, n_pixels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For pairs sorted by (local) pixel: CSR row pointers [n_pixels + 1], and per pair the index of the
+    first and of the last pair of its pixel."""
     counts = torch.bincount(pix, minlength=n_pixels)
-    first = torch.cumsum(counts, 0) - counts
-    return torch.repeat_interleave(first, counts), torch.repeat_interleave(first + counts - 1, counts)
+    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    first = crow[:-1]
+    return crow, torch.repeat_interleave(first, counts), torch.repeat_interleave(first + counts - 1, counts)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix. Its matmul with a dense matrix is the fastest weighted scatter-sum on CPU
+    (~10x index_add_ of gathered rows). Built from sorted, duplicate-free indices, so checks are skipped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
 
 
 class _Composite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, C, dx0, feats, span_gid, span_pix0, chunks, n_pixels, keep_for_backward):
         out = feats.new_zeros(n_pixels, feats.shape[1])
+        n = feats.shape[0]
         saved = []
         for sidx, length, p0, n_chunk in chunks:
-            # Per-span constants of this chunk, then expanded to one row per pair.
+            # Per-span constants of this chunk, expanded to one entry per pair in generation order: span by
+            # span, i.e. Gaussian by Gaussian (front to back), then row, then column.
             sA, sB, sC, sdx0 = (t.index_select(0, sidx) for t in (A, B, C, dx0))
             s_gid, s_pix = span_gid.index_select(0, sidx), span_pix0.index_select(0, sidx) - p0
             span = torch.repeat_interleave(torch.arange(len(sidx), device=feats.device), length)
@@ -97,12 +113,13 @@ class _Composite(torch.autograd.Function):
             pix = (s_pix.index_select(0, span) + col).int()  # pixel index within the chunk
             dx = sdx0.index_select(0, span) + col.to(feats.dtype)
             q = (sA.index_select(0, span) * dx + sB.index_select(0, span)) * dx + sC.index_select(0, span)
-            order = torch.argsort(pix, stable=True)  # pairs were made front to back: lists stay depth-sorted
+            # Stable sort by pixel: each pixel's list stays in generation, i.e. depth, order.
+            order = torch.argsort(pix, stable=True)
             span, pix, dx, q = (t.index_select(0, order) for t in (span, pix, dx, q))
             pix = pix.long()
             raw = torch.exp(-q)  # o * exp(-sigma)
             alpha = torch.where(raw >= ALPHA_MIN, raw.clamp(max=ALPHA_MAX), torch.zeros_like(raw))
-            start, end = _segment_ends(pix, n_chunk)
+            crow, start, end = _segments(pix, n_chunk)
             log1m = torch.log1p(-alpha).double()
             cs = torch.cumsum(log1m, 0)
             log_after = cs - torch.cat([cs.new_zeros(1), cs]).index_select(0, start)
@@ -111,10 +128,11 @@ class _Composite(torch.autograd.Function):
             # alpha = 0, which leaves them inert in both passes.
             alpha = torch.where(log_after >= math.log(T_MIN), alpha, torch.zeros_like(alpha))
             gid = s_gid.index_select(0, span)
-            pix = pix + p0
-            out.index_add_(0, pix, (alpha * T)[:, None] * feats.index_select(0, gid))
+            # [pixels x Gaussians] blending weights, rows sorted by pixel, columns by depth.
+            out[p0 : p0 + n_chunk] = _csr(crow, gid, alpha * T, (n_chunk, n)) @ feats
             if keep_for_backward:
-                saved.append((sidx, span.int(), gid.int(), pix.int(), end.int(), alpha, T, dx))
+                pairs = (order.int(), span.int(), gid.int(), pix.int(), end.int(), alpha, T, dx)
+                saved.append((sidx, p0, n_chunk, s_gid, length, pairs))
         ctx.chunks = saved
         ctx.save_for_backward(A, B, feats)
         return out
@@ -122,15 +140,22 @@ class _Composite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         A, B, feats = ctx.saved_tensors
+        n = feats.shape[0]
         grad_out = grad_out.contiguous()
         g_feats = torch.zeros_like(feats)
-        g_span = feats.new_zeros(A.shape[0], 3)  # sums over each span of g_q dx^2, g_q dx, g_q
-        for sidx, span, gid, pix, end, alpha, T, dx in ctx.chunks:
-            span, gid, pix, end = span.long(), gid.long(), pix.long(), end.long()
-            gp = grad_out.index_select(0, pix)  # dL/d(pixel value), per pair
+        g_span = feats.new_zeros(3, A.shape[0])  # sums over each span of g_q dx^2, g_q dx, g_q
+        for sidx, p0, n_chunk, s_gid, length, pairs in ctx.chunks:
+            order, span, gid, pix, end, alpha, T, dx = pairs
+            order, span, pix, end = order.long(), span.long(), pix.long(), end.long()
+            g_chunk = grad_out[p0 : p0 + n_chunk]
             w = alpha * T
-            g_feats.index_add_(0, gid, w[:, None] * gp)
-            g_w = (gp * feats.index_select(0, gid)).sum(1)  # dL/dw_i
+            # d feats = W^T grad: W^T in CSR needs the pairs by Gaussian, which generation order is.
+            per_gauss = torch.bincount(s_gid, weights=length.to(w.dtype), minlength=n).long()
+            crow = torch.cat([per_gauss.new_zeros(1), torch.cumsum(per_gauss, 0)])
+            w_gen = torch.empty_like(w).index_copy_(0, order, w)
+            pix_gen = torch.empty_like(pix).index_copy_(0, order, pix)
+            g_feats += _csr(crow, pix_gen, w_gen, (n, n_chunk)) @ g_chunk
+            g_w = (g_chunk.index_select(0, pix) * feats.index_select(0, gid)).sum(1)  # dL/dw_i
             # d out / d alpha_i = T_i f_i - (sum of w_j f_j over the pairs behind i) / (1 - alpha_i)
             cs = torch.cumsum((w * g_w).double(), 0)
             behind = (cs.index_select(0, end) - cs).to(alpha.dtype)
@@ -138,9 +163,11 @@ class _Composite(torch.autograd.Function):
             # alpha = exp(-q) where it is neither skipped (0) nor clamped; d alpha / d q = -alpha.
             g_q = torch.where((alpha > 0) & (alpha < ALPHA_MAX), -g_alpha * alpha, torch.zeros_like(alpha))
             g_q_dx = g_q * dx
-            per_span = alpha.new_zeros(len(sidx), 3).index_add_(0, span, torch.stack([g_q_dx * dx, g_q_dx, g_q], 1))
-            g_span.index_add_(0, sidx, per_span)
-        g_A, g_B, g_C = g_span.unbind(1)
+            per_span = alpha.new_zeros(3, len(sidx))
+            for row, values in zip(per_span, (g_q_dx * dx, g_q_dx, g_q)):
+                row.index_add_(0, span, values)  # 1-D index_add: ~3x faster than one on [M, 3] rows
+            g_span.index_add_(1, sidx, per_span)
+        g_A, g_B, g_C = g_span
         g_dx0 = 2 * A * g_B + B * g_C  # d q / d dx0 = 2 A dx + B, summed over the span's pixels
         return g_A, g_B, g_C, g_dx0, g_feats, None, None, None, None, None
 
