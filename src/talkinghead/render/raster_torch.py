@@ -15,7 +15,7 @@ It computes what 3DGS's CUDA tile rasterizer computes (Kerbl et al. 2023, sec. 6
   matrix that the pixel-sorted pairs already lay out in CSR form; ``W @ feats`` (and ``W^T @ grad`` in the
   backward pass, from the pairs in generation order) is ~10x faster than gathering and scatter-adding rows.
 * **Chunks of rows.** The image is processed in bands of rows holding at most ``max_pairs`` pairs, so memory
-  is bounded by the pairs of one chunk plus what the backward pass keeps (32 bytes a pair), never N x H x W.
+  is bounded by the pairs of one chunk plus what the backward pass keeps (28 bytes a pair), never N x H x W.
 * **A hand-written backward** (the 3DGS gradient of compositing) over the pairs saved by the forward pass.
   Per span, ``sigma - log(o)`` is a quadratic ``A dx^2 + B dx + C`` in the pixel offset ``dx`` along the
   row; the backward pass returns gradients of the per-span (A, B, C, dx0), and autograd carries them to
@@ -79,13 +79,14 @@ def _chunks(y: Tensor, length: Tensor, height: int, max_pairs: int) -> list[tupl
     return out
 
 
-def _segments(pix: Tensor, n_pixels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """For pairs sorted by (local) pixel: CSR row pointers [n_pixels + 1], and per pair the index of the
-    first and of the last pair of its pixel."""
-    counts = torch.bincount(pix, minlength=n_pixels)
-    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    first = crow[:-1]
-    return crow, torch.repeat_interleave(first, counts), torch.repeat_interleave(first + counts - 1, counts)
+def _segment_sums(x: Tensor, crow: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Inclusive prefix sums of ``x`` within each pixel's list, and each list's total, per pair (float64:
+    the running sum crosses many lists)."""
+    cs = torch.cumsum(x.double(), 0)
+    csz = torch.cat([cs.new_zeros(1), cs])
+    before = torch.repeat_interleave(csz.index_select(0, crow[:-1]), counts)
+    total = torch.repeat_interleave(csz.index_select(0, crow[1:]), counts)
+    return cs - before, total - before
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -114,15 +115,15 @@ class _Composite(torch.autograd.Function):
             dx = sdx0.index_select(0, span) + col.to(feats.dtype)
             q = (sA.index_select(0, span) * dx + sB.index_select(0, span)) * dx + sC.index_select(0, span)
             # Stable sort by pixel: each pixel's list stays in generation, i.e. depth, order.
-            order = torch.argsort(pix, stable=True)
-            span, pix, dx, q = (t.index_select(0, order) for t in (span, pix, dx, q))
+            pix, order = torch.sort(pix, stable=True)
+            span, dx, q = (t.index_select(0, order) for t in (span, dx, q))
             pix = pix.long()
             raw = torch.exp(-q)  # o * exp(-sigma)
             alpha = torch.where(raw >= ALPHA_MIN, raw.clamp(max=ALPHA_MAX), torch.zeros_like(raw))
-            crow, start, end = _segments(pix, n_chunk)
-            log1m = torch.log1p(-alpha).double()
-            cs = torch.cumsum(log1m, 0)
-            log_after = cs - torch.cat([cs.new_zeros(1), cs]).index_select(0, start)
+            counts = torch.bincount(pix, minlength=n_chunk)
+            crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])  # each pixel's first pair
+            log1m = torch.log1p(-alpha)
+            log_after, _ = _segment_sums(log1m, crow, counts)
             T = torch.exp(log_after - log1m).to(alpha.dtype)
             # T only decreases along a list, so "not yet terminated" is a prefix of it. Later pairs get
             # alpha = 0, which leaves them inert in both passes.
@@ -131,8 +132,8 @@ class _Composite(torch.autograd.Function):
             # [pixels x Gaussians] blending weights, rows sorted by pixel, columns by depth.
             out[p0 : p0 + n_chunk] = _csr(crow, gid, alpha * T, (n_chunk, n)) @ feats
             if keep_for_backward:
-                pairs = (order.int(), span.int(), gid.int(), pix.int(), end.int(), alpha, T, dx)
-                saved.append((sidx, p0, n_chunk, s_gid, length, pairs))
+                pairs = (order.int(), span.int(), gid.int(), pix.int(), alpha, T, dx)
+                saved.append((sidx, p0, n_chunk, s_gid, length, crow, counts, pairs))
         ctx.chunks = saved
         ctx.save_for_backward(A, B, feats)
         return out
@@ -144,21 +145,21 @@ class _Composite(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         g_feats = torch.zeros_like(feats)
         g_span = feats.new_zeros(3, A.shape[0])  # sums over each span of g_q dx^2, g_q dx, g_q
-        for sidx, p0, n_chunk, s_gid, length, pairs in ctx.chunks:
-            order, span, gid, pix, end, alpha, T, dx = pairs
-            order, span, pix, end = order.long(), span.long(), pix.long(), end.long()
+        for sidx, p0, n_chunk, s_gid, length, crow, counts, pairs in ctx.chunks:
+            order, span, gid, pix, alpha, T, dx = pairs
+            order, span, pix = order.long(), span.long(), pix.long()
             g_chunk = grad_out[p0 : p0 + n_chunk]
             w = alpha * T
             # d feats = W^T grad: W^T in CSR needs the pairs by Gaussian, which generation order is.
             per_gauss = torch.bincount(s_gid, weights=length.to(w.dtype), minlength=n).long()
-            crow = torch.cat([per_gauss.new_zeros(1), torch.cumsum(per_gauss, 0)])
+            crow_g = torch.cat([per_gauss.new_zeros(1), torch.cumsum(per_gauss, 0)])
             w_gen = torch.empty_like(w).index_copy_(0, order, w)
             pix_gen = torch.empty_like(pix).index_copy_(0, order, pix)
-            g_feats += _csr(crow, pix_gen, w_gen, (n, n_chunk)) @ g_chunk
+            g_feats += _csr(crow_g, pix_gen, w_gen, (n, n_chunk)) @ g_chunk
             g_w = (g_chunk.index_select(0, pix) * feats.index_select(0, gid)).sum(1)  # dL/dw_i
             # d out / d alpha_i = T_i f_i - (sum of w_j f_j over the pairs behind i) / (1 - alpha_i)
-            cs = torch.cumsum((w * g_w).double(), 0)
-            behind = (cs.index_select(0, end) - cs).to(alpha.dtype)
+            upto, total = _segment_sums(w * g_w, crow, counts)
+            behind = (total - upto).to(alpha.dtype)
             g_alpha = T * g_w - behind / (1.0 - alpha)
             # alpha = exp(-q) where it is neither skipped (0) nor clamped; d alpha / d q = -alpha.
             g_q = torch.where((alpha > 0) & (alpha < ALPHA_MAX), -g_alpha * alpha, torch.zeros_like(alpha))
