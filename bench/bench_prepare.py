@@ -110,7 +110,7 @@ def main() -> None:
                   f"{meta['pose']['jitter_deg_median']:.3f} deg median.",
                   "",
                   f"Stage seconds inside the run (audio runs in a second process, overlapped): {stages}; "
-                  f"total {t['total']:.1f}. Face model: E = {meta['face_model']['num_expression']}, "
+                  f"total {t['total']:.1f}; CPU s {meta['cpu_s']}. Face model: E = {meta['face_model']['num_expression']}, "
                   f"explained variance {meta['face_model']['explained_variance']:.4f}, fit error "
                   f"{meta['face_model']['fit_error_mm']:.3f} mm, reprojection "
                   f"{meta['face_model']['reprojection_error_px']:.3f} px."]

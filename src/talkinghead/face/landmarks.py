@@ -137,22 +137,34 @@ def track(frames: Iterable[np.ndarray], progress: bool = False, total: int | Non
 
     With several faces in view, the person is the largest face at first sight and then, frame after
     frame, the face whose landmarks lie closest to the last ones kept (one identity, not whoever is
-    biggest in each frame).
+    biggest in each frame). When the first frame shows a single face, the mesh tracks one face only:
+    mediapipe then follows it from frame to frame instead of also running its face detector on every
+    frame to look for a second one (about a third of the per-frame cost).
     """
+    import itertools
+
     from tqdm import tqdm
 
     rows: list[np.ndarray] = []
     last: np.ndarray | None = None
-    with quiet_native_stderr() as stderr, FaceMesh() as mesh:
-        for image in tqdm(frames, total=total, desc="face mesh", unit="frame", disable=not progress, file=stderr):
-            faces = mesh.detect(image)
-            if not faces:
-                rows.append(np.full((NUM_LANDMARKS, 3), np.nan, np.float32))
-                continue
-            if last is None:
-                pick = max(faces, key=_bbox_area)
-            else:
-                pick = min(faces, key=lambda f: float(np.mean(np.linalg.norm(f[:, :2] - last[:, :2], axis=-1))))
-            rows.append(pick)
-            last = pick
-    return np.stack(rows) if rows else np.zeros((0, NUM_LANDMARKS, 3), np.float32)
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        return np.zeros((0, NUM_LANDMARKS, 3), np.float32)
+    with quiet_native_stderr() as stderr:
+        with FaceMesh(max_faces=4, video_mode=False) as probe:
+            crowd = len(probe.detect(first))
+        with FaceMesh(max_faces=1 if crowd <= 1 else 2) as mesh:
+            for image in tqdm(itertools.chain([first], frames), total=total, desc="face mesh", unit="frame",
+                              disable=not progress, file=stderr):
+                faces = mesh.detect(image)
+                if not faces:
+                    rows.append(np.full((NUM_LANDMARKS, 3), np.nan, np.float32))
+                    continue
+                if last is None:
+                    pick = max(faces, key=_bbox_area)
+                else:
+                    pick = min(faces, key=lambda f: float(np.mean(np.linalg.norm(f[:, :2] - last[:, :2], axis=-1))))
+                rows.append(pick)
+                last = pick
+    return np.stack(rows)

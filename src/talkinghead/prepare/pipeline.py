@@ -259,9 +259,9 @@ def _compute_audio(wave: np.ndarray, fps: float, num_frames: int, wav2vec_model)
     """Worker of the audio process: features for ``num_frames`` frames (and its run time)."""
     from talkinghead.audio.features import compute_audio_features
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     features = compute_audio_features(wave, fps, num_frames, wav2vec_model=wav2vec_model)
-    return features, time.perf_counter() - start
+    return features, time.perf_counter() - start, time.process_time() - cpu
 
 
 def _slice_audio(features, num_frames: int):
@@ -330,7 +330,7 @@ def _versions() -> dict:
 # --- the entry point ---------------------------------------------------------------------------------
 def prepare(cfg: PrepareConfig, log: Callable[[str], None] = lambda _: None) -> Path:
     """Run every stage of ``cfg`` and return the finished dataset folder ``cfg.out``."""
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     video, out = Path(cfg.video), Path(cfg.out)
     if cfg.size < 16:
         raise UserError(f"--size must be at least 16, got {cfg.size}")
@@ -356,7 +356,7 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = lambda _: None) -> 
     work, origin = _open_work_dir(out, source["sha256"])
     stages = _Stages(work)
     try:
-        return _run(cfg, video, out, work, stages, wave, source, start, log)
+        return _run(cfg, video, out, work, stages, wave, source, (start, start_cpu), log)
     except UserError:
         if origin == "new":
             shutil.rmtree(work, ignore_errors=True)
@@ -369,10 +369,11 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = lambda _: None) -> 
 
 
 def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages, wave: np.ndarray,
-         source: dict, start: float, log: Callable[[str], None]) -> Path:
+         source: dict, starts: tuple[float, float], log: Callable[[str], None]) -> Path:
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
+    start, start_cpu = starts
     stages.done["source"] = {"sha256": source["sha256"]}
     timings: dict[str, float] = {}
     frames = _SourceFrames(video, cfg.fps)
@@ -487,17 +488,18 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
 
         if audio_future is not None:
             t0 = time.perf_counter()
-            features, seconds = audio_future.result()
+            features, seconds, cpu = audio_future.result()
             features = _slice_audio(features, num_frames)
             import soundfile
 
             soundfile.write(str(work / "audio.wav"), wave, media.AUDIO_RATE, subtype="FLOAT")
             features.save(work / "audio_features.npz")
-            stages.finish("audio", audio_key, seconds, waited_s=round(time.perf_counter() - t0, 3))
+            stages.finish("audio", audio_key, seconds, waited_s=round(time.perf_counter() - t0, 3),
+                          cpu_s=round(cpu, 3))
         timings["audio"] = stages.info("audio")["seconds"]
         features = AudioFeatures.load(work / "audio_features.npz")
         if features.num_frames < num_frames:  # the container under-reported its duration: redo for every frame
-            features, _ = _compute_audio(wave, cfg.fps, num_frames, cfg.wav2vec_model)
+            features = _compute_audio(wave, cfg.fps, num_frames, cfg.wav2vec_model)[0]
             features.save(work / "audio_features.npz")
 
         # preview
@@ -525,13 +527,18 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
             pool.shutdown(wait=False, cancel_futures=True)
 
     timings["total"] = round(time.perf_counter() - start, 3)
+    # CPU seconds of this run (all threads of this process, plus the audio process when it ran): the
+    # figure that does not grow when other jobs share the cores.
+    cpu = {"main": round(time.process_time() - start_cpu, 3)}
+    if "audio" in stages.finished_now:
+        cpu["audio_process"] = stages.info("audio")["cpu_s"]
     stack_dims = int(features.stack().shape[1])
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "num_frames": num_frames, "fps": cfg.fps, "size": [cfg.size, cfg.size],
         "tracked_fraction": float(tracked.mean()),
         "split": _split(num_frames, cfg.fps, cfg.test_seconds),
-        "timings_s": timings, "reused_stages": [n for n in STAGE_VERSION if n in timings and n not in stages.finished_now],
+        "timings_s": timings, "cpu_s": cpu, "reused_stages": [n for n in STAGE_VERSION if n in timings and n not in stages.finished_now],
         "source": source, "versions": _versions(),
         "options": {"size": cfg.size, "fps": cfg.fps, "test_seconds": cfg.test_seconds, "fov_deg": cfg.fov_deg,
                     "max_gap_s": cfg.max_gap_s, "wav2vec_model": str(cfg.wav2vec_model) if cfg.wav2vec_model else None},
