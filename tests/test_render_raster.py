@@ -276,3 +276,12 @@ def test_nothing_visible_renders_the_background_and_zero_gradients():
     assert torch.equal(depth, torch.zeros(6, 8, 1))
     image.sum().backward()
     assert torch.equal(means.grad, torch.zeros(4, 3))
+
+
+def test_inference_under_no_grad_matches_the_training_path():
+    viewmat, K = camera(30, 20, 25.0)
+    scene = [t.requires_grad_() for t in random_scene(30, seed=8)]
+    with torch.no_grad():
+        fast = rasterize(*scene, viewmat, K, 30, 20)[:3]
+    for a, b in zip(fast, rasterize(*scene, viewmat, K, 30, 20)[:3]):
+        assert torch.equal(a, b.detach())
