@@ -264,6 +264,9 @@ def test_auto_backend_is_torch_on_cpu_and_unknown_backends_are_rejected():
     assert info["backend"] == "torch"
     with pytest.raises(ValueError, match="backend"):
         rasterize(*random_scene(3), viewmat, K, 8, 6, backend="cuda")
+    means, quats, scales, opacities, _ = random_scene(3)
+    with pytest.raises(ValueError, match="sh_degree"):
+        rasterize(means, quats, scales, opacities, torch.zeros(3, 4, 3), viewmat, K, 8, 6)
 
 
 def test_nothing_visible_renders_the_background_and_zero_gradients():

@@ -61,6 +61,8 @@ def rasterize(
     Ks = K if batched else K[None]
     if Ks.shape[0] != viewmats.shape[0]:
         raise ValueError(f"{viewmats.shape[0]} viewmats but {Ks.shape[0]} intrinsics")
+    if (colors.dim() == 3) != (sh_degree is not None):
+        raise ValueError("colors must be [N, K, 3] SH coefficients with sh_degree, [N, D] features without")
     if backend == "auto":
         backend = "gsplat" if means.is_cuda and gsplat_available() else "torch"
     if backend == "gsplat":
