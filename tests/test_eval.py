@@ -244,3 +244,45 @@ def test_eval_avatar_form(tmp_path, capsys):
     assert inputs["evaluated_frames"] == inputs["ground_truth"]["frames"] > 0
     assert isinstance(m["psnr_face"], float) and 0 < m["ssim_full"] < 1
     assert (out / "prediction.mp4").is_file() and (out / "side_by_side.mp4").is_file()
+
+    # The same prediction against the test split written as a video, face masks from the dataset's parsing.
+    from talkinghead.data import PreparedDataset
+
+    ds = PreparedDataset(data, size=inputs["size"][0])
+    idx = ds.split_indices("test")
+    gt = tmp_path / "gt_test.mp4"
+    media.write_video(gt, (np.round(ds.image(int(i)) * 255).astype(np.uint8) for i in idx), ds.fps, crf=0)
+    masked = tmp_path / "masked"
+    code, _, err = _run(["eval", "--pred", str(out / "prediction.mp4"), "--gt", str(gt), "--mask-from", str(data),
+                         "--out", str(masked), "--no-video", "--quiet"], capsys)
+    assert code == 0, err
+    m2 = json.loads((masked / "metrics.json").read_text())["metrics"]
+    # Same frames (GT re-encoded losslessly up to chroma subsampling) and the same parsing masks as AVATAR mode.
+    assert m2["psnr_full"] == pytest.approx(m["psnr_full"], abs=0.5)
+    assert m2["psnr_face"] == pytest.approx(m["psnr_face"], abs=0.5)
+    oval = tmp_path / "oval"
+    assert _run(["eval", "--pred", str(out / "prediction.mp4"), "--gt", str(gt), "--out", str(oval),
+                 "--no-video", "--quiet"], capsys)[0] == 0
+    m3 = json.loads((oval / "metrics.json").read_text())["metrics"]
+    assert m3["psnr_full"] == m2["psnr_full"] and m3["ssim_face"] != m2["ssim_face"]  # landmark masks differ
+
+
+def test_lpips_and_syncnet_run_inside_evaluate_with_local_weights(may, tmp_path):
+    """evaluate() on 12 downscaled frames against themselves with random LPIPS and SyncNet weights."""
+    import cv2
+    import torch
+
+    from talkinghead.eval.evaluate import Clip, EvalOptions, evaluate
+    from talkinghead.eval.syncnet import SyncNet
+    from test_eval_models import _save_lpips_files
+
+    _save_lpips_files(tmp_path)
+    torch.manual_seed(0)
+    torch.save(SyncNet().state_dict(), tmp_path / "syncnet_v2.model")
+    frames = np.stack([cv2.resize(f, (192, 192), interpolation=cv2.INTER_AREA) for f in may["frames"][:12]])
+    clip = Clip("may[:12]", FPS, lambda: iter(frames), lambda: None)
+    opts = EvalOptions(lpips_weights=tmp_path, syncnet_weights=tmp_path / "syncnet_v2.model", progress=False)
+    ev = evaluate(clip, clip, audio=may["audio"], opts=opts)
+    assert ev.metrics["lpips_full"] == 0.0 and ev.metrics["lpips_face"] == 0.0
+    assert isinstance(ev.metrics["syncnet_offset"], int) and ev.metrics["syncnet_conf"] >= 0.0
+    assert ev.metrics["landmark_sync_offset"] is None and "frames" in ev.reasons["landmark_sync_offset"]

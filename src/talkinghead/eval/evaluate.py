@@ -55,6 +55,7 @@ METRICS: dict[str, tuple[int, str]] = {
 
 FID_REASON = ("FID needs Inception-v3 weights (pt_inception-2015-12-05), not available offline; "
               "it is also unreliable on a few hundred frames")
+_LPIPS_MIN_PX = 32  # AlexNet's feature maps vanish below this size
 CSIM_REASON = "CSIM needs face-recognition weights (ArcFace / CurricularFace), not available offline"
 
 
@@ -121,8 +122,9 @@ def _require_face(track: np.ndarray, clip: Clip, what: str) -> None:
 
 
 def _crop_box(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """Bounding box of a face mask for LPIPS; None when empty or too small for AlexNet's strides."""
     ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
+    if len(ys) == 0 or min(np.ptp(ys), np.ptp(xs)) < _LPIPS_MIN_PX:
         return None
     return slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
 
