@@ -196,36 +196,20 @@ def _lpips(opts: EvalOptions):
     return load_lpips(*found), None
 
 
-def _landmark_sync(audio: np.ndarray | None, track: np.ndarray, fps: float, ev: Evaluation, key: str = "") -> int | None:
+def _landmark_sync(audio: np.ndarray | None, track: np.ndarray, fps: float):
+    """(SyncResult, articulation [T]) of a face track against audio, or the reason it cannot be computed."""
     from talkinghead.audio.features import check_audio, compute_audio_features
     from talkinghead.face.landmarks import mouth_opening
 
     from .sync import MAX_OFFSET, articulation_signal, landmark_sync
 
     if audio is None:
-        if not key:
-            ev.set("landmark_sync_offset", None, "no audio")
-            ev.set("landmark_sync_conf", None, "no audio")
-        return None
-    check_audio(audio, "the driving audio")
+        return "no audio"
     if len(track) < 2 * MAX_OFFSET + 8:
-        if not key:
-            reason = f"needs at least {2 * MAX_OFFSET + 8} frames with a face"
-            ev.set("landmark_sync_offset", None, reason)
-            ev.set("landmark_sync_conf", None, reason)
-        return None
-    feats = compute_audio_features(audio, fps, len(track))
-    art = articulation_signal(feats)
-    mouth = mouth_opening(track)
-    res = landmark_sync(art, mouth, fps)
-    if not key:
-        ev.set("landmark_sync_offset", res.offset)
-        ev.set("landmark_sync_conf", res.confidence)
-        ev.series["articulation"] = art
-        ev.series["sync_scores"] = np.array(res.scores)
-    else:
-        ev.series[f"sync_scores_{key}"] = np.array(res.scores)
-    return res.offset
+        return f"needs at least {2 * MAX_OFFSET + 8} frames with a face"
+    check_audio(audio, "the driving audio")
+    art = articulation_signal(compute_audio_features(audio, fps, len(track)))
+    return landmark_sync(art, mouth_opening(track), fps), art
 
 
 def _syncnet(clip: Clip, audio: np.ndarray | None, track: np.ndarray, opts: EvalOptions, ev: Evaluation) -> None:
@@ -348,16 +332,23 @@ def evaluate(pred: Clip, gt: Clip | None = None, audio: np.ndarray | None = None
     ev.series["mouth_pred"] = mouth_opening(pred_track)
 
     _stability(pred_track, ref_track, pred.fps, ev)
-    _landmark_sync(audio, pred_track, pred.fps, ev)
-    if gt is not None:
-        gt_audio = gt.audio()
-        gt_offset = _landmark_sync(gt_audio if gt_audio is not None else audio, gt_track, gt.fps, ev, key="gt")
-        off = ev.metrics.get("landmark_sync_offset")
-        if gt_offset is None or off is None:
-            ev.set("landmark_sync_offset_vs_gt", None, "landmark sync unavailable on one of the videos")
-        else:
-            ev.set("landmark_sync_offset_vs_gt", int(off) - int(gt_offset))
+    res = _landmark_sync(audio, pred_track, pred.fps)
+    if isinstance(res, str):
+        for name in ("landmark_sync_offset", "landmark_sync_conf", "landmark_sync_offset_vs_gt"):
+            ev.set(name, None, res)
     else:
-        ev.set("landmark_sync_offset_vs_gt", None, "cross-driven: no ground truth")
+        ev.set("landmark_sync_offset", res[0].offset)
+        ev.set("landmark_sync_conf", res[0].confidence)
+        ev.series["sync_scores"], ev.series["articulation"] = np.array(res[0].scores), res[1]
+        if gt is None:
+            ev.set("landmark_sync_offset_vs_gt", None, "cross-driven: no ground truth")
+        else:
+            gt_audio = gt.audio()
+            gt_res = _landmark_sync(gt_audio if gt_audio is not None else audio, gt_track, gt.fps)
+            if isinstance(gt_res, str):
+                ev.set("landmark_sync_offset_vs_gt", None, f"ground truth: {gt_res}")
+            else:
+                ev.set("landmark_sync_offset_vs_gt", res[0].offset - gt_res[0].offset)
+                ev.series["sync_scores_gt"] = np.array(gt_res[0].scores)
     _syncnet(pred, audio, pred_track, opts, ev)
     return ev
