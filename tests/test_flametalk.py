@@ -86,13 +86,14 @@ def test_prediction_is_causal_no_future_audio_leaks():
     assert np.abs(out[40:] - out2[40:]).max() > 1e-3
     # the non-speech coefficients are the template's
     np.testing.assert_allclose(out[:, 1], expr[:, 1].mean(), atol=1e-6)
-    # teacher-forced and autoregressive passes agree when fed the model's own predictions
+    # teacher-forced and autoregressive passes agree when fed the model's own predictions (within the
+    # first context window; later the autoregressive pass restarts its window like a training window)
     x = torch.as_tensor(audio)[None]
     model.eval()
     with torch.no_grad():
         ar = model(x)
         tf = model(x, target_speech=ar)
-    torch.testing.assert_close(tf, ar, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tf[:, :20], ar[:, :20], atol=1e-4, rtol=1e-4)
 
 
 def test_training_learns_audio_to_jaw_and_beats_the_mean_face():

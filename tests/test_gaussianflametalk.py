@@ -14,6 +14,7 @@ from talkinghead.methods.base import Condition
 from talkinghead.methods.data import FrameStore
 from talkinghead.methods.gaussianflametalk.avatar import axis_angle_to_matrix, corrected_viewmat
 from talkinghead.methods.gaussianflametalk.config import make_config
+from talkinghead.methods.gaussianflametalk.model import retrain_flametalk
 from talkinghead.methods.render import render_audio, render_split
 from talkinghead.methods.trainer import load_model, train
 from talkinghead.render.projection import quat_to_rotmat
@@ -100,6 +101,13 @@ def test_train_save_load_render_both_stages(synthetic, tmp_path, monkeypatch):
         torch.testing.assert_close(img[:2, :2], bd[:2, :2], atol=0.02, rtol=0)
         res = render_split(out, synthetic, "test", tmp_path / "test.mp4")
         assert res["frames"] == 8 and (tmp_path / "test.mp4").stat().st_size > 0
+        # The FlameTalk stage re-run in place (the per-stage hook): the Gaussians are kept, FlameTalk changes.
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        retrain_flametalk(out, synthetic, {"d_model": 8, "iterations": 3}, progress=False)
+        _, cfg2, _, model2, _ = load_model(out)
+        assert cfg2.flametalk.d_model == 8 and model2.flametalk.cfg.d_model == 8
+        torch.testing.assert_close(model2.avatar.local_means, before["avatar.local_means"])
+        assert json.loads((out / "train_log.json").read_text())["flametalk"]["iterations"] == 3
     finally:
         from talkinghead.methods import register_method
 

@@ -24,6 +24,7 @@ window's past rows. ``drive = "tracked"`` renders the tracked expression instead
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from talkinghead.render import rasterize
 
 from .avatar import RiggedAvatar
 from .config import GaussianFlameTalkConfig
-from .flametalk import FlameTalk, build_flametalk, evaluate_flametalk, speech_components, train_flametalk
+from .flametalk import FlameTalk, build_flametalk, evaluate_flametalk, train_flametalk
 
 
 class GaussianFlameTalk(nn.Module):
@@ -83,6 +84,7 @@ class GaussianFlameTalk(nn.Module):
         X = dataset.tracks.expression
         train, test = dataset.split_indices("train"), dataset.split_indices("test")
         log: list = []
+        t0 = time.perf_counter()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny matrices: more threads only add contention
         try:
@@ -91,7 +93,10 @@ class GaussianFlameTalk(nn.Module):
             torch.set_num_threads(threads)
         self.flametalk_trained.fill_(True)
         metrics = evaluate_flametalk(self.flametalk, audio[test], X[test]) if len(test) > 1 else {}
-        self._extras["flametalk"] = {"final_loss": log[-1]["loss"] if log else None, "test": metrics}
+        self._extras["flametalk"] = {"train_time_s": round(time.perf_counter() - t0, 2),
+                                     "iterations": self.flametalk.cfg.iterations,
+                                     "best_val_vertex_mm": min((r["val_mm"] for r in log if "val_mm" in r), default=None),
+                                     "test": metrics}
         return metrics
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
@@ -248,4 +253,44 @@ class _Stream:
         return out
 
 
-__all__ = ["GaussianFlameTalk", "speech_components"]
+
+
+def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, progress: bool = True) -> dict:
+    """Re-run the FlameTalk stage (sec. 3.2) of a trained avatar in place, keeping its Gaussians.
+
+    The shared ``train`` command has no per-stage hook into an existing avatar, so this is that hook on the
+    method's side: load AVATAR, train a fresh FlameTalk (``flametalk_config`` overrides fields of the saved
+    one) on DATA (default: the avatar's dataset), then replace ``model.safetensors`` and the ``flametalk``
+    entries of ``config.json`` / ``train_log.json`` atomically. Returns FlameTalk's test-split metrics.
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from talkinghead.methods.base import config_to_dict
+    from talkinghead.methods.data import open_dataset
+    from talkinghead.methods.trainer import CONFIG, LOG, MODEL, load_model, save_tensors_atomic, write_json_atomic
+
+    avatar = Path(avatar)
+    _, cfg, info, model, meta = load_model(avatar, expect_method="gaussianflametalk")
+    ds = open_dataset(Path(data) if data is not None else Path(meta["data"]))
+    cfg.flametalk = dataclasses.replace(cfg.flametalk, **(flametalk_config or {}))
+    fm, tracks = ds.face_model, ds.tracks
+    train = ds.split_indices("train")
+    audio = np.asarray(ds.audio_matrix, np.float32)
+    model.cfg = cfg
+    model.flametalk = build_flametalk(cfg.flametalk, audio[train], tracks.expression[train], fm.neutral, fm.basis)
+    metrics = model.fit_flametalk(ds, progress=progress)
+    save_tensors_atomic(avatar / MODEL, {f"model.{k}": v for k, v in model.state_dict().items()},
+                        metadata={"method": "gaussianflametalk"})
+    meta["config"] = config_to_dict(cfg)
+    write_json_atomic(avatar / CONFIG, meta)
+    log_path = avatar / LOG
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    log["flametalk"] = model._extras["flametalk"]
+    log["speech_components"] = [int(i) for i in model.flametalk.speech_idx]
+    write_json_atomic(log_path, log)
+    return metrics
+
+
+__all__ = ["GaussianFlameTalk", "retrain_flametalk"]

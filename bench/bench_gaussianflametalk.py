@@ -1,0 +1,160 @@
+"""GaussianFlameTalk's must-show figures, appended to bench/RESULTS.md (section "GaussianFlameTalk").
+
+1. FlameTalk alone on the dataset's test split: vertex error vs the mean-face baseline, lip-vertex error,
+   predicted vs tracked mouth-opening correlation (from the avatar's trained FlameTalk, or trained here).
+2. Self-driven test split through ``talkinghead eval AVATAR --data DATA`` for GaussianFlameTalk and, when
+   given, GaussianTalker; both reports gathered by ``talkinghead compare`` (stability, PSNR face, mouth-opening
+   correlation side by side).
+3. Cross-driven with ``--audio`` (e.g. ../shared/data/speech_en_60s.wav): ``talkinghead render`` then
+   ``talkinghead eval --pred --audio --ref`` (stability against the training video, landmark sync).
+
+Usage (the avatars come from ``talkinghead train``; the datasets from ``talkinghead prepare``):
+
+    python bench/bench_gaussianflametalk.py --data /tmp/th_cnn512 --avatar /tmp/gft_cnn \\
+        [--gt-avatar /tmp/gt_avatar --gt-data /tmp/gt_data] [--audio ../shared/data/speech_en_60s.wav] \\
+        [--work /tmp/gft_bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "RESULTS.md"
+SECTION = "## GaussianFlameTalk (bench/bench_gaussianflametalk.py)"
+CLI = [sys.executable, "-m", "talkinghead.cli"]
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{model}, 2 cores; {now}; commit {commit}; load average {load} (1/5/15 min)"
+
+
+def run(cmd: list[str]) -> float:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    t = time.perf_counter()
+    subprocess.run([str(c) for c in cmd], check=True)
+    return time.perf_counter() - t
+
+
+def flametalk_figures(avatar: Path, data: Path) -> dict:
+    """FlameTalk's test-split metrics from the avatar's trained FlameTalk (sec. 3.2 alone)."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.gaussianflametalk.flametalk import evaluate_flametalk
+    from talkinghead.methods.trainer import load_model
+
+    _, _, _, model, _ = load_model(avatar, expect_method="gaussianflametalk")
+    ds = PreparedDataset(data)
+    test = ds.split_indices("test")
+    t = time.perf_counter()
+    m = evaluate_flametalk(model.flametalk, ds.audio_matrix[test], ds.tracks.expression[test])
+    m["predict_fps"] = len(test) / (time.perf_counter() - t)
+    log = json.loads((avatar / "train_log.json").read_text())
+    m["train_time_s"] = log.get("flametalk", {}).get("train_time_s")
+    return m
+
+
+def metrics(report: Path) -> dict:
+    return json.loads((report / "metrics.json").read_text())
+
+
+def value(m: dict, key: str):
+    v = m.get("metrics", m).get(key)
+    if isinstance(v, dict):
+        v = v.get("value")
+    return v
+
+
+def fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--avatar", type=Path, required=True)
+    ap.add_argument("--gt-avatar", type=Path, default=None, help="a GaussianTalker avatar of the same clip")
+    ap.add_argument("--gt-data", type=Path, default=None, help="its prepared dataset (default: --data)")
+    ap.add_argument("--audio", type=Path, default=None, help="cross-driving audio")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gft_bench"))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    lines = [f"### {machine()}", ""]
+
+    ft = flametalk_figures(args.avatar, args.data)
+    lines += [
+        f"FlameTalk alone, test split of `{args.data.name}` ({ft['frames']} frames), "
+        f"{ft['speech_components']} speech-related coefficients, trained in {fmt(ft['train_time_s'], 0)} s:",
+        "",
+        "| mesh | vertex error (mm) | lip vertices (mm) | mouth-opening r (pred vs tracked mesh) |",
+        "|---|---|---|---|",
+        f"| FlameTalk | {ft['vertex_error_mm']:.3f} | {ft['lip_error_mm']:.3f} | {ft['mouth_opening_corr']:.3f} |",
+        f"| mean face (baseline) | {ft['baseline_vertex_error_mm']:.3f} | {ft['baseline_lip_error_mm']:.3f} | - |",
+        "",
+        f"Errors against M_gt' (tracked speech coefficients, the rest template: eq. 2's target); against the full "
+        f"tracked mesh: {ft['vertex_error_full_mm']:.3f} mm vs mean face {ft['baseline_vertex_error_full_mm']:.3f} mm. "
+        f"Causal prediction at {ft['predict_fps']:.0f} frames/s.",
+        "",
+    ]
+
+    runs = [("gaussianflametalk", args.avatar, args.data)]
+    if args.gt_avatar is not None:
+        runs.append(("gaussiantalker", args.gt_avatar, args.gt_data or args.data))
+    self_reports, cross_reports = [], []
+    for name, avatar, data in runs:
+        rep = args.work / f"self_{name}"
+        run(CLI + ["eval", avatar, "--data", data, "--out", rep, "--quiet"])
+        self_reports.append(rep)
+    table = args.work / "compare_self.md"
+    run(CLI + ["compare", *self_reports, "--out", table])
+    lines += ["Self-driven test split (`talkinghead eval AVATAR --data DATA`, then `talkinghead compare`):", "",
+              table.read_text().strip(), ""]
+
+    if args.audio is not None:
+        for name, avatar, data in runs:
+            mp4 = args.work / f"cross_{name}.mp4"
+            secs = run(CLI + ["render", avatar, "--audio", args.audio, "--out", mp4])
+            rep = args.work / f"cross_{name}"
+            ref = json.loads((data / "meta.json").read_text())["source"]["path"]
+            run(CLI + ["eval", "--pred", mp4, "--audio", args.audio, "--ref", ref, "--out", rep, "--quiet"])
+            cross_reports.append(rep)
+            print(f"{name}: cross-driven render {secs:.0f} s", flush=True)
+        table = args.work / "compare_cross.md"
+        run(CLI + ["compare", *cross_reports, "--out", table])
+        lines += [f"Cross-driven by `{args.audio.name}` (poses replay the training video back and forth; "
+                  f"stability against the training video as reference):", "", table.read_text().strip(), ""]
+
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    block = "\n".join(lines) + "\n"
+    if SECTION in text:
+        head, _, rest = text.partition(SECTION)
+        nxt = rest.find("\n## ")
+        body, tail = (rest, "") if nxt < 0 else (rest[:nxt + 1], rest[nxt + 1:])
+        text = head + SECTION + body.rstrip("\n") + "\n\n" + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + block
+    RESULTS.write_text(text)
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
