@@ -79,14 +79,14 @@ def _chunks(y: Tensor, length: Tensor, height: int, max_pairs: int) -> list[tupl
     return out
 
 
-def _segment_sums(x: Tensor, crow: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Inclusive prefix sums of ``x`` within each pixel's list, and each list's total, per pair (float64:
-    the running sum crosses many lists)."""
+def _segment_cumsum(x: Tensor, crow: Tensor, counts: Tensor, suffix: bool = False) -> Tensor:
+    """Per pair, the sum of ``x`` over its pixel's list up to and including it -- or, with ``suffix``, over
+    the pairs after it. In float64: the running sum crosses many lists."""
     cs = torch.cumsum(x.double(), 0)
     csz = torch.cat([cs.new_zeros(1), cs])
-    before = torch.repeat_interleave(csz.index_select(0, crow[:-1]), counts)
-    total = torch.repeat_interleave(csz.index_select(0, crow[1:]), counts)
-    return cs - before, total - before
+    if suffix:
+        return torch.repeat_interleave(csz.index_select(0, crow[1:]), counts) - cs
+    return cs - torch.repeat_interleave(csz.index_select(0, crow[:-1]), counts)
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -123,7 +123,7 @@ class _Composite(torch.autograd.Function):
             counts = torch.bincount(pix, minlength=n_chunk)
             crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])  # each pixel's first pair
             log1m = torch.log1p(-alpha)
-            log_after, _ = _segment_sums(log1m, crow, counts)
+            log_after = _segment_cumsum(log1m, crow, counts)
             T = torch.exp(log_after - log1m).to(alpha.dtype)
             # T only decreases along a list, so "not yet terminated" is a prefix of it. Later pairs get
             # alpha = 0, which leaves them inert in both passes.
@@ -156,10 +156,11 @@ class _Composite(torch.autograd.Function):
             w_gen = torch.empty_like(w).index_copy_(0, order, w)
             pix_gen = torch.empty_like(pix).index_copy_(0, order, pix)
             g_feats += _csr(crow_g, pix_gen, w_gen, (n, n_chunk)) @ g_chunk
-            g_w = (g_chunk.index_select(0, pix) * feats.index_select(0, gid)).sum(1)  # dL/dw_i
+            # dL/dw_i = grad(pixel) . feats(Gaussian); a matrix-vector product sums the few columns ~3x
+            # faster than .sum(1).
+            g_w = (g_chunk.index_select(0, pix) * feats.index_select(0, gid)) @ feats.new_ones(feats.shape[1])
             # d out / d alpha_i = T_i f_i - (sum of w_j f_j over the pairs behind i) / (1 - alpha_i)
-            upto, total = _segment_sums(w * g_w, crow, counts)
-            behind = (total - upto).to(alpha.dtype)
+            behind = _segment_cumsum(w * g_w, crow, counts, suffix=True).to(alpha.dtype)
             g_alpha = T * g_w - behind / (1.0 - alpha)
             # alpha = exp(-q) where it is neither skipped (0) nor clamped; d alpha / d q = -alpha.
             g_q = torch.where((alpha > 0) & (alpha < ALPHA_MAX), -g_alpha * alpha, torch.zeros_like(alpha))
