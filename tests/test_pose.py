@@ -125,3 +125,14 @@ def test_smoothing_removes_noise_without_lag():
     # no lag: the smoothed yaw stays centred on the true one
     err = pose.euler_deg(smoothed)[:, 1] - yaw
     assert abs(err.mean()) < 0.1 and np.abs(err).max() < 0.6
+
+
+def test_smoothing_matches_the_reference_savitzky_golay():
+    from scipy.signal import savgol_filter
+
+    x = np.random.default_rng(5).normal(size=(40, 3))
+    for window in (5, 9, 11):
+        np.testing.assert_allclose(pose._smooth(x, window), savgol_filter(x, window, 2, axis=0, mode="interp"),
+                                   atol=1e-12)
+    np.testing.assert_allclose(pose._smooth(x[:7], 9), savgol_filter(x[:7], 7, 2, axis=0, mode="interp"), atol=1e-12)
+    assert pose._smooth(x[:4], 9) is not None and np.array_equal(pose._smooth(x[:4], 9), x[:4])

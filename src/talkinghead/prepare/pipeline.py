@@ -280,7 +280,7 @@ def _geometry(landmarks: np.ndarray, size: int, fov_deg: float, fps: float) -> t
     from talkinghead.prepare import blink, face_model, pose
 
     K = pose.clip_intrinsics(size, fov_deg)
-    template, viewmats = pose.fit_head(landmarks, K, pose.smooth_window(fps))
+    template, viewmats = pose.fit_head(landmarks, K, smooth_window=pose.smooth_window(fps))
     meshes = pose.lift_to_head(landmarks, pose.align_to_template(landmarks, template), viewmats, K)
     triangles = face_model.orient_triangles(face_model.mesh_triangles(), template)
     model, expression, explained = face_model.fit_face_model(meshes, triangles)
@@ -370,8 +370,9 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = lambda _: None) -> 
 
 def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages, wave: np.ndarray,
          source: dict, starts: tuple[float, float], log: Callable[[str], None]) -> Path:
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     start, start_cpu = starts
     stages.done["source"] = {"sha256": source["sha256"]}
@@ -391,7 +392,10 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
     pool = None
     io_pool = ThreadPoolExecutor(max_workers=2)  # image encoding, overlapping the next computation
     if not stages.reusable("audio", audio_key):
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        # fork (where there is one): no re-import of the caller's __main__ and no second start-up of
+        # numpy/scipy; it happens here, before the tracker or any of our threads start.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method))
         audio_future = pool.submit(_compute_audio, wave, cfg.fps, estimate,
                                    str(cfg.wav2vec_model) if cfg.wav2vec_model else None)
     try:
@@ -488,7 +492,10 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
 
         if audio_future is not None:
             t0 = time.perf_counter()
-            features, seconds, cpu = audio_future.result()
+            try:
+                features, seconds, cpu = audio_future.result()
+            except BrokenProcessPool:  # the worker died (killed, out of memory): do it here instead
+                features, seconds, cpu = _compute_audio(wave, cfg.fps, estimate, cfg.wav2vec_model)
             features = _slice_audio(features, num_frames)
             import soundfile
 

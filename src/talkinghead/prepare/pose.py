@@ -167,13 +167,27 @@ def smooth_window(fps: float) -> int:
 
 
 def _smooth(x: np.ndarray, window: int) -> np.ndarray:
-    """Zero-phase Savitzky-Golay smoothing (quadratic) of x [T, D] along time; window 0 = none."""
+    """Zero-phase Savitzky-Golay smoothing of x [T, D] along time; window 0 = none.
+
+    Each sample is replaced by the value at its centre of the least-squares quadratic over the window;
+    the first and last half-windows take the quadratic fitted to the first / last full window (as
+    scipy's ``savgol_filter(mode="interp")``, without importing scipy.signal, which takes seconds).
+    """
     window = min(window, len(x) if len(x) % 2 else len(x) - 1)
     if window < 5:
         return x
-    from scipy.signal import savgol_filter
-
-    return savgol_filter(x, window, 2, axis=0, mode="interp")
+    h = window // 2
+    k = np.arange(-h, h + 1, dtype=np.float64)
+    fit = np.linalg.pinv(np.stack([np.ones_like(k), k, k * k], axis=1))  # [3, window]: samples -> a, b, c
+    out = np.empty_like(x, dtype=np.float64)
+    # interior: the fitted value at the centre is the constant term
+    windows = np.lib.stride_tricks.sliding_window_view(x, window, axis=0)  # [T - 2h, D, window]
+    out[h:len(x) - h] = windows @ fit[0]
+    for rows, block in ((slice(0, h), x[:window]), (slice(len(x) - h, len(x)), x[-window:])):
+        coef = fit @ block  # [3, D]
+        at = k[:h] if rows.start == 0 else k[h + 1:]
+        out[rows] = coef[0] + at[:, None] * coef[1] + (at * at)[:, None] * coef[2]
+    return out
 
 
 def estimate_poses(landmarks: np.ndarray, template: np.ndarray, K: np.ndarray,
