@@ -27,14 +27,14 @@ def draw_frame(image: np.ndarray, parsing: np.ndarray, landmarks: np.ndarray, vi
     """Overlay of one frame: image [H, W, 3] uint8, parsing [H, W], landmarks [478, 3], viewmat [4, 4], K [3, 3]."""
     import cv2
 
-    tint = LABEL_COLOURS[parsing]
-    out = image.copy()
-    labelled = parsing > 0
-    out[labelled] = (image[labelled] * (1 - TINT) + tint[labelled] * TINT).astype(np.uint8)
+    # Tint every labelled pixel (background's colour is black, so blending it would darken: keep it).
+    blended = cv2.addWeighted(image, 1 - TINT, LABEL_COLOURS[parsing], TINT, 0)
+    out = np.where((parsing > 0)[..., None], blended, image)
     scale = max(1, image.shape[0] // 256)
-    for x, y in landmarks[:, :2]:
-        # cv2 draws at integer pixel centres; continuous coordinates are shifted by half a pixel.
-        cv2.circle(out, (int(x - 0.5), int(y - 0.5)), scale, (255, 255, 255), -1, lineType=cv2.LINE_AA)
+    # cv2 draws at integer pixel centres; continuous coordinates are shifted by half a pixel.
+    dots = np.round(landmarks[:, :2] - 0.5).astype(np.int32)
+    for x, y in dots.tolist():
+        cv2.circle(out, (x, y), scale, (255, 255, 255), -1)
     ends = camera.project(np.array([[0, 0, 0], [AXIS_M, 0, 0], [0, AXIS_M, 0], [0, 0, AXIS_M]], np.float32),
                           viewmat, K)
     origin = tuple(int(v) for v in ends[0] - 0.5)
