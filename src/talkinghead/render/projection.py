@@ -28,12 +28,6 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
     ).reshape(quats.shape[:-1] + (3, 3))
 
 
-def covariance_3d(quats: Tensor, scales: Tensor) -> Tensor:
-    """Sigma = R S S^T R^T: [N, 3, 3] from quats [N, 4] and linear scales [N, 3]."""
-    m = quat_to_rotmat(quats) * scales[..., None, :]
-    return m @ m.transpose(-1, -2)
-
-
 @dataclass
 class Projected:
     """Screen-space Gaussians of one camera. All tensors have N rows (culled ones included)."""
