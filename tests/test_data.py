@@ -119,3 +119,18 @@ def test_unknown_split_and_frame_range(built):
         ds.split_indices("val")
     with pytest.raises(IndexError):
         ds.frame(T)
+
+
+def test_reader_needs_neither_cv2_nor_mediapipe(built):
+    """Train and render run on GPU boxes without the prepare stack: the reader must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['cv2'] = None; sys.modules['mediapipe'] = None; "
+            "sys.modules['pocketsphinx'] = None\n"
+            "from talkinghead.data import PreparedDataset\n"
+            f"ds = PreparedDataset({str(built[0])!r}, size=32)\n"
+            "f = ds.frame(3); print(f.image.shape, f.parsing.shape, f.audio.shape, ds.background.shape)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("(")[1].startswith("32, 32, 3)")

@@ -2,8 +2,8 @@
 
 This is the one way later stages read a dataset. Nothing is preloaded: images, masks and torso
 images are decoded from disk when a frame is asked for; the small arrays (tracks, face model, audio
-features) are read once, on first use. Only numpy, cv2 (for image files) and the standard library
-are needed, so it runs on a GPU box without mediapipe.
+features) are read once, on first use. Only numpy, Pillow (for the image files; it comes with
+matplotlib) and soundfile are needed: no cv2, no mediapipe, so it runs on a bare GPU box.
 
 Fields (T frames, H = W = ``size``, E expression dims, V = 478 mesh vertices, F triangles, D audio dims)::
 
@@ -171,13 +171,15 @@ def is_dataset(path: Path) -> bool:
         return False
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    import cv2
+def _read_image(path: Path, mode: str) -> np.ndarray:
+    """uint8 [H, W, 3] ("RGB") or [H, W] ("L", the parsing labels as stored) of an image file."""
+    from PIL import Image
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"cannot read image {path} (dataset incomplete?)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except (OSError, ValueError):
+        raise UserError(f"cannot read image {path} (dataset incomplete?)") from None
 
 
 class PreparedDataset:
@@ -262,34 +264,29 @@ class PreparedDataset:
 
     @cached_property
     def background(self) -> np.ndarray:
-        return self._resize(_read_rgb(self.path / "background.png")).astype(np.float32) / 255.0
+        return self._resize(_read_image(self.path / "background.png", "RGB")).astype(np.float32) / 255.0
 
     # --- per frame --------------------------------------------------------------------------------
     def _resize(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
         if self.size == self.native_size:
             return image
-        import cv2
+        from PIL import Image
 
-        interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if self.size < self.native_size
-                                                    else cv2.INTER_LINEAR)
-        return cv2.resize(image, (self.size, self.size), interpolation=interp)
+        # Box filter = pixel-area average when shrinking; labels are never blended.
+        resample = Image.NEAREST if nearest else (Image.BOX if self.size < self.native_size else Image.BILINEAR)
+        return np.asarray(Image.fromarray(image).resize((self.size, self.size), resample=resample))
 
     def image(self, i: int) -> np.ndarray:
         """[H, W, 3] float32 in [0, 1]."""
-        return self._resize(_read_rgb(self.path / "images" / f"{i:06d}.jpg")).astype(np.float32) / 255.0
+        return self._resize(_read_image(self.path / "images" / f"{i:06d}.jpg", "RGB")).astype(np.float32) / 255.0
 
     def parsing(self, i: int) -> np.ndarray:
         """[H, W] uint8 labels."""
-        import cv2
-
-        labels = cv2.imread(str(self.path / "parsing" / f"{i:06d}.png"), cv2.IMREAD_UNCHANGED)
-        if labels is None:
-            raise UserError(f"cannot read parsing of frame {i} in {self.path} (dataset incomplete?)")
-        return self._resize(labels, nearest=True)
+        return self._resize(_read_image(self.path / "parsing" / f"{i:06d}.png", "L"), nearest=True)
 
     def torso_image(self, i: int) -> np.ndarray:
         """[H, W, 3] float32 in [0, 1]."""
-        return self._resize(_read_rgb(self.path / "torso" / f"{i:06d}.jpg")).astype(np.float32) / 255.0
+        return self._resize(_read_image(self.path / "torso" / f"{i:06d}.jpg", "RGB")).astype(np.float32) / 255.0
 
     def frame(self, i: int) -> Frame:
         i = int(i)
