@@ -68,15 +68,20 @@ def speed(name: str, tmp: Path) -> list[str]:
     frames = media.read_frames(clip, FPS)
     pred = tmp / "wobble.mp4"
     media.write_video(pred, wobble(frames, *LEVELS[1]), FPS, audio=media.read_audio(clip))
+    import resource
+
     rows = []
     for extra, label in (([], "with side-by-side video"), (["--no-video"], "--no-video")):
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "talkinghead.cli", "eval", "--pred", str(pred), "--gt",
                               str(clip), "--out", str(tmp / "r"), "--quiet", *extra], capture_output=True, text=True)
         if res.returncode:
             raise SystemExit(f"eval failed: {res.stderr[-2000:]}")
         dt = time.perf_counter() - t
-        rows.append(f"| {name} | {len(frames)} | {label} | {dt:.1f} s | {len(frames) / dt:.1f} |")
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        rows.append(f"| {name} | {len(frames)} | {label} | {dt:.1f} s | {len(frames) / dt:.1f} | {cpu:.1f} s |")
     return rows
 
 
@@ -154,7 +159,7 @@ def write_results(entry: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", nargs="+", default=["may_en_5s.mp4", "hdtf_aoc_8s.mp4", "hdtf_radio2_8s.mp4",
+    ap.add_argument("--clips", nargs="*", default=["may_en_5s.mp4", "hdtf_aoc_8s.mp4", "hdtf_radio2_8s.mp4",
                                                     "german_anchor_de_20s.mp4", "cnn_anchor_en_71s.mp4"])
     ap.add_argument("--speed-clip", default="hdtf_aoc_8s.mp4")
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
@@ -165,29 +170,33 @@ def main() -> None:
         speed_rows = speed(args.speed_clip, Path(tmp)) if (DATA / args.speed_clip).exists() else []
     stab, sync, art = zip(*(perturbations(c) for c in clips)) if clips else ((), (), ())
     lv = ", ".join(f"{s:g} px / {r:g} deg" for s, r in LEVELS)
-    entry = "\n".join([
+    entry = [
         f"### {datetime.date.today()} · {machine()} · git {rev()} · load avg before {load_before}, after {load()}",
         "",
         "Eval speed (`talkinghead eval --pred WOBBLED --gt CLIP`, whole command incl. start-up and face mesh "
         "on both videos):",
         "",
-        "| clip | frames | mode | wall | frames/s |", "|---|---|---|---|---|", *speed_rows,
-        "",
-        f"Stability score (lower = steadier) of simulated wobble, levels = per-frame shift / rotation std {lv}; "
-        "after ';' PSNR / SSIM (full frame) of the wobbled frames against the originals:",
-        "",
-        "| clip | reference | level 1 | level 2 | level 3 |", "|---|---|---|---|---|", *stab,
-        "",
-        "Landmark sync: offset found (confidence) for the clip's audio delayed by k frames; a still first frame "
-        "with the clip's audio: confidence and mouth-opening r vs the real video:",
-        "",
-        "| clip | k = 0 | k = 3 | k = 6 | k = -3 | still: conf | still: r |", "|---|---|---|---|---|---|---|",
-        *sync,
-        "",
-        "Articulation signal candidates: best |lag| <= 8 Pearson r with the high-passed mouth opening:",
-        "",
-        "| clip | energy (dBFS) | mel 1-3 kHz | phone openness | combined (used) |", "|---|---|---|---|---|", *art,
-    ])
+        "| clip | frames | mode | wall | frames/s | CPU time |", "|---|---|---|---|---|---|", *speed_rows,
+    ]
+    if clips:
+        entry += [
+            "",
+            f"Stability score (lower = steadier) of simulated wobble, levels = per-frame shift / rotation std {lv}; "
+            "after ';' PSNR / SSIM (full frame) of the wobbled frames against the originals:",
+            "",
+            "| clip | reference | level 1 | level 2 | level 3 |", "|---|---|---|---|---|", *stab,
+            "",
+            "Landmark sync: offset found (confidence) for the clip's audio delayed by k frames; a still first frame "
+            "with the clip's audio: confidence and mouth-opening r vs the real video:",
+            "",
+            "| clip | k = 0 | k = 3 | k = 6 | k = -3 | still: conf | still: r |", "|---|---|---|---|---|---|---|",
+            *sync,
+            "",
+            "Articulation signal candidates: best |lag| <= 8 Pearson r with the high-passed mouth opening:",
+            "",
+            "| clip | energy (dBFS) | mel 1-3 kHz | phone openness | combined (used) |", "|---|---|---|---|---|", *art,
+        ]
+    entry = "\n".join(entry)
     print(entry)
     if not args.no_write:
         write_results(entry)
