@@ -121,6 +121,15 @@ def dataset(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the CLI uses: two threads on two cores shared with other jobs stall each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------ a toy method
 
 

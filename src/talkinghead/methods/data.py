@@ -91,7 +91,7 @@ class FrameStore:
             blinks.append(np.asarray(fr.blink, np.float32))
             if with_targets:
                 images.append(_to_u8(fr.image))
-                labels.append(torch.from_numpy(np.asarray(fr.parsing, np.uint8)))
+                labels.append(torch.from_numpy(np.array(fr.parsing, np.uint8)))
                 lips = np.asarray(fr.landmarks, np.float32)[list(LIPS_OUTER), :2]
                 boxes.append(np.concatenate([lips.min(0), lips.max(0)]))
         pool.shutdown()

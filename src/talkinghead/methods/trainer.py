@@ -249,7 +249,7 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
     info = store.info if meta is None else config_from_dict(DatasetInfo, meta["info"])
     store.info = info
     val = _validation_store(data, cfg, info)
-    fresh = meta is None
+    fresh = not (resume and (out / CHECKPOINT).exists())
     model = spec.build(cfg, info, dataset=open_dataset(data, size=cfg.data.size) if fresh else None)
     opts = model.optimizers()
     meta = {"format": FORMAT, "method": method, "variant": variant, "preset": preset, "data": str(data.resolve()),
@@ -257,7 +257,7 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
     write_json_atomic(out / CONFIG, meta)
 
     start, history, elapsed_before = 0, {"step": []}, 0.0
-    if resume and (out / CHECKPOINT).exists():
+    if not fresh:
         loop = load_checkpoint(out, model, opts)
         start, history, elapsed_before = loop["step"], loop["history"], loop["elapsed_s"]
     load_s = time.perf_counter() - t_start

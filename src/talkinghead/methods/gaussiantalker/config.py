@@ -14,7 +14,7 @@ class GaussianTalkerConfig:
     schedule: Schedule = field(default_factory=Schedule)
 
     # Canonical Gaussians (sec. 4.2): positions from the face model's neutral mesh + the head volume.
-    num_gaussians: int = 6000
+    num_gaussians: int = 5000
     face_fraction: float = 0.5  # share sampled on the face mesh (the rest fills the head: hair, ears, back)
     lip_weight: float = 4.0  # lips and mouth triangles get this many times their area's share of face points
     mouth_fraction: float = 0.04  # share placed inside the mouth cavity (teeth, tongue, dark inner mouth)
@@ -30,10 +30,10 @@ class GaussianTalkerConfig:
     attention_heads: int = 4
 
     # Training (sec. 4.4).
-    canonical_fraction: float = 0.3  # share of the iterations spent in the canonical stage
+    canonical_fraction: float = 0.25  # share of the iterations spent in the canonical stage
     lambda_dssim: float = 0.2
     lambda_lpips: float = 0.1  # used only where LPIPS weights exist locally
-    lambda_lip: float = 1.0
+    lambda_lip: float = 2.0
     lpips_weights: str | None = None  # folder with alex.pth + alexnet-owt-*.pth (else env / torch hub cache)
     lr_means: float = 1.6e-4  # times the head radius (3DGS's spatial_lr_scale), decayed 100x over training
     lr_triplane: float = 5e-3
@@ -50,7 +50,7 @@ def make_config(preset: str, variant: str | None) -> GaussianTalkerConfig:
     if preset == "cpu-small":
         cfg = GaussianTalkerConfig(
             data=DataConfig(size=128, audio_radius=8, mouth_crop=64),
-            schedule=Schedule(iterations=4000, val_every=500, checkpoint_every=500),
+            schedule=Schedule(iterations=3000, val_every=500, checkpoint_every=500),
         )
     elif preset == "gpu":
         # The paper's setting: 512^2 frames, degree-3 SH, a finer triplane, tens of thousands of iterations.

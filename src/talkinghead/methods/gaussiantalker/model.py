@@ -8,7 +8,8 @@ Pieces and where they follow the paper (``../shared/papers/001_e7f8775f0c6545fb.
 * spatial-audio cross-attention over the tokens {audio, eye, viewpoint, null} (eqs. 10-13, :mod:`.attention`),
   L = 2 (GaussianTalker) or L = 1 (``--variant fast``, GaussianTalker*);
 * F_deform: offsets of every attribute (eqs. 9, 14). Offsets of scale and opacity are added before their
-  activations (log-scale, logit), of rotation before normalising the quaternion;
+  activations (log-scale, logit), of rotation before normalising the quaternion; position offsets are
+  predicted in units of 1% of the head radius (:attr:`GaussianTalker.offset_scale`);
 * rendering (eqs. 15, 16): the head's Gaussians splatted directly onto the frame's background + torso image
   (sec. 4.4.2, as ER-NeRF), with :func:`talkinghead.render.rasterize`;
 * two stages (sec. 4.4.1): canonical (G_can only, L1 + lambda D-SSIM (+ LPIPS)), then deformation (the whole
@@ -99,6 +100,15 @@ class GaussianTalker(nn.Module):
         self._lpips_note = "on" if self._lpips is not None else f"off: {reason}"
 
     @property
+    def offset_scale(self) -> float:
+        """Metres per unit of F_deform's position output: 1% of the head radius (~1.5 mm).
+
+        Adam moves each weight by ~lr per step whatever the output's unit; in raw metres a 2e-3 step of a
+        64-wide layer moves points by centimetres and the deformation stage starts by shaking the head.
+        In these units a lip moves a few units, like every other offset (log-scale, logit, SH)."""
+        return 0.01 * self.head_radius
+
+    @property
     def head_radius(self) -> float:
         lo, hi = self.triplane.bounds
         return float((hi - lo).max()) / 2
@@ -140,13 +150,14 @@ class GaussianTalker(nn.Module):
         if deform:
             z, attn = self.attention(f, self.tokens(cond))
             dlt = self.f_deform(z)
-            means = means + dlt["means"]
+            offsets = dlt["means"] * self.offset_scale
+            means = means + offsets
             log_s = log_s + dlt["scale"]
             rot = rot + dlt["rotation"]
             sh = sh + dlt["sh"]
             logit = logit + dlt["opacity"][:, 0]
             out["attention"] = attn
-            out["offsets"] = dlt["means"]
+            out["offsets"] = offsets
         out.update(means=means, quats=F.normalize(rot, dim=-1), scales=torch.exp(log_s.clamp(max=0.0)),
                    opacities=torch.sigmoid(logit), sh=sh)
         return out

@@ -1,0 +1,191 @@
+"""GaussianTalker's parts (triplane, tokens, attention, attribute MLPs, initial points) and, end to end on a
+synthetic clip whose mouth opens with the audio, that the deformation learns to follow the audio."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
+from talkinghead import methods
+from talkinghead.methods import get_method
+from talkinghead.methods.base import Condition
+from talkinghead.methods.data import FrameStore
+from talkinghead.methods.gaussiantalker.attention import (AudioEncoder, SpatialAudioAttention, ViewpointEncoder,
+                                                          blink_encoding)
+from talkinghead.methods.gaussiantalker.canonical import base_log_scales, initial_points
+from talkinghead.methods.gaussiantalker.deformation import CanonicalMLP, DeformMLP
+from talkinghead.methods.gaussiantalker.triplane import Triplane
+from talkinghead.methods.trainer import load_model, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the CLI uses: two threads on two cores shared with other jobs stall each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_triplane_is_a_hadamard_product_of_bilinear_planes_concatenated_over_resolutions():
+    tp = Triplane((4, 8), channels=3)
+    x = torch.rand(50, 3) * 2 - 1
+    f = tp(x)
+    assert f.shape == (50, 6) and tp.out_dim == 6
+    with torch.no_grad():
+        tp.planes[0][1].zero_()  # the yz plane of the coarse level: its product vanishes, the fine one stays
+    f = tp(x)
+    assert torch.all(f[:, :3] == 0) and torch.all(f[:, 3:] > 0)
+    # Bilinear: at a grid node the feature is the product of the three planes' node values.
+    tp = Triplane((5,), channels=1)
+    node = torch.tensor([[0.5, -1.0, 0.0]])  # grid index (3, 0, 2) with align_corners
+    p = tp.planes[0][:, 0]
+    want = p[0][0, 3] * p[1][2, 0] * p[2][3, 2]  # planes xy (row y, col x), yz (row z, col y), zx (row x, col z)
+    torch.testing.assert_close(tp(node)[0, 0], want)
+
+
+def test_triplane_gradients_reach_planes_and_positions():
+    tp = Triplane((8, 16), channels=4, bounds=torch.tensor([[-0.1] * 3, [0.1] * 3]))
+    x = (torch.rand(30, 3) * 0.1 - 0.05).requires_grad_(True)
+    tp(x).square().sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad.abs().sum() > 0 for p in tp.planes)
+
+
+def test_tokens_and_attention_shapes_weights_and_gradients():
+    d = 24
+    enc = AudioEncoder(in_dim=10, dim=d)
+    window = torch.randn(9, 10, requires_grad=True)
+    a = enc(window)
+    assert a.shape == (d,) and enc(torch.randn(3, 9, 10)).shape == (3, d)
+    e = blink_encoding(torch.tensor([0.0, 1.0]))
+    assert e.shape == (24,) and torch.allclose(e[:6], torch.zeros(6))  # sin(0) of the open right eye
+    v = ViewpointEncoder(d)(torch.eye(4))
+    tokens = torch.stack([a, torch.randn(d), v, torch.randn(d)])
+    for layers in (1, 2):
+        att = SpatialAudioAttention(d, layers=layers, heads=4)
+        z, w = att(torch.randn(100, d), tokens)
+        assert z.shape == (100, d) and w.shape == (100, 4)
+        torch.testing.assert_close(w.sum(1), torch.ones(100))
+        assert len(att.blocks) == layers
+    z.sum().backward()
+    assert window.grad.abs().sum() > 0  # the audio reaches every Gaussian's feature
+
+
+def test_deformation_starts_at_the_canonical_head_and_canonical_heads_start_neutral():
+    f = torch.randn(20, 16)
+    out = DeformMLP(16, 32, num_sh=4)(f)
+    assert set(out) == {"means", "scale", "rotation", "sh", "opacity"}
+    assert all(torch.all(v == 0) for v in out.values()) and out["sh"].shape == (20, 4, 3)
+    can = CanonicalMLP(16, 32, num_sh=4)(f)
+    opac = torch.sigmoid(can["opacity"])
+    assert torch.all((opac > 0.05) & (opac < 0.2))  # around 3DGS's initial 0.1
+    assert torch.all(can["rotation"][:, 0] > 0.5)  # near the identity quaternion
+
+
+def _mesh():
+    from test_methods import _mesh
+
+    return _mesh(np.random.default_rng(0))
+
+
+def test_initial_points_cover_face_lips_mouth_and_head():
+    v, tri = _mesh()
+    pts = initial_points(v, tri, 3000, face_fraction=0.5, mouth_fraction=0.05, lip_weight=4.0, seed=1)
+    assert pts.shape == (3000, 3) and np.isfinite(pts).all()
+    np.testing.assert_array_equal(pts[:478], v)  # every mesh vertex is a Gaussian
+    again = initial_points(v, tri, 3000, face_fraction=0.5, mouth_fraction=0.05, lip_weight=4.0, seed=1)
+    np.testing.assert_array_equal(pts, again)
+    # Lips get more points per area than the face on average.
+    face = pts[:1500]
+    lips = v[list(LIPS_OUTER)]
+    lo, hi = lips.min(0)[:2], lips.max(0)[:2]
+    in_lips = np.all((face[:, :2] > lo) & (face[:, :2] < hi), 1).mean()
+    lips_area = np.prod(hi - lo)
+    face_area = np.pi * 0.08**2
+    assert in_lips / (lips_area / face_area) > 2.0
+    # Mouth points sit inside the inner-lip ring, behind the lips (the camera looks along +z).
+    mouth = pts[1500:1650]
+    ring = v[list(LIPS_INNER)]
+    assert np.all(np.abs(mouth[:, 0] - ring[:, 0].mean()) <= np.ptp(ring[:, 0]) / 2 + 1e-6)
+    assert np.all(mouth[:, 2] >= ring[:, 2].mean() - 1e-6)
+    # The head shell lies behind the face's front and does not cover it.
+    head = pts[1650:]
+    over_face = np.linalg.norm(head[:, :2], axis=1) < 0.07
+    assert over_face.any() and np.all(head[over_face, 2] > -0.001)
+    scales = base_log_scales(torch.from_numpy(pts)).exp()
+    assert scales.shape == (3000, 1) and torch.all((scales > 1e-4) & (scales < 0.05))
+
+
+def _tiny_config(iterations: int, variant=None):
+    from talkinghead.methods.gaussiantalker.config import make_config
+
+    cfg = make_config("cpu-small", variant)
+    cfg.data.size, cfg.data.audio_radius, cfg.data.mouth_crop = 64, 2, 32
+    cfg.schedule.iterations, cfg.schedule.val_every, cfg.schedule.checkpoint_every = iterations, 0, 0
+    cfg.num_gaussians, cfg.triplane_resolutions, cfg.triplane_channels, cfg.hidden = 1500, (16, 32), 8, 32
+    cfg.canonical_fraction = 0.25
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from test_methods import write_synthetic_dataset
+
+    path = tmp_path_factory.mktemp("gt_synth")
+    opening = write_synthetic_dataset(path, T=48, test_frames=8)
+    return path, opening
+
+
+def test_fresh_model_renders_the_head_over_the_backdrop_and_deform_is_identity(synthetic):
+    path, _ = synthetic
+    spec = get_method("gaussiantalker")
+    cfg = _tiny_config(10)
+    store = FrameStore(path, cfg.data, progress=False)
+    from talkinghead.data import PreparedDataset
+
+    model = spec.build(cfg, store.info, dataset=PreparedDataset(path, size=64))
+    cond = store.condition(0)
+    cond.backdrop = torch.zeros_like(cond.backdrop)
+    with torch.no_grad():
+        a = model.gaussians(cond, deform=False)
+        b = model.gaussians(cond, deform=True)
+        img = model.render(cond)
+    for k in ("means", "scales", "opacities", "sh", "quats"):
+        torch.testing.assert_close(a[k], b[k])
+    assert img.shape == (64, 64, 3)
+    # The (grey) head covers the image centre, over a black backdrop, but not the corners.
+    assert img[28:36, 28:36].mean() > 0.1
+    assert img[:3, :3].max() < 0.01
+
+
+def _mouth_darkness(model, store, audio_of) -> np.ndarray:
+    """Mean darkness of the rendered mouth region per test frame, audio taken from ``audio_of(k)``."""
+    out = []
+    with torch.no_grad():
+        for k in range(len(store)):
+            img = model.render(store.condition(k, audio=audio_of(k)))
+            out.append(1.0 - float(img[37:47, 26:38].mean()))
+    return np.array(out)
+
+
+def test_deformation_learns_the_audio_driven_mouth(synthetic, tmp_path, monkeypatch):
+    """Trained end to end (both stages) through the shared trainer: on held-out frames the rendered mouth
+    opens with the audio, and with the audio of one fixed frame it does not follow the opening."""
+    path, opening = synthetic
+    spec = get_method("gaussiantalker")
+    tiny = dataclasses.replace(spec, make_config=lambda preset, variant: _tiny_config(240, variant))
+    monkeypatch.setitem(methods._REGISTRY, "gaussiantalker", tiny)
+    log = train(path, "gaussiantalker", tmp_path / "av", preset="cpu-small", variant="fast", progress=False)
+    assert log["canonical_iterations"] == 60 and log["attention_layers"] == 1 and log["lpips"].startswith("off")
+    _, cfg, info, model, _ = load_model(tmp_path / "av")
+    store = FrameStore(path, cfg.data, info=info, split="test", with_targets=False, progress=False)
+    truth = opening[store.indices]
+    driven = _mouth_darkness(model, store, lambda k: None)
+    fixed = _mouth_darkness(model, store, lambda k: store.windows[0])
+    r = np.corrcoef(driven, truth)[0, 1]
+    assert r > 0.8, (r, driven, truth)
+    assert np.std(fixed) < 0.3 * np.std(driven)
