@@ -138,6 +138,10 @@ def clips(may, tmp_path_factory):
     media.write_video(d / "wobble.mp4", wobble(may["frames"][:n - 4], 1.5, 0.5), FPS, audio=audio)
     media.write_video(d / "noface.mp4", np.full((n, 64, 64, 3), 120, np.uint8), FPS, audio=audio)
     (d / "text.mp4").write_text("not a video")
+    import cv2
+
+    small = [cv2.resize(f, (256, 256), interpolation=cv2.INTER_AREA) for f in may["frames"][:10]]
+    media.write_video(d / "small.mp4", small, FPS)
     return d
 
 
@@ -204,6 +208,7 @@ def test_eval_cross_driven_cli(clips, tmp_path, capsys):
     (["--pred", "{d}/noface.mp4", "--gt", "{d}/gt.mp4"], "no face found in the prediction"),
     (["--pred", "{d}/text.mp4", "--gt", "{d}/gt.mp4"], "cannot read"),
     (["--pred", "{d}/missing.mp4", "--gt", "{d}/gt.mp4"], "file not found"),
+    (["--pred", "{d}/small.mp4", "--gt", "{d}/gt.mp4"], "frame size differs"),
     (["--pred", "{d}/gt.mp4"], "--gt GT.mp4"),
     ([], "nothing to evaluate"),
 ])

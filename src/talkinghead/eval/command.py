@@ -193,14 +193,17 @@ def run_eval(args) -> int:
             pred, gt, mask_fn, speed = _avatar_run(args, tmp, opts)
             audio = gt.audio()  # the split's audio that drove the render, not its AAC re-encoding
         else:
-            from talkinghead.media import read_audio
+            from talkinghead.media import probe, read_audio
 
             gt = Clip.from_file(args.gt) if args.gt else None
             pred = Clip.from_file(args.pred, gt.fps if gt else None)
+            pred_rate = probe(args.pred).avg_fps
             mask_fn = _dataset_masks(args.mask_from) if args.mask_from else None
             audio = read_audio(args.audio) if args.audio else None
         ref = Clip.from_file(args.ref, pred.fps) if args.ref else None
         ev = evaluate(pred, gt, audio=audio, ref=ref, mask_fn=mask_fn, opts=opts)
+        if form == "self" and abs(pred_rate - pred.fps) > 0.01:
+            ev.notes.append(f"the prediction is {pred_rate:g} fps; resampled to the ground truth's {pred.fps:g} fps")
         if form == "avatar":
             ev.inputs["prediction"]["path"] = str(args.out / "prediction.mp4")
             ev.inputs["method"] = speed.pop("method")
