@@ -183,3 +183,15 @@ def test_interrupted_run_leaves_no_dataset_and_resumes(dataset, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "track" in json.loads((out / "meta.json").read_text())["reused_stages"]
     assert not work.exists()
+
+
+def test_dataset_of_another_video_is_not_overwritten(dataset, tmp_path):
+    video, out, _ = dataset
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["source"]["sha256"] = "0" * 64  # as if prepared from another video
+    (other / "meta.json").write_text(json.dumps(meta))
+    run = _prepare(video, "--out", other)
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and "not a dataset of this video" in run.stderr
+    assert json.loads((other / "meta.json").read_text())["source"]["sha256"] == "0" * 64

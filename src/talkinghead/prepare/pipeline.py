@@ -274,8 +274,10 @@ def _slice_audio(features, num_frames: int):
                          wav2vec=None if features.wav2vec is None else features.wav2vec[:num_frames])
 
 
-def _geometry(landmarks: np.ndarray, size: int, fov_deg: float, fps: float) -> tuple[Tracks, FaceModel, dict]:
-    """Pose, camera, face model, blink and mouth opening of crop-pixel landmarks [T, 478, 3] (no NaN)."""
+def _geometry(landmarks: np.ndarray, tracked: np.ndarray, size: int, fov_deg: float,
+              fps: float) -> tuple[Tracks, FaceModel, dict]:
+    """Pose, camera, face model, blink and mouth opening of crop-pixel landmarks [T, 478, 3] (gaps filled;
+    tracked [T] marks the frames the tracker saw)."""
     from talkinghead.face.landmarks import mouth_opening
     from talkinghead.prepare import blink, face_model, pose
 
@@ -293,7 +295,7 @@ def _geometry(landmarks: np.ndarray, size: int, fov_deg: float, fps: float) -> t
     jitter = pose.pose_acceleration_deg(viewmats)
     tracks = Tracks(landmarks=landmarks.astype(np.float32), viewmats=viewmats, K=K, expression=expression,
                     blink=blink.blink_values(meshes), mouth_opening=mouth_opening(landmarks).astype(np.float32),
-                    tracked=np.ones(len(landmarks), bool))
+                    tracked=tracked)
     info = {"pose": {"fov_deg": fov_deg,
                      "frame_to_frame_deg_median": float(np.median(step)),
                      "frame_to_frame_deg_p95": float(np.percentile(step, 95)),
@@ -474,8 +476,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         # geometry (while the image files are written)
         if not stages.reusable("geometry", geometry_key):
             t0 = time.perf_counter()
-            tracks, model, geo_info = _geometry(landmarks, cfg.size, cfg.fov_deg, cfg.fps)
-            tracks.tracked = tracked
+            tracks, model, geo_info = _geometry(landmarks, tracked, cfg.size, cfg.fov_deg, cfg.fps)
             tracks.save(work / "tracks.npz")
             model.save(work / "face_model.npz")
             stages.finish("geometry", geometry_key, time.perf_counter() - t0, **geo_info)
