@@ -206,6 +206,7 @@ def run_eval(args) -> int:
             ev.notes.append(f"the prediction is {pred_rate:g} fps; resampled to the ground truth's {pred.fps:g} fps")
         if form == "avatar":
             ev.inputs["prediction"]["path"] = str(args.out / "prediction.mp4")
+            ev.inputs["audio"] = f"test split of {args.data}/audio.wav (the render's driving audio)"
             ev.inputs["method"] = speed.pop("method")
             ev.inputs["avatar"] = str(args.avatar)
             for k, v in speed.items():

@@ -129,8 +129,9 @@ def _crop_box(mask: np.ndarray) -> tuple[slice, slice] | None:
     return slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
 
 
-def _image_pass(pred: Clip, gt: Clip, count: int, gt_track: np.ndarray, mask_fn, lpips_model, opts, ev) -> None:
-    """Per-frame PSNR/SSIM/LPIPS over ``count`` frame pairs, streaming the side-by-side video."""
+def _image_pass(pred: Clip, gt: Clip, count: int, gt_track: np.ndarray, mask_fn, lpips_model, opts, ev,
+                audio: np.ndarray | None) -> None:
+    """Per-frame PSNR/SSIM/LPIPS over ``count`` frame pairs, streaming the side-by-side video (with ``audio``)."""
     import torch
     from tqdm import tqdm
 
@@ -165,9 +166,6 @@ def _image_pass(pred: Clip, gt: Clip, count: int, gt_track: np.ndarray, mask_fn,
         bar.close()
 
     if opts.side_by_side is not None:
-        audio = pred.audio()
-        if audio is None:
-            audio = gt.audio()
         media.write_video(opts.side_by_side, pairs(), gt.fps, audio=audio)
     else:
         for _ in pairs():
@@ -312,7 +310,7 @@ def evaluate(pred: Clip, gt: Clip | None = None, audio: np.ndarray | None = None
         if lpips_model is None:
             ev.set("lpips_face", None, why)
             ev.set("lpips_full", None, why)
-        _image_pass(pred, gt, count, gt_track, mask_fn, lpips_model, opts, ev)
+        _image_pass(pred, gt, count, gt_track, mask_fn, lpips_model, opts, ev, audio)
         if valid_rows(pred_track, gt_track).sum() == 0:
             raise UserError("the prediction and the ground truth never show a face in the same frame")
         first = next(iter(gt.frames()))
