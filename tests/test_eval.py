@@ -291,3 +291,18 @@ def test_lpips_and_syncnet_run_inside_evaluate_with_local_weights(may, tmp_path)
     assert ev.metrics["lpips_full"] == 0.0 and ev.metrics["lpips_face"] == 0.0
     assert isinstance(ev.metrics["syncnet_offset"], int) and ev.metrics["syncnet_conf"] >= 0.0
     assert ev.metrics["landmark_sync_offset"] is None and "frames" in ev.reasons["landmark_sync_offset"]
+
+
+def test_lmd_known_shift_and_normalisation(may):
+    from talkinghead.eval.landmark_metrics import landmark_metrics
+    from talkinghead.face.landmarks import interocular
+
+    tr = may["track"][:20]
+    shifted = tr.copy()
+    shifted[..., 0] += 3.0
+    shifted[..., 1] += 4.0  # every landmark 5 px away
+    m = landmark_metrics(shifted, tr, width=512)
+    assert m["lmd_mouth"] == pytest.approx(5.0, rel=1e-4) and m["lmd_all"] == pytest.approx(5.0, rel=1e-4)
+    assert m["lmd_all_iod"] == pytest.approx(np.mean(5.0 / interocular(tr)), rel=1e-4)
+    assert landmark_metrics(shifted, tr, width=256)["lmd_mouth"] == pytest.approx(10.0, rel=1e-4)  # at 512 px
+    assert m["mouth_open_corr"] == pytest.approx(1.0) and m["aue_proxy"] == pytest.approx(0.0, abs=1e-3)
