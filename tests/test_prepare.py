@@ -195,3 +195,19 @@ def test_dataset_of_another_video_is_not_overwritten(dataset, tmp_path):
     run = _prepare(video, "--out", other)
     assert run.returncode == 2 and run.stderr.startswith("error: ") and "not a dataset of this video" in run.stderr
     assert json.loads((other / "meta.json").read_text())["source"]["sha256"] == "0" * 64
+
+
+def test_audio_starts_at_the_first_video_frame():
+    """A container whose video starts 33 ms after its audio: those 33 ms of sound precede frame 0."""
+    from conftest import shared_clip
+
+    from talkinghead import media
+    from talkinghead.prepare.pipeline import _align_audio
+
+    info = media.probe(shared_clip("retalk_man_suit_6s.mp4"))
+    assert info.audio_delay_s == pytest.approx(-0.033, abs=0.001)
+    wave = np.arange(16000, dtype=np.float32)
+    aligned = _align_audio(wave, info.audio_delay_s)
+    assert aligned[0] == round(0.0330078125 * 16000)  # sample 528 of the track is at frame 0
+    np.testing.assert_array_equal(_align_audio(wave, 0.01)[:160], 0)  # a late track is padded with silence
+    assert len(_align_audio(wave, 0.01)) == 16160

@@ -29,6 +29,10 @@ class VideoInfo:
     duration_s: float  # of the video stream
     avg_fps: float  # container's average rate (informative only; decoding resamples)
     has_audio: bool
+    # Start of the first audio stream minus start of the video stream (s): frame 0 of ``iter_frames`` is
+    # the video's start, sample 0 of ``read_audio`` the audio's, so audio sample s belongs at time
+    # s / rate + audio_delay_s on the frame clock.
+    audio_delay_s: float = 0.0
 
 
 def _open(path: str | os.PathLike):
@@ -58,8 +62,13 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         else:
             duration = 0.0
         fps = float(vs.average_rate) if vs.average_rate else 0.0
+        delay = 0.0
+        if container.streams.audio:
+            a = container.streams.audio[0]
+            if a.start_time is not None and vs.start_time is not None:
+                delay = float(a.start_time * a.time_base) - float(vs.start_time * vs.time_base)
         return VideoInfo(Path(path), vs.codec_context.width, vs.codec_context.height, duration, fps,
-                         bool(container.streams.audio))
+                         bool(container.streams.audio), delay)
 
 
 def iter_frames(path: str | os.PathLike, fps: float) -> Iterator[np.ndarray]:

@@ -39,7 +39,7 @@ MIN_SECONDS = 2.0
 PAPERS_TRAIN_TO_TEST = 10  # the papers hold out the last 1/11 of a clip (10:1)
 JPEG_QUALITY = 95
 KEEP_FRAMES_BYTES = 6 << 30  # above this, source frames are decoded a second time instead of kept in memory
-STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 2, "audio": 1, "preview": 1}
+STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 2, "audio": 2, "preview": 1}
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,9 @@ def _imwrite_rgb(path: Path, image: np.ndarray) -> None:
     import cv2
 
     ext = path.suffix
-    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if ext == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    # Labels are long runs of a few values: run-length PNG is as fast as level 1 and half the size.
+    params = ([cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if ext == ".jpg" else
+              [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(ext, image, params)
@@ -306,6 +308,15 @@ def _geometry(landmarks: np.ndarray, tracked: np.ndarray, size: int, fov_deg: fl
     return tracks, model, info
 
 
+def _align_audio(wave: np.ndarray, delay_s: float) -> np.ndarray:
+    """Shift wave [S] so that sample 0 is at video frame 0: pad silence for a late audio start
+    (``delay_s`` > 0), drop the samples before the first frame for an early one."""
+    shift = int(round(delay_s * media.AUDIO_RATE))
+    if shift > 0:
+        return np.concatenate([np.zeros(shift, wave.dtype), wave])
+    return wave[-shift:]
+
+
 def _split(num_frames: int, fps: float, test_seconds: float | None) -> dict:
     if test_seconds is None:
         n_test = int(round(num_frames / (PAPERS_TRAIN_TO_TEST + 1)))
@@ -353,6 +364,8 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = lambda _: None) -> 
 
     wave = media.read_audio(audio_path)
     check_audio(wave, str(audio_path))
+    if cfg.audio is None:  # the file's own track: put its sample 0 where the container says, on the frame clock
+        wave = _align_audio(wave, info.audio_delay_s)
     source = {"path": str(video.resolve()), "sha256": sha256(video), "audio_path": str(audio_path.resolve()),
               "audio_sha256": sha256(audio_path)}
     work, origin = _open_work_dir(out, source["sha256"])
