@@ -68,3 +68,36 @@ def test_vertices_accepts_torch():
                       np.zeros((1, 3), np.int32))
     e = rng.normal(size=(2, 4)).astype(np.float32)
     np.testing.assert_allclose(model.vertices(torch.from_numpy(e)).numpy(), model.vertices(e), atol=1e-5)
+
+
+def _eye_meshes(ear: np.ndarray) -> np.ndarray:
+    """Meshes [T, 478, 3] whose two eyes have the eye aspect ratios ear [T]."""
+    from talkinghead.face.landmarks import LEFT_EYE, RIGHT_EYE
+
+    meshes = np.zeros((len(ear), 478, 3), np.float32)
+    for p1, p2, p3, p4, p5, p6 in (RIGHT_EYE, LEFT_EYE):
+        meshes[:, p4, 0] = 1.0
+        for top, bottom, x in ((p2, p6, 0.3), (p3, p5, 0.7)):
+            meshes[:, top, :2] = np.stack([np.full_like(ear, x), -ear / 2], 1)
+            meshes[:, bottom, :2] = np.stack([np.full_like(ear, x), ear / 2], 1)
+    return meshes
+
+
+def test_blink_is_calibrated_per_clip():
+    from talkinghead.face.landmarks import eye_aspect_ratio
+    from talkinghead.prepare.blink import blink_values
+
+    rng = np.random.default_rng(6)
+    ear = 0.30 + rng.normal(0, 0.005, 200)
+    ear[50:54] = [0.2, 0.08, 0.08, 0.2]  # one blink
+    meshes = _eye_meshes(ear)
+    np.testing.assert_allclose(eye_aspect_ratio(meshes)[:, 0], ear, rtol=1e-5)
+    blink = blink_values(meshes)
+    assert blink.shape == (200, 2) and blink.min() >= 0 and blink.max() <= 1
+    assert (blink[51:53] > 0.95).all() and 0.3 < blink[50, 0] < 0.7
+    assert np.median(blink) < 0.05
+    # a person with narrower eyes: the same blink reads the same after calibration
+    np.testing.assert_allclose(blink_values(_eye_meshes(ear * 0.7)), blink, atol=1e-4)
+    # no blink in the clip: noise stays noise, not full blinks
+    calm = blink_values(_eye_meshes(0.30 + rng.normal(0, 0.005, 200)))
+    assert calm.max() < 0.2

@@ -39,7 +39,7 @@ MIN_SECONDS = 2.0
 PAPERS_TRAIN_TO_TEST = 10  # the papers hold out the last 1/11 of a clip (10:1)
 JPEG_QUALITY = 95
 KEEP_FRAMES_BYTES = 6 << 30  # above this, source frames are decoded a second time instead of kept in memory
-STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 2, "audio": 2, "preview": 1}
+STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 3, "audio": 2, "preview": 1}
 
 
 @dataclass(frozen=True)
