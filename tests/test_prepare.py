@@ -211,3 +211,23 @@ def test_audio_starts_at_the_first_video_frame():
     assert aligned[0] == round(0.0330078125 * 16000)  # sample 528 of the track is at frame 0
     np.testing.assert_array_equal(_align_audio(wave, 0.01)[:160], 0)  # a late track is padded with silence
     assert len(_align_audio(wave, 0.01)) == 16160
+
+
+def test_wav2vec_option_adds_its_features(dataset, tmp_path):
+    """--wav2vec DIR (a tiny random model saved locally): only the audio stage is redone, its features join."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    video, out, _ = dataset
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                                         num_conv_pos_embedding_groups=2)
+    transformers.Wav2Vec2Model(config).save_pretrained(tmp_path / "w2v")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    run = _prepare(video, "--out", copy, "--wav2vec", tmp_path / "w2v")
+    assert run.returncode == 0, run.stderr
+    ds = PreparedDataset(copy)
+    assert set(ds.meta["reused_stages"]) == {"track", "images", "masks", "geometry"}
+    assert ds.audio_features.wav2vec.shape == (ds.num_frames, 32)
+    assert ds.audio_matrix.shape[1] == PreparedDataset(out).audio_matrix.shape[1] + 32
