@@ -182,6 +182,9 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
                 for i in range(0, len(samples), step):
                     frame = av.AudioFrame.from_ndarray(samples[None, i:i + step], format="flt", layout="mono")
                     frame.sample_rate = audio_rate
+                    # Explicit timestamps let the muxer write an edit list that hides the AAC encoder's
+                    # priming samples; without them the audio plays 1024 samples (64 ms at 16 kHz) late.
+                    frame.pts, frame.time_base = i, Fraction(1, audio_rate)
                     for packet in as_.encode(frame):
                         out.mux(packet)
                 for packet in as_.encode():
