@@ -71,6 +71,11 @@ def flametalk_figures(avatar: Path, data: Path) -> dict:
     return m
 
 
+def table_text(path: Path) -> str:
+    """compare's markdown without its own headings (they would break this section's structure)."""
+    return "\n".join(line for line in path.read_text().strip().splitlines() if not line.startswith("#")).strip()
+
+
 def metrics(report: Path) -> dict:
     return json.loads((report / "metrics.json").read_text())
 
@@ -94,6 +99,7 @@ def main() -> int:
     ap.add_argument("--gt-data", type=Path, default=None, help="its prepared dataset (default: --data)")
     ap.add_argument("--audio", type=Path, default=None, help="cross-driving audio")
     ap.add_argument("--work", type=Path, default=Path("/tmp/gft_bench"))
+    ap.add_argument("--reuse", action="store_true", help="keep eval reports already in --work")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     lines = [f"### {machine()}", ""]
@@ -120,26 +126,28 @@ def main() -> int:
     self_reports, cross_reports = [], []
     for name, avatar, data in runs:
         rep = args.work / f"self_{name}"
-        run(CLI + ["eval", avatar, "--data", data, "--out", rep, "--quiet"])
+        if not (args.reuse and (rep / "metrics.json").is_file()):
+            run(CLI + ["eval", avatar, "--data", data, "--out", rep, "--quiet", "--no-video"])
         self_reports.append(rep)
     table = args.work / "compare_self.md"
     run(CLI + ["compare", *self_reports, "--out", table])
     lines += ["Self-driven test split (`talkinghead eval AVATAR --data DATA`, then `talkinghead compare`):", "",
-              table.read_text().strip(), ""]
+              table_text(table), ""]
 
     if args.audio is not None:
         for name, avatar, data in runs:
             mp4 = args.work / f"cross_{name}.mp4"
-            secs = run(CLI + ["render", avatar, "--audio", args.audio, "--out", mp4])
             rep = args.work / f"cross_{name}"
-            ref = json.loads((data / "meta.json").read_text())["source"]["path"]
-            run(CLI + ["eval", "--pred", mp4, "--audio", args.audio, "--ref", ref, "--out", rep, "--quiet"])
+            if not (args.reuse and (rep / "metrics.json").is_file()):
+                secs = run(CLI + ["render", avatar, "--audio", args.audio, "--out", mp4])
+                ref = json.loads((data / "meta.json").read_text())["source"]["path"]
+                run(CLI + ["eval", "--pred", mp4, "--audio", args.audio, "--ref", ref, "--out", rep, "--quiet", "--no-video"])
+                print(f"{name}: cross-driven render {secs:.0f} s", flush=True)
             cross_reports.append(rep)
-            print(f"{name}: cross-driven render {secs:.0f} s", flush=True)
         table = args.work / "compare_cross.md"
         run(CLI + ["compare", *cross_reports, "--out", table])
         lines += [f"Cross-driven by `{args.audio.name}` (poses replay the training video back and forth; "
-                  f"stability against the training video as reference):", "", table.read_text().strip(), ""]
+                  f"stability against the training video as reference):", "", table_text(table), ""]
 
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     block = "\n".join(lines) + "\n"
