@@ -35,10 +35,12 @@ def test_umeyama_recovers_similarity():
     src = rng.normal(size=(40, 3))
     R = _rot("x", 20) @ _rot("y", -35) @ _rot("z", 10)
     dst = 2.5 * src @ R.T + [1.0, -2.0, 3.0]
-    s, R_est, t = pose.umeyama(src, dst)
-    assert s == pytest.approx(2.5, rel=1e-6)
-    np.testing.assert_allclose(R_est, R, atol=1e-6)
-    np.testing.assert_allclose(t, [1.0, -2.0, 3.0], atol=1e-6)
+    mirrored = src * [1, 1, -1] @ R.T  # a reflection is not a rotation: the best proper one is returned
+    s, R_est, t = pose.umeyama(src, np.stack([dst, mirrored]))
+    assert s[0] == pytest.approx(2.5, rel=1e-6)
+    np.testing.assert_allclose(R_est[0], R, atol=1e-6)
+    np.testing.assert_allclose(t[0], [1.0, -2.0, 3.0], atol=1e-6)
+    assert np.linalg.det(R_est[1]) == pytest.approx(1.0)
 
 
 def test_known_head_motion_is_recovered():

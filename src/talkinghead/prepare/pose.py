@@ -3,8 +3,8 @@
 The papers get pose from BFM fitting (AD-NeRF / ER-NeRF pre-processing, reused by GaussianTalker and
 DEGSTalk). Ours, from the face mesh of every frame (issue 2, step 4):
 
-1. Rigid template (``rigid_template``, refined by ``fit_head``): generalised Procrustes of the per-frame 3D landmark clouds
-   (x, y pixels, mediapipe depth in the same scale) on *stable* landmarks only (forehead, nose bridge,
+1. Rigid template (``rigid_template``, refined by ``fit_head``): generalised Procrustes of the per-frame
+   3D landmark clouds (x, y pixels, mediapipe depth in the same scale) on *stable* landmarks only (forehead, nose bridge,
    eye corners, temples; no mouth, jaw or brows, which move with speech). The mean shape is put in the
    head frame: origin at the centroid of the stable points, x from the right to the left eye corners
    (subject's own sides), y from forehead to chin, z = x cross y (into the head), so a frontal face has
@@ -40,28 +40,15 @@ LEFT_SIDE = (263, 362, 356, 454, 389, 345, 352, 359)
 FOREHEAD, CHIN = 10, 152
 RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263
 EYE_CORNER_DISTANCE_M = 0.09  # average adult outer-canthus distance: sets the unit of head coordinates
-DEFAULT_FOV_DEG = 24.0  # a portrait lens; ~1200 px focal at 512 px, the value ER-NeRF's crops imply
+DEFAULT_FOV_DEG = 24.0  # a portrait (short tele) lens: about 1200 px focal length at 512 px
 SMOOTH_SECONDS = 0.36  # Savitzky-Golay window: 9 frames at 25 fps
 
 
-def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
-    """Least-squares similarity ``dst ~ s * R @ src + t`` (Umeyama 1991) of points src, dst: [N, 3].
+def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares similarities ``dst[i] ~ s[i] * R[i] @ src + t[i]`` (Umeyama 1991), one per frame.
 
-    Returns (s, R [3, 3] proper rotation, t [3]).
+    src: [N, 3]; dst: [T, N, 3]. Returns s [T], R [T, 3, 3] proper rotations, t [T, 3].
     """
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    a, b = src - mu_s, dst - mu_d
-    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
-    d = np.ones(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        d[2] = -1.0
-    R = U @ np.diag(d) @ Vt
-    s = float((S * d).sum() / (a ** 2).sum(1).mean()) if with_scale else 1.0
-    return s, R, mu_d - s * R @ mu_s
-
-
-def _batched_umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``umeyama`` for one src [N, 3] onto many dst [T, N, 3]: s [T], R [T, 3, 3], t [T, 3]."""
     mu_s, mu_d = src.mean(0), dst.mean(1)
     a, b = src - mu_s, dst - mu_d[:, None]
     U, S, Vt = np.linalg.svd(np.transpose(b, (0, 2, 1)) @ a / len(src))
@@ -78,7 +65,7 @@ def align_to_template(landmarks: np.ndarray, template: np.ndarray) -> np.ndarray
     Each frame is mapped by the similarity that best fits its stable points to the template's, so what
     is left in the result is the non-rigid motion (speech, blinks, expressions).
     """
-    s, R, t = _batched_umeyama(template[list(STABLE)], landmarks[:, list(STABLE)].astype(np.float64))
+    s, R, t = umeyama(template[list(STABLE)], landmarks[:, list(STABLE)].astype(np.float64))
     # Inverse of x -> s R x + t applied to every landmark.
     out = (landmarks - t[:, None]) @ R / s[:, None, None]  # row vectors: x @ R applies R^T
     return out.astype(np.float32)
@@ -104,7 +91,7 @@ def rigid_template(landmarks: np.ndarray, iterations: int = 3) -> np.ndarray:
     lm = landmarks.astype(np.float64)
     ref = lm[len(lm) // 2]
     for _ in range(iterations):  # generalised Procrustes: align all to the mean, re-estimate the mean
-        s, R, t = _batched_umeyama(ref[list(STABLE)], lm[:, list(STABLE)])
+        s, R, t = umeyama(ref[list(STABLE)], lm[:, list(STABLE)])
         aligned = (lm - t[:, None]) @ R / s[:, None, None]
         ref = np.median(aligned, axis=0)
     return _canonical(ref)
@@ -198,7 +185,7 @@ def estimate_poses(landmarks: np.ndarray, template: np.ndarray, K: np.ndarray,
     stable = list(STABLE)
     obj = template[stable].astype(np.float64)
     f = float(K[0, 0])
-    s, R, t = _batched_umeyama(obj, landmarks[:, stable].astype(np.float64))
+    s, R, t = umeyama(obj, landmarks[:, stable].astype(np.float64))
     rvecs, tvecs = np.zeros((len(landmarks), 3)), np.zeros((len(landmarks), 3))
     for i in range(len(landmarks)):
         # Weak-perspective start: s pixels per metre at depth f / s; the origin projects to t[:2].
