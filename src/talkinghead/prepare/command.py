@@ -17,7 +17,8 @@ def register(subparsers) -> None:
             "stages; an interrupted run resumes."),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("video", type=Path, help="any video ffmpeg reads (variable frame rate is fine), one speaker")
-    p.add_argument("--out", type=Path, required=True, help="dataset folder to create (refused if it holds anything else)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="dataset folder to create (refused if it holds anything else)")
     p.add_argument("--audio", type=Path, help="sound track to use instead of the video's own (any media file)")
     p.add_argument("--size", type=int, default=512, help="side of the square crop in pixels (default: 512)")
     p.add_argument("--fps", type=float, default=25.0, help="constant frame rate to resample to (default: 25)")
@@ -34,6 +35,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     import sys
 
     from talkinghead.prepare.pipeline import PrepareConfig, prepare
@@ -42,11 +44,9 @@ def run(args: argparse.Namespace) -> int:
                         test_seconds=args.test_seconds, preview=args.preview, fov_deg=args.fov_deg,
                         wav2vec_model=args.wav2vec, progress=not args.quiet)
     out = prepare(cfg, log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
-    import json
-
     meta = json.loads((out / "meta.json").read_text())
     print(f"{out}: {meta['num_frames']} frames at {meta['fps']:g} fps, {meta['size'][0]}x{meta['size'][1]}, "
-          f"tracked {meta['tracked_fraction']:.1%}, head turn {meta['pose']['frame_to_frame_deg_median']:.2f} deg/frame and jitter "
-          f"{meta['pose']['jitter_deg_median']:.2f} deg (medians), "
+          f"tracked {meta['tracked_fraction']:.1%}, head turn {meta['pose']['frame_to_frame_deg_median']:.2f} "
+          f"deg/frame and jitter {meta['pose']['jitter_deg_median']:.2f} deg (medians), "
           f"{meta['timings_s']['total']:.1f} s")
     return 0
