@@ -8,8 +8,8 @@ DEGSTalk). Ours, from the face mesh of every frame (issue 2, step 4):
    (forehead, nose bridge, eye corners, temples; no mouth, jaw or brows, which move with speech). The
    mean shape is put in the head frame: origin at the centroid of the stable points, x from the right to
    the left eye corners (subject's own sides), y from forehead to chin, z = x cross y (into the head), so
-   a frontal face has rotation identity; scaled so the outer eye corners are ``EYE_CORNER_DISTANCE_M`` apart (metres).
-   Those clouds are weak-perspective (mediapipe's depth is relative), so ``fit_head`` then alternates
+   a frontal face has rotation identity; scaled so the outer eye corners are ``EYE_CORNER_DISTANCE_M``
+   apart (metres). Those clouds are weak-perspective (mediapipe's depth is relative), so ``fit_head`` then alternates
    PnP poses (step 3) with re-estimating the template from the landmarks lifted onto their camera rays.
 2. Intrinsics (``clip_intrinsics``): one K per clip, principal point at the crop centre, focal from a
    fixed field of view. Deviation: we do not fit the focal; a mostly frontal talking head does not
