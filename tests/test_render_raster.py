@@ -132,6 +132,24 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(loss, scene, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+def test_gradients_match_finite_differences_with_sh_two_cameras_and_a_background():
+    W, H = 10, 8
+    _, K = camera(W, H, 10.0, torch.float64)
+    viewmats = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    viewmats[1, :3, :3] = quat_to_rotmat(torch.tensor([[0.98, 0.0, 0.15, 0.05]], dtype=torch.float64))[0]
+    means, quats, scales, opacities, _ = random_scene(3, seed=9, dtype=torch.float64)
+    sh = 0.3 * torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    bg = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+
+    def loss(means, sh):
+        image, alpha, depth, _ = rasterize(
+            means, quats, scales, opacities, sh, viewmats, K.repeat(2, 1, 1), W, H, background=bg, sh_degree=1
+        )
+        return image.square().sum() + depth.sum()
+
+    assert torch.autograd.gradcheck(loss, [means.requires_grad_(), sh.requires_grad_()], atol=1e-6, rtol=1e-4)
+
+
 def test_chunked_compositing_equals_one_chunk_forward_and_backward():
     W, H = 48, 64  # four 16-row bands
     viewmat, K = camera(W, H, 40.0)
