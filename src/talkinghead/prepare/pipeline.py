@@ -490,6 +490,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         # geometry (while the image files are written)
         if not stages.reusable("geometry", geometry_key):
             t0, c0 = time.perf_counter(), time.process_time()
+            log("fitting head pose, camera and face model")
             tracks, model, geo_info = _geometry(landmarks, tracked, cfg.size, cfg.fov_deg, cfg.fps)
             tracks.save(work / "tracks.npz")
             model.save(work / "face_model.npz")
@@ -508,6 +509,8 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
 
         if audio_future is not None:
             t0 = time.perf_counter()
+            if not audio_future.done():
+                log("waiting for the audio features")
             try:
                 features, seconds, cpu = audio_future.result()
             except BrokenProcessPool:  # the worker died (killed, out of memory): do it here instead
