@@ -114,17 +114,25 @@ def test_unwritable_output(tmp_path, may_frames):
     _assert_refused(_prepare(video, "--out", blocker / "ds"), blocker / "ds", "cannot write")
 
 
-def test_short_gap_is_interpolated(tmp_path, may_frames):
-    """The other side of the gap rule: a few frames without a face are filled and marked untracked."""
+def test_short_gap_is_interpolated_and_audio_option_is_used(tmp_path, may_frames):
+    """The other side of two rules: a few frames without a face are filled and marked untracked, and a
+    video without sound is prepared with --audio."""
+    import soundfile
+
     from talkinghead.data import PreparedDataset
+    from talkinghead.prepare.pipeline import sha256
 
     frames, audio = may_frames
     clip = frames[:75].copy()
     clip[30:34] = 100
-    video = _clip(tmp_path / "blip.mp4", clip, audio[: 3 * 16000])
-    run = _prepare(video, "--out", tmp_path / "ds", "--size", "128")
+    video = _clip(tmp_path / "blip.mp4", clip, None)
+    wav = tmp_path / "speech.wav"
+    soundfile.write(str(wav), audio[: 3 * 16000], 16000)
+    run = _prepare(video, "--out", tmp_path / "ds", "--size", "128", "--audio", wav)
     assert run.returncode == 0, run.stderr
     ds = PreparedDataset(tmp_path / "ds")
+    assert ds.meta["source"]["audio_sha256"] == sha256(wav)
+    np.testing.assert_allclose(ds.audio_wave, audio[: 3 * 16000], atol=1e-4)
     tracked = ds.tracks.tracked
     assert not tracked[30:34].any() and tracked[:30].all() and tracked[34:].all()
     assert ds.meta["tracked_fraction"] == pytest.approx(71 / 75)
