@@ -258,6 +258,13 @@ def _read_images(folder: Path, ext: str, count: int) -> np.ndarray:
     return np.stack(out)
 
 
+def _ignore_interrupts() -> None:
+    """In the audio process: Ctrl-C reaches the whole process group, but only the main process reports it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _compute_audio(wave: np.ndarray, fps: float, num_frames: int, wav2vec_model):
     """Worker of the audio process: features for ``num_frames`` frames (and its run time)."""
     from talkinghead.audio.features import compute_audio_features
@@ -411,7 +418,8 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         # fork (where there is one): no re-import of the caller's __main__ and no second start-up of
         # numpy/scipy; it happens here, before the tracker or any of our threads start.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method))
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method),
+                                   initializer=_ignore_interrupts)
         audio_future = pool.submit(_compute_audio, wave, cfg.fps, estimate,
                                    str(cfg.wav2vec_model) if cfg.wav2vec_model else None)
     try:
