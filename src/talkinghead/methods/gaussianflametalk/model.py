@@ -113,8 +113,12 @@ class GaussianFlameTalk(nn.Module):
     # ------------------------------------------------------------------------------------------ frames
 
     def _expression(self, cond: Condition, speech: Tensor | None) -> Tensor:
-        """Expression [E] of the frame: source frame's (optimised) values, speech part replaced if given."""
-        e = self.avatar.frame_expression(cond.index, optimized=self._is_train_frame(cond.index))
+        """Expression [E] of the frame: source frame's (optimised) values, speech part replaced if given;
+        the template expression when the condition has no source frame."""
+        if 0 <= cond.index < self.avatar.tracked_expression.shape[0]:
+            e = self.avatar.frame_expression(cond.index, optimized=self._is_train_frame(cond.index))
+        else:
+            e = self.flametalk.template_expression
         if speech is None:
             return e
         e = e.clone()
