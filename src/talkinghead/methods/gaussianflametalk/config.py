@@ -26,6 +26,11 @@ class GaussianFlameTalkConfig:
     num_shell: int = 2500  # rigid-shell Gaussians (hair, ears, back of the head)
     sh_degree: int = 0
 
+    # Driving (sec. 3.2 inference): FlameTalk gives the speech coefficients; from the source video frame come
+    # the pose and "eyes" (the eye components only, the rest stays at the template: tracking noise in the
+    # other coefficients would wobble the face) or "all" its non-speech coefficients.
+    source_expression: str = "eyes"
+
     # Losses (3DGS: L1 + lambda D-SSIM; GaussianAvatars' binding regularisers).
     lambda_dssim: float = 0.2
     lambda_lip: float = 1.0  # L1 on the mouth crop rendered as its own camera (as GaussianTalker)

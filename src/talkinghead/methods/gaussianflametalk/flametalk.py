@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from talkinghead.face.landmarks import CHIN, LIPS_INNER, LIPS_OUTER, NOSE_TIP, mouth_opening
+from talkinghead.face.landmarks import (CHIN, LEFT_EYE, LEFT_EYE_OUTER, LIPS_INNER, LIPS_OUTER, NOSE_TIP, RIGHT_EYE,
+                                        RIGHT_EYE_OUTER, mouth_opening)
 
 
 @dataclass
@@ -106,6 +107,18 @@ def speech_components(neutral: np.ndarray, basis: np.ndarray, min_share: float =
     order = np.argsort(-share, kind="stable")
     keep = [int(e) for e in order if share[e] >= min_share][:max_count]
     return np.array(keep or [int(order[0])], dtype=np.int64)
+
+
+def eye_components(neutral: np.ndarray, basis: np.ndarray, radius: float = 0.25, min_share: float = 0.5) -> np.ndarray:
+    """Indices of the expression components that move the eyes (blinks): at least ``min_share`` of their
+    displacement energy within ``radius`` interocular distances of either eye's centre. Rendering takes these
+    from the source video frame, as the paper takes eyes (and pose) from the reference video."""
+    centres = [neutral[list(RIGHT_EYE)].mean(0), neutral[list(LEFT_EYE)].mean(0)]
+    iod = np.linalg.norm(neutral[LEFT_EYE_OUTER] - neutral[RIGHT_EYE_OUTER])
+    dist = np.minimum(*(np.linalg.norm(neutral - c, axis=1) for c in centres))
+    energy = (basis**2).sum(-1)
+    share = energy[:, dist < radius * iod].sum(1) / np.maximum(energy.sum(1), 1e-20)
+    return np.flatnonzero(share >= min_share).astype(np.int64)
 
 
 # --- the network ----------------------------------------------------------------------------------------------

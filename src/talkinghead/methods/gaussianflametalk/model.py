@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from talkinghead.errors import UserError
 from talkinghead.methods.base import Batch, Condition, DatasetInfo
 from talkinghead.methods.losses import dssim
 from talkinghead.render import rasterize
 
 from .avatar import RiggedAvatar
 from .config import GaussianFlameTalkConfig
-from .flametalk import FlameTalk, build_flametalk, evaluate_flametalk, train_flametalk
+from .flametalk import FlameTalk, build_flametalk, evaluate_flametalk, eye_components, train_flametalk
 
 
 class GaussianFlameTalk(nn.Module):
@@ -55,6 +56,7 @@ class GaussianFlameTalk(nn.Module):
         self._opt: torch.optim.Optimizer | None = None
         self._stream = _Stream()
         self._extras: dict[str, Any] = {}
+        self._eyes: Tensor | None = None  # eye components, from the face model on first use
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -62,6 +64,8 @@ class GaussianFlameTalk(nn.Module):
     def build(cls, cfg: GaussianFlameTalkConfig, info: DatasetInfo, dataset=None) -> "GaussianFlameTalk":
         """A fresh model from ``dataset`` (FlameTalk trained here when its stage is on), or an empty one
         whose tensors ``load_state_dict`` resizes to the saved ones."""
+        if cfg.source_expression not in ("eyes", "all"):
+            raise UserError(f"source_expression must be 'eyes' or 'all', got {cfg.source_expression!r}")
         if dataset is None:
             avatar = RiggedAvatar(info.num_frames, 1, 1, cfg.sh_degree)
             ft = FlameTalk(cfg.flametalk, info.audio_dim, torch.zeros(1, 3), torch.zeros(1, 1, 3), torch.zeros(1),
@@ -108,22 +112,37 @@ class GaussianFlameTalk(nn.Module):
         self.flametalk.load_state_dict(ft)
         self.flametalk_trained.copy_(state["flametalk_trained"])
         self._stream = _Stream()
+        self._eyes = None
         return None
 
     # ------------------------------------------------------------------------------------------ frames
 
     def _expression(self, cond: Condition, speech: Tensor | None) -> Tensor:
-        """Expression [E] of the frame: source frame's (optimised) values, speech part replaced if given;
-        the template expression when the condition has no source frame."""
-        if 0 <= cond.index < self.avatar.tracked_expression.shape[0]:
-            e = self.avatar.frame_expression(cond.index, optimized=self._is_train_frame(cond.index))
+        """Expression [E] of the frame. Without ``speech`` (training, ``drive="tracked"``): the source frame's
+        (optimised) values. With it: the template, the source frame's eye components (``source_expression=
+        "eyes"``, or all of them with "all"), then FlameTalk's speech components. No source frame: template."""
+        template = self.flametalk.template_expression
+        if not 0 <= cond.index < self.avatar.tracked_expression.shape[0]:
+            e = template.clone()
         else:
-            e = self.flametalk.template_expression
+            e = self.avatar.frame_expression(cond.index, optimized=self._is_train_frame(cond.index))
         if speech is None:
             return e
-        e = e.clone()
+        if self.cfg.source_expression == "eyes":
+            eyes = self._eye_idx()
+            e, e_src = template.clone(), e
+            e[eyes] = e_src[eyes]
+        else:
+            e = e.clone()
         e[self.flametalk.speech_idx] = speech
         return e
+
+    def _eye_idx(self) -> Tensor:
+        if self._eyes is None:
+            idx = eye_components(self.avatar.neutral.numpy(), self.avatar.basis.numpy())
+            speech = set(self.flametalk.speech_idx.tolist())
+            self._eyes = torch.tensor([i for i in idx.tolist() if i not in speech], dtype=torch.long)
+        return self._eyes
 
     def _is_train_frame(self, index: int) -> bool:
         return 0 <= index < self.avatar.trained_frames.shape[0] and bool(self.avatar.trained_frames[index])
@@ -215,6 +234,7 @@ class GaussianFlameTalk(nn.Module):
         trained = a.trained_frames
         out = {"num_bound": a.num_bound, "num_shell": int(a.shell_means.shape[0]), "stages": list(self.cfg.stages),
                "speech_components": [int(i) for i in self.flametalk.speech_idx],
+               "eye_components": [int(i) for i in self._eye_idx()],
                "frames_with_corrections": int(trained.sum())}
         if trained.any():
             out["mean_pose_correction_deg"] = float(a.pose_delta.detach()[trained, :3].norm(dim=-1).mean() * 180 / math.pi)
