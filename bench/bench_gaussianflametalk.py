@@ -76,17 +76,6 @@ def table_text(path: Path) -> str:
     return "\n".join(line for line in path.read_text().strip().splitlines() if not line.startswith("#")).strip()
 
 
-def metrics(report: Path) -> dict:
-    return json.loads((report / "metrics.json").read_text())
-
-
-def value(m: dict, key: str):
-    v = m.get("metrics", m).get(key)
-    if isinstance(v, dict):
-        v = v.get("value")
-    return v
-
-
 def fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 

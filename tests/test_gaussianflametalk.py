@@ -10,7 +10,6 @@ import torch
 
 from talkinghead.errors import UserError
 from talkinghead.methods import get_method
-from talkinghead.methods.base import Condition
 from talkinghead.methods.data import FrameStore
 from talkinghead.methods.gaussianflametalk.avatar import axis_angle_to_matrix, corrected_viewmat
 from talkinghead.methods.gaussianflametalk.config import make_config
@@ -101,6 +100,9 @@ def test_train_save_load_render_both_stages(synthetic, tmp_path, monkeypatch):
         torch.testing.assert_close(img[:2, :2], bd[:2, :2], atol=0.02, rtol=0)
         res = render_split(out, synthetic, "test", tmp_path / "test.mp4")
         assert res["frames"] == 8 and (tmp_path / "test.mp4").stat().st_size > 0
+        # Cross-driven: new audio, poses replayed from the training frames.
+        res = render_audio(out, synthetic / "audio.wav", tmp_path / "cross.mp4")
+        assert res["frames"] == 40 and (tmp_path / "cross.mp4").stat().st_size > 0
         # The FlameTalk stage re-run in place (the per-stage hook): the Gaussians are kept, FlameTalk changes.
         before = {k: v.clone() for k, v in model.state_dict().items()}
         retrain_flametalk(out, synthetic, {"d_model": 8, "iterations": 3}, progress=False)

@@ -241,7 +241,8 @@ class FlameTalk(nn.Module):
     def forward(self, audio: Tensor, target_speech: Tensor | None = None) -> Tensor:
         """Speech coefficients [B, T, S] for audio features [B, T, D].
 
-        With ``target_speech`` [B, T, S] (training) the decoder reads it, shifted by one frame, in one pass; otherwise it runs autoregressively on its own predictions, never looking ahead.
+        With ``target_speech`` [B, T, S] (training) the decoder reads it, shifted by one frame, in one pass;
+        otherwise it runs autoregressively on its own predictions, never looking ahead.
         """
         C = self.encode_audio(audio)
         B, T, d = C.shape
