@@ -7,7 +7,9 @@ that neighbours overlap (scale ~ spacing / 2), flattened along one random axis, 
 resolution, so pixels per Gaussian grow 4x per doubling of the side, as in a real render.
 
     .venv/bin/python bench/bench_raster.py [--sizes 128 256 512] [--counts 5000 20000 50000] [--backends torch gsplat]
-                                           [--sh 3] [--threads 2] [--repeats 5]
+                                           [--sh 3] [--threads 2] [--repeats 5] [--torch-device cuda]
+
+On a CUDA machine with gsplat, ``--backends torch gsplat --torch-device cuda`` times both backends on the GPU.
 
 Times are the best of ``--repeats`` runs after one warm-up: wall-clock, and for forward+backward also the
 process CPU time summed over threads. Other load on a shared machine inflates wall times, and with more
@@ -63,8 +65,8 @@ def time_ms(fn, repeats: int, sync) -> tuple[float, float]:
     return wall, cpu
 
 
-def bench(size: int, n: int, backend: str, sh_degree: int | None, repeats: int):
-    device = "cuda" if backend == "gsplat" else "cpu"
+def bench(size: int, n: int, backend: str, sh_degree: int | None, repeats: int, torch_device: str = "cpu"):
+    device = "cuda" if backend == "gsplat" else torch_device
     means, quats, scales, opacities, colors, viewmat, K = head_scene(n, size, device, sh_degree)
     params = [t.requires_grad_() for t in (means, quats, scales, opacities, colors)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -88,6 +90,7 @@ def main() -> None:
     ap.add_argument("--sh", type=int, default=None, help="SH degree (default: plain RGB colours)")
     ap.add_argument("--repeats", type=int, default=5, help="timings are the best of this many runs")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--torch-device", default="cpu", help="device of the torch backend (gsplat is always cuda)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,8 +101,9 @@ def main() -> None:
     for backend in args.backends:
         for size in args.sizes:
             for n in args.counts:
-                (fwd, _), (fwd_bwd, cpu) = bench(size, n, backend, args.sh, args.repeats)
-                row = f"| {backend} | {size}^2 | {n} | {fwd:.1f} | {fwd_bwd:.1f} | {cpu:.1f} | {1000 / fwd:.0f} |"
+                (fwd, _), (fwd_bwd, cpu) = bench(size, n, backend, args.sh, args.repeats, args.torch_device)
+                name = f"{backend} ({args.torch_device})" if backend == "torch" else backend
+                row = f"| {name} | {size}^2 | {n} | {fwd:.1f} | {fwd_bwd:.1f} | {cpu:.1f} | {1000 / fwd:.0f} |"
                 print(row, flush=True)
 
 
