@@ -276,10 +276,10 @@ class FlameTalk(nn.Module):
         """Full expression [T, E] (float32) for audio features [T, D]: causal, streaming inference."""
         was = self.training
         self.eval()
-        x = torch.as_tensor(np.asarray(audio, np.float32))[None]
+        x = torch.as_tensor(np.asarray(audio, np.float32), device=self.neutral.device)[None]
         speech = self(x)[0]
         self.train(was)
-        return self.full_expression(speech).numpy().astype(np.float32)
+        return self.full_expression(speech).cpu().numpy().astype(np.float32)
 
 
 def build_flametalk(cfg: FlameTalkConfig, audio: np.ndarray, expression: np.ndarray, neutral: np.ndarray,
@@ -372,8 +372,9 @@ def evaluate_flametalk(model: FlameTalk, audio: np.ndarray, expression: np.ndarr
     * ``mouth_opening_corr``: Pearson correlation of the mouth opening (inner-lip gap / interocular,
       :func:`talkinghead.face.landmarks.mouth_opening` on the meshes) of predicted vs tracked meshes.
     """
-    pred_expr = torch.as_tensor(model.predict(audio))
-    X = torch.as_tensor(np.asarray(expression, np.float32))
+    device = model.neutral.device
+    pred_expr = torch.as_tensor(model.predict(audio), device=device)
+    X = torch.as_tensor(np.asarray(expression, np.float32), device=device)
     with torch.no_grad():
         pred = model.neutral + torch.einsum("te,evc->tvc", pred_expr, model.basis)
         target = model.augmented_target(X)
@@ -385,8 +386,8 @@ def evaluate_flametalk(model: FlameTalk, audio: np.ndarray, expression: np.ndarr
         return 1000.0 * float((d if idx is None else d[:, list(idx)]).mean())
 
     # mouth_opening reads x, y: the head frame is camera-like (x right, y down, the face looking along z).
-    mo_pred = mouth_opening(pred.numpy())
-    mo_true = mouth_opening(full.numpy())
+    mo_pred = mouth_opening(pred.cpu().numpy())
+    mo_true = mouth_opening(full.cpu().numpy())
     corr = float(np.corrcoef(mo_pred, mo_true)[0, 1]) if mo_pred.std() > 0 and mo_true.std() > 0 else float("nan")
     return {
         "frames": int(X.shape[0]),
