@@ -143,3 +143,21 @@ def test_streaming_flametalk_equals_offline_prediction(synthetic, monkeypatch):
         from talkinghead.methods import register_method
 
         register_method(spec)
+
+
+def test_smoothed_corrections_average_trained_frames_only():
+    from talkinghead.methods.gaussianflametalk.avatar import RiggedAvatar
+
+    a = RiggedAvatar(num_frames=20, num_expression=2, num_vertices=3)
+    with torch.no_grad():
+        a.trained_frames[:15] = True
+        a.pose_delta[:, 0] = 0.5
+        a.pose_delta[:15, 1] = torch.tensor([1.0, -1.0] * 7 + [1.0])  # frame-to-frame noise
+        a.pose_delta[15:] = 100.0  # untrained frames never contribute
+        a.expression_delta[:15, 0] = torch.arange(15.0)  # a slow drift survives
+    with torch.no_grad():
+        pose, expr = a.smoothed_corrections(radius=2)
+    torch.testing.assert_close(pose[:15, 0], torch.full((15,), 0.5))
+    assert pose[2:13, 1].abs().max() <= 0.2 + 1e-6
+    assert pose[14, 0] == pytest.approx(0.5)  # its window holds untrained frames 15, 16: ignored
+    torch.testing.assert_close(expr[2:13, 0], torch.arange(2.0, 13.0))

@@ -159,14 +159,30 @@ class RiggedAvatar(nn.Module):
                     setattr(mod, attr, new)
         return super().load_state_dict(state, strict=strict, assign=assign)
 
-    def frame_expression(self, index: int, optimized: bool = True) -> Tensor:
-        """Tracked expression of frame ``index`` [E], plus its learned correction when ``optimized``."""
+    def frame_expression(self, index: int, optimized: bool = True, delta: Tensor | None = None) -> Tensor:
+        """Tracked expression of frame ``index`` [E], plus its learned correction when ``optimized``
+        (``delta`` [T, E] replaces the raw corrections, e.g. smoothed ones)."""
         e = self.tracked_expression[index]
-        return e + self.expression_delta[index] if optimized else e
+        return e + (self.expression_delta if delta is None else delta)[index] if optimized else e
 
-    def frame_viewmat(self, index: int, viewmat: Tensor) -> Tensor:
-        """The tracked viewmat [4, 4] with frame ``index``'s learned head-pose correction."""
-        return corrected_viewmat(viewmat, self.pose_delta[index])
+    def frame_viewmat(self, index: int, viewmat: Tensor, delta: Tensor | None = None) -> Tensor:
+        """The tracked viewmat [4, 4] with frame ``index``'s learned head-pose correction (``delta`` [T, 6]
+        replaces the raw corrections)."""
+        return corrected_viewmat(viewmat, (self.pose_delta if delta is None else delta)[index])
+
+    def smoothed_corrections(self, radius: int) -> tuple[Tensor, Tensor]:
+        """Per-frame corrections averaged over the trained frames within ``radius`` frames: pose [T, 6],
+        expression [T, E]. Each frame is visited only a few times in a CPU-budget run, so its own correction
+        carries frame-to-frame noise that would wobble a replay; the misalignment it corrects drifts slowly."""
+        w = self.trained_frames.float()[None, None]  # [1, 1, T]
+        kernel = torch.ones(1, 1, 2 * radius + 1, dtype=w.dtype, device=w.device)
+        norm = F.conv1d(w, kernel, padding=radius)[0, 0].clamp_min(1e-9)  # [T]
+
+        def smooth(x: Tensor) -> Tensor:  # [T, C]
+            y = F.conv1d((x.T * w[0])[:, None], kernel, padding=radius)[:, 0]  # [C, T]
+            return (y / norm).T
+
+        return smooth(self.pose_delta), smooth(self.expression_delta)
 
     def mesh(self, expression: Tensor) -> Tensor:
         """[..., E] -> [..., V, 3] in the head frame."""

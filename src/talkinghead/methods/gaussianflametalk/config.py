@@ -30,6 +30,9 @@ class GaussianFlameTalkConfig:
     # the pose and "eyes" (the eye components only, the rest stays at the template: tracking noise in the
     # other coefficients would wobble the face) or "all" its non-speech coefficients.
     source_expression: str = "eyes"
+    # Replays average each frame's learned pose/expression corrections over +-this many trained frames
+    # (0: raw per-frame corrections; see RiggedAvatar.smoothed_corrections).
+    smooth_corrections: int = 6
 
     # Losses (3DGS: L1 + lambda D-SSIM; GaussianAvatars' binding regularisers).
     lambda_dssim: float = 0.2

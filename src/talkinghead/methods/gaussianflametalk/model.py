@@ -57,6 +57,7 @@ class GaussianFlameTalk(nn.Module):
         self._stream = _Stream()
         self._extras: dict[str, Any] = {}
         self._eyes: Tensor | None = None  # eye components, from the face model on first use
+        self._smoothed: tuple[Tensor, Tensor] | None = None  # render-time corrections, see _corrections
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -113,6 +114,7 @@ class GaussianFlameTalk(nn.Module):
         self.flametalk_trained.copy_(state["flametalk_trained"])
         self._stream = _Stream()
         self._eyes = None
+        self._smoothed = None
         return None
 
     # ------------------------------------------------------------------------------------------ frames
@@ -125,7 +127,8 @@ class GaussianFlameTalk(nn.Module):
         if not 0 <= cond.index < self.avatar.tracked_expression.shape[0]:
             e = template.clone()
         else:
-            e = self.avatar.frame_expression(cond.index, optimized=self._is_train_frame(cond.index))
+            e = self.avatar.frame_expression(cond.index, optimized=self._is_train_frame(cond.index),
+                                             delta=self._corrections()[1])
         if speech is None:
             return e
         if self.cfg.source_expression == "eyes":
@@ -136,6 +139,16 @@ class GaussianFlameTalk(nn.Module):
             e = e.clone()
         e[self.flametalk.speech_idx] = speech
         return e
+
+    def _corrections(self) -> tuple[Tensor | None, Tensor | None]:
+        """(pose [T, 6], expression [T, E]) corrections used when rendering: smoothed (cached) unless
+        ``smooth_corrections`` is 0, then None (the raw ones)."""
+        if self.cfg.smooth_corrections <= 0:
+            return None, None
+        if self._smoothed is None:
+            with torch.no_grad():
+                self._smoothed = self.avatar.smoothed_corrections(self.cfg.smooth_corrections)
+        return self._smoothed
 
     def _eye_idx(self) -> Tensor:
         if self._eyes is None:
@@ -165,7 +178,7 @@ class GaussianFlameTalk(nn.Module):
         expr = self._expression(cond, speech)
         viewmat = cond.viewmat
         if self._is_train_frame(cond.index):
-            viewmat = self.avatar.frame_viewmat(cond.index, viewmat)
+            viewmat = self.avatar.frame_viewmat(cond.index, viewmat, delta=self._corrections()[0])
         img, _ = self._raster(self.avatar.gaussians(expr), viewmat, cond.K, cond.backdrop)
         return img.clamp(0, 1)
 
@@ -227,6 +240,7 @@ class GaussianFlameTalk(nn.Module):
 
     def train(self, mode: bool = True):
         self._stream = _Stream()
+        self._smoothed = None  # the corrections change while training
         return super().train(mode)
 
     def log_extras(self) -> dict[str, Any]:
