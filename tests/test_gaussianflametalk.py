@@ -161,3 +161,17 @@ def test_smoothed_corrections_average_trained_frames_only():
     assert pose[2:13, 1].abs().max() <= 0.2 + 1e-6
     assert pose[14, 0] == pytest.approx(0.5)  # its window holds untrained frames 15, 16: ignored
     torch.testing.assert_close(expr[2:13, 0], torch.arange(2.0, 13.0))
+
+
+def test_flametalk_variant_trains_only_flametalk(synthetic, tmp_path, monkeypatch):
+    spec = _tiny(monkeypatch, iterations=10)
+    try:
+        log = train(synthetic, "gaussianflametalk", tmp_path / "ft", variant="flametalk", progress=False)
+        assert log["iterations"] == 0 and log["stages"] == ["flametalk"] and "flametalk" in log
+        assert log["frames_with_corrections"] == 0
+        _, _, _, model, _ = load_model(tmp_path / "ft")
+        assert bool(model.flametalk_trained)
+    finally:
+        from talkinghead.methods import register_method
+
+        register_method(spec)
