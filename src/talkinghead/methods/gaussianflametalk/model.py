@@ -10,11 +10,16 @@ avatar`` or ``--variant flametalk`` trains one of them):
    scale regularisers.
 2. **FlameTalk** (sec. 3.2, :mod:`.flametalk`): trained once, when the model is built, on the training split's
    audio features and tracked expressions (it needs no images), before the avatar iterations start.
+   :func:`retrain_flametalk` re-runs this stage inside an existing avatar (the shared ``train`` command has
+   no ``--stage`` flag to do that).
 
 Rendering a frame (``render(cond)``): the speech-related expression coefficients come from FlameTalk on the
-driving audio; every other coefficient (eyes, brows) and the head pose come from the source frame
-``cond.index`` of the training video (its tracked values plus the learned corrections when it is a training
-frame), as the paper's self- and cross-reenactment take pose and eyes from the reference video. The
+driving audio; the eye components (:func:`.flametalk.eye_components`) and the head pose come from the source
+frame ``cond.index`` of the video (its tracked values plus the learned corrections when it is a training
+frame, averaged over neighbouring frames: ``smooth_corrections``); every other coefficient stays at the
+template, as FlameTalk's M_gt' and the paper's reenactment (pose and eyes from the reference video) do.
+``source_expression="all"`` takes every non-speech coefficient from the source frame instead: measured on
+cnn_anchor_en_71s it wobbles more (tracking noise) and, self-driven, leaks the true mouth. The
 renderer calls ``render`` frame by frame with an audio window; FlameTalk runs *streaming* over those calls
 (:class:`_Stream`): consecutive windows overlap, so each call appends one audio row and one prediction to a
 causal history; a window that does not continue the previous one (a jump) restarts the history from the
