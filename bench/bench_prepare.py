@@ -7,6 +7,7 @@
 Runs the real command (``python -m talkinghead.cli prepare``) in a subprocess from a cold start, so the
 figure is what a user waits for, imports included. CPU seconds are summed over every process and thread;
 on a shared machine they are the steadier figure (wall time grows with the load average, recorded too).
+Peak memory is the largest resident set of the command's processes (``wait4``'s ``ru_maxrss``).
 Appends a dated entry to the "prepare" section of bench/RESULTS.md (other sections are kept).
 """
 
@@ -16,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -43,18 +43,21 @@ def load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def run_prepare(video: Path, out: Path, preview: bool) -> tuple[dict, float, float]:
-    """(meta, wall seconds, CPU seconds) of one cold ``prepare`` run."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
+def run_prepare(video: Path, out: Path, preview: bool) -> tuple[dict, float, float, float]:
+    """(meta, wall seconds, CPU seconds, peak resident memory in GB) of one cold ``prepare`` run."""
     cmd = [sys.executable, "-m", "talkinghead.cli", "prepare", str(video), "--out", str(out), "--quiet"]
-    run = subprocess.run(cmd + (["--preview"] if preview else []), capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if run.returncode != 0:
-        raise SystemExit(f"prepare failed on {video.name}: {run.stderr.strip()}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return json.loads((out / "meta.json").read_text()), wall, cpu
+    with tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd + (["--preview"] if preview else []), stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # this run's own rusage (its waited-for children included)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"prepare failed on {video.name}: {err.read().strip()}")
+    cpu = usage.ru_utime + usage.ru_stime
+    peak_gb = usage.ru_maxrss * 1024 / 1e9  # kB on Linux
+    return json.loads((out / "meta.json").read_text()), wall, cpu, peak_gb
 
 
 def expected_frames(video: Path, fps: float) -> float:
@@ -97,7 +100,7 @@ def main() -> None:
     lines = []
     try:
         load_before = load()
-        meta, wall, cpu = run_prepare(DATA / TARGET, keep / Path(TARGET).stem, preview=False)
+        meta, wall, cpu, peak_gb = run_prepare(DATA / TARGET, keep / Path(TARGET).stem, preview=False)
         t = meta["timings_s"]
         stages = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
         duration = meta["num_frames"] / meta["fps"]
@@ -105,7 +108,8 @@ def main() -> None:
                   "",
                   f"`{TARGET}`, 512x512, no preview, cold start: **{wall:.1f} s wall** "
                   f"({wall / duration:.2f} x the clip's {duration:.1f} s; target <= 0.5), {cpu:.1f} CPU s over all "
-                  f"processes; {meta['num_frames']} frames, tracked_fraction {meta['tracked_fraction']:.4f}, "
+                  f"processes, peak resident memory {peak_gb:.2f} GB; {meta['num_frames']} frames, "
+                  f"tracked_fraction {meta['tracked_fraction']:.4f}, "
                   f"frame-to-frame {meta['pose']['frame_to_frame_deg_median']:.3f} deg median, jitter "
                   f"{meta['pose']['jitter_deg_median']:.3f} deg median.",
                   "",
@@ -121,7 +125,7 @@ def main() -> None:
                       "| jitter deg median (p95) | crop (x0, y0, side) | E | fit mm | reproj px | wall s |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
             for video in sorted(DATA.glob("*.mp4")):
-                meta, wall, _ = run_prepare(video, keep / video.stem, preview=args.preview)
+                meta, wall, _, _ = run_prepare(video, keep / video.stem, preview=args.preview)
                 p, f, c = meta["pose"], meta["face_model"], meta["crop"]
                 lines.append(
                     f"| {video.name} | {meta['num_frames']} | {expected_frames(video, meta['fps']):.1f} | "

@@ -306,3 +306,19 @@ def test_lmd_known_shift_and_normalisation(may):
     assert m["lmd_all_iod"] == pytest.approx(np.mean(5.0 / interocular(tr)), rel=1e-4)
     assert landmark_metrics(shifted, tr, width=256)["lmd_mouth"] == pytest.approx(10.0, rel=1e-4)  # at 512 px
     assert m["mouth_open_corr"] == pytest.approx(1.0) and m["aue_proxy"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_blink_error_is_calibrated_on_the_ground_truth(may):
+    """A prediction whose eyes stay half shut: the ground truth's calibration sees it; a per-video one would not."""
+    from talkinghead.eval.landmark_metrics import landmark_metrics
+    from talkinghead.face.landmarks import LEFT_EYE, RIGHT_EYE, blink_values
+
+    tr = may["track"]
+    squint = tr.copy()
+    for _, p2, p3, _, p5, p6 in (RIGHT_EYE, LEFT_EYE):
+        for top, bottom in ((p2, p6), (p3, p5)):  # upper lid half way down to the lower one
+            squint[:, top, :2] = 0.5 * (tr[:, top, :2] + tr[:, bottom, :2])
+    own = np.abs(blink_values(squint) - blink_values(tr)).mean()
+    m = landmark_metrics(squint, tr, width=512)
+    assert m["blink_error"] > 0.3 > own
+    assert landmark_metrics(tr, tr, width=512)["blink_error"] == 0

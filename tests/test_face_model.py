@@ -84,8 +84,7 @@ def _eye_meshes(ear: np.ndarray) -> np.ndarray:
 
 
 def test_blink_is_calibrated_per_clip():
-    from talkinghead.face.landmarks import eye_aspect_ratio
-    from talkinghead.prepare.blink import blink_values
+    from talkinghead.face.landmarks import blink_values, eye_aspect_ratio
 
     rng = np.random.default_rng(6)
     ear = 0.30 + rng.normal(0, 0.005, 200)
@@ -93,7 +92,7 @@ def test_blink_is_calibrated_per_clip():
     meshes = _eye_meshes(ear)
     np.testing.assert_allclose(eye_aspect_ratio(meshes)[:, 0], ear, rtol=1e-5)
     blink = blink_values(meshes)
-    assert blink.shape == (200, 2) and blink.min() >= 0 and blink.max() <= 1
+    assert blink.shape == (200, 2) and blink.dtype == np.float32 and blink.min() >= 0 and blink.max() <= 1
     assert (blink[51:53] > 0.95).all() and 0.3 < blink[50, 0] < 0.7
     assert np.median(blink) < 0.05
     # a person with narrower eyes: the same blink reads the same after calibration
@@ -101,3 +100,22 @@ def test_blink_is_calibrated_per_clip():
     # no blink in the clip: noise stays noise, not full blinks
     calm = blink_values(_eye_meshes(0.30 + rng.normal(0, 0.005, 200)))
     assert calm.max() < 0.2
+
+
+def test_blink_against_a_reference():
+    from talkinghead.face.landmarks import blink_values
+
+    rng = np.random.default_rng(7)
+    ear = 0.30 + rng.normal(0, 0.005, 100)
+    ear[40:44] = [0.2, 0.08, 0.08, 0.2]
+    reference = _eye_meshes(ear)
+    np.testing.assert_array_equal(blink_values(reference, reference=reference), blink_values(reference))
+    # half-closed eyes throughout: calibrated on the reference they read as half a blink, not as open
+    squint = blink_values(_eye_meshes(ear * 0.5 + 0.075), reference=reference)
+    assert 0.3 < np.median(squint) < 0.7
+    assert np.median(blink_values(_eye_meshes(ear * 0.5 + 0.075))) < 0.05  # (its own calibration hides it)
+    # frames without a face: NaN rows, left out of the calibration
+    holes = reference.copy()
+    holes[10] = np.nan
+    out = blink_values(holes)
+    assert np.isnan(out[10]).all() and np.isfinite(np.delete(out, 10, axis=0)).all()

@@ -233,3 +233,22 @@ def test_wav2vec_option_adds_its_features(dataset, tmp_path):
     assert set(ds.meta["reused_stages"]) == {"track", "images", "masks", "geometry"}
     assert ds.audio_features.wav2vec.shape == (ds.num_frames, 32)
     assert ds.audio_matrix.shape[1] == PreparedDataset(out).audio_matrix.shape[1] + 32
+
+
+def test_chunked_pass_writes_the_same_files(dataset, tmp_path, monkeypatch):
+    """Images, parsing, torso and plate do not depend on how many frames are processed at a time, and a source
+    frame count other than the container's estimate (no plate frames kept while tracking) changes nothing."""
+    from talkinghead.prepare import pipeline
+
+    video, out, _ = dataset
+    monkeypatch.setattr(pipeline, "CHUNK_FRAMES", 48)  # 125 frames: chunks of 48, 48 and 29
+    monkeypatch.setattr(pipeline, "PLATE_SAMPLE_BYTES", 0)  # the plate's frames decoded again
+    chunked = pipeline.prepare(pipeline.PrepareConfig(video=video, out=tmp_path / "chunked", progress=False))
+    for folder in ("images", "parsing", "torso"):
+        names = sorted(p.name for p in (out / folder).iterdir())
+        assert names == sorted(p.name for p in (chunked / folder).iterdir())
+        for name in names:
+            assert (out / folder / name).read_bytes() == (chunked / folder / name).read_bytes(), f"{folder}/{name}"
+    assert (out / "background.png").read_bytes() == (chunked / "background.png").read_bytes()
+    parts = json.loads((chunked / "stages.json").read_text())["masks"]["parts_s"]
+    assert {"segment", "parse", "plate", "torso"} <= set(parts)

@@ -37,7 +37,7 @@ METRICS: dict[str, tuple[int, str]] = {
     "lmd_mouth_iod": (-1, "mouth LMD / interocular distance"),
     "lmd_all_iod": (-1, "all-landmark LMD / interocular distance"),
     "mouth_open_corr": (1, "Pearson r of mouth opening, prediction vs ground truth"),
-    "blink_error": (-1, "mean absolute eye-closure difference (AU45 stand-in)"),
+    "blink_error": (-1, "mean absolute blink difference, both calibrated on the ground truth (AU45 stand-in)"),
     "aue_proxy": (-1, "AU-error proxy from landmark distances (not OpenFace AUE)"),
     "stability": (-1, "stability score (GaussianFlameTalk sec. 3.3)"),
     "stability_reference": (0, "stability score of the reference against itself (floor)"),

@@ -10,15 +10,16 @@ Every metric uses only frames where a face was found in both videos (rows withou
   reference's interocular distance (``lmd_*_iod``), which does not depend on resolution or crop.
   "mouth" = the 40 lip points (outer + inner contours); "all" = all 478 mesh points.
 * **mouth-opening correlation**: Pearson r of ``landmarks.mouth_opening`` (the project's one definition).
-* **blink error** (our stand-in for AU45, which GaussianTalker uses as its blink signal): eye closure
-  ``1 - EAR / EAR_open`` per frame (EAR_open = the video's own 90th percentile EAR, mean of both eyes),
-  clipped to [0, 1]; the error is the mean absolute difference of closures.
+* **blink error** (our stand-in for AU45, which GaussianTalker uses as its blink signal): ``landmarks.blink_values``
+  per eye (the project's one definition, also in the datasets ``prepare`` writes), with the open and closed eye
+  calibrated on the reference for both videos (a per-video calibration would normalise away a prediction
+  whose eyes never close as far); the error is the mean absolute difference over frames and both eyes.
 * **AU-error proxy** (named a proxy: the papers' AUE uses OpenFace action-unit intensities, which we do
   not have): seven landmark distances tied to action units (AU1/2 brow raise inner/outer, AU4 brow
-  lowerer, AU12/15 lip-corner height, AU20 lip stretch, AU25/26 mouth opening, AU45 eye closure), each
-  divided by the interocular distance and taken relative to the video's own median (person-specific
-  neutral, like OpenFace's normalisation); the proxy is the mean absolute difference over distances
-  and frames, in interocular units x 100.
+  lowerer, AU12/15 lip-corner height, AU20 lip stretch, AU25/26 mouth opening; AU45 = the blink above, mean
+  of both eyes), each divided by the interocular distance and taken relative to the video's own median
+  (person-specific neutral, like OpenFace's normalisation); the proxy is the mean absolute difference over
+  distances and frames, in interocular units x 100.
 """
 
 from __future__ import annotations
@@ -59,15 +60,9 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 1e-12 else 0.0
 
 
-def eye_closure(track: np.ndarray) -> np.ndarray:
-    """[T] eye closure in [0, 1] (0 open, 1 shut) from the eye aspect ratio; NaN where no face."""
-    ear = L.eye_aspect_ratio(track).mean(-1)
-    open_ear = np.nanpercentile(ear, 90)
-    return np.clip(1.0 - ear / open_ear, 0.0, 1.0)
-
-
-def au_distances(track: np.ndarray) -> np.ndarray:
-    """[T, 7] AU-related landmark distances in interocular units (see module docstring)."""
+def au_distances(track: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """[T, 7] AU-related landmark distances in interocular units (see module docstring); the blink (AU45) is
+    calibrated on ``reference`` [T', 478, 3] (default: ``track`` itself)."""
     p = track[..., :2]
     iod = L.interocular(track)[:, None]
     eye_r = p[:, list(L.RIGHT_IRIS)].mean(1)
@@ -84,20 +79,20 @@ def au_distances(track: np.ndarray) -> np.ndarray:
         dist(p[:, L.UPPER_LIP_INNER], p[:, L.LOWER_LIP_INNER]),  # AU25/26
     ]
     out = np.stack(cols, -1) / iod
-    return np.concatenate([out, eye_closure(track)[:, None]], -1)  # AU45
+    return np.concatenate([out, L.blink_values(track, reference).mean(-1, keepdims=True)], -1)  # AU45
 
 
 def landmark_metrics(pred: np.ndarray, gt: np.ndarray, width: int) -> dict[str, float]:
     """All landmark metrics of ``pred`` against ``gt`` (tracks [T, 478, 3], same T, frame ``width``)."""
     ok = valid_rows(pred, gt)
     mouth, every = lmd(pred, gt, MOUTH, width), lmd(pred, gt, None, width)
-    au_p, au_g = au_distances(pred[ok]), au_distances(gt[ok])
+    au_p, au_g = au_distances(pred[ok], reference=gt[ok]), au_distances(gt[ok])
     au_p -= np.median(au_p, 0)
     au_g -= np.median(au_g, 0)
     return {
         "lmd_mouth": mouth["px512"], "lmd_mouth_iod": mouth["iod"],
         "lmd_all": every["px512"], "lmd_all_iod": every["iod"],
         "mouth_open_corr": pearson(L.mouth_opening(pred[ok]), L.mouth_opening(gt[ok])),
-        "blink_error": float(np.abs(eye_closure(pred[ok]) - eye_closure(gt[ok])).mean()),
+        "blink_error": float(np.abs(L.blink_values(pred[ok], reference=gt[ok]) - L.blink_values(gt[ok])).mean()),
         "aue_proxy": float(np.abs(au_p - au_g).mean() * 100.0),
     }

@@ -57,6 +57,43 @@ def eye_aspect_ratio(lm: np.ndarray) -> np.ndarray:
     return np.stack(out, axis=-1)
 
 
+BLINK_CLOSED_PERCENTILE = 0.5
+BLINK_MIN_CLOSURE = 0.4  # the closed reference is at most (1 - BLINK_MIN_CLOSURE) x the open EAR
+
+
+def blink_calibration(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Open and closed eye aspect ratios [2] each (right, left eye) of the landmarks ``reference`` [T, 478, 3].
+
+    Open = the median EAR (eyes are open most of the time); closed = the ``BLINK_CLOSED_PERCENTILE``-th
+    percentile (a full closure lasts a frame or two of each blink, so only the lowest few frames of a clip
+    reach it), but never less than ``BLINK_MIN_CLOSURE`` below open, so a clip without blinks does not turn
+    landmark noise into full blinks. Rows with NaN (no face) are left out.
+    """
+    ear = eye_aspect_ratio(reference).reshape(-1, 2)
+    ear = ear[np.isfinite(ear).all(axis=-1)]
+    if not len(ear):
+        raise ValueError("blink calibration needs at least one frame with a face")
+    open_ = np.median(ear, axis=0)
+    closed = np.minimum(np.percentile(ear, BLINK_CLOSED_PERCENTILE, axis=0), open_ * (1.0 - BLINK_MIN_CLOSURE))
+    return open_, closed
+
+
+def blink_values(lm: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Blink float32 [T, 2] (right, left eye; 0 open .. 1 closed) of landmarks ``lm`` [T, 478, 3]: the project's
+    one definition of a blink, our stand-in for OpenFace's AU45 (GaussianTalker Sec. 4.3.2).
+
+    The eye aspect ratio mapped linearly from the open (0) to the closed (1) EAR of ``reference`` [T', 478, 3]
+    (:func:`blink_calibration`; default ``lm`` itself: per-clip calibration, so people with narrower eyes read
+    the same), clipped to [0, 1]; NaN where ``lm`` has no face. ``prepare`` measures it on head-frame meshes
+    (frontalised, so a nod does not read as a blink); ``eval`` on image landmarks of a prediction with the
+    ground truth as ``reference``, so a prediction whose eyes never open or close as far is not calibrated
+    into agreement.
+    """
+    open_, closed = blink_calibration(lm if reference is None else reference)
+    ear = eye_aspect_ratio(lm)
+    return np.clip((open_ - ear) / (open_ - closed), 0.0, 1.0).astype(np.float32)
+
+
 def _flush_c_stdio() -> None:
     import ctypes
 

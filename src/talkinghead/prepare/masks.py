@@ -308,19 +308,29 @@ def _push_pull(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return filled
 
 
+def plate_frames(num_frames: int) -> np.ndarray:
+    """Indices [N] of the at most ``PLATE_FRAMES`` frames, evenly spread over the clip, that vote in the plate.
+
+    ``background_plate(frames[i], parsing[i])`` with these indices ``i`` equals ``background_plate(frames,
+    parsing)``: a caller that works through a long clip in chunks keeps only these frames for the plate.
+    """
+    return np.unique(np.linspace(0, num_frames - 1, min(num_frames, PLATE_FRAMES)).round().astype(np.int64))
+
+
 def background_plate(frames: np.ndarray, parsing: np.ndarray) -> np.ndarray:
     """Per-pixel median of the background pixels over (a subsample of) frames, holes filled: uint8 [H, W, 3].
 
-    frames: uint8 [T, H, W, 3]; parsing: uint8 [T, H, W]. Person pixels, grown by ``PLATE_MARGIN`` of the image
-    side to drop the segmentation's soft edge, never vote; pixels no frame shows as background are filled
-    smoothly from the surrounding plate (:func:`_push_pull`).
+    frames: uint8 [T, H, W, 3]; parsing: uint8 [T, H, W]. Only the frames :func:`plate_frames` picks vote.
+    Person pixels, grown by ``PLATE_MARGIN`` of the image side to drop the segmentation's soft edge, never
+    vote; pixels no frame shows as background are filled smoothly from the surrounding plate
+    (:func:`_push_pull`).
     """
     import cv2
 
     T, H, W = parsing.shape
     if T == 0:
         raise ValueError("background_plate needs at least one frame")
-    pick = np.unique(np.linspace(0, T - 1, min(T, PLATE_FRAMES)).round().astype(np.int64))
+    pick = plate_frames(T)
     r = max(1, int(round(PLATE_MARGIN * max(H, W))))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     invalid = np.stack([cv2.dilate((parsing[t] > 0).astype(np.uint8), kernel) for t in pick]).astype(bool)

@@ -10,6 +10,15 @@ inputs, so a second run with the same inputs reuses what is finished):
 * ``audio``     audio.wav and per-frame audio features, computed in a second process during the video stages
 * ``preview``   optional mp4 + PNG sheet
 
+``images`` and ``masks`` are one pass over the clip, ``CHUNK_FRAMES`` frames at a time (crop, write; segment,
+parse, torso, write), so their memory does not grow with the clip: only the background plate's subsample
+(``masks.plate_frames``, at most 64 frames) is held for the whole clip, and it is computed first because
+every torso image needs the plate (the tracking pass keeps those source frames). The video is decoded a
+second time for this pass instead of holding the clip's frames from the tracking pass (1.4 GB for 71 s at
+512 x 512; the second decode costs about 1.5 CPU s there). What still grows with the clip: the per-frame
+arrays of ``track`` and ``geometry`` (landmarks, meshes: 6-12 kB a frame each), the audio and its
+features.
+
 Output goes to a hidden sibling ``.DIR.partial`` renamed to ``DIR`` at the end: an interrupted run never
 leaves a folder that looks like a dataset, and the next run with the same inputs resumes from it.
 """
@@ -23,8 +32,9 @@ import queue
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -38,7 +48,8 @@ from talkinghead.errors import UserError
 MIN_SECONDS = 2.0
 PAPERS_TRAIN_TO_TEST = 10  # the papers hold out the last 1/11 of a clip (10:1)
 JPEG_QUALITY = 95
-KEEP_FRAMES_BYTES = 6 << 30  # above this, source frames are decoded a second time instead of kept in memory
+PLATE_SAMPLE_BYTES = 1 << 30  # the tracking pass keeps the plate's source frames when they fit in this
+CHUNK_FRAMES = 128  # frames cropped, segmented, parsed and written at a time
 STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 3, "audio": 2, "preview": 1}
 
 
@@ -79,33 +90,55 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _prefetch(it: Iterator, depth: int = 16) -> Iterator:
-    """Run iterator ``it`` in a background thread (PyAV decodes without the GIL) while the caller computes."""
+    """Run iterator ``it`` in a background thread (PyAV decodes without the GIL) while the caller computes.
+
+    A consumer that stops early (``break``, an exception) stops the thread too, and the frames it holds go.
+    """
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
+    stop = threading.Event()
     error: list[BaseException] = []
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def worker():
         try:
             for item in it:
-                q.put(item)
+                if not put(item):
+                    break
         except BaseException as exc:  # re-raised in the consumer
             error.append(exc)
         finally:
-            q.put(done)
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            put(done)
 
     threading.Thread(target=worker, daemon=True).start()
-    while (item := q.get()) is not done:
-        yield item
+    try:
+        while (item := q.get()) is not done:
+            yield item
+    finally:
+        stop.set()
     if error:
         raise error[0]
 
 
 @contextmanager
 def _timed(record: dict, name: str):
-    """Record the wall and CPU seconds (all threads of this process) of the block as record[name]."""
+    """Add the wall and CPU seconds (all threads of this process) of the block to record[name]."""
     t0, c0 = time.perf_counter(), time.process_time()
     yield
-    record[name] = {"wall": round(time.perf_counter() - t0, 3), "cpu": round(time.process_time() - c0, 3)}
+    total = record.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+    total["wall"] = round(total["wall"] + time.perf_counter() - t0, 3)
+    total["cpu"] = round(total["cpu"] + time.process_time() - c0, 3)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -176,40 +209,52 @@ def _open_work_dir(out: Path, source_sha: str) -> tuple[Path, str]:
 
 # --- the stages --------------------------------------------------------------------------------------
 class _SourceFrames:
-    """Decoded source frames at constant fps: kept from the tracking pass when they fit in memory."""
+    """Decoded source frames at constant fps, decoded anew for each pass; ``sample`` holds the few frames (by
+    index) that the tracking pass kept for the background plate."""
 
     def __init__(self, video: Path, fps: float):
         self.video, self.fps = video, fps
-        self.kept: list[np.ndarray] | None = None
+        self.sample: dict[int, np.ndarray] = {}
+
+    def pick(self, indices: np.ndarray) -> list[np.ndarray]:
+        """The frames at the increasing ``indices``: from ``sample``, else decoded up to the last of them."""
+        if all(i in self.sample for i in indices.tolist()):
+            return [self.sample[i] for i in indices.tolist()]
+        wanted, out = set(indices.tolist()), []
+        with closing(self.iterate()) as frames:
+            for i, image in enumerate(frames):
+                if i in wanted:
+                    out.append(image)
+                    if len(out) == len(wanted):
+                        break
+        return out
 
     def iterate(self) -> Iterator[np.ndarray]:
-        if self.kept is not None:
-            yield from self.kept
-        else:
-            yield from _prefetch(media.iter_frames(self.video, self.fps))
+        """Every frame in order (decoded in a background thread)."""
+        return _prefetch(media.iter_frames(self.video, self.fps))
 
 
-def _stage_track(cfg: PrepareConfig, frames: _SourceFrames, keep: bool) -> tuple[np.ndarray, int, int]:
-    """Raw landmarks [T, 478, 3] in source pixels (NaN rows where no face) and the frame size."""
+def _stage_track(cfg: PrepareConfig, frames: _SourceFrames, keep_sample: bool) -> tuple[np.ndarray, int, int]:
+    """Raw landmarks [T, 478, 3] in source pixels (NaN rows where no face) and the frame size.
+
+    With ``keep_sample``, the frames the background plate will use are kept in ``frames.sample`` (picked for
+    the frame count the container announces; ``frames.pick`` decodes again if the count turns out other)."""
     from talkinghead.face.landmarks import track
-
-    kept: list[np.ndarray] = []
-    size_bytes = 0
-
-    def remember(it):
-        nonlocal size_bytes
-        for image in it:
-            if keep and size_bytes < KEEP_FRAMES_BYTES:
-                kept.append(image)
-                size_bytes += image.nbytes
-            yield image
+    from talkinghead.prepare.masks import plate_frames
 
     info = media.probe(cfg.video)
     total = int(round(info.duration_s * cfg.fps)) or None
-    landmarks = track(remember(_prefetch(media.iter_frames(cfg.video, cfg.fps))), progress=cfg.progress,
-                      total=total)
-    if keep and size_bytes < KEEP_FRAMES_BYTES:
-        frames.kept = kept
+    wanted: set[int] = set()
+    if keep_sample and total and len(plate_frames(total)) * info.width * info.height * 3 <= PLATE_SAMPLE_BYTES:
+        wanted = set(plate_frames(total).tolist())
+
+    def remember(it):
+        for i, image in enumerate(it):
+            if i in wanted:
+                frames.sample[i] = image
+            yield image
+
+    landmarks = track(remember(frames.iterate()), progress=cfg.progress, total=total)
     return landmarks, info.width, info.height
 
 
@@ -228,34 +273,110 @@ def _imwrite_rgb(path: Path, image: np.ndarray) -> None:
     buf.tofile(str(path))
 
 
-def _start_writing(folder: Path, images: np.ndarray, ext: str, pool: ThreadPoolExecutor) -> Callable[[bool], None]:
-    """Start writing images [T, H, W(, 3)] as folder/%06d.ext in the pool's threads (cv2 releases the GIL,
-    so encoding overlaps the next computation); returns the function that waits and puts the folder in place."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    futures = [pool.submit(_imwrite_rgb, tmp / f"{i:06d}{ext}", image) for i, image in enumerate(images)]
+class _FolderWriter:
+    """Images written as folder/%06d.ext, chunk after chunk, by the pool's threads (cv2 releases the GIL, so
+    encoding overlaps the next computation), into a hidden sibling that ``finish`` puts in place."""
 
-    def finish(progress: bool) -> None:
-        with _bar(len(futures), f"write {folder.name}", progress) as bar:
-            for f in futures:
-                f.result()
-                bar.update()
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+    def __init__(self, folder: Path, ext: str, pool: ThreadPoolExecutor):
+        self.folder, self.ext, self.pool = folder, ext, pool
+        self.tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        self.pending: deque[Future] = deque()
 
-    return finish
+    def add(self, start: int, images: np.ndarray) -> None:
+        """Queue images [n, H, W(, 3)] as frames start .. start + n - 1 (the writer holds them until written)."""
+        for i, image in enumerate(images):
+            self.pending.append(self.pool.submit(_imwrite_rgb, self.tmp / f"{start + i:06d}{self.ext}", image))
+
+    def wait(self, limit: int = 0) -> None:
+        """Block until at most ``limit`` images are still to be written (re-raises a failed write)."""
+        while len(self.pending) > limit:
+            self.pending.popleft().result()
+
+    def finish(self) -> None:
+        self.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.replace(self.tmp, self.folder)
 
 
-def _read_images(folder: Path, ext: str, count: int) -> np.ndarray:
-    import cv2
+class _ImageFolder:
+    """folder/%06d.ext as a sequence [T] of RGB images or label maps, each read when indexed."""
 
-    flag = cv2.IMREAD_COLOR if ext == ".jpg" else cv2.IMREAD_UNCHANGED
-    out = []
-    for i in range(count):
-        image = cv2.imread(str(folder / f"{i:06d}{ext}"), flag)
-        out.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if image.ndim == 3 else image)
-    return np.stack(out)
+    def __init__(self, folder: Path, ext: str, count: int):
+        self.folder, self.ext, self.count = folder, ext, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        import cv2
+
+        image = cv2.imread(str(self.folder / f"{i:06d}{self.ext}"),
+                           cv2.IMREAD_COLOR if self.ext == ".jpg" else cv2.IMREAD_UNCHANGED)
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if image.ndim == 3 else image
+
+
+def _crop_chunks(images: Iterator[np.ndarray], crop, size: int, num_frames: int,
+                 parts: dict) -> Iterator[tuple[int, np.ndarray]]:
+    """(first frame, cropped uint8 [n, size, size, 3]) for each run of ``CHUNK_FRAMES`` frames of the clip."""
+    start, chunk = 0, None
+    for i, image in enumerate(images):
+        if i >= num_frames:
+            break
+        if chunk is None:
+            chunk = np.empty((min(CHUNK_FRAMES, num_frames - start), size, size, 3), np.uint8)
+        with _timed(parts, "crop"):
+            chunk[i - start] = crop.apply(image, size)
+        if i + 1 - start == len(chunk):
+            yield start, chunk
+            start, chunk = i + 1, None
+    if start < num_frames:
+        raise RuntimeError(f"the video gave {start} frames when decoded again, {num_frames} the first time")
+
+
+def _images_and_masks(cfg: PrepareConfig, frames: _SourceFrames, crop, landmarks: np.ndarray, work: Path,
+                      pool: ThreadPoolExecutor, write_images: bool, make_masks: bool,
+                      parts: dict) -> dict[str, _FolderWriter]:
+    """The ``images`` and ``masks`` stages in one pass over the clip, ``CHUNK_FRAMES`` frames at a time (see
+    the module docstring); returns their writers, still writing the last chunks (``finish`` each)."""
+    from talkinghead.prepare import masks
+
+    num_frames = len(landmarks)
+    writers = {}
+    if write_images:
+        writers["images"] = _FolderWriter(work / "images", ".jpg", pool)
+    if make_masks:
+        with _timed(parts, "plate"):  # first: every torso image needs it
+            pick = masks.plate_frames(num_frames)
+            sample = np.stack([crop.apply(image, cfg.size) for image in frames.pick(pick)])
+            labels = masks.parse_frames(sample, landmarks[pick], masks.segment_person(sample))
+            plate = masks.background_plate(sample, labels)
+            del sample, labels
+            _imwrite_rgb(work / "background.png", plate)
+        writers["parsing"] = _FolderWriter(work / "parsing", ".png", pool)
+        writers["torso"] = _FolderWriter(work / "torso", ".jpg", pool)
+    with _bar(num_frames, "images and masks" if make_masks else "images", cfg.progress) as bar, \
+            closing(frames.iterate()) as source:
+        for start, chunk in _crop_chunks(source, crop, cfg.size, num_frames, parts):
+            if write_images:
+                writers["images"].add(start, chunk)
+            if make_masks:
+                with _timed(parts, "segment"):
+                    person = masks.segment_person(chunk)
+                with _timed(parts, "parse"):
+                    parsing = masks.parse_frames(chunk, landmarks[start:start + len(chunk)], person)
+                del person
+                with _timed(parts, "torso"):
+                    torso = masks.torso_images(chunk, parsing, plate)
+                writers["parsing"].add(start, parsing)
+                writers["torso"].add(start, torso)
+                del parsing, torso
+            for writer in writers.values():  # at most this chunk still to write: memory stays a few chunks
+                writer.wait(CHUNK_FRAMES)
+            bar.update(len(chunk))
+            del chunk
+    return writers
 
 
 def _ignore_interrupts() -> None:
@@ -288,8 +409,8 @@ def _geometry(landmarks: np.ndarray, tracked: np.ndarray, size: int, fov_deg: fl
               fps: float) -> tuple[Tracks, FaceModel, dict]:
     """Pose, camera, face model, blink and mouth opening of crop-pixel landmarks [T, 478, 3] (gaps filled;
     tracked [T] marks the frames the tracker saw)."""
-    from talkinghead.face.landmarks import mouth_opening
-    from talkinghead.prepare import blink, face_model, pose
+    from talkinghead.face.landmarks import blink_values, mouth_opening
+    from talkinghead.prepare import face_model, pose
 
     K = pose.clip_intrinsics(size, fov_deg)
     template, viewmats = pose.fit_head(landmarks, K, smooth_window=pose.smooth_window(fps))
@@ -304,7 +425,7 @@ def _geometry(landmarks: np.ndarray, tracked: np.ndarray, size: int, fov_deg: fl
     step = pose.frame_to_frame_jitter_deg(viewmats)
     jitter = pose.pose_acceleration_deg(viewmats)
     tracks = Tracks(landmarks=landmarks.astype(np.float32), viewmats=viewmats, K=K, expression=expression,
-                    blink=blink.blink_values(meshes), mouth_opening=mouth_opening(landmarks).astype(np.float32),
+                    blink=blink_values(meshes), mouth_opening=mouth_opening(landmarks).astype(np.float32),
                     tracked=tracked)
     info = {"pose": {"fov_deg": fov_deg,
                      "frame_to_frame_deg_median": float(np.median(step)),
@@ -405,8 +526,8 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
     images_key = _key("images", STAGE_VERSION["images"], track_key, cfg.size, cfg.max_gap_s)
     masks_key = _key("masks", STAGE_VERSION["masks"], images_key)
     geometry_key = _key("geometry", STAGE_VERSION["geometry"], images_key, cfg.fov_deg)
-    need_images = not (stages.reusable("images", images_key) and stages.reusable("masks", masks_key)
-                       and (not cfg.preview or stages.reusable("preview", _key("preview", masks_key, geometry_key))))
+    # the source frames are needed again only to write images, parsing and torso (the preview reads the files)
+    need_images = not (stages.reusable("images", images_key) and stages.reusable("masks", masks_key))
 
     # Audio features run in a second process while the video stages use this one (2 cores).
     estimate = int(np.ceil(media.probe(video).duration_s * cfg.fps)) + 2
@@ -431,7 +552,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
                 raw, width, height = z["landmarks"], int(z["width"]), int(z["height"])
         else:
             log("tracking the face")
-            raw, width, height = _stage_track(cfg, frames, keep=need_images)
+            raw, width, height = _stage_track(cfg, frames, keep_sample=need_images)
             np.savez(raw_path, landmarks=raw, width=width, height=height)
             stages.finish("track", track_key, time.perf_counter() - t0, cpu_s=round(time.process_time() - c0, 3))
         timings["track"] = stages.info("track")["seconds"]
@@ -446,54 +567,29 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         crop = fixed_crop(landmarks_src, width, height)
         landmarks = crop.to_crop_pixels(landmarks_src, cfg.size)
 
-        # images (+ masks and preview need the cropped frames in memory)
-        cropped = None
+        # images and masks: one pass over the clip, chunk by chunk (their files written while geometry runs)
         pending: list[Callable[[], None]] = []  # finishers of stages whose files are still being written
-        if need_images:
+        write_images = not stages.reusable("images", images_key)
+        make_masks = not stages.reusable("masks", masks_key)
+        if write_images or make_masks:
             t0 = time.perf_counter()
-            with _bar(num_frames, "crop", cfg.progress) as bar:
-                cropped = np.empty((num_frames, cfg.size, cfg.size, 3), np.uint8)
-                for i, image in enumerate(frames.iterate()):
-                    if i >= num_frames:
-                        break
-                    cropped[i] = crop.apply(image, cfg.size)
-                    bar.update()
-            frames.kept = None
-            timings["crop"] = round(time.perf_counter() - t0, 3)
-            if not stages.reusable("images", images_key):
-                write = _start_writing(work / "images", cropped, ".jpg", io_pool)
-
-                def finish_images(write=write, t0=t0):
-                    write(cfg.progress)
+            log("cropping, segmenting and parsing" if make_masks else "cropping")
+            parts: dict = {}
+            writers = _images_and_masks(cfg, frames, crop, landmarks, work, io_pool, write_images, make_masks,
+                                        parts)
+            timings["crop"] = parts.pop("crop")["wall"]
+            if write_images:
+                def finish_images(writer=writers["images"], t0=t0):
+                    writer.finish()
                     stages.finish("images", images_key, time.perf_counter() - t0, crop=asdict(crop))
                 pending.append(finish_images)
-
-        # masks
-        if not stages.reusable("masks", masks_key):
-            t0 = time.perf_counter()
-            from talkinghead.prepare import masks
-
-            log("segmenting")
-            parts = {}
-            with _timed(parts, "segment"):
-                person = masks.segment_person(cropped, progress=cfg.progress)
-            with _timed(parts, "parse"):
-                parsing = masks.parse_frames(cropped, landmarks, person)
-            del person
-            with _timed(parts, "plate"):
-                plate = masks.background_plate(cropped, parsing)
-                _imwrite_rgb(work / "background.png", plate)
-            with _timed(parts, "torso"):
-                torso = masks.torso_images(cropped, parsing, plate)
-            writes = [_start_writing(work / "parsing", parsing, ".png", io_pool),
-                      _start_writing(work / "torso", torso, ".jpg", io_pool)]
-            del torso
-
-            def finish_masks(writes=writes, t0=t0, parts=parts):
-                for write in writes:
-                    write(cfg.progress)
-                stages.finish("masks", masks_key, time.perf_counter() - t0, parts_s=parts)
-            pending.append(finish_masks)
+            if make_masks:
+                def finish_masks(t0=t0, parts=parts):
+                    writers["parsing"].finish()
+                    writers["torso"].finish()
+                    stages.finish("masks", masks_key, time.perf_counter() - t0, parts_s=parts)
+                pending.append(finish_masks)
+        frames.sample.clear()
 
         # geometry (while the image files are written)
         if not stages.reusable("geometry", geometry_key):
@@ -543,11 +639,9 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
                 t0 = time.perf_counter()
                 from talkinghead.prepare.preview import write_preview
 
-                if cropped is None:
-                    cropped = _read_images(work / "images", ".jpg", num_frames)
-                parsing = _read_images(work / "parsing", ".png", num_frames)
-                write_preview(work, cropped, parsing, Tracks.load(work / "tracks.npz"), features, wave, cfg.fps,
-                              progress=cfg.progress)
+                write_preview(work, _ImageFolder(work / "images", ".jpg", num_frames),
+                              _ImageFolder(work / "parsing", ".png", num_frames), Tracks.load(work / "tracks.npz"),
+                              features, wave, cfg.fps, progress=cfg.progress)
                 stages.finish("preview", preview_key, time.perf_counter() - t0)
             timings["preview"] = stages.info("preview")["seconds"]
         elif "preview" in stages.done and not stages.reusable("preview", _key("preview", masks_key, geometry_key)):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -91,9 +92,12 @@ def plot_sheet(path: Path, tracks: Tracks, features, fps: float) -> None:
     tmp.replace(path)
 
 
-def write_preview(folder: Path, images: np.ndarray, parsing: np.ndarray, tracks: Tracks, features,
-                  wave: np.ndarray, fps: float, progress: bool = False) -> None:
-    """Write folder/preview.mp4 from images [T, H, W, 3] uint8 and parsing [T, H, W], and folder/preview.png."""
+def write_preview(folder: Path, images: Sequence[np.ndarray], parsing: Sequence[np.ndarray], tracks: Tracks,
+                  features, wave: np.ndarray, fps: float, progress: bool = False) -> None:
+    """Write folder/preview.mp4 from images [T][H, W, 3] uint8 and parsing [T][H, W], and folder/preview.png.
+
+    ``images`` and ``parsing`` are indexed one frame at a time (arrays, or sequences that read each frame when
+    indexed, so a long clip is never held in memory)."""
     from tqdm import tqdm
 
     frames = (draw_frame(images[i], parsing[i], tracks.landmarks[i], tracks.viewmats[i], tracks.K)
