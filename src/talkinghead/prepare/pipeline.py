@@ -16,8 +16,9 @@ parse, torso, write), so their memory does not grow with the clip: only the back
 every torso image needs the plate (the tracking pass keeps those source frames). The video is decoded a
 second time for this pass instead of holding the clip's frames from the tracking pass (1.4 GB for 71 s at
 512 x 512; the second decode costs about 1.5 CPU s there). What still grows with the clip: the per-frame
-arrays of ``track`` and ``geometry`` (landmarks, meshes: 6-12 kB a frame each), the audio and its
-features.
+arrays of ``track`` and ``geometry`` (landmarks, meshes, the face model's fit: about 56 kB a frame at
+the geometry stage's peak, 0.3 GB for 213 s of video), the audio and its features (bench/RESULTS.md:
+peak 0.77 GB for 71 s, 0.93 GB for 213 s).
 
 Output goes to a hidden sibling ``.DIR.partial`` renamed to ``DIR`` at the end: an interrupted run never
 leaves a folder that looks like a dataset, and the next run with the same inputs resumes from it.
