@@ -55,6 +55,7 @@ class DatasetInfo:
     size: int  # training side in pixels
     audio_dim: int  # D
     audio_names: list[str]  # [D] column names of the audio features (checked against driving audio)
+    expression_dim: int = 0  # E of the dataset's face model
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,6 +69,11 @@ class Condition:
     audio: Tensor  # [2R+1, D] normalised audio features around the frame
     blink: Tensor  # [2] (right, left) 0 open .. 1 closed
     index: int = -1
+
+    def to(self, device: torch.device | str) -> "Condition":
+        return dataclasses.replace(self, viewmat=self.viewmat.to(device), K=self.K.to(device),
+                                   backdrop=self.backdrop.to(device), audio=self.audio.to(device),
+                                   blink=self.blink.to(device))
 
     @property
     def width(self) -> int:
@@ -96,7 +102,15 @@ class Batch:
     head_mask: Tensor  # [H, W] 1 on hair + face + mouth
     face_mask: Tensor  # [H, W] 1 on face skin + mouth
     mouth_box: Tensor  # [4] (x0, y0, x1, y1) pixels at the training size
+    expression: Tensor  # [E] tracked expression coefficients of the face model (prepare's fit)
     mouth: MouthCrop | None = None
+
+    def to(self, device: torch.device | str) -> "Batch":
+        mouth = None if self.mouth is None else MouthCrop(
+            self.mouth.K.to(device), self.mouth.image.to(device), self.mouth.backdrop.to(device))
+        return Batch(cond=self.cond.to(device), image=self.image.to(device), head_mask=self.head_mask.to(device),
+                     face_mask=self.face_mask.to(device), mouth_box=self.mouth_box.to(device),
+                     expression=self.expression.to(device), mouth=mouth)
 
 
 @runtime_checkable

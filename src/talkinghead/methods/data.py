@@ -43,7 +43,8 @@ def audio_windows(features: np.ndarray, radius: int) -> Tensor:
 def dataset_info(ds, size: int) -> DatasetInfo:
     """What a model needs to know about ``ds``."""
     return DatasetInfo(num_frames=int(ds.num_frames), fps=float(ds.fps), size=size,
-                       audio_dim=int(ds.audio_matrix.shape[1]), audio_names=list(ds.audio_features.names))
+                       audio_dim=int(ds.audio_matrix.shape[1]), audio_names=list(ds.audio_features.names),
+                       expression_dim=int(ds.face_model.num_expression))
 
 
 def _to_u8(image: np.ndarray) -> Tensor:
@@ -81,7 +82,7 @@ class FrameStore:
         self.K = torch.as_tensor(np.asarray(ds.K), dtype=torch.float32)
         self.windows = audio_windows(ds.audio_matrix, cfg.audio_radius)
         n = len(self.indices)
-        backdrops, viewmats, blinks, images, labels, boxes = [], [], [], [], [], []
+        backdrops, viewmats, blinks, images, labels, boxes, exprs = [], [], [], [], [], [], []
         pool = ThreadPoolExecutor(2)  # decoding releases the GIL
         frames = pool.map(lambda i: ds.frame(int(i)), self.indices)
         for fr in tqdm(frames, total=len(self.indices), desc=f"loading {split} frames", unit="frame",
@@ -89,6 +90,7 @@ class FrameStore:
             backdrops.append(_to_u8(fr.torso_image))
             viewmats.append(np.asarray(fr.viewmat, np.float32))
             blinks.append(np.asarray(fr.blink, np.float32))
+            exprs.append(np.asarray(fr.expression, np.float32))
             if with_targets:
                 images.append(_to_u8(fr.image))
                 labels.append(torch.from_numpy(np.array(fr.parsing, np.uint8)))
@@ -98,6 +100,7 @@ class FrameStore:
         self.backdrops = torch.stack(backdrops)  # [T, H, W, 3] uint8
         self.viewmats = torch.from_numpy(np.stack(viewmats))  # [T, 4, 4]
         self.blinks = torch.from_numpy(np.stack(blinks))  # [T, 2]
+        self.expressions = torch.from_numpy(np.stack(exprs))  # [T, E]
         self.images = torch.stack(images) if with_targets else None  # [T, H, W, 3] uint8
         self.labels = torch.stack(labels) if with_targets else None  # [T, H, W] uint8
         self.mouth_boxes = torch.from_numpy(np.stack(boxes)) if with_targets else None  # [T, 4]
@@ -124,7 +127,7 @@ class FrameStore:
             mouth = MouthCrop(K=Kc[k], image=_f32(img[k]), backdrop=_f32(bd[k]))
         return Batch(cond=self.condition(k), image=_f32(self.images[k]),
                      head_mask=(lab >= HAIR).float(), face_mask=(lab >= FACE).float(),
-                     mouth_box=self.mouth_boxes[k], mouth=mouth)
+                     mouth_box=self.mouth_boxes[k], expression=self.expressions[k], mouth=mouth)
 
     def _load_mouth_crops(self, path: Path, progress: bool) -> None:
         """Mouth crops from the full-size frames: one fixed box size per clip, centred on the lips each frame.

@@ -27,7 +27,7 @@ import torch
 from talkinghead.errors import UserError
 
 from .data import FrameStore, audio_windows, open_dataset
-from .trainer import load_model, read_avatar_config
+from .trainer import device_of, load_model, read_avatar_config
 
 
 def pingpong(j: int, n: int) -> int:
@@ -72,12 +72,15 @@ def _encode(out: Path, frames: Iterator[np.ndarray], fps: float, audio: np.ndarr
 
 def _run(model, conds, out: Path, fps: float, audio: np.ndarray, desc: str) -> dict:
     render_s = [0.0]
+    device = device_of(model)
 
     def frames():
         with torch.no_grad():
             for cond in conds:
                 t = time.perf_counter()
-                img = model.render(cond)
+                img = model.render(cond.to(device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 render_s[0] += time.perf_counter() - t
                 yield (img.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
 

@@ -80,8 +80,12 @@ def read_avatar_config(avatar: Path) -> dict[str, Any]:
     return data
 
 
-def load_model(avatar: Path, expect_method: str | None = None):
-    """(spec, config, DatasetInfo, model in eval mode) of a trained avatar, weights loaded."""
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(avatar: Path, expect_method: str | None = None, device: torch.device | None = None):
+    """(spec, config, DatasetInfo, model in eval mode on ``device``, avatar meta) of a trained avatar."""
     from safetensors.torch import load_file
 
     meta = read_avatar_config(avatar)
@@ -100,7 +104,7 @@ def load_model(avatar: Path, expect_method: str | None = None):
     model = spec.build(cfg, info)
     model.load_state_dict(state)
     if isinstance(model, torch.nn.Module):
-        model.eval()
+        model.to(device or default_device()).eval()
     return spec, cfg, info, model, meta
 
 
@@ -179,7 +183,7 @@ def save_validation(out: Path, model, val: FrameStore, step: int) -> float:
     with torch.no_grad():
         for k in range(len(val)):
             b = val.batch(k)
-            pred = model.render(b.cond).clamp(0, 1)
+            pred = model.render(b.cond.to(device_of(model))).clamp(0, 1).cpu()
             psnrs.append(float(-10 * torch.log10(((pred - b.image) ** 2).mean().clamp(min=1e-10))))
             rows_gt.append(b.image.numpy())
             rows_pr.append(pred.numpy())
@@ -189,20 +193,26 @@ def save_validation(out: Path, model, val: FrameStore, step: int) -> float:
     return float(np.mean(psnrs))
 
 
-def save_loss_curve(out: Path, history: dict[str, list[float]], steps: list[int]) -> None:
+def device_of(model) -> torch.device:
+    p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return p.device if p is not None else torch.device("cpu")
+
+
+def save_loss_curve(out: Path, history: dict[str, dict[str, list]]) -> None:
+    """``AVATAR/loss.png``: each logged figure (moving average) against the iterations where it was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, values in history.items():
-        if name == "step" or not values:
+    for name, h in history.items():
+        if not h["values"]:
             continue
-        v = np.asarray(values, dtype=np.float64)
+        v = np.asarray(h["values"], dtype=np.float64)
         k = max(1, len(v) // 50)
         smooth = np.convolve(v, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:len(smooth) + k - 1], smooth, label=name)
+        ax.plot(h["steps"][k - 1:len(smooth) + k - 1], smooth, label=name)
     ax.set_xlabel("iteration")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -242,6 +252,9 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
         meta = None
     if iterations is not None:
         cfg.schedule.iterations = int(iterations)
+    device = default_device()
+    if preset == "gpu" and device.type != "cuda":
+        raise UserError("the gpu preset needs a CUDA GPU (none found); use --preset cpu-small")
     _check_writable(out)
 
     torch.manual_seed(cfg.schedule.seed)
@@ -251,12 +264,14 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
     val = _validation_store(data, cfg, info)
     fresh = not (resume and (out / CHECKPOINT).exists())
     model = spec.build(cfg, info, dataset=open_dataset(data, size=cfg.data.size) if fresh else None)
+    if isinstance(model, torch.nn.Module):
+        model.to(device)
     opts = model.optimizers()
     meta = {"format": FORMAT, "method": method, "variant": variant, "preset": preset, "data": str(data.resolve()),
             "config": config_to_dict(cfg), "info": config_to_dict(info)}
     write_json_atomic(out / CONFIG, meta)
 
-    start, history, elapsed_before = 0, {"step": []}, 0.0
+    start, history, elapsed_before = 0, {}, 0.0  # history: name -> {"steps": [...], "values": [...]}
     if not fresh:
         loop = load_checkpoint(out, model, opts)
         start, history, elapsed_before = loop["step"], loop["history"], loop["elapsed_s"]
@@ -277,16 +292,17 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
         k = int(np.random.default_rng(cfg.schedule.seed + epoch).permutation(n)[pos])
         for o in opts:
             o.zero_grad(set_to_none=True)
-        loss, logs = model.train_loss(store.batch(k), step)
+        loss, logs = model.train_loss(store.batch(k).to(device), step)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss is {loss.item()} at iteration {step}")
         loss.backward()
         for o in opts:
             o.step()
         model.after_step(step)
-        history["step"].append(step)
         for name, v in logs.items():
-            history.setdefault(name, []).append(float(v))
+            h = history.setdefault(name, {"steps": [], "values": []})
+            h["steps"].append(step)
+            h["values"].append(float(v))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         done = step + 1
         elapsed = elapsed_before + time.perf_counter() - t_loop
@@ -313,7 +329,7 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
         "size": cfg.data.size,
         "train_frames": n,
         "val_psnr": None if math.isnan(last_psnr) else round(last_psnr, 3),
-        "final": {k: float(np.mean(v[-50:])) for k, v in history.items() if k != "step" and v},
+        "final": {k: float(np.mean(h["values"][-50:])) for k, h in history.items() if h["values"]},
     }
     log.update(getattr(model, "log_extras", lambda: {})())
     write_json_atomic(out / LOG, log)
@@ -339,7 +355,7 @@ def _validate(out: Path, model, val: FrameStore | None, step: int, history: dict
     if isinstance(model, torch.nn.Module):
         model.eval()
     psnr = save_validation(out, model, val, step) if val is not None else float("nan")
-    save_loss_curve(out, {k: v for k, v in history.items() if k != "step"}, history["step"])
+    save_loss_curve(out, history)
     if isinstance(model, torch.nn.Module):
         model.train()
     return psnr

@@ -34,6 +34,7 @@ class GaussianTalkerConfig:
     lambda_dssim: float = 0.2
     lambda_lpips: float = 0.1  # used only where LPIPS weights exist locally
     lambda_lip: float = 2.0
+    lambda_geo: float = 0.05  # lip/chin vertex Gaussians follow the tracked expression (model.py; not in the paper)
     lpips_weights: str | None = None  # folder with alex.pth + alexnet-owt-*.pth (else env / torch hub cache)
     lr_means: float = 1.6e-4  # times the head radius (3DGS's spatial_lr_scale), decayed 100x over training
     lr_triplane: float = 5e-3
@@ -50,7 +51,7 @@ def make_config(preset: str, variant: str | None) -> GaussianTalkerConfig:
     if preset == "cpu-small":
         cfg = GaussianTalkerConfig(
             data=DataConfig(size=128, audio_radius=8, mouth_crop=64),
-            schedule=Schedule(iterations=3000, val_every=500, checkpoint_every=500),
+            schedule=Schedule(iterations=3500, val_every=500, checkpoint_every=500),
         )
     elif preset == "gpu":
         # The paper's setting: 512^2 frames, degree-3 SH, a finer triplane, tens of thousands of iterations.
@@ -58,7 +59,7 @@ def make_config(preset: str, variant: str | None) -> GaussianTalkerConfig:
             data=DataConfig(size=512, audio_radius=8, mouth_crop=128),
             schedule=Schedule(iterations=50000, val_every=5000, checkpoint_every=5000),
             num_gaussians=40000, sh_degree=3, triplane_resolutions=(64, 128, 256, 512), triplane_channels=16,
-            hidden=128, backend="gsplat",
+            hidden=128,  # backend "auto": gsplat's CUDA rasterizer when installed
         )
     else:
         raise UserError(f"gaussiantalker has no preset {preset!r} (cpu-small, gpu)")
