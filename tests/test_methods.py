@@ -265,6 +265,9 @@ def test_render_split_and_driving_audio_make_mp4s_with_sound(dataset, tmp_path):
     with av.open(str(tmp_path / "drive.mp4")) as c:
         assert c.streams.video and c.streams.audio
         assert c.streams.video[0].codec_context.width == SIZE
+        assert abs(float(c.streams.audio[0].duration * c.streams.audio[0].time_base) - 2.2) < 0.1
+    res = render_audio(tmp_path / "av", wav, tmp_path / "static.mp4", pose="static")
+    assert res["frames"] == int(np.ceil(2.2 * FPS)) and res["pose"] == "static"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -115,7 +115,9 @@ class Batch:
 
 @runtime_checkable
 class Method(Protocol):
-    """What the trainer and the renderer call. Nothing else about a method is assumed."""
+    """What the trainer and the renderer call. Nothing else about a method is assumed.
+
+    Optional: ``log_extras() -> dict``, merged into ``train_log.json`` (e.g. whether LPIPS was on)."""
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Optimizers over all trainable parameters (rebuilt on resume, then their state is loaded)."""

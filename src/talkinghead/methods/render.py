@@ -19,7 +19,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -58,18 +57,6 @@ def _data_path(meta: dict, data: Path | None) -> Path:
     return path
 
 
-def _encode(out: Path, frames: Iterator[np.ndarray], fps: float, audio: np.ndarray, total: int,
-            desc: str) -> tuple[int, float, float]:
-    """Writes the mp4; returns (frames, seconds in render calls, seconds overall)."""
-    from tqdm import tqdm
-
-    from talkinghead.media import write_video
-
-    t0 = time.perf_counter()
-    count = write_video(out, tqdm(frames, total=total, desc=desc, unit="frame"), fps, audio=audio)
-    return count, 0.0, time.perf_counter() - t0
-
-
 def _run(model, conds, out: Path, fps: float, audio: np.ndarray, desc: str) -> dict:
     render_s = [0.0]
     device = device_of(model)
@@ -84,8 +71,13 @@ def _run(model, conds, out: Path, fps: float, audio: np.ndarray, desc: str) -> d
                 render_s[0] += time.perf_counter() - t
                 yield (img.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
 
-    n_total = len(conds)
-    count, _, wall = _encode(out, frames(), fps, audio, n_total, desc)
+    from tqdm import tqdm
+
+    from talkinghead.media import write_video
+
+    t0 = time.perf_counter()
+    count = write_video(out, tqdm(frames(), total=len(conds), desc=desc, unit="frame"), fps, audio=audio)
+    wall = time.perf_counter() - t0
     return {"frames": count, "fps": count / max(render_s[0], 1e-9), "fps_end_to_end": count / max(wall, 1e-9),
             "render_s": round(render_s[0], 3), "wall_s": round(wall, 3), "out": str(out)}
 

@@ -33,7 +33,7 @@ from talkinghead.errors import UserError
 
 from . import get_method
 from .base import DatasetInfo, config_from_dict, config_to_dict
-from .data import FrameStore, dataset_info, open_dataset
+from .data import FrameStore, open_dataset
 
 FORMAT = "talkinghead-avatar/1"
 CONFIG, MODEL, CHECKPOINT, LOG = "config.json", "model.safetensors", "checkpoint.safetensors", "train_log.json"

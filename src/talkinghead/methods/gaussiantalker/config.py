@@ -30,11 +30,11 @@ class GaussianTalkerConfig:
     attention_heads: int = 4
 
     # Training (sec. 4.4).
-    canonical_fraction: float = 0.25  # share of the iterations spent in the canonical stage
+    canonical_fraction: float = 0.2  # share of the iterations spent in the canonical stage
     lambda_dssim: float = 0.2
     lambda_lpips: float = 0.1  # used only where LPIPS weights exist locally
     lambda_lip: float = 2.0
-    lambda_geo: float = 0.05  # lip/chin vertex Gaussians follow the tracked expression (model.py; not in the paper)
+    lambda_geo: float = 0.5  # lip/chin vertex Gaussians follow the tracked expression (model.py; not in the paper)
     lpips_weights: str | None = None  # folder with alex.pth + alexnet-owt-*.pth (else env / torch hub cache)
     lr_means: float = 1.6e-4  # times the head radius (3DGS's spatial_lr_scale), decayed 100x over training
     lr_triplane: float = 5e-3
@@ -51,7 +51,7 @@ def make_config(preset: str, variant: str | None) -> GaussianTalkerConfig:
     if preset == "cpu-small":
         cfg = GaussianTalkerConfig(
             data=DataConfig(size=128, audio_radius=8, mouth_crop=64),
-            schedule=Schedule(iterations=3500, val_every=500, checkpoint_every=500),
+            schedule=Schedule(iterations=4000, val_every=500, checkpoint_every=500),
         )
     elif preset == "gpu":
         # The paper's setting: 512^2 frames, degree-3 SH, a finer triplane, tens of thousands of iterations.

@@ -1,4 +1,4 @@
-"""GaussianTalker (Cho et al., ACM MM 2024): audio-driven deformation of triplane-encoded 3D Gaussians.
+"""GaussianTalker (ACM MM 2024): audio-driven deformation of triplane-encoded 3D Gaussians.
 
 Pieces and where they follow the paper (``../shared/papers/001_e7f8775f0c6545fb.txt``):
 
@@ -241,12 +241,12 @@ class GaussianTalker(nn.Module):
         return loss, logs
 
     def after_step(self, step: int) -> None:
-        """Exponential learning-rate decay: positions to 1% (as 3DGS), networks to 10% at the last iteration."""
+        """Exponential learning-rate decay: positions to 1% (as 3DGS), networks to 30% at the last iteration."""
         if self._opt is None:
             return
         t = min(1.0, (step + 1) / max(1, self.cfg.schedule.iterations))
         for group in self._opt.param_groups:
-            final = 0.01 if group["name"] == "means" else 0.1
+            final = 0.01 if group["name"] == "means" else 0.3
             group["lr"] = group["initial_lr"] * math.exp(t * math.log(final))
 
     def log_extras(self) -> dict[str, Any]:
