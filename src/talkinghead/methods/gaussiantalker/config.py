@@ -50,7 +50,7 @@ def make_config(preset: str, variant: str | None) -> GaussianTalkerConfig:
     """The config of ``preset`` ("cpu-small" or "gpu") and ``variant`` (None or "fast")."""
     if preset == "cpu-small":
         cfg = GaussianTalkerConfig(
-            data=DataConfig(size=128, audio_radius=8, mouth_crop=64),
+            data=DataConfig(size=128, audio_radius=3, mouth_crop=64),
             schedule=Schedule(iterations=4000, val_every=500, checkpoint_every=500),
         )
     elif preset == "gpu":
