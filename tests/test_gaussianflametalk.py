@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from talkinghead.cli import main
 from talkinghead.errors import UserError
 from talkinghead.methods import get_method
 from talkinghead.methods.data import FrameStore
@@ -110,6 +111,11 @@ def test_train_save_load_render_both_stages(synthetic, tmp_path, monkeypatch):
         assert cfg2.flametalk.d_model == 8 and model2.flametalk.cfg.d_model == 8
         torch.testing.assert_close(model2.avatar.local_means, before["avatar.local_means"])
         assert json.loads((out / "train_log.json").read_text())["flametalk"]["iterations"] == 3
+        # The same hook from the command line: `train --stage flametalk` on a trained avatar.
+        (out / "train_log.json").write_text(json.dumps({**saved, "flametalk": {}}))
+        assert main(["train", str(synthetic), "--method", "gaussianflametalk", "--stage", "flametalk",
+                     "--out", str(out)]) == 0
+        assert json.loads((out / "train_log.json").read_text())["flametalk"]["iterations"] == 3
     finally:
         from talkinghead.methods import register_method
 
@@ -175,3 +181,10 @@ def test_flametalk_variant_trains_only_flametalk(synthetic, tmp_path, monkeypatc
         from talkinghead.methods import register_method
 
         register_method(spec)
+
+
+def test_stage_is_only_for_gaussianflametalk(synthetic, tmp_path, capsys):
+    code = main(["train", str(synthetic), "--method", "gaussiantalker", "--stage", "avatar",
+                 "--out", str(tmp_path / "a")])
+    assert code == 2 and capsys.readouterr().err.startswith("error: --stage is for --method gaussianflametalk")
+    assert not (tmp_path / "a").exists()

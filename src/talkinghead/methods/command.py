@@ -26,6 +26,9 @@ def register(subparsers) -> None:
                    help="method to train (default: %(default)s)")
     p.add_argument("--variant", default=None,
                    help="method variant; gaussiantalker: 'fast' = GaussianTalker* (one attention layer)")
+    p.add_argument("--stage", default=None, choices=("avatar", "flametalk"),
+                   help="gaussianflametalk: train one stage only (default: both); on an AVATAR that is already "
+                        "trained, --stage flametalk retrains FlameTalk in place and keeps the Gaussians")
     p.add_argument("--out", type=Path, required=True, metavar="AVATAR", help="avatar folder to write")
     p.add_argument("--preset", default=None, choices=("cpu-small", "gpu"),
                    help="training size/length (default: gpu with CUDA, else cpu-small)")
@@ -61,11 +64,27 @@ def register(subparsers) -> None:
 def _train(args) -> int:
     import torch
 
-    from .trainer import train
+    from talkinghead.errors import UserError
+
+    from .trainer import MODEL, train
 
     torch.set_num_threads(max(1, args.threads))
+    variant = args.variant
+    if args.stage is not None:
+        if args.method != "gaussianflametalk":
+            raise UserError(f"--stage is for --method gaussianflametalk ({args.method} trains in one stage)")
+        if variant not in (None, args.stage):
+            raise UserError(f"--stage {args.stage} contradicts --variant {variant}")
+        if args.stage == "flametalk" and (args.out / MODEL).is_file() and not args.resume:
+            from .gaussianflametalk.model import retrain_flametalk
+
+            metrics = retrain_flametalk(args.out, args.data)
+            print(f"retrained FlameTalk in {args.out}")
+            print(json.dumps(metrics))
+            return 0
+        variant = args.stage
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu-small")
-    log = train(args.data, args.method, args.out, preset=preset, variant=args.variant, resume=args.resume,
+    log = train(args.data, args.method, args.out, preset=preset, variant=variant, resume=args.resume,
                 iterations=args.iterations)
     print(f"trained {log['method']} in {log['train_time_s']:.0f} s ({log['iterations']} iterations): {args.out}")
     print(json.dumps({k: log[k] for k in ("val_psnr", "train_time_s", "wall_time_s")}))

@@ -1,7 +1,8 @@
 """GaussianFlameTalk (``../shared/papers/000_f37e518be7d9cc94.txt``): FlameTalk drives a mesh-rigged Gaussian avatar.
 
-Two stages (sec. 3), both run by one ``talkinghead train DATA --method gaussianflametalk`` (``--variant
-avatar`` or ``--variant flametalk`` trains one of them):
+Two stages (sec. 3), both run by one ``talkinghead train DATA --method gaussianflametalk`` (``--stage
+avatar`` or ``--stage flametalk`` trains one of them; ``--stage flametalk`` on a trained avatar retrains
+FlameTalk in place):
 
 1. **Avatar** (sec. 3.1, :mod:`.avatar`): rigged Gaussians + per-frame pose/expression corrections, trained
    by the shared trainer frame by frame with 3DGS's L1 + 0.2 D-SSIM on the frame composited over its
@@ -301,8 +302,8 @@ class _Stream:
 def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, progress: bool = True) -> dict:
     """Re-run the FlameTalk stage (sec. 3.2) of a trained avatar in place, keeping its Gaussians.
 
-    The shared ``train`` command has no per-stage hook into an existing avatar, so this is that hook on the
-    method's side: load AVATAR, train a fresh FlameTalk (``flametalk_config`` overrides fields of the saved
+    ``talkinghead train DATA --method gaussianflametalk --stage flametalk --out AVATAR`` on a trained AVATAR
+    calls this: load AVATAR, train a fresh FlameTalk (``flametalk_config`` overrides fields of the saved
     one) on DATA (default: the avatar's dataset), then replace ``model.safetensors`` and the ``flametalk``
     entries of ``config.json`` / ``train_log.json`` atomically. Returns FlameTalk's test-split metrics.
     """
