@@ -20,3 +20,15 @@ def shared_clip(name: str) -> Path:
 @pytest.fixture
 def clip():
     return shared_clip
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread, as the CLI defaults to: these workloads are many small ops, and on shared
+    cores two OpenMP threads waiting for each other were measured up to 10x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

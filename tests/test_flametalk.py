@@ -13,14 +13,7 @@ from talkinghead.methods.gaussianflametalk.flametalk import (
 
 V = 478
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: one thread avoids oversubscribing the shared cores (10x slower under load otherwise)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _face(seed: int = 0):

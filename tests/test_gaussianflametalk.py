@@ -19,13 +19,7 @@ from talkinghead.methods.render import render_audio, render_split
 from talkinghead.methods.trainer import load_model, train
 from talkinghead.render.projection import quat_to_rotmat
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from talkinghead.methods.gaussiantalker.deformation import CanonicalMLP, DeformM
 from talkinghead.methods.gaussiantalker.triplane import Triplane
 from talkinghead.methods.trainer import load_model, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the CLI uses: two threads on two cores shared with other jobs stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_triplane_is_a_hadamard_product_of_bilinear_planes_concatenated_over_resolutions():

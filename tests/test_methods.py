@@ -34,6 +34,8 @@ FACE_R = 0.08  # metres
 DIST = 0.5  # camera distance, metres
 FOCAL = 140.0
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def opening_signal(T: int) -> np.ndarray:
     """How open the synthetic mouth is per frame, in [0, 1] (two incommensurate sines: no simple period)."""
@@ -119,15 +121,6 @@ def dataset(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("synthetic")
     write_synthetic_dataset(path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the CLI uses: two threads on two cores shared with other jobs stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------ a toy method

@@ -27,17 +27,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return -10 * math.log10(((a.clamp(0, 1) - b) ** 2).mean().item())
 
 
-@pytest.fixture
-def one_thread():
-    """This workload is ~100 small ops a step: a second intra-op thread buys nothing, and on a loaded machine
-    (shared CI cores) OpenMP threads waiting for each other made the test 10x slower than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_gaussians_fit_a_real_frame(one_thread):
+def test_gaussians_fit_a_real_frame(one_torch_thread):
     torch.manual_seed(0)
     target = first_frame(shared_clip("may_en_5s.mp4"), SIZE)
     # A grid of grey Gaussians on the plane z = 1, which the camera (f = SIZE) sees edge to edge.
