@@ -199,7 +199,12 @@ def device_of(model) -> torch.device:
 
 
 def save_loss_curve(out: Path, history: dict[str, dict[str, list]]) -> None:
-    """``AVATAR/loss.png``: each logged figure (moving average) against the iterations where it was logged."""
+    """``AVATAR/loss.png``: each logged figure (moving average) against the iterations where it was logged.
+
+    Nothing is written before a figure has been logged (e.g. a FlameTalk-only run has no image iterations).
+    """
+    if not any(h["values"] for h in history.values()):
+        return
     import matplotlib
 
     matplotlib.use("Agg")
