@@ -33,19 +33,6 @@ FPS = 25.0
 LEVELS = ((0.5, 0.2), (1.5, 0.5), (3.0, 1.0))  # (shift px, rotation deg) std of the simulated wobble
 
 
-def wobble(frames: np.ndarray, shift_px: float, rot_deg: float, seed: int = 0) -> np.ndarray:
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    h, w = frames.shape[1:3]
-    out = []
-    for f in frames:
-        m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.normal(0.0, rot_deg), 1.0)
-        m[:, 2] += rng.normal(0.0, shift_px, 2)
-        out.append(cv2.warpAffine(f, m, (w, h), borderMode=cv2.BORDER_REFLECT))
-    return np.stack(out)
-
-
 def machine() -> str:
     model = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if ln.startswith("Model name")), "?")
@@ -63,6 +50,7 @@ def rev() -> str:
 
 def speed(name: str, tmp: Path) -> list[str]:
     from talkinghead import media
+    from talkinghead.eval.perturb import wobble
 
     clip = DATA / name
     frames = media.read_frames(clip, FPS)
@@ -90,6 +78,7 @@ def perturbations(name: str) -> tuple[str, str, str]:
     from talkinghead.audio.features import compute_audio_features
     from talkinghead.eval import image_metrics as im
     from talkinghead.eval.landmark_metrics import pearson
+    from talkinghead.eval.perturb import wobble
     from talkinghead.eval.stability import stability_score
     from talkinghead.eval.sync import articulation_signal, highpass, landmark_sync
     from talkinghead.face.landmarks import mouth_opening, track

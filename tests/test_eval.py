@@ -11,22 +11,9 @@ import pytest
 from conftest import shared_clip
 
 from talkinghead import media
+from talkinghead.eval.perturb import wobble
 
 FPS = 25.0
-
-
-def wobble(frames: np.ndarray, shift_px: float, rot_deg: float, seed: int = 0) -> np.ndarray:
-    """Small random per-frame shifts and rotations about the image centre (simulated wobble)."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    h, w = frames.shape[1:3]
-    out = []
-    for f in frames:
-        m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.normal(0.0, rot_deg), 1.0)
-        m[:, 2] += rng.normal(0.0, shift_px, 2)
-        out.append(cv2.warpAffine(f, m, (w, h), borderMode=cv2.BORDER_REFLECT))
-    return np.stack(out)
 
 
 @pytest.fixture(scope="module")
