@@ -184,6 +184,74 @@ def test_deformation_learns_the_audio_driven_mouth(synthetic, tmp_path, monkeypa
     assert np.std(fixed) < 0.3 * np.std(driven)
 
 
+def test_initial_points_binding_places_the_mesh_points_on_their_triangles():
+    v, tri = _mesh()
+    pts = initial_points(v, tri, 3000, face_fraction=0.5, mouth_fraction=0.05, lip_weight=4.0, seed=1)
+    again, ids, bary = initial_points(v, tri, 3000, face_fraction=0.5, mouth_fraction=0.05, lip_weight=4.0,
+                                      seed=1, binding=True)
+    np.testing.assert_array_equal(pts, again)  # same points with or without the binding
+    on_mesh = bary.sum(1) > 0
+    assert on_mesh[:1500].all() and not on_mesh[1500:].any()  # face points only
+    np.testing.assert_allclose(bary[on_mesh].sum(1), 1.0, atol=1e-6)
+    assert (bary >= -1e-6).all()
+    np.testing.assert_allclose((v[ids] * bary[..., None]).sum(1)[on_mesh], pts[on_mesh], atol=1e-6)
+
+
+def test_expression_supervision_targets_interpolate_the_triangle_displacements(synthetic):
+    """Every Gaussian on a triangle touching a lip/chin vertex is supervised, towards the barycentric mix of
+    its triangle's tracked vertex displacements."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.gaussiantalker.model import MOUTH_VERTICES
+
+    path, _ = synthetic
+    cfg = _tiny_config(10)
+    store = FrameStore(path, cfg.data, progress=False)
+    model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
+    pts, ids, w = model.geo_points, model.geo_vertices, model.geo_weights
+    assert set(MOUTH_VERTICES) <= set(pts.tolist())  # the vertex Gaussians themselves
+    assert len(pts) > len(MOUTH_VERTICES) and (pts >= 478).any()  # and points sampled on the triangles
+    assert all(set(MOUTH_VERTICES) & set(row) for row in ids.tolist())
+    # Displacement linear in x: the target of a triangle point is its own canonical position's displacement.
+    with torch.no_grad():
+        model.expression_basis.zero_()
+        model.expression_basis[0, :, 1] = 0.01 * model.means[:478, 0]
+    batch = store.batch(0)
+    batch.expression = torch.tensor([1.0, 0.0])
+    with torch.no_grad():
+        model.f_deform.apply(lambda m: torch.nn.init.zeros_(m.weight) if isinstance(m, torch.nn.Linear) else None)
+        model.f_deform.apply(lambda m: torch.nn.init.zeros_(m.bias) if isinstance(m, torch.nn.Linear) else None)
+        _, logs = model.train_loss(batch, step=10**6)
+    want = ((0.01 * model.means[pts, 0] / model.offset_scale) ** 2).mean().item() / 3  # y of (x, y, z)
+    assert logs["geo"] == pytest.approx(want, rel=1e-3)
+
+
+def test_geometry_loss_replays_earlier_training_frames(synthetic):
+    """Each training frame is remembered once; the geometry loss averages the current frame with
+    ``geo_replay`` remembered ones, deforming only the supervised Gaussians (same offsets as a full deform)."""
+    from talkinghead.data import PreparedDataset
+
+    path, _ = synthetic
+    cfg = _tiny_config(10)
+    cfg.geo_replay = 3
+    store = FrameStore(path, cfg.data, progress=False)
+    model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
+    with torch.no_grad():
+        model.expression_basis[0, :, 1] = 0.004
+        for h in model.f_deform.heads.values():  # non-zero offsets, so frames differ
+            torch.nn.init.normal_(h.weight, std=0.5)
+    for k in (0, 1, 0, 2):
+        model.train_loss(store.batch(k), step=0)  # canonical stage: frames are remembered already
+    assert len(model._geo_bank) == 3
+    # With every remembered frame identical to the current one, the replayed loss equals the frame's own.
+    batch = store.batch(1)
+    model._geo_bank = [model._geo_bank[1]]
+    with torch.no_grad():
+        _, logs = model.train_loss(batch, step=10**6)
+        off = model.gaussians(batch.cond, deform=True)["offsets"][model.geo_points]
+        want = model._geo_error(off, batch.expression).item()
+    assert logs["geo"] == pytest.approx(want, rel=1e-4)
+
+
 def test_expression_supervision_moves_the_mouth_vertices(synthetic):
     """In the deformation stage the lip/chin vertex Gaussians are pulled towards their tracked expression
     displacement: the loss measures it, and training moves them that way."""

@@ -22,19 +22,26 @@ from torch import Tensor
 from talkinghead.face.landmarks import FACE_OVAL, LIPS_INNER, LIPS_OUTER, NOSE_TIP
 
 
-def _sample_triangles(v: np.ndarray, tri: np.ndarray, weights: np.ndarray, n: int, rng) -> np.ndarray:
+def _sample_triangles(v: np.ndarray, tri: np.ndarray, weights: np.ndarray, n: int, rng
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n points on the triangles, with their triangles' vertex ids [n, 3] and barycentric weights [n, 3]."""
     p = weights / weights.sum()
     pick = rng.choice(len(tri), size=n, p=p)
     a, b = rng.random((2, n, 1))
     flip = (a + b) > 1
     a, b = np.where(flip, 1 - a, a), np.where(flip, 1 - b, b)
     t = tri[pick]
-    return v[t[:, 0]] + a * (v[t[:, 1]] - v[t[:, 0]]) + b * (v[t[:, 2]] - v[t[:, 0]])
+    pts = v[t[:, 0]] + a * (v[t[:, 1]] - v[t[:, 0]]) + b * (v[t[:, 2]] - v[t[:, 0]])
+    return pts, t, np.concatenate([1 - a - b, a, b], 1)
 
 
 def initial_points(neutral: np.ndarray, triangles: np.ndarray, num: int, face_fraction: float,
-                   mouth_fraction: float, lip_weight: float, seed: int = 0) -> np.ndarray:
-    """[num, 3] float32 canonical positions from the neutral mesh [V, 3] and its triangles [F, 3]."""
+                   mouth_fraction: float, lip_weight: float, seed: int = 0, binding: bool = False):
+    """[num, 3] float32 canonical positions from the neutral mesh [V, 3] and its triangles [F, 3].
+
+    With ``binding``, also each point's place on the mesh: vertex ids [num, 3] (int64) and barycentric
+    weights [num, 3] (float32; a vertex point is (v, v, v) with weights (1, 0, 0), the inner-mouth and head
+    points, which are not on the mesh, have weights 0)."""
     rng = np.random.default_rng(seed)
     v = np.asarray(neutral, np.float64)
     tri = np.asarray(triangles, np.int64)
@@ -49,7 +56,8 @@ def initial_points(neutral: np.ndarray, triangles: np.ndarray, num: int, face_fr
     lips = np.zeros(len(v), bool)
     lips[list(LIPS_OUTER) + list(LIPS_INNER)] = True
     w = area * np.where(lips[tri].any(1), lip_weight, 1.0)
-    face = np.concatenate([v, _sample_triangles(v, tri, w, n_face - len(v), rng)])
+    sampled, s_tri, s_bary = _sample_triangles(v, tri, w, n_face - len(v), rng)
+    face = np.concatenate([v, sampled])
 
     ring = v[list(LIPS_INNER)]
     centre = ring.mean(0)
@@ -62,7 +70,16 @@ def initial_points(neutral: np.ndarray, triangles: np.ndarray, num: int, face_fr
                       centre[2] - front * rng.random(n_mouth) * 0.12 * width], 1)
 
     head = _head_shell(v, front, n_head, rng)
-    return np.concatenate([face, mouth, head]).astype(np.float32)
+    points = np.concatenate([face, mouth, head]).astype(np.float32)
+    if not binding:
+        return points
+    ids = np.zeros((num, 3), np.int64)
+    bary = np.zeros((num, 3), np.float32)
+    ids[:len(v)] = np.arange(len(v))[:, None]
+    bary[:len(v), 0] = 1.0
+    ids[len(v):n_face] = s_tri
+    bary[len(v):n_face] = s_bary
+    return points, ids, bary
 
 
 def _head_shell(v: np.ndarray, front: float, n: int, rng) -> np.ndarray:

@@ -17,13 +17,19 @@ Pieces and where they follow the paper (``../shared/papers/001_e7f8775f0c6545fb.
   wide from the full-size frame: at 128^2 the lips span ~25 pixels, so the lip loss sees them 2-3x finer.
 
 Deviation that makes the audio learnable in the CPU budget: in the deformation stage the position offsets of
-the Gaussians that started on the face model's lip and chin vertices (:data:`MOUTH_VERTICES`) are also pulled
-(squared error, weight ``lambda_geo``) towards those vertices' tracked displacement in that frame (the
-dataset's per-frame expression through the person's linear face model; training only -- rendering is
-driven by audio alone). Measured on the CNN clip: without it, after 2250 deformation iterations at 128^2 the
-offsets varied by < 0.2 mm between frames and the mouth did not follow the audio (mouth-opening correlation
-0.12 with audio, 0.12 with silence); supervising all 478 vertices instead of the mouth's drowned the lips'
-few millimetres in the rest of the face (held-out lower-lip correlation 0.17 vs 0.68 for the mouth set).
+the Gaussians that started on the face model's mesh around the mouth -- its lip and chin vertices
+(:data:`MOUTH_VERTICES`) and the points sampled on triangles touching one of them -- are also pulled (squared
+error, weight ``lambda_geo``) towards their tracked displacement in that frame: the dataset's per-frame
+expression through the person's linear face model, at a triangle point the barycentric mix of its three
+vertices' displacements (training only -- rendering is driven by audio alone). Measured on the CNN clip:
+without it, after 2250 deformation iterations at 128^2 the offsets varied by < 0.2 mm between frames and the
+mouth did not follow the audio (mouth-opening correlation 0.12 with audio, 0.12 with silence); supervising all
+478 vertices instead of the mouth's drowned the lips' few millimetres in the rest of the face (held-out
+lower-lip correlation 0.17 vs 0.68 for the mouth set). Each step's geometry loss also averages in
+``geo_replay`` earlier training frames (their audio window, blink, pose and tracked expression, remembered as
+the trainer passes them; only the supervised Gaussians are deformed for them, nothing is rendered): with one
+frame a step the audio -> lip mapping saw each frame ~2 times and underfit (predicted inner-lip gap std 0.8 mm
+vs 3.1 mm tracked on training frames, 0.6 vs 2.6 mm held out).
 
 Other deviations: no adaptive density control (the point count stays ``num_gaussians``: the cpu-small budget has
 no room for it, and mu_c starts on the face surface instead of from SfM); pre-norm attention blocks; the
@@ -61,7 +67,7 @@ class GaussianTalker(nn.Module):
     """The method's model; satisfies :class:`talkinghead.methods.base.Method`."""
 
     def __init__(self, cfg: GaussianTalkerConfig, info: DatasetInfo, points: Tensor | None = None,
-                 expression_basis: Tensor | None = None):
+                 expression_basis: Tensor | None = None, binding: tuple[Tensor, Tensor] | None = None):
         super().__init__()
         self.cfg = cfg
         n = cfg.num_gaussians
@@ -83,6 +89,19 @@ class GaussianTalker(nn.Module):
             expression_basis = torch.zeros(info.expression_dim, NUM_LANDMARKS, 3)
         self.register_buffer("expression_basis", expression_basis.float())
         self.mouth_vertices = torch.tensor(MOUTH_VERTICES)
+        # Gaussians on the mesh around the mouth (vertex points of MOUTH_VERTICES and points sampled on
+        # triangles touching one) and their place there: the geometry loss's targets interpolate the tracked
+        # vertex displacements. Training only, so not saved (a loaded avatar has none; a build has them).
+        ids = torch.zeros(n, 3, dtype=torch.long)
+        bary = torch.zeros(n, 3)
+        if binding is not None:
+            ids, bary = binding[0].long(), binding[1].float()
+        on_mouth = torch.zeros(NUM_LANDMARKS + 1, dtype=torch.bool)
+        on_mouth[list(MOUTH_VERTICES)] = True
+        sel = (bary.sum(1) > 0) & on_mouth[ids.clamp(max=NUM_LANDMARKS)].any(1)
+        self.register_buffer("geo_points", sel.nonzero()[:, 0], persistent=False)  # [M]
+        self.register_buffer("geo_vertices", ids[sel], persistent=False)  # [M, 3]
+        self.register_buffer("geo_weights", bary[sel], persistent=False)  # [M, 3]
         self.triplane = Triplane(cfg.triplane_resolutions, cfg.triplane_channels, bounds)
         self.f_can = CanonicalMLP(d, cfg.hidden, self.num_sh)
         self.audio_encoder = AudioEncoder(info.audio_dim, d, cfg.hidden)
@@ -95,20 +114,25 @@ class GaussianTalker(nn.Module):
         self._lpips: PerceptualLoss | None = None
         self._lpips_note = "off: not loaded"
         self._cache: tuple | None = None  # (f, canonical raw attributes) while not training
+        # Training frames seen so far (audio window, blink, viewmat, expression), replayed by the geometry loss.
+        self._geo_bank: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        self._geo_rng = np.random.default_rng(cfg.schedule.seed)
+        self._geo_seen: set[int] = set()
 
     # ------------------------------------------------------------------------------------------ building
 
     @classmethod
     def build(cls, cfg: GaussianTalkerConfig, info: DatasetInfo, dataset=None) -> "GaussianTalker":
         """A fresh model initialised from ``dataset``'s face model, or an empty one to load weights into."""
-        points = basis = None
+        points = basis = binding = None
         if dataset is not None:
             fm = dataset.face_model
-            points = torch.from_numpy(initial_points(
+            pts, ids, bary = initial_points(
                 fm.neutral, fm.triangles, cfg.num_gaussians, cfg.face_fraction, cfg.mouth_fraction,
-                cfg.lip_weight, seed=cfg.schedule.seed))
+                cfg.lip_weight, seed=cfg.schedule.seed, binding=True)
+            points, binding = torch.from_numpy(pts), (torch.from_numpy(ids), torch.from_numpy(bary))
             basis = torch.from_numpy(np.asarray(fm.basis, np.float32))
-        model = cls(cfg, info, points, basis)
+        model = cls(cfg, info, points, basis, binding)
         if dataset is not None:
             model._setup_lpips()
         return model
@@ -155,9 +179,12 @@ class GaussianTalker(nn.Module):
 
     def tokens(self, cond: Condition) -> Tensor:
         """[4, d] condition tokens {audio, eye, viewpoint, null} of eq. 13."""
-        a = self.audio_encoder(cond.audio)
-        e = self.eye_proj(blink_encoding(cond.blink))
-        v = self.view_encoder(cond.viewmat)
+        return self._tokens(cond.audio, cond.blink, cond.viewmat)
+
+    def _tokens(self, audio: Tensor, blink: Tensor, viewmat: Tensor) -> Tensor:
+        a = self.audio_encoder(audio)
+        e = self.eye_proj(blink_encoding(blink))
+        v = self.view_encoder(viewmat)
         return torch.stack([a, e, v, self.null])
 
     def gaussians(self, cond: Condition | None, deform: bool) -> dict[str, Tensor]:
@@ -214,6 +241,9 @@ class GaussianTalker(nn.Module):
         deform = step >= self.canonical_steps()
         if deform and not bool(self.deform_on):
             self.deform_on.fill_(True)
+        if cfg.geo_replay > 0 and batch.cond.index not in self._geo_seen:
+            self._geo_seen.add(batch.cond.index)
+            self._geo_bank.append((batch.cond.audio, batch.cond.blink, batch.cond.viewmat, batch.expression))
         g = self.gaussians(batch.cond, deform)
         pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop)
         l1 = (pred - batch.image).abs().mean()
@@ -224,11 +254,21 @@ class GaussianTalker(nn.Module):
             lp = self._lpips(pred, batch.image)
             loss = loss + cfg.lambda_lpips * lp
             logs["lpips"] = lp.item()
-        if deform and cfg.lambda_geo > 0 and self.expression_basis.shape[0] > 0:
-            # Lip and jaw vertex Gaussians follow the tracked expression (squared error in offset_scale units).
-            idx = self.mouth_vertices.to(batch.expression.device)
-            target = torch.einsum("e,evc->vc", batch.expression, self.expression_basis[:, idx])
-            geo = ((g["offsets"][idx] - target) / self.offset_scale).square().mean()
+        if deform and cfg.lambda_geo > 0 and self.expression_basis.shape[0] > 0 and len(self.geo_points):
+            # Gaussians on the lips and jaw follow the tracked expression through their place on the mesh:
+            # the barycentric mix of their triangle's tracked vertex displacements (squared error in
+            # offset_scale units).
+            geo = self._geo_error(g["offsets"][self.geo_points], batch.expression)
+            if cfg.geo_replay > 0 and self._geo_bank:
+                # + the same loss on ``geo_replay`` earlier training frames, deforming only these Gaussians.
+                f_geo = self.triplane(self.means[self.geo_points])
+                pick = self._geo_rng.integers(len(self._geo_bank), size=cfg.geo_replay)
+                extra = []
+                for i in pick:
+                    audio, blink, viewmat, expr = self._geo_bank[i]
+                    z, _ = self.attention(f_geo, self._tokens(audio, blink, viewmat))
+                    extra.append(self._geo_error(self.f_deform(z)["means"] * self.offset_scale, expr))
+                geo = (geo + torch.stack(extra).sum()) / (1 + len(extra))
             loss = loss + cfg.lambda_geo * geo
             logs["geo"] = geo.item()
         if deform and batch.mouth is not None and cfg.lambda_lip > 0:
@@ -239,6 +279,13 @@ class GaussianTalker(nn.Module):
             logs["lip"] = lip.item()
         logs["loss"] = loss.item()
         return loss, logs
+
+    def _geo_error(self, offsets: Tensor, expression: Tensor) -> Tensor:
+        """Mean squared error (offset_scale units) of the geometry-supervised Gaussians' offsets [M, 3] against
+        their tracked displacement: the barycentric mix of their triangle's vertex displacements."""
+        disp = torch.einsum("e,evc->vc", expression, self.expression_basis)  # [V, 3]
+        target = (disp[self.geo_vertices] * self.geo_weights[..., None]).sum(1)
+        return ((offsets - target) / self.offset_scale).square().mean()
 
     def after_step(self, step: int) -> None:
         """Exponential learning-rate decay: positions to 1% (as 3DGS), networks to 30% at the last iteration."""
