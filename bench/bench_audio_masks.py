@@ -20,21 +20,18 @@ writes parsing overlays of a few clips for a visual check.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchlib import append_entry, stamp
 from talkinghead.audio import compute_audio_features
 from talkinghead.face.landmarks import track
 from talkinghead.media import iter_frames, read_audio, read_frames
 from talkinghead.prepare import masks
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Audio features and masks (bench/bench_audio_masks.py)"
 COMPARE_CLIPS = ("may_en_5s.mp4", "cnn_anchor_en_71s.mp4", "hdtf_radio2_8s.mp4",
                  "lowres_woman_11s_200x278_29.97fps.mp4", "retalk_woman_glasses_5s.mp4")
@@ -136,20 +133,8 @@ def overlays(folder: Path, fps: float) -> None:
         cv2.imwrite(str(folder / f"{Path(name).stem}.png"), cv2.cvtColor(row, cv2.COLOR_RGB2BGR))
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            model = line.split(":", 1)[1].strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=RESULTS.parent).stdout.strip()
-    load = os.getloadavg()
-    return (f"{model}, {os.cpu_count()} cores; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-            f"commit {commit}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
-
-
 def report(audio: dict, mask: dict, compare: list[dict], clip: str) -> str:
-    lines = [f"### {machine()}", "",
+    lines = [f"### {stamp()}", "",
              f"Clip `{clip}`: {audio['audio_s']:.1f} s of audio, {mask['frames']} frames at {mask['size']}.", "",
              "| step | wall s | CPU s (all threads) | wall per frame / rate |", "|---|---|---|---|",
              f"| audio features (phones + log-mel + energy) | {audio['audio_features_s']:.2f} | "
@@ -172,20 +157,6 @@ def report(audio: dict, mask: dict, compare: list[dict], clip: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def append_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION not in old:
-        old = old.rstrip("\n") + f"\n\n{SECTION}\n"
-    start = old.index(SECTION) + len(SECTION)
-    nxt = old.find("\n## ", start)
-    end = len(old) if nxt < 0 else nxt + 1
-    body = old[start:end].rstrip("\n") + "\n\n" + text
-    new = old[:start] + body + ("\n" + old[end:] if nxt >= 0 else "")
-    tmp = RESULTS.with_name(".RESULTS.md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, RESULTS)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clip", default="cnn_anchor_en_71s.mp4", help="clip in ../shared/data")
@@ -203,7 +174,7 @@ def main() -> None:
     if args.png:
         overlays(args.png, args.fps)
     if not args.no_write:
-        append_section(text)
+        append_entry(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,27 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchlib import ROOT, append_entry, commit, load, machine
+
 DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## eval (issue 5: talkinghead eval / compare)"
 FPS = 25.0
 LEVELS = ((0.5, 0.2), (1.5, 0.5), (3.0, 1.0))  # (shift px, rotation deg) std of the simulated wobble
-
-
-def machine() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if ln.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def load() -> str:
-    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def rev() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def speed(name: str, tmp: Path) -> list[str]:
@@ -134,18 +118,6 @@ def perturbations(name: str) -> tuple[str, str, str]:
     return stab, sync, art
 
 
-def write_results(entry: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in text:
-        start = text.index(SECTION) + len(SECTION)
-        nxt = text.find("\n## ", start)
-        end = len(text) if nxt < 0 else nxt
-        text = text[:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n" + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + entry.strip("\n") + "\n"
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", nargs="*", default=["may_en_5s.mp4", "hdtf_aoc_8s.mp4", "hdtf_radio2_8s.mp4",
@@ -160,7 +132,7 @@ def main() -> None:
     stab, sync, art = zip(*(perturbations(c) for c in clips)) if clips else ((), (), ())
     lv = ", ".join(f"{s:g} px / {r:g} deg" for s, r in LEVELS)
     entry = [
-        f"### {datetime.date.today()} · {machine()} · git {rev()} · load avg before {load_before}, after {load()}",
+        f"### {datetime.date.today()} · {machine()} · git {commit()} · load avg before {load_before}, after {load()}",
         "",
         "Eval speed (`talkinghead eval --pred WOBBLED --gt CLIP`, whole command incl. start-up and face mesh "
         "on both videos):",
@@ -188,7 +160,7 @@ def main() -> None:
     entry = "\n".join(entry)
     print(entry)
     if not args.no_write:
-        write_results(entry)
+        append_entry(SECTION, entry)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ Usage (the avatars come from ``talkinghead train``; the datasets from ``talkingh
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,23 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
+from benchlib import append_entry, stamp
+
 SECTION = "## GaussianFlameTalk (bench/bench_gaussianflametalk.py)"
 CLI = [sys.executable, "-m", "talkinghead.cli"]
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{model}, 2 cores; {now}; commit {commit}; load average {load} (1/5/15 min)"
 
 
 def run(cmd: list[str]) -> float:
@@ -91,7 +76,7 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="keep eval reports already in --work")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    lines = [f"### {machine()}", ""]
+    lines = [f"### {stamp()}", ""]
 
     ft = flametalk_figures(args.avatar, args.data)
     lines += [
@@ -138,16 +123,8 @@ def main() -> int:
         lines += [f"Cross-driven by `{args.audio.name}` (poses replay the training video back and forth; "
                   f"stability against the training video as reference):", "", table_text(table), ""]
 
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     block = "\n".join(lines) + "\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        nxt = rest.find("\n## ")
-        body, tail = (rest, "") if nxt < 0 else (rest[:nxt + 1], rest[nxt + 1:])
-        text = head + SECTION + body.rstrip("\n") + "\n\n" + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + block
-    RESULTS.write_text(text)
+    append_entry(SECTION, block)
     print(block)
     return 0
 

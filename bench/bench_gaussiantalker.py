@@ -22,10 +22,7 @@ Appends a section to bench/RESULTS.md (under "## GaussianTalker").
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,24 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchlib import ROOT, append_entry, commit, load, machine, now
+from talkinghead.eval import landmark_metrics
+from talkinghead.eval.image_metrics import psnr
+
 SHARED = ROOT.parent / "shared" / "data"
 CLI = [sys.executable, "-m", "talkinghead.cli"]
-
-
-def _machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def _load() -> str:
-    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _run(args: list[str]) -> float:
@@ -73,15 +58,9 @@ def mouth_track(frames: list[np.ndarray]) -> np.ndarray:
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r over the frames where both signals exist (mediapipe may miss a face)."""
     ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
-    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) if den > 1e-12 else 0.0
-
-
-def psnr(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
-    err = ((pred.astype(np.float64) - gt.astype(np.float64)) ** 2)[mask].mean()
-    return float(10 * np.log10(255.0**2 / max(err, 1e-10)))
+    return landmark_metrics.pearson(a[ok], b[ok])
 
 
 def render_frames(model, store, windows=None) -> tuple[list[np.ndarray], float]:
@@ -124,7 +103,7 @@ def evaluate(avatar: Path, data: Path, work: Path) -> dict:
     res["frames"] = len(ours)
     res["psnr_face"] = float(np.mean([psnr(o, g, m) for o, g, m in zip(ours, gt, masks)]))
     res["psnr_face_background_only"] = float(np.mean([psnr(b, g, m) for b, g, m in zip(backdrop, gt, masks)]))
-    res["psnr_full"] = float(np.mean([psnr(o, g, np.ones(g.shape[:2], bool)) for o, g in zip(ours, gt)]))
+    res["psnr_full"] = float(np.mean([psnr(o, g) for o, g in zip(ours, gt)]))
 
     # Silence: zero wave through the same extractor, same poses and backdrops.
     n = PreparedDataset(data).num_frames
@@ -176,9 +155,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    log: dict = {"machine": _machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                          text=True).stdout.strip(), "load_start": _load()}
+    log: dict = {"machine": machine(), "date": now(), "commit": commit(), "load_start": load()}
     data = args.data
     if data is None:
         data = args.work / "data"
@@ -191,10 +168,10 @@ def main() -> None:
             cmd += ["--variant", args.variant]
         log["train_wall_s"] = _run(cmd)
     log["train_log"] = json.loads((avatar / "train_log.json").read_text())
-    log["load_after_train"] = _load()
+    log["load_after_train"] = load()
     log["self"] = evaluate(avatar, data, args.work)
     log["cross"] = cross_driven(avatar, args.audio, args.work)
-    log["load_end"] = _load()
+    log["load_end"] = load()
     (args.work / "bench.json").write_text(json.dumps(log, indent=1))
     print(json.dumps(log, indent=1))
     if not args.no_write:
@@ -233,20 +210,10 @@ def write_results(log: dict, args) -> None:
         "| `gpu` preset (512^2, L=1 and L=2): training time, render FPS | not measured (no GPU lent) |",
         "",
     ]
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    head = "## GaussianTalker (bench/bench_gaussiantalker.py)"
     block = "\n".join(lines)
-    if head in text:
-        start = text.index(head) + len(head)
-        nxt = text.find("\n## ", start)
-        end = len(text) if nxt < 0 else nxt
-        text = text[:end].rstrip("\n") + "\n\n" + block + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + head + "\n\n" + (
-            "Must-show figures of issue 4. The 2 cores are shared with other engineers' jobs: wall times are "
-            "inflated by the load averages given. Mouth opening: mediapipe on frames upscaled 4x to 512^2.\n\n") + block
-    path.write_text(text)
+    append_entry("## GaussianTalker (bench/bench_gaussiantalker.py)", block, intro=(
+        "Must-show figures of issue 4. The 2 cores are shared with other engineers' jobs: wall times are "
+        "inflated by the load averages given. Mouth opening: mediapipe on frames upscaled 4x to 512^2."))
 
 
 if __name__ == "__main__":

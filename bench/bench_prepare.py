@@ -14,7 +14,6 @@ Appends a dated entry to the "prepare" section of bench/RESULTS.md (other sectio
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -24,23 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchlib import ROOT, append_entry, commit, load, machine, now
+
 DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## prepare (bench/bench_prepare.py)"
 TARGET = "cnn_anchor_en_71s.mp4"
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            model = line.split(":", 1)[1].strip()
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def load() -> str:
-    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def run_prepare(video: Path, out: Path, preview: bool) -> tuple[dict, float, float, float]:
@@ -67,20 +54,13 @@ def expected_frames(video: Path, fps: float) -> float:
     return media.probe(video).duration_s * fps
 
 
-def append(entry: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n" + (
-            f"Target (issue 2): the whole prepare of {TARGET} (1779 frames, 512x512) in at most half the clip's "
-            "duration (35.6 s) on 2 cores; tracked_fraction >= 0.99; head-pose frame-to-frame jitter < 1 deg "
-            "median on every clip. Two readings of head-pose steadiness: *frame-to-frame* = median rotation "
-            "between consecutive frames (real head motion + noise); *jitter* = median change of that rotation "
-            "from one frame to the next (zero for a steady turn: the noise and jerks a viewer sees as shaking).\n")
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    end = len(text) if nxt < 0 else nxt
-    text = text[:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n" + text[end:]
-    RESULTS.write_text(text)
+INTRO = (
+    f"Target (issue 2): the whole prepare of {TARGET} (1779 frames, 512x512) in at most half the clip's "
+    "duration (35.6 s) on 2 cores; tracked_fraction >= 0.99; head-pose frame-to-frame jitter < 1 deg "
+    "median on every clip. Two readings of head-pose steadiness: *frame-to-frame* = median rotation "
+    "between consecutive frames (real head motion + noise); *jitter* = median change of that rotation "
+    "from one frame to the next (zero for a steady turn: the noise and jerks a viewer sees as shaking).\n"
+)
 
 
 def main() -> None:
@@ -92,9 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (DATA / TARGET).exists():
         raise SystemExit(f"shared data not found: {DATA}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = now()
     keep = args.keep or Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     keep.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -104,7 +82,7 @@ def main() -> None:
         t = meta["timings_s"]
         stages = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
         duration = meta["num_frames"] / meta["fps"]
-        lines += [f"### {machine()}; {when}; commit {commit}; load average {load_before} before, {load()} after",
+        lines += [f"### {machine()}; {when}; commit {commit()}; load average {load_before} before, {load()} after",
                   "",
                   f"`{TARGET}`, 512x512, no preview, cold start: **{wall:.1f} s wall** "
                   f"({wall / duration:.2f} x the clip's {duration:.1f} s; target <= 0.5), {cpu:.1f} CPU s over all "
@@ -139,7 +117,7 @@ def main() -> None:
     entry = "\n".join(lines)
     print(entry)
     if not args.no_write:
-        append(entry)
+        append_entry(SECTION, entry, INTRO)
 
 
 if __name__ == "__main__":
