@@ -8,7 +8,7 @@ import torch
 
 from talkinghead.face.landmarks import CHIN, LEFT_EYE_OUTER, LOWER_LIP_INNER, NOSE_TIP, RIGHT_EYE_OUTER, UPPER_LIP_INNER
 from talkinghead.methods.gaussianflametalk.flametalk import (
-    FlameTalkConfig, alignment_mask, biased_causal_mask, build_flametalk, evaluate_flametalk,
+    FlameTalkConfig, alignment_mask, biased_causal_mask, build_flametalk, causal_average, evaluate_flametalk,
     periodic_positional_encoding, speech_components, train_flametalk)
 
 V = 478
@@ -64,6 +64,12 @@ def test_masks_and_ppe():
     assert (m[:, 5, 2] < m[:, 5, 4]).all()  # older frames are biased down
     a = alignment_mask(4)
     assert not a.diagonal().any() and a.sum() == 12
+
+
+def test_causal_average_known_answer():
+    x = torch.tensor([[3.0], [0.0], [6.0], [9.0]])
+    torch.testing.assert_close(causal_average(x, 3), torch.tensor([[3.0], [1.5], [3.0], [5.0]]))
+    torch.testing.assert_close(causal_average(x, 1), x)
 
 
 def test_prediction_is_causal_no_future_audio_leaks():

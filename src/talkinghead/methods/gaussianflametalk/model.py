@@ -288,13 +288,13 @@ class _Stream:
             if self.preds is None:  # warm-up over the restarted history
                 n = self.audio.shape[0] - look
                 self.preds = ft(self.audio[None])[0, :n]
-                return self.preds[-1]
+                return self.preds[-max(1, ft.cfg.output_average):].mean(0)
             C = ft.encode_audio(self.audio[None])[:, : self.audio.shape[0] - look]  # frames up to the current
             L = min(ctx, C.shape[1], self.preds.shape[0] + 1)
             prev = self.preds[self.preds.shape[0] - (L - 1):][None] if L > 1 else None
             out = ft.next_frame(C[:, -L:], prev)[0, 0]
         self.preds = torch.cat([self.preds, out[None]])[-ctx:]
-        return out
+        return self.preds[-max(1, ft.cfg.output_average):].mean(0)  # as FlameTalk.predict: causal_average
 
 
 
