@@ -12,7 +12,6 @@ import torch
 from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
 from talkinghead import methods
 from talkinghead.methods import get_method
-from talkinghead.methods.base import Condition
 from talkinghead.methods.data import FrameStore
 from talkinghead.methods.gaussiantalker.attention import (AudioEncoder, SpatialAudioAttention, ViewpointEncoder,
                                                           blink_encoding)
@@ -207,7 +206,7 @@ def test_expression_supervision_targets_interpolate_the_triangle_displacements(s
     cfg = _tiny_config(10)
     store = FrameStore(path, cfg.data, progress=False)
     model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
-    pts, ids, w = model.geo_points, model.geo_vertices, model.geo_weights
+    pts, ids = model.geo_points, model.geo_vertices
     assert set(MOUTH_VERTICES) <= set(pts.tolist())  # the vertex Gaussians themselves
     assert len(pts) > len(MOUTH_VERTICES) and (pts >= 478).any()  # and points sampled on the triangles
     assert all(set(MOUTH_VERTICES) & set(row) for row in ids.tolist())

@@ -18,6 +18,7 @@ Schedule`` (read by the shared data loader and trainer) beside its own fields; :
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -44,6 +45,23 @@ class Schedule:
     val_every: int = 500  # write validation PNGs + loss curve every this many iterations (0: only at the end)
     checkpoint_every: int = 500  # save a resumable checkpoint every this many iterations
     seed: int = 0
+
+
+def adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
+    """Adam over named parameter groups (``{"params", "lr", "name"}``), each remembering its ``initial_lr``
+    for :func:`decay_learning_rates`. eps 1e-15 as 3DGS (Gaussian parameters have tiny gradients)."""
+    opt = torch.optim.Adam(groups, eps=1e-15)
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+    return opt
+
+
+def decay_learning_rates(opt: torch.optim.Optimizer, step: int, iterations: int, final: Callable[[str], float]) -> None:
+    """3DGS's exponential decay: group ``name`` goes from its ``initial_lr`` to ``final(name)`` times it at the
+    last iteration (log-linear in between)."""
+    t = min(1.0, (step + 1) / max(1, iterations))
+    for group in opt.param_groups:
+        group["lr"] = group["initial_lr"] * math.exp(t * math.log(final(group["name"])))
 
 
 @dataclass

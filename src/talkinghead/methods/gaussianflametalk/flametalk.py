@@ -60,7 +60,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import (CHIN, LEFT_EYE, LEFT_EYE_OUTER, LIPS_INNER, LIPS_OUTER, NOSE_TIP, RIGHT_EYE,

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from talkinghead.errors import UserError
-from talkinghead.methods.base import Batch, Condition, DatasetInfo
+from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
 from talkinghead.methods.losses import dssim
 from talkinghead.render import rasterize
 
@@ -192,7 +192,7 @@ class GaussianFlameTalk(nn.Module):
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         a, c = self.avatar, self.cfg
-        self._opt = torch.optim.Adam([
+        self._opt = adam([
             {"params": [a.local_means], "lr": c.lr_local_means, "name": "local_means"},
             {"params": [a.shell_means], "lr": c.lr_shell_means, "name": "shell_means"},
             {"params": [a.local_log_scales, a.shell_log_scales], "lr": c.lr_scales, "name": "scales"},
@@ -201,9 +201,7 @@ class GaussianFlameTalk(nn.Module):
             {"params": [a.opacity_logits], "lr": c.lr_opacities, "name": "opacities"},
             {"params": [a.pose_delta], "lr": c.lr_pose, "name": "pose"},
             {"params": [a.expression_delta], "lr": c.lr_expression, "name": "expression"},
-        ], eps=1e-15)
-        for group in self._opt.param_groups:
-            group["initial_lr"] = group["lr"]
+        ])
         return [self._opt]
 
     def train_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -237,12 +235,9 @@ class GaussianFlameTalk(nn.Module):
 
     def after_step(self, step: int) -> None:
         """Exponential learning-rate decay (3DGS): positions to 1%, the rest to 10% at the last iteration."""
-        if self._opt is None:
-            return
-        t = min(1.0, (step + 1) / max(1, self.cfg.schedule.iterations))
-        for group in self._opt.param_groups:
-            final = 0.01 if group["name"] in ("local_means", "shell_means") else 0.1
-            group["lr"] = group["initial_lr"] * math.exp(t * math.log(final))
+        if self._opt is not None:
+            decay_learning_rates(self._opt, step, self.cfg.schedule.iterations,
+                                 lambda name: 0.01 if name in ("local_means", "shell_means") else 0.1)
 
     def train(self, mode: bool = True):
         self._stream = _Stream()

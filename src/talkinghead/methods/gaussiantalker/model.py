@@ -39,7 +39,6 @@ value (eye aspect ratio based) instead of AU45; LPIPS is used only when its weig
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER, NUM_LANDMARKS
-from talkinghead.methods.base import Batch, Condition, DatasetInfo
+from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
 from talkinghead.methods.losses import PerceptualLoss, dssim
 from talkinghead.render import num_sh_bases, rasterize
 
@@ -224,13 +223,11 @@ class GaussianTalker(nn.Module):
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         mlp = [p for name, p in self.named_parameters() if not name.startswith(("means", "triplane."))]
-        self._opt = torch.optim.Adam([
+        self._opt = adam([
             {"params": [self.means], "lr": self.cfg.lr_means * self.head_radius, "name": "means"},
             {"params": list(self.triplane.parameters()), "lr": self.cfg.lr_triplane, "name": "triplane"},
             {"params": mlp, "lr": self.cfg.lr_mlp, "name": "mlp"},
-        ], eps=1e-15)
-        for group in self._opt.param_groups:
-            group["initial_lr"] = group["lr"]
+        ])
         return [self._opt]
 
     def canonical_steps(self) -> int:
@@ -289,12 +286,9 @@ class GaussianTalker(nn.Module):
 
     def after_step(self, step: int) -> None:
         """Exponential learning-rate decay: positions to 1% (as 3DGS), networks to 30% at the last iteration."""
-        if self._opt is None:
-            return
-        t = min(1.0, (step + 1) / max(1, self.cfg.schedule.iterations))
-        for group in self._opt.param_groups:
-            final = 0.01 if group["name"] == "means" else 0.3
-            group["lr"] = group["initial_lr"] * math.exp(t * math.log(final))
+        if self._opt is not None:
+            decay_learning_rates(self._opt, step, self.cfg.schedule.iterations,
+                                 lambda name: 0.01 if name == "means" else 0.3)
 
     def log_extras(self) -> dict[str, Any]:
         return {"lpips": self._lpips_note, "num_gaussians": self.cfg.num_gaussians,
