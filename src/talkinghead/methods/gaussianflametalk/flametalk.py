@@ -39,11 +39,13 @@ Pieces and where they follow the paper:
 * **Inference**: causal and streaming: frame t uses audio <= t and the last ``context`` predictions only.
   Deviation: the coefficients emitted for frame t are the mean of the predictions of frames t-N+1..t
   (``output_average`` N = 3, :func:`causal_average`; the decoder still reads its raw predictions). With our
-  offline audio features the per-frame predictions carry frame-to-frame noise that the rigged mesh passes on
-  to the whole lower face, nose included; measured on cnn_anchor_en_71s's test split (cpu-small avatar,
-  rendered frames through mediapipe): stability 0.1229 raw -> 0.1078 averaged over 3 (reference floor
-  0.1093), high-frequency term 0.093 -> 0.056, mouth-opening r 0.469 -> 0.478. N = 3 delays the mouth by
-  one frame (40 ms at 25 fps), and the landmark-sync offset the raw output showed was 2 frames early.
+  offline audio features the per-frame predictions carry frame-to-frame noise: the lips flutter. The mesh's
+  nose hardly moves with it (its high-frequency term 0.008 raw vs 0.006 averaged), but a face tracker's nose
+  points do, since mediapipe fits the whole face to the image. Measured on cnn_anchor_en_71s's test split
+  (cpu-small avatar): raw frames through mediapipe, stability 0.123 -> 0.107 (reference floor 0.109); through
+  the eval's mp4, 0.1265 -> 0.1215; rendered mouth-opening r 0.40 -> 0.47. The cost: the mouth moves one frame (40 ms) later. Cross-driven by another speaker the
+  landmark-sync offset went from -2 to -3 frames (the real clip with its own audio: -1) and its confidence
+  from 0.36 to 0.29.
 
 "Speech-related" for a PCA basis. FLAME separates jaw pose from expression; our PCA components mix regions.
 Component e is speech-related when the share of its displacement energy on the mouth/jaw region (every vertex
