@@ -72,6 +72,20 @@ def test_causal_average_known_answer():
     torch.testing.assert_close(causal_average(x, 1), x)
 
 
+def test_build_is_reproducible_whatever_ran_before():
+    neutral, basis, _ = _face()
+    audio, expr = _clip(200, 1)
+    cfg = FlameTalkConfig(d_model=16, heads=2, encoder_layers=1, context=20)
+    a = build_flametalk(cfg, audio, expr, neutral, basis)
+    torch.rand(1000)  # moves the global generator
+    b = build_flametalk(cfg, audio, expr, neutral, basis)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+    c = build_flametalk(FlameTalkConfig(d_model=16, heads=2, encoder_layers=1, context=20, seed=1), audio, expr,
+                        neutral, basis)
+    assert not torch.equal(a.audio_embed.weight, c.audio_embed.weight)
+
+
 def test_prediction_is_causal_no_future_audio_leaks():
     neutral, basis, _ = _face()
     audio, expr = _clip(60, 0)

@@ -309,8 +309,10 @@ def build_flametalk(cfg: FlameTalkConfig, audio: np.ndarray, expression: np.ndar
     std = np.maximum(expression[:, idx].std(0), 1e-6)
     a_std = np.maximum(audio.std(0), 1e-3)
     t = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
-    return FlameTalk(cfg, audio.shape[1], t(neutral), t(basis), t(template), torch.as_tensor(idx),
-                     t(audio.mean(0)), t(a_std), t(std))
+    with torch.random.fork_rng(devices=[]):  # initial weights from cfg.seed, whatever ran before
+        torch.manual_seed(cfg.seed)
+        return FlameTalk(cfg, audio.shape[1], t(neutral), t(basis), t(template), torch.as_tensor(idx),
+                         t(audio.mean(0)), t(a_std), t(std))
 
 
 TRAINING_INPUTS = ("own", "ground_truth", "autoregressive")
