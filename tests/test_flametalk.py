@@ -148,4 +148,4 @@ def test_flametalk_on_a_real_clip_beats_the_mean_face(tmp_path):
     m = evaluate_flametalk(model, A[test], X[test])
     assert m["vertex_error_mm"] < m["baseline_vertex_error_mm"]
     assert m["lip_error_mm"] < m["baseline_lip_error_mm"]
-    assert m["mouth_opening_corr"] > 0.3  # 0.45 measured (bench/RESULTS.md); 0.7 is the unmet target
+    assert m["mouth_opening_corr"] > 0.4  # 0.50-0.56 over seeds (flametalk.py); 0.7 is the unmet target

@@ -67,7 +67,8 @@ def make_config(preset: str, variant: str | None) -> GaussianFlameTalkConfig:
         cfg = GaussianFlameTalkConfig(
             data=DataConfig(size=512, audio_radius=8, mouth_crop=128),
             schedule=Schedule(iterations=30000, val_every=5000, checkpoint_every=5000),
-            flametalk=FlameTalkConfig(d_model=128, iterations=3000),
+            # FlameTalk keeps its defaults: the clip's minute of audio, not the device, limits it (at d_model 64
+            # twice the iterations already overfit on cnn_anchor_en_71s: flametalk.py).
             per_triangle=12, lip_per_triangle=24, num_shell=20000, sh_degree=3, backend="gsplat",
         )
     else:

@@ -36,7 +36,8 @@ Pieces and where they follow the paper:
   inference does. ``"ground_truth"`` is plain teacher forcing (on cnn_anchor_en_71s it fell *behind* the mean
   face on the test split: exposure bias; re-checked without early stopping, test mouth-opening r 0.14 / 0.25
   for seeds 0 / 1 against 0.46 / 0.53 with ``"own"``). A fixed 600 iterations on every training frame, dropout
-  0.1 (seeds 0 / 1 / 2: test r 0.50 / 0.56 / 0.55, against 0.46 / 0.53 / 0.50 at 0.3). Early stopping on the last ``val_fraction`` of the training frames (the default until it was measured)
+  0.1 (seeds 0 / 1 / 2: test r 0.50 / 0.56 / 0.55, against 0.46 / 0.53 / 0.50 at 0.3; 1200 iterations at 0.3:
+  0.47 / 0.45, overfitting). Early stopping on the last ``val_fraction`` of the training frames (the default until it was measured)
   picked an iteration-49 model, i.e. nearly the mean face, in 2 of 3 seeds: on cnn_anchor_en_71s no
   checkpoint beat the mean face on that 161-frame segment (0.689 mm) while the same runs did on the test split.
   Without it, seeds 0 / 1 / 2 gave test mouth-opening r 0.46 / 0.53 / 0.50 and vertex error 0.70 mm (mean face
