@@ -37,11 +37,11 @@ Pieces and where they follow the paper:
   face on the test split: exposure bias; re-checked without early stopping, test mouth-opening r 0.14 / 0.25
   for seeds 0 / 1 against 0.46 / 0.53 with ``"own"``). A fixed 600 iterations on every training frame, dropout
   0.1 (seeds 0 / 1 / 2: test r 0.50 / 0.56 / 0.55, against 0.46 / 0.53 / 0.50 at 0.3; 1200 iterations at 0.3:
-  0.47 / 0.45, overfitting). Early stopping on the last ``val_fraction`` of the training frames (the default until it was measured)
-  picked an iteration-49 model, i.e. nearly the mean face, in 2 of 3 seeds: on cnn_anchor_en_71s no
-  checkpoint beat the mean face on that 161-frame segment (0.689 mm) while the same runs did on the test split.
-  Without it, seeds 0 / 1 / 2 gave test mouth-opening r 0.46 / 0.53 / 0.50 and vertex error 0.70 mm (mean face
-  0.80) every time; with it, 0.24 / 0.53 / 0.37. ``val_fraction > 0`` brings it back for other data.
+  0.47 / 0.45, overfitting). Early stopping on the last ``val_fraction`` of the training frames (the default
+  until it was measured) picked an iteration-49 model, i.e. nearly the mean face, in 2 of 3 seeds: on
+  cnn_anchor_en_71s no checkpoint beat the mean face on that 161-frame segment (0.689 mm) while the same runs
+  did on the test split (with it, seeds 0 / 1 / 2 gave r 0.24 / 0.53 / 0.37). ``val_fraction > 0`` brings it
+  back for other data.
 * **Inference**: causal and streaming: frame t uses audio <= t and the last ``context`` predictions only.
   Deviation: the coefficients emitted for frame t are the mean of the predictions of frames t-N+1..t
   (``output_average`` N = 3, :func:`causal_average`; the decoder still reads its raw predictions). With our
@@ -49,9 +49,9 @@ Pieces and where they follow the paper:
   nose hardly moves with it (its high-frequency term 0.008 raw vs 0.006 averaged), but a face tracker's nose
   points do, since mediapipe fits the whole face to the image. Measured on cnn_anchor_en_71s's test split
   (cpu-small avatar): raw frames through mediapipe, stability 0.123 -> 0.107 (reference floor 0.109); through
-  the eval's mp4, 0.1265 -> 0.1215; rendered mouth-opening r 0.40 -> 0.47. The cost: the mouth moves one frame (40 ms) later. Cross-driven by another speaker the
-  landmark-sync offset went from -2 to -3 frames (the real clip with its own audio: -1) and its confidence
-  from 0.36 to 0.29.
+  the eval's mp4, 0.1265 -> 0.1215; rendered mouth-opening r 0.40 -> 0.47; FlameTalk's meshes alone, r 0.45 /
+  0.48 -> 0.50 / 0.56 (seeds 0 / 1). The cost: the mouth moves one frame (40 ms) later; cross-driven by another
+  speaker the landmark-sync offset went from -2 to -3 frames (the real clip with its own audio: -1).
 
 "Speech-related" for a PCA basis. FLAME separates jaw pose from expression; our PCA components mix regions.
 Component e is speech-related when the share of its displacement energy on the mouth/jaw region (every vertex
