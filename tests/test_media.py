@@ -36,3 +36,23 @@ def test_not_a_media_file_is_a_user_error(tmp_path):
         media.probe(junk)
     with pytest.raises(UserError, match="not found"):
         media.read_audio(tmp_path / "missing.wav")
+
+
+def test_outputs_get_default_permissions_not_private_temp_ones(tmp_path):
+    """Atomic writes go through mkstemp (0600); the finished files must have the usual 0666 & ~umask."""
+    import os
+
+    from talkinghead.methods.trainer import save_tensors_atomic, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        media.write_video(tmp_path / "a.mp4", np.zeros((3, 16, 16, 3), np.uint8), 25)
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        import torch
+
+        save_tensors_atomic(tmp_path / "a.safetensors", {"w": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    for name in ("a.mp4", "a.json", "a.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind

@@ -8,7 +8,6 @@ decoded to mono float32 at a fixed sample rate. Failures surface as :class:`User
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from talkinghead.errors import UserError
+from talkinghead.fileio import publish, temp_file
 
 AUDIO_RATE = 16000  # Hz: every audio feature of the project is computed at this rate.
 
@@ -153,11 +153,10 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=path.parent, prefix=f".{path.stem}.")
-    os.close(fd)
+    tmp = temp_file(path, ".mp4")
     count = 0
     try:
-        with av.open(tmp, mode="w") as out:
+        with av.open(str(tmp), mode="w") as out:
             rate = Fraction(fps).limit_denominator(1001)
             vs = out.add_stream("libx264", rate=rate)
             vs.pix_fmt = "yuv420p"
@@ -189,7 +188,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
                         out.mux(packet)
                 for packet in as_.encode():
                     out.mux(packet)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -6,10 +6,10 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from talkinghead.errors import UserError
+from talkinghead.fileio import publish, temp_dir, temp_file
 
 EVAL_HELP = """\
 Measure a talking-head video the way the papers do, and write a report folder.
@@ -98,7 +98,7 @@ def _prepare_out(out: Path) -> Path:
         raise UserError(f"--out {out} is a non-empty folder that is not an eval report; choose another")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        return temp_dir(out)
     except OSError as exc:
         raise UserError(f"cannot write to {out.parent}: {exc.strerror}") from None
 
@@ -110,7 +110,7 @@ def _commit_out(tmp: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
-    os.replace(tmp, out)
+    publish(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -244,10 +244,10 @@ def run_compare(args) -> int:
     out = args.out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "w") as f:
+        tmp = temp_file(out)
+        with open(tmp, "w") as f:
             f.write(table)
-        os.replace(tmp, out)
+        publish(tmp, out)
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror}") from None
     print(table)

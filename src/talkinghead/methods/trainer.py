@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from talkinghead.errors import UserError
+from talkinghead.fileio import publish, temp_file
 
 from . import get_method
 from .base import DatasetInfo, config_from_dict, config_to_dict
@@ -43,11 +44,11 @@ CONFIG, MODEL, CHECKPOINT, LOG = "config.json", "model.safetensors", "checkpoint
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_file(path)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -56,11 +57,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_file(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -171,10 +171,9 @@ def load_checkpoint(out: Path, model, opts) -> dict:
 def _save_png(path: Path, image: np.ndarray) -> None:
     import matplotlib.image
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    tmp = temp_file(path, ".png")
     matplotlib.image.imsave(tmp, np.clip(image, 0, 1))
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def save_validation(out: Path, model, val: FrameStore, step: int) -> float:
@@ -223,11 +222,10 @@ def save_loss_curve(out: Path, history: dict[str, dict[str, list]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".loss.", suffix=".png")
-    os.close(fd)
+    tmp = temp_file(out / "loss.png", ".png")
     fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out / "loss.png")
+    publish(tmp, out / "loss.png")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
