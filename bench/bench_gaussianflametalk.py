@@ -64,24 +64,31 @@ def flametalk_figures(avatar: Path, data: Path) -> dict:
     return m
 
 
-def geometry_stability(name: str, avatar: Path, data: Path) -> dict:
-    """Stability of the nose points of the avatar's geometry on the test split (see the module docstring)."""
+def _test_split(name: str, avatar: Path, data: Path, size: int | None = None):
+    """(model in eval mode, the dataset at ``size``, a FrameStore of its test split at ``size``)."""
     import dataclasses
 
-    import torch
-
-    from talkinghead.camera import project
     from talkinghead.data import PreparedDataset
-    from talkinghead.eval.stability import stability_score
-    from talkinghead.face.landmarks import NUM_LANDMARKS
     from talkinghead.methods.data import FrameStore
     from talkinghead.methods.trainer import load_model
 
     _, cfg, info, model, _ = load_model(avatar, expect_method=name)
     model.eval()
-    ds = PreparedDataset(data)
-    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test",
-                       with_targets=False, progress=False)
+    size = size or cfg.data.size
+    store = FrameStore(data, dataclasses.replace(cfg.data, size=size, mouth_crop=0),
+                       info=dataclasses.replace(info, size=size), split="test", with_targets=False, progress=False)
+    return model, PreparedDataset(data), store
+
+
+def geometry_stability(name: str, avatar: Path, data: Path) -> dict:
+    """Stability of the nose points of the avatar's geometry on the test split (see the module docstring)."""
+    import torch
+
+    from talkinghead.camera import project
+    from talkinghead.eval.stability import stability_score
+    from talkinghead.face.landmarks import NUM_LANDMARKS
+
+    model, ds, store = _test_split(name, avatar, data)
     tracks, rows = ds.tracks, []
     with torch.no_grad():
         for k, i in enumerate(store.indices):
@@ -98,22 +105,15 @@ def geometry_stability(name: str, avatar: Path, data: Path) -> dict:
 
 def rendered_stability(name: str, avatar: Path, data: Path, size: int) -> dict:
     """Stability and mouth-opening r of raw frames of the test split rendered at ``size`` (see docstring)."""
-    import dataclasses
-
     import torch
 
     from talkinghead.data import PreparedDataset
     from talkinghead.eval.landmark_metrics import pearson
     from talkinghead.eval.stability import stability_score
     from talkinghead.face.landmarks import mouth_opening, track
-    from talkinghead.methods.data import FrameStore
-    from talkinghead.methods.trainer import load_model
 
-    _, cfg, info, model, _ = load_model(avatar, expect_method=name)
-    model.eval()
+    model, _, store = _test_split(name, avatar, data, size)
     ds = PreparedDataset(data, size=size)
-    store = FrameStore(data, dataclasses.replace(cfg.data, size=size, mouth_crop=0),
-                       info=dataclasses.replace(info, size=size), split="test", with_targets=False, progress=False)
     with torch.no_grad():
         frames = [(model.render(store.condition(k)).numpy() * 255).round().astype(np.uint8) for k in range(len(store))]
     ref = track((np.asarray(ds.image(i)) * 255).round().astype(np.uint8) for i in store.indices)
