@@ -34,14 +34,13 @@ Pieces and where they follow the paper:
   deviation with the same intent: a no-grad teacher-forced pass gives the model's own predictions, which are
   then fed back (shifted) to a second, differentiable pass, so training sees its own outputs as inputs like
   inference does. ``"ground_truth"`` is plain teacher forcing (on cnn_anchor_en_71s it fell *behind* the mean
-  face on the test split: exposure bias; re-checked without early stopping, test mouth-opening r 0.14 / 0.25
-  for seeds 0 / 1 against 0.46 / 0.53 with ``"own"``). A fixed 600 iterations on every training frame, dropout
-  0.1 (seeds 0 / 1 / 2: test r 0.50 / 0.56 / 0.55, against 0.46 / 0.53 / 0.50 at 0.3; 1200 iterations at 0.3:
-  0.47 / 0.45, overfitting). Early stopping on the last ``val_fraction`` of the training frames (the default
-  until it was measured) picked an iteration-49 model, i.e. nearly the mean face, in 2 of 3 seeds: on
-  cnn_anchor_en_71s no checkpoint beat the mean face on that 161-frame segment (0.689 mm) while the same runs
-  did on the test split (with it, seeds 0 / 1 / 2 gave r 0.24 / 0.53 / 0.37). ``val_fraction > 0`` brings it
-  back for other data.
+  face on the test split: exposure bias). A fixed 600 iterations on every training frame, dropout 0.1.
+  Measured on cnn_anchor_en_71s's test split, seeds 0 / 1 / 2 (``bench/bench_flametalk.py``): mouth-opening r
+  0.50 / 0.56 / 0.55, vertex error 0.70-0.72 mm against the mean face's 0.79; dropout 0.3: 0.46 / 0.53 / 0.50;
+  early stopping on the last 10% of the training frames (``val_fraction=0.1``, the former default): 0.27 /
+  0.53 / 0.44 -- on that 161-frame segment no checkpoint beat the mean face, so it kept near-mean-face early
+  iterations; teacher forcing: 0.15 / 0.26 / 0.07. A causal linear map from the same features reaches 0.58.
+  ``val_fraction > 0`` brings early stopping back for other data.
 * **Inference**: causal and streaming: frame t uses audio <= t and the last ``context`` predictions only.
   Deviation: the coefficients emitted for frame t are the mean of the predictions of frames t-N+1..t
   (``output_average`` N = 3, :func:`causal_average`; the decoder still reads its raw predictions). With our
