@@ -110,12 +110,18 @@ def render_split(avatar: Path, data: Path | None, split: str, out_mp4: Path) -> 
     return res
 
 
-def driving_features(wave: np.ndarray, fps: float) -> np.ndarray:
-    """Per-frame features [T, D] of a 16 kHz wave [S] for T = ceil(duration * fps) frames (prepare's extractor)."""
+def driving_features(wave: np.ndarray, fps: float, wav2vec_model: str | Path | None = None) -> np.ndarray:
+    """Per-frame features [T, D] of a 16 kHz wave [S] for T = ceil(duration * fps) frames: prepare's extractor,
+    with the same local wav2vec model when the training dataset was prepared with one (:func:`dataset_wav2vec`)."""
     from talkinghead.audio.features import compute_audio_features
 
     num_frames = max(1, int(np.ceil(len(wave) / 16000 * fps)))
-    return np.asarray(compute_audio_features(wave, fps, num_frames).stack(), np.float32)
+    return np.asarray(compute_audio_features(wave, fps, num_frames, wav2vec_model=wav2vec_model).stack(), np.float32)
+
+
+def dataset_wav2vec(data: Path) -> str | None:
+    """The local wav2vec / HuBERT folder the dataset's audio features were computed with (``prepare --wav2vec``)."""
+    return (open_dataset(data).meta.get("options") or {}).get("wav2vec_model")
 
 
 def render_audio(avatar: Path, audio: Path, out_mp4: Path, pose: str = "train", data: Path | None = None) -> dict:
@@ -127,7 +133,7 @@ def render_audio(avatar: Path, audio: Path, out_mp4: Path, pose: str = "train", 
     wave = load_driving_audio(audio)  # unreadable or silent audio fails here, before any heavy work
     spec, cfg, info, model, meta = load_model(avatar)
     data = _data_path(meta, data)
-    feats = driving_features(wave, fps)
+    feats = driving_features(wave, fps, dataset_wav2vec(data))
     if feats.shape[1] != info.audio_dim:
         raise UserError(f"driving features have {feats.shape[1]} dims but the avatar was trained on {info.audio_dim}")
     windows = audio_windows(feats, cfg.data.audio_radius)
