@@ -40,12 +40,14 @@ def load_wav2vec(path: str | os.PathLike) -> Wav2VecEncoder:
         raise UserError(f"{path}: not a transformers model folder (no config.json)")
     try:
         from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise UserError("wav2vec features need transformers: pip install transformers") from None
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if config.model_type not in ("wav2vec2", "hubert", "wavlm", "data2vec-audio"):
             raise UserError(f"{path}: model type {config.model_type!r} is not a wav2vec 2.0 / HuBERT encoder")
+        hf_logging.disable_progress_bar()  # a bar per weight file in the middle of ours
         model = AutoModel.from_pretrained(path, local_files_only=True)
     except UserError:
         raise
