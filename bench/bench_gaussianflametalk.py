@@ -27,26 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchlib import append_entry, stamp
+from benchlib import CLI, append_entry, run_timed, stamp
 
 SECTION = "## GaussianFlameTalk (bench/bench_gaussianflametalk.py)"
-CLI = [sys.executable, "-m", "talkinghead.cli"]
-
-
-def run(cmd: list[str]) -> float:
-    print("+", " ".join(map(str, cmd)), flush=True)
-    t = time.perf_counter()
-    subprocess.run([str(c) for c in cmd], check=True)
-    return time.perf_counter() - t
-
-
 def flametalk_figures(avatar: Path, data: Path) -> dict:
     """FlameTalk's test-split metrics from the avatar's trained FlameTalk (sec. 3.2 alone)."""
     from talkinghead.data import PreparedDataset
@@ -171,10 +160,10 @@ def main() -> int:
     for name, avatar, data in runs:
         rep = args.work / f"self_{name}"
         if not (args.reuse and (rep / "metrics.json").is_file()):
-            run(CLI + ["eval", avatar, "--data", data, "--out", rep, "--quiet", "--no-video"])
+            run_timed(CLI + ["eval", avatar, "--data", data, "--out", rep, "--quiet", "--no-video"])
         self_reports.append(rep)
     table = args.work / "compare_self.md"
-    run(CLI + ["compare", *self_reports, "--out", table])
+    run_timed(CLI + ["compare", *self_reports, "--out", table])
     lines += ["Self-driven test split (`talkinghead eval AVATAR --data DATA`, then `talkinghead compare`):", "",
               table_text(table), ""]
 
@@ -201,13 +190,13 @@ def main() -> int:
             mp4 = args.work / f"cross_{name}.mp4"
             rep = args.work / f"cross_{name}"
             if not (args.reuse and (rep / "metrics.json").is_file()):
-                secs = run(CLI + ["render", avatar, "--audio", args.audio, "--out", mp4])
+                secs = run_timed(CLI + ["render", avatar, "--audio", args.audio, "--out", mp4])
                 ref = json.loads((data / "meta.json").read_text())["source"]["path"]
-                run(CLI + ["eval", "--pred", mp4, "--audio", args.audio, "--ref", ref, "--out", rep, "--quiet", "--no-video"])
+                run_timed(CLI + ["eval", "--pred", mp4, "--audio", args.audio, "--ref", ref, "--out", rep, "--quiet", "--no-video"])
                 print(f"{name}: cross-driven render {secs:.0f} s", flush=True)
             cross_reports.append(rep)
         table = args.work / "compare_cross.md"
-        run(CLI + ["compare", *cross_reports, "--out", table])
+        run_timed(CLI + ["compare", *cross_reports, "--out", table])
         lines += [f"Cross-driven by `{args.audio.name}` (poses replay the training video back and forth; "
                   f"stability against the training video as reference):", "", table_text(table), ""]
 

@@ -24,27 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchlib import ROOT, append_entry, commit, load, machine, now
+from benchlib import CLI, ROOT, append_entry, commit, load, machine, now, run_timed
 from talkinghead.eval import landmark_metrics
 from talkinghead.eval.image_metrics import psnr
 
 SHARED = ROOT.parent / "shared" / "data"
-CLI = [sys.executable, "-m", "talkinghead.cli"]
-
-
-def _run(args: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(args, check=True)
-    return time.perf_counter() - t
-
-
 def _upscaled(frames: list[np.ndarray], side: int = 512) -> list[np.ndarray]:
     import cv2
 
@@ -169,14 +158,14 @@ def main() -> None:
     data = args.data
     if data is None:
         data = args.work / "data"
-        log["prepare_s"] = _run(CLI + ["prepare", str(args.video), "--out", str(data), "--quiet"])
+        log["prepare_s"] = run_timed(CLI + ["prepare", str(args.video), "--out", str(data), "--quiet"])
     avatar = args.avatar
     if avatar is None:
         avatar = args.work / ("avatar_fast" if args.variant else "avatar")
         cmd = CLI + ["train", str(data), "--out", str(avatar), "--preset", "cpu-small"]
         if args.variant:
             cmd += ["--variant", args.variant]
-        log["train_wall_s"] = _run(cmd)
+        log["train_wall_s"] = run_timed(cmd)
     log["train_log"] = json.loads((avatar / "train_log.json").read_text())
     log["load_after_train"] = load()
     log["self"] = evaluate(avatar, data, args.work)

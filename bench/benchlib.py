@@ -1,4 +1,4 @@
-"""What every bench script shares: the machine/commit/load stamp of a figure and appending to RESULTS.md.
+"""What every bench script shares: the stamp of a figure (machine, commit, load), RESULTS.md, running the CLI.
 
 Each script owns one ``## `` section of ``bench/RESULTS.md`` and appends a new ``### `` entry to it per run,
 leaving the other sections as they are.
@@ -9,10 +9,24 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+CLI = [sys.executable, "-m", "talkinghead.cli"]  # the project's CLI, in this interpreter
+
+
+def run_timed(cmd: list) -> float:
+    """Run ``cmd`` (echoed, ``check=True``); its wall time in seconds."""
+    cmd = [str(c) for c in cmd]
+    print("+", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t
 
 
 def machine() -> str:
