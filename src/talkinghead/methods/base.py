@@ -72,7 +72,7 @@ class DatasetInfo:
     fps: float
     size: int  # training side in pixels
     audio_dim: int  # D
-    audio_names: list[str]  # [D] column names of the audio features (checked against driving audio)
+    audio_names: list[str]  # [D] column names of the audio features the avatar was trained on (a record)
     expression_dim: int = 0  # E of the dataset's face model
     extra: dict[str, Any] = field(default_factory=dict)
 

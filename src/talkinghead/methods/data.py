@@ -146,7 +146,7 @@ class FrameStore:
         bw_full = max(cw, int(math.ceil(width * scale)))  # box side in full-size pixels
         bh_full = max(ch, int(round(bw_full * ch / cw)))
         Ks, imgs, bds = [], [], []
-        # cv2 decodes outside the GIL: two threads read the full-size JPEGs while this one crops.
+        # Pillow decodes outside the GIL: two threads read the full-size JPEGs while this one crops.
         pool = ThreadPoolExecutor(2)
         pairs = pool.map(lambda i: (full.image(int(i)), full.torso_image(int(i))), self.indices)
         for k, (img, bd) in enumerate(tqdm(pairs, total=len(self.indices), desc="loading mouth crops",
