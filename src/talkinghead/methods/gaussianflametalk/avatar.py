@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
+from talkinghead.methods.surface import points_on_triangles
 from talkinghead.render import num_sh_bases, rgb_to_sh
 
 from .rigging import bind_to_world, face_forward, fill_holes, shell_points, triangle_frames
@@ -49,17 +50,6 @@ def corrected_viewmat(viewmat: Tensor, delta: Tensor) -> Tensor:
     M = torch.eye(4, dtype=viewmat.dtype, device=viewmat.device)
     M = torch.cat([torch.cat([axis_angle_to_matrix(delta[:3]), delta[3:, None]], 1), M[3:]], 0)
     return viewmat @ M
-
-
-def _sample_on_triangles(verts: np.ndarray, faces: np.ndarray, counts: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-    """``counts[f]`` random points on each triangle f: (parent [N], points [N, 3])."""
-    parent = np.repeat(np.arange(len(faces)), counts)
-    u, v = rng.random(len(parent)), rng.random(len(parent))
-    flip = u + v > 1
-    u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
-    tri = verts[faces[parent]]
-    pts = tri[:, 0] + u[:, None] * (tri[:, 1] - tri[:, 0]) + v[:, None] * (tri[:, 2] - tri[:, 0])
-    return parent, pts
 
 
 class RiggedAvatar(nn.Module):
@@ -104,7 +94,8 @@ class RiggedAvatar(nn.Module):
         # mouth curtain is not degenerate there).
         train = dataset.split_indices("train")
         mean_mesh = fm.vertices(tracks.expression[train].mean(0)).astype(np.float64)
-        parent, pts = _sample_on_triangles(mean_mesh, all_faces, counts, rng)
+        parent = np.repeat(np.arange(len(all_faces)), counts)  # counts[f] points on triangle f
+        pts, _ = points_on_triangles(mean_mesh, all_faces[parent], rng)
         R, T, k = triangle_frames(torch.from_numpy(mean_mesh), torch.from_numpy(all_faces))
         Rp, Tp, kp = R[parent], T[parent], k[parent].clamp_min(1e-6)
         local = (Rp.transpose(-1, -2) @ (torch.from_numpy(pts) - Tp)[..., None]).squeeze(-1) / kp[:, None]

@@ -20,19 +20,7 @@ import torch
 from torch import Tensor
 
 from talkinghead.face.landmarks import FACE_OVAL, LIPS_INNER, LIPS_OUTER, NOSE_TIP
-
-
-def _sample_triangles(v: np.ndarray, tri: np.ndarray, weights: np.ndarray, n: int, rng
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """n points on the triangles, with their triangles' vertex ids [n, 3] and barycentric weights [n, 3]."""
-    p = weights / weights.sum()
-    pick = rng.choice(len(tri), size=n, p=p)
-    a, b = rng.random((2, n, 1))
-    flip = (a + b) > 1
-    a, b = np.where(flip, 1 - a, a), np.where(flip, 1 - b, b)
-    t = tri[pick]
-    pts = v[t[:, 0]] + a * (v[t[:, 1]] - v[t[:, 0]]) + b * (v[t[:, 2]] - v[t[:, 0]])
-    return pts, t, np.concatenate([1 - a - b, a, b], 1)
+from talkinghead.methods.surface import points_on_triangles
 
 
 def initial_points(neutral: np.ndarray, triangles: np.ndarray, num: int, face_fraction: float,
@@ -56,7 +44,8 @@ def initial_points(neutral: np.ndarray, triangles: np.ndarray, num: int, face_fr
     lips = np.zeros(len(v), bool)
     lips[list(LIPS_OUTER) + list(LIPS_INNER)] = True
     w = area * np.where(lips[tri].any(1), lip_weight, 1.0)
-    sampled, s_tri, s_bary = _sample_triangles(v, tri, w, n_face - len(v), rng)
+    s_tri = tri[rng.choice(len(tri), size=n_face - len(v), p=w / w.sum())]  # area x lip weight
+    sampled, s_bary = points_on_triangles(v, s_tri, rng)
     face = np.concatenate([v, sampled])
 
     ring = v[list(LIPS_INNER)]
