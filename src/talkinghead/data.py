@@ -21,6 +21,7 @@ Fields (T frames, H = W = ``size``, E expression dims, V = 478 mesh vertices, F 
     ds.audio_matrix        [T, D]      float32, ``audio_features.stack()``
     ds.audio_window(i, r)  [2r+1, D]   rows i-r .. i+r of ``audio_matrix``, edge-padded
     ds.audio_wave          [S]         float32 mono 16 kHz, sample 0 at frame 0
+    ds.split_audio(name)   [S']        the samples under a split's frames
     ds.frame(i) / ds[i]    Frame       one frame (below); ``len(ds)`` = T
 
     Frame: index int, image [H, W, 3] float32 in [0, 1], parsing [H, W] uint8 (0 background, 1 torso,
@@ -261,6 +262,12 @@ class PreparedDataset:
 
         wave, _ = soundfile.read(str(self.path / "audio.wav"), dtype="float32", always_2d=False)
         return wave
+
+    def split_audio(self, name: str) -> np.ndarray:
+        """[S'] the samples of ``audio_wave`` under the frames of split ``name`` (its first to past its last)."""
+        idx = self.split_indices(name)
+        a, b = (int(round(i / self.fps * 16000)) for i in (idx[0], idx[-1] + 1))
+        return self.audio_wave[a:b]
 
     @cached_property
     def background(self) -> np.ndarray:

@@ -156,13 +156,12 @@ def _avatar_run(args, tmp: Path, opts):
     ds = PreparedDataset(args.data, size=width)
     idx = ds.split_indices("test")
     fps = ds.fps
-    a, b = int(round(idx[0] / fps * 16000)), int(round((idx[-1] + 1) / fps * 16000))
 
     def gt_frames():
         for i in idx:
             yield np.round(ds.image(int(i)) * 255.0).astype(np.uint8)
 
-    gt = Clip(f"{args.data} (test split, frames {idx[0]}..{idx[-1]})", fps, gt_frames, lambda: ds.audio_wave[a:b])
+    gt = Clip(f"{args.data} (test split, frames {idx[0]}..{idx[-1]})", fps, gt_frames, lambda: ds.split_audio("test"))
     pred = Clip.from_file(pred_mp4, fps)
     speed = {"render_fps": res.get("fps")}
     log = args.avatar / "train_log.json"

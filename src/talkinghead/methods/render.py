@@ -102,11 +102,9 @@ def render_split(avatar: Path, data: Path | None, split: str, out_mp4: Path) -> 
     data = _data_path(meta, data)
     store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split=split,
                        with_targets=False, progress=False)
-    first, last = int(store.indices[0]), int(store.indices[-1]) + 1
-    wave = open_dataset(data).audio_wave
-    audio = wave[int(round(first / store.fps * 16000)):int(round(last / store.fps * 16000))]
+    audio = open_dataset(data).split_audio(split)
     res = _run(model, _Conds(len(store), store.condition), Path(out_mp4), store.fps, audio, f"render {split}")
-    res.update(split=split, first_frame=first, method=meta["method"])
+    res.update(split=split, first_frame=int(store.indices[0]), method=meta["method"])
     return res
 
 
