@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 _BUILTIN: dict[str, str] = {
     "gaussiantalker": "talkinghead.methods.gaussiantalker",
     "gaussianflametalk": "talkinghead.methods.gaussianflametalk",
+    "degstalk": "talkinghead.methods.degstalk",
 }
 _REGISTRY: dict[str, "MethodSpec"] = {}
 
