@@ -36,6 +36,7 @@ _BUILTIN: dict[str, str] = {
     "gaussiantalker": "talkinghead.methods.gaussiantalker",
     "gaussianflametalk": "talkinghead.methods.gaussianflametalk",
     "talk3d": "talkinghead.methods.talk3d",
+    "degstalk": "talkinghead.methods.degstalk",
 }
 _REGISTRY: dict[str, "MethodSpec"] = {}
 
