@@ -57,6 +57,9 @@ def register(subparsers) -> None:
                    help="with --audio: replay the training poses (default) or hold the first one")
     r.add_argument("--data", type=Path, default=None,
                    help="prepared dataset (default: the one the avatar was trained on)")
+    r.add_argument("--audio-encoder", default=None, metavar="PATH",
+                   help="with --audio: the Whisper checkpoint the avatar's dataset was prepared with, when it is "
+                        "no longer where prepare found it (the weights must be the same; default: that path)")
     r.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default %(default)s)")
     r.set_defaults(func=_render)
 
@@ -98,7 +101,8 @@ def _render(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     if args.audio is not None:
-        res = render_audio(args.avatar, args.audio, args.out, pose=args.pose, data=args.data)
+        res = render_audio(args.avatar, args.audio, args.out, pose=args.pose, data=args.data,
+                           audio_encoder=args.audio_encoder)
     else:
         res = render_split(args.avatar, args.data, args.split, args.out)
     print(f"wrote {args.out}: {res['frames']} frames, rendered at {res['fps']:.1f} frames/s")
