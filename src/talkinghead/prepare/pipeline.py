@@ -447,15 +447,6 @@ def _geometry(landmarks: np.ndarray, tracked: np.ndarray, size: int, fov_deg: fl
     return tracks, model, info
 
 
-def _align_audio(wave: np.ndarray, delay_s: float) -> np.ndarray:
-    """Shift wave [S] so that sample 0 is at video frame 0: pad silence for a late audio start
-    (``delay_s`` > 0), drop the samples before the first frame for an early one."""
-    shift = int(round(delay_s * media.AUDIO_RATE))
-    if shift > 0:
-        return np.concatenate([np.zeros(shift, wave.dtype), wave])
-    return wave[-shift:]
-
-
 def _split(num_frames: int, fps: float, test_seconds: float | None) -> dict:
     if test_seconds is None:
         n_test = int(round(num_frames / (PAPERS_TRAIN_TO_TEST + 1)))
@@ -506,10 +497,8 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = lambda _: None) -> 
     encoder_sha = checkpoint_identity(whisper.checkpoint)[1] if whisper is not None else None
     from talkinghead.audio.features import check_audio
 
-    wave = media.read_audio(audio_path)
+    wave = media.read_audio(audio_path)  # on the video clock: sample 0 at frame 0 (a video's own track)
     check_audio(wave, str(audio_path))
-    if cfg.audio is None:  # the file's own track: put its sample 0 where the container says, on the frame clock
-        wave = _align_audio(wave, info.audio_delay_s)
     source = {"path": str(video.resolve()), "sha256": sha256(video), "audio_path": str(audio_path.resolve()),
               "audio_sha256": sha256(audio_path)}
     work, origin = _open_work_dir(out, source["sha256"])
