@@ -73,9 +73,9 @@ def evaluate(avatar: Path, data: Path, work: Path) -> dict:
 
     import torch
 
-    from talkinghead.audio.features import compute_audio_features
     from talkinghead.data import PreparedDataset
     from talkinghead.methods import render_split
+    from talkinghead.methods.render import driving_features
     from talkinghead.methods.data import FrameStore, audio_windows
     from talkinghead.methods.trainer import load_model
 
@@ -95,9 +95,9 @@ def evaluate(avatar: Path, data: Path, work: Path) -> dict:
     res["psnr_face_background_only"] = float(np.mean([psnr(b, g, m) for b, g, m in zip(backdrop, gt, masks)]))
     res["psnr_full"] = float(np.mean([psnr(o, g) for o, g in zip(ours, gt)]))
 
-    # Silence: zero wave through the same extractor, same poses and backdrops.
+    # Silence: zero wave through the same extractor (the dataset's encoder), same poses and backdrops.
     n = PreparedDataset(data).num_frames
-    silent = compute_audio_features(np.zeros(int(n / info.fps * 16000) + 1, np.float32), info.fps, n).stack()
+    silent = driving_features(np.zeros(int(n / info.fps * 16000) + 1, np.float32), info.fps, data)[:n]
     sil_windows = audio_windows(silent, cfg.data.audio_radius)[store.indices]
     quiet, _ = render_frames(model, store, sil_windows)
     m_gt, m_ours, m_quiet = mouth_track(gt), mouth_track(ours), mouth_track(quiet)

@@ -2,7 +2,15 @@
 
 Videos are decoded to a *constant* frame rate whatever the container holds (variable frame rate,
 29.97 fps, ...): output frame ``i`` shows the source frame on screen at time ``i / fps``. Audio is
-decoded to mono float32 at a fixed sample rate. Failures surface as :class:`UserError` lines.
+decoded to mono float32 at a fixed sample rate.
+
+The one audio clock: :func:`read_audio` returns a file's sound with sample 0 at the instant of its first
+video frame (frame 0 of :func:`iter_frames`), so sample ``s`` belongs at ``s / rate`` on the frame clock. The
+placement uses the *decoded* presentation timestamps of the first audio and the first video frame, i.e.
+after the demuxer applied the streams' start times and edit lists and the decoder dropped the AAC priming
+samples the container marks for skipping; audio that starts late is preceded by silence, audio that starts
+early loses the samples before the first frame. A file without video keeps its audio's own start.
+prepare, render and eval all read audio through it. Failures surface as :class:`UserError` lines.
 """
 
 from __future__ import annotations
@@ -29,10 +37,6 @@ class VideoInfo:
     duration_s: float  # of the video stream
     avg_fps: float  # container's average rate (informative only; decoding resamples)
     has_audio: bool
-    # Start of the first audio stream minus start of the video stream (s): frame 0 of ``iter_frames`` is
-    # the video's start, sample 0 of ``read_audio`` the audio's, so audio sample s belongs at time
-    # s / rate + audio_delay_s on the frame clock.
-    audio_delay_s: float = 0.0
 
 
 def _open(path: str | os.PathLike):
@@ -62,13 +66,8 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         else:
             duration = 0.0
         fps = float(vs.average_rate) if vs.average_rate else 0.0
-        delay = 0.0
-        if container.streams.audio:
-            a = container.streams.audio[0]
-            if a.start_time is not None and vs.start_time is not None:
-                delay = float(a.start_time * a.time_base) - float(vs.start_time * vs.time_base)
         return VideoInfo(Path(path), vs.codec_context.width, vs.codec_context.height, duration, fps,
-                         bool(container.streams.audio), delay)
+                         bool(container.streams.audio))
 
 
 def iter_frames(path: str | os.PathLike, fps: float) -> Iterator[np.ndarray]:
@@ -119,8 +118,23 @@ def read_frames(path: str | os.PathLike, fps: float) -> np.ndarray:
     return np.stack(list(iter_frames(path, fps)))
 
 
+def _first_video_time(container) -> float | None:
+    """Presentation time (s) of the first decoded video frame, the instant of frame 0 (None: no video)."""
+    if not container.streams.video:
+        return None
+    try:
+        for frame in container.decode(container.streams.video[0]):
+            if frame.pts is not None:
+                return float(frame.pts * frame.time_base)
+    except Exception:  # an undecodable video: iter_frames reports it; the audio keeps its own start
+        return None
+    return None
+
+
 def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> np.ndarray:
-    """The first audio stream of any media file, mono float32 [S] in [-1, 1] at ``rate`` Hz."""
+    """The first audio stream of any media file, mono float32 [S] in [-1, 1] at ``rate`` Hz, on the file's
+    video clock: sample 0 at its first video frame (the module docstring; a file without video: the audio's
+    own start)."""
     import av
 
     with _open(path) as container:
@@ -128,8 +142,11 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> np.ndarray:
             raise UserError(f"{path}: no audio stream")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
         chunks = []
+        first_audio = None
         try:
             for frame in container.decode(container.streams.audio[0]):
+                if first_audio is None and frame.pts is not None:
+                    first_audio = float(frame.pts * frame.time_base)
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
             for out in resampler.resample(None):
@@ -139,7 +156,20 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> np.ndarray:
                 raise UserError(f"cannot decode audio of {path} ({type(exc).__name__})") from None
     if not chunks:
         raise UserError(f"{path}: the audio stream is empty")
-    return np.concatenate(chunks).astype(np.float32)
+    wave = np.concatenate(chunks).astype(np.float32)
+    with _open(path) as container:
+        first_video = _first_video_time(container)
+    if first_video is None or first_audio is None:
+        return wave
+    return shift_audio(wave, first_audio - first_video, rate)
+
+
+def shift_audio(wave: np.ndarray, delay_s: float, rate: int = AUDIO_RATE) -> np.ndarray:
+    """``wave`` [S] moved ``delay_s`` later (> 0: silence first) or earlier (< 0: the first samples dropped)."""
+    shift = int(round(delay_s * rate))
+    if shift > 0:
+        return np.concatenate([np.zeros(shift, wave.dtype), wave])
+    return wave[-shift:]
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float,

@@ -49,6 +49,7 @@ import json
 import os
 import re
 import struct
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -302,11 +303,24 @@ def checkpoint_identity(checkpoint: str | os.PathLike | None) -> tuple[str, str,
         name = f"whisper ({path.name})"
         if not path.exists():
             raise UserError(f"audio encoder checkpoint not found: {path}")
+    # cheap structural checks, so that a wrong file fails before prepare starts (the full load comes later)
     if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise UserError(f"{path}: not an openai-whisper checkpoint (a .pt file written by torch.save)")
         return name, sha256_file(path), path, "openai"
     if (path / "model.bin").is_file():
+        with open(path / "model.bin", "rb") as f:
+            head = f.read(64)
+        if len(head) < 64 or head[:4] != struct.pack("<I", 6) or head[6:13] != b"Whisper":
+            raise UserError(f"{path}: model.bin is not a CTranslate2 Whisper model")
         return name, sha256_file(path / "model.bin"), path, "ctranslate2"
     if (path / "config.json").is_file():
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if model_type != "whisper":
+            raise UserError(f"{path}: config.json is not a transformers Whisper config (model_type {model_type!r})")
         for weights in ("model.safetensors", "pytorch_model.bin"):
             if (path / weights).is_file():
                 return name, sha256_file(path / weights), path, "transformers"

@@ -16,7 +16,8 @@ Measure a talking-head video the way the papers do, and write a report folder.
 
 forms:
   talkinghead eval --pred PRED.mp4 --gt GT.mp4 --out REPORT    self-driven: frame-aligned ground truth
-  talkinghead eval --pred PRED.mp4 --audio WAV --out REPORT    cross-driven: no ground-truth frames
+  talkinghead eval --pred PRED.mp4 [--audio WAV] --out REPORT  cross-driven: no ground-truth frames (audio:
+                                                               PRED's own sound track unless --audio)
   talkinghead eval AVATAR --data DATA --out REPORT             render the dataset's test split, then
                                                                evaluate it (+ training time, render FPS)
 
@@ -80,8 +81,6 @@ def _check_args(args) -> str:
         raise UserError("--data goes with AVATAR; for face masks from a dataset use --mask-from DATA")
     if args.pred is None:
         raise UserError("nothing to evaluate: give --pred PRED.mp4 with --gt GT.mp4 or --audio WAV, or AVATAR --data DATA")
-    if args.gt is None and args.audio is None:
-        raise UserError("--pred needs --gt GT.mp4 (self-driven) or --audio WAV (cross-driven)")
     if args.gt is not None and args.ref is not None:
         raise UserError("--ref is for cross-driven runs; with --gt the ground truth is the reference")
     if args.gt is None and args.mask_from is not None:
@@ -198,6 +197,7 @@ def run_eval(args) -> int:
             pred = Clip.from_file(args.pred, gt.fps if gt else None)
             pred_rate = probe(args.pred).avg_fps
             mask_fn = _dataset_masks(args.mask_from) if args.mask_from else None
+            # on the file's video clock (media.read_audio); without --audio evaluate() takes PRED's own track
             audio = read_audio(args.audio) if args.audio else None
         ref = Clip.from_file(args.ref, pred.fps) if args.ref else None
         ev = evaluate(pred, gt, audio=audio, ref=ref, mask_fn=mask_fn, opts=opts)

@@ -62,6 +62,9 @@ def register(subparsers) -> None:
                         "(+: towards the image right; within [-90, 90]; default 0 = the tracked camera)")
     r.add_argument("--pitch", type=float, default=0.0, metavar="DEG",
                    help="novel view: orbit the camera DEG degrees up (+) or down (-) about the head's pivot")
+    r.add_argument("--audio-encoder", default=None, metavar="PATH",
+                   help="with --audio: the Whisper checkpoint the avatar's dataset was prepared with, when it is "
+                        "no longer where prepare found it (the weights must be the same; default: that path)")
     r.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default %(default)s)")
     r.set_defaults(func=_render)
 
@@ -104,7 +107,7 @@ def _render(args) -> int:
     torch.set_num_threads(max(1, args.threads))
     if args.audio is not None:
         res = render_audio(args.avatar, args.audio, args.out, pose=args.pose, data=args.data, yaw=args.yaw,
-                           pitch=args.pitch)
+                           pitch=args.pitch, audio_encoder=args.audio_encoder)
     else:
         res = render_split(args.avatar, args.data, args.split, args.out, yaw=args.yaw, pitch=args.pitch)
     print(f"wrote {args.out}: {res['frames']} frames, rendered at {res['fps']:.1f} frames/s")

@@ -1,9 +1,10 @@
 """``talkinghead render``: an avatar + audio (or a dataset split) -> mp4 with the audio muxed in.
 
 Driving (:func:`render_audio`): features of the new audio come from the same extractor prepare used
-(:func:`talkinghead.audio.features.compute_audio_features`) and are normalised with the avatar's training
-statistics; head pose, background and torso replay the training sequence, back and forth when the audio
-is longer (a ping-pong loop never jumps), or hold its first frame with ``pose="static"``.
+(:func:`talkinghead.audio.features.compute_audio_features`, with the dataset's Whisper encoder and layers,
+checked by the sha256 of its weights: :func:`driving_features`); head pose, background and torso replay the
+training sequence, back and forth when the audio is longer (a ping-pong loop never jumps), or hold its first
+frame with ``pose="static"``.
 
 Self-driven (:func:`render_split`): the split's own audio features, poses and backdrops, frame for frame
 comparable with the ground truth. This is the function evaluation calls.
@@ -139,33 +140,66 @@ def render_split(avatar: Path, data: Path | None, split: str, out_mp4: Path, yaw
     return res
 
 
-def driving_features(wave: np.ndarray, fps: float, wav2vec_model: str | Path | None = None) -> np.ndarray:
-    """Per-frame features [T, D] of a 16 kHz wave [S] for T = ceil(duration * fps) frames: prepare's extractor,
-    with the same local wav2vec model when the training dataset was prepared with one (:func:`dataset_wav2vec`)."""
+def driving_features(wave: np.ndarray, fps: float, data: Path | None = None,
+                     audio_encoder: str | None = None) -> np.ndarray:
+    """Per-frame features [T, D] of a 16 kHz wave [S] for T = ceil(duration * fps) frames, computed as the
+    dataset ``data``'s were (prepare's extractor with its wav2vec model and its Whisper encoder and layers;
+    ``data`` None: the plain phone + log-mel + energy features). ``audio_encoder`` is render's
+    ``--audio-encoder``: another path to the *same* Whisper weights (a different encoder is a UserError)."""
     from talkinghead.audio.features import compute_audio_features
 
+    wav2vec, whisper = dataset_audio(data, audio_encoder) if data is not None else (None, None)
     num_frames = max(1, int(np.ceil(len(wave) / 16000 * fps)))
-    return np.asarray(compute_audio_features(wave, fps, num_frames, wav2vec_model=wav2vec_model).stack(), np.float32)
+    return np.asarray(compute_audio_features(wave, fps, num_frames, wav2vec_model=wav2vec, whisper=whisper).stack(),
+                      np.float32)
 
 
-def dataset_wav2vec(data: Path) -> str | None:
-    """The local wav2vec / HuBERT folder the dataset's audio features were computed with (``prepare --wav2vec``)."""
-    return (open_dataset(data).meta.get("options") or {}).get("wav2vec_model")
+def dataset_audio(data: Path, audio_encoder: str | None = None):
+    """How the dataset's audio features were computed: (its local wav2vec / HuBERT folder or None, its
+    :class:`~talkinghead.audio.whisper.WhisperChoice` or None). With ``audio_encoder`` (a checkpoint path or
+    ``none``), checks that it is the encoder the dataset recorded (sha256 of the weights): one UserError if not."""
+    from talkinghead.audio.whisper import WhisperChoice, checkpoint_identity, parse_audio_encoder
+
+    meta = open_dataset(data).meta
+    wav2vec = (meta.get("options") or {}).get("wav2vec_model")
+    recorded = (meta.get("audio_features") or {}).get("encoder")
+    asked = parse_audio_encoder(audio_encoder) if audio_encoder is not None else None
+    if recorded is None:
+        if asked is not None:
+            raise UserError(f"audio encoder mismatch: the avatar's dataset {data} has no Whisper features (prepared "
+                            f"with --audio-encoder none); drive it without --audio-encoder")
+        return wav2vec, None
+    if audio_encoder is not None and asked is None:
+        raise UserError(f"audio encoder mismatch: the avatar learned from {recorded['name']} features; "
+                        f"--audio-encoder none cannot drive it")
+    checkpoint = asked.checkpoint if asked is not None else recorded.get("checkpoint")
+    try:
+        name, sha, _, _ = checkpoint_identity(checkpoint)
+    except UserError as exc:
+        raise UserError(f"{exc} (the avatar's dataset was prepared with {recorded['name']}; give its checkpoint "
+                        f"with --audio-encoder PATH)") from None
+    if sha != recorded["sha256"]:
+        raise UserError(f"audio encoder mismatch: the avatar learned from {recorded['name']} (sha256 "
+                        f"{recorded['sha256'][:12]}), the driving audio would be encoded with {name} (sha256 "
+                        f"{sha[:12]}); give --audio-encoder the checkpoint its dataset was prepared with")
+    return wav2vec, WhisperChoice(checkpoint=checkpoint, layers=tuple(recorded["layers"]))
 
 
 def render_audio(avatar: Path, audio: Path, out_mp4: Path, pose: str = "train", data: Path | None = None,
-                 yaw: float = 0.0, pitch: float = 0.0) -> dict:
+                 yaw: float = 0.0, pitch: float = 0.0, audio_encoder: str | None = None) -> dict:
     """Drive the avatar with ``audio``: poses/backdrops from the training sequence (ping-pong or static),
-    seen from a camera orbited by ``yaw``/``pitch`` degrees about the head."""
+    seen from a camera orbited by ``yaw``/``pitch`` degrees about the head; ``audio_encoder``: where the
+    dataset's Whisper checkpoint is now, when it moved (see :func:`dataset_audio`)."""
     from talkinghead.audio.features import load_driving_audio
 
     check_view(yaw, pitch)
     _check_out(out_mp4)
-    fps = float(read_avatar_config(avatar)["info"]["fps"])
+    avatar_meta = read_avatar_config(avatar)
+    fps = float(avatar_meta["info"]["fps"])
     wave = load_driving_audio(audio)  # unreadable or silent audio fails here, before any heavy work
+    data = _data_path(avatar_meta, data)
+    feats = driving_features(wave, fps, data, audio_encoder)  # so does another audio encoder than the dataset's
     spec, cfg, info, model, meta = load_model(avatar)
-    data = _data_path(meta, data)
-    feats = driving_features(wave, fps, dataset_wav2vec(data))
     if feats.shape[1] != info.audio_dim:
         raise UserError(f"driving features have {feats.shape[1]} dims but the avatar was trained on {info.audio_dim}")
     windows = audio_windows(feats, cfg.data.audio_radius)

@@ -79,7 +79,7 @@ class FlameTalkConfig:
 
     d_model: int = 64  # width of every latent (C, O_v, S)
     heads: int = 4
-    encoder_layers: int = 2  # causal audio transformer layers
+    encoder_layers: int = 2  # causal audio transformer layers on top of the features (0: none, module docstring)
     decoder_layers: int = 1  # FaceFormer decoder layers
     period: int = 25  # PPE / bias period in frames (FaceFormer: 25 at 25-30 fps)
     context: int = 100  # frames of history the encoder and decoder see (training windows have this length)
@@ -198,8 +198,10 @@ class FlameTalk(nn.Module):
         self.num_expression = E
 
         self.audio_embed = nn.Linear(audio_dim, d)
-        enc_layer = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, cfg.dropout, batch_first=True)
-        self.audio_encoder = nn.TransformerEncoder(enc_layer, cfg.encoder_layers, enable_nested_tensor=False)
+        self.audio_encoder = None  # encoder_layers 0: the features' own encoder is the paper's (frozen) one
+        if cfg.encoder_layers > 0:
+            enc_layer = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, cfg.dropout, batch_first=True)
+            self.audio_encoder = nn.TransformerEncoder(enc_layer, cfg.encoder_layers, enable_nested_tensor=False)
         self.audio_projection = nn.Linear(d, d)  # -> C^{1:T}
         self.motion_embed = nn.Linear(S, d)  # previous prediction -> decoder input
         self.start_token = nn.Parameter(torch.zeros(d))
@@ -238,6 +240,8 @@ class FlameTalk(nn.Module):
     def encode_audio(self, audio: Tensor) -> Tensor:
         """C^{1:T} [B, T, d] from raw features [B, T, D]; causal, ``context`` frames back."""
         x = self.audio_embed((audio - self.audio_mean) / self.audio_std)
+        if self.audio_encoder is None:  # frozen encoder + linear projection: C^t from frame t's features alone
+            return self.audio_projection(x)
         T = x.shape[1]
         x = x + periodic_positional_encoding(T, x.shape[-1], self.cfg.period).to(x)
         mask = causal_window_mask(T, self.cfg.context, self.cfg.audio_lookahead).to(x.device)

@@ -301,6 +301,9 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     calls this: load AVATAR, train a fresh FlameTalk (``flametalk_config`` overrides fields of the saved
     one) on DATA (default: the avatar's dataset), then replace ``model.safetensors`` and the ``flametalk``
     entries of ``config.json`` / ``train_log.json`` atomically. Returns FlameTalk's test-split metrics.
+    DATA may be the same clip prepared again with other audio features (``prepare --audio-encoder``): only
+    FlameTalk reads audio, so the avatar then records DATA and its audio columns, and render drives it with
+    DATA's encoder.
     """
     import dataclasses
     import json
@@ -313,6 +316,9 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     avatar = Path(avatar)
     _, cfg, info, model, meta = load_model(avatar, expect_method="gaussianflametalk")
     ds = open_dataset(Path(data) if data is not None else Path(meta["data"]))
+    if ds.num_frames != info.num_frames:
+        raise UserError(f"{data} has {ds.num_frames} frames, the avatar was trained on {info.num_frames}: "
+                        f"not the same clip")
     cfg.flametalk = dataclasses.replace(cfg.flametalk, **(flametalk_config or {}))
     fm, tracks = ds.face_model, ds.tracks
     train = ds.split_indices("train")
@@ -323,6 +329,10 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     save_tensors_atomic(avatar / MODEL, {f"model.{k}": v for k, v in model.state_dict().items()},
                         metadata={"method": "gaussianflametalk"})
     meta["config"] = config_to_dict(cfg)
+    if data is not None:
+        meta["data"] = str(Path(data).resolve())
+        meta["info"]["audio_dim"] = int(audio.shape[1])
+        meta["info"]["audio_names"] = list(ds.audio_features.names)
     write_json_atomic(avatar / CONFIG, meta)
     log_path = avatar / LOG
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
