@@ -13,7 +13,7 @@ from talkinghead import camera
 from talkinghead.render.superres import SuperResolution
 from talkinghead.render.volume import (OSGDecoder, VolumeConfig, camera_rays, composite, importance_samples,
                                        normalize_points, ray_box, render_rays, render_triplane, sample_triplane,
-                                       stratified_samples)
+                                       scene_viewmat, stratified_samples)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,6 +42,17 @@ def test_camera_rays_reproject_to_pixel_centres():
     # Every ray starts at the camera centre.
     centre = -(vm[:3, :3].T @ vm[:3, 3])
     assert torch.allclose(o, centre.expand(120, 3), atol=1e-6)
+
+
+def test_scene_viewmat_sees_the_scaled_scene_on_the_same_pixels():
+    vm = _look_at_z()
+    K = camera.intrinsics(20.0, 20.0, 6.0, 5.0)
+    c, s = torch.tensor([0.3, -0.2, 0.1]), 0.25
+    X = torch.tensor([[0.1, 0.2, -0.3], [0.5, -0.4, 0.2]])
+    moved = scene_viewmat(vm, c, s)
+    assert np.allclose(camera.project(X.numpy(), vm.numpy(), K),
+                       camera.project(((X - c) / s).numpy(), moved.numpy(), K), atol=1e-4)
+    assert torch.equal(moved[:3, :3], vm[:3, :3])
 
 
 def test_ray_box_distances_and_misses():

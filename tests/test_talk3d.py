@@ -167,3 +167,12 @@ def test_talk3d_trains_through_the_shared_trainer_and_renders_novel_views(synthe
     with pytest.raises(UserError, match="outside"):
         render_split(tmp_path / "av", synthetic, "test", tmp_path / "w.mp4", yaw=95.0)
     assert not (tmp_path / "w.mp4").exists()
+    # The CLI: one error line, exit 2, for a view beyond 90 degrees and for an avatar of another method.
+    from test_methods import _cli, _one_error_line
+
+    _one_error_line(_cli("render", str(tmp_path / "av"), "--split", "test", "--pitch", "-120",
+                         "--out", str(tmp_path / "p.mp4")), "outside [-90, 90]")
+    _one_error_line(_cli("train", str(synthetic), "--method", "gaussiantalker", "--resume",
+                         "--out", str(tmp_path / "av")), "holds a 'talk3d' avatar")
+    _one_error_line(_cli("render", str(tmp_path / "av"), "--split", "test", "--data", str(tmp_path),
+                         "--out", str(tmp_path / "d.mp4")), "not a prepared dataset")

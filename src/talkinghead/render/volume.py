@@ -16,6 +16,7 @@ API (shapes: N rays, S samples per ray, C plane channels, R plane side, F decode
 
     # the pieces, for methods that need them one by one:
     origins, dirs = camera_rays(viewmat, K, width, height)    # [H*W, 3] each, row-major, unit dirs
+    viewmat_box = scene_viewmat(viewmat, centre, scale)       # the camera for a scene in box units
     near, far = ray_box(origins, dirs, box)                   # [N] each; near == far where a ray misses
     feats = sample_triplane(planes, normalize_points(xyz, box))  # xyz [M, 3] -> [M, 3, C] (one row per plane)
     field = TriplaneField(planes, decoder, box)               # xyz [M, 3] -> (sigma_raw [M], features [M, F])
@@ -90,6 +91,17 @@ def camera_rays(viewmat: Tensor, K: Tensor, width: int, height: int) -> tuple[Te
     dirs = F.normalize(d_cam @ R, dim=-1)  # R^T d for each row
     origin = -(R.T @ t)
     return origin.expand_as(dirs), dirs
+
+
+def scene_viewmat(viewmat: Tensor, centre: Tensor, scale: Tensor | float) -> Tensor:
+    """[4, 4] the same camera for the scene moved by -``centre`` [3] and shrunk by ``scale``: X' = (X - c) / s.
+
+    A method can thus render in box units (EG3D's heads are about 1 unit across) whatever its world's metric
+    size; the image is unchanged (same rotation, camera centre (C - c) / s, and K is scale-invariant), only ray
+    distances -- hence densities -- are measured in box units."""
+    vm = viewmat.clone()
+    vm[:3, 3] = (viewmat[:3, :3] @ centre + viewmat[:3, 3]) / scale
+    return vm
 
 
 def ray_box(origins: Tensor, dirs: Tensor, box: Tensor, margin: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -179,7 +179,7 @@ class GaussianTalker(nn.Module):
 
     def tokens(self, cond: Condition) -> Tensor:
         """[4, d] condition tokens {audio, eye, viewpoint, null} of eq. 13."""
-        return self._tokens(cond.audio, cond.blink, cond.viewmat)
+        return self._tokens(cond.audio, cond.blink, cond.pose)  # the tracked pose, also under a novel view
 
     def _tokens(self, audio: Tensor, blink: Tensor, viewmat: Tensor) -> Tensor:
         a = self.audio_encoder(audio)

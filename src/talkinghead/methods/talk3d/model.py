@@ -57,7 +57,7 @@ from talkinghead.methods.gaussiantalker.attention import blink_encoding
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.methods.losses import PerceptualLoss
 from talkinghead.render.superres import SuperResolution
-from talkinghead.render.volume import OSGDecoder, VolumeConfig, render_triplane
+from talkinghead.render.volume import OSGDecoder, VolumeConfig, render_triplane, scene_viewmat
 
 from .config import Talk3DConfig
 from .unet import AttentionUNet
@@ -176,19 +176,14 @@ class Talk3D(nn.Module):
         delta, attn = self.unet(skips, self.tokens(cond)[None])
         return p_id + delta[0], attn[0]
 
-    def _camera(self, viewmat: Tensor) -> Tensor:
-        """World-to-camera for the scene in box units (the head moved to the origin, scaled by 1 / scale)."""
-        vm = viewmat.clone()
-        vm[:3, 3] = (viewmat[:3, :3] @ self.centre + viewmat[:3, 3]) / self.scale
-        return vm
-
     def volume(self, planes: Tensor, cond: Condition, perturb: bool) -> dict[str, Tensor]:
         """The low-resolution render: features [r, r, F], alpha [r, r] (r = render_size)."""
         r = self.cfg.render_size
         K = cond.K.clone()
         K[:2] *= r / cond.width  # continuous pixel coordinates scale exactly (centres at +0.5)
-        return render_triplane(planes, self.decoder, self.box, self._camera(cond.viewmat), K, r, r,
-                               self.volume_cfg, perturb=perturb, generator=self._gen if perturb else None)
+        vm = scene_viewmat(cond.viewmat, self.centre, self.scale)
+        return render_triplane(planes, self.decoder, self.box, vm, K, r, r, self.volume_cfg, perturb=perturb,
+                               generator=self._gen if perturb else None)
 
     def upsample(self, vol: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Super-resolution of the feature image -> (premultiplied rgb [H, W, 3], alpha [H, W, 1]) in [0, 1]."""
