@@ -22,7 +22,8 @@ forms:
                                                                evaluate it (+ training time, render FPS)
 
 metrics: PSNR/SSIM on the face (mask from --mask-from DATA's parsing, else the face-mesh oval) and the full
-frame; LPIPS (AlexNet, local weights only); LMD on mouth and all landmarks (pixels at 512 px width, and
+frame; mean absolute error in a band around the hair-face boundary and along the jaw line over the neck
+(from the dataset's parsing: --mask-from DATA or AVATAR --data DATA); LPIPS (AlexNet, local weights only); LMD on mouth and all landmarks (pixels at 512 px width, and
 / interocular distance); mouth-opening correlation; blink error; AU-error proxy; stability score
 (GaussianFlameTalk sec. 3.3); landmark sync (audio offset and confidence from mouth opening vs the audio's
 articulation signal); SyncNet confidence with local weights. A metric that cannot be computed is null in
@@ -114,15 +115,14 @@ def _commit_out(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _dataset_masks(data: Path, indices=None):
-    """mask_fn(i, gt_frame) from a prepared dataset's test-split parsing (GT frame i = test frame i)."""
+def _dataset_parsing(data: Path, indices=None):
+    """parsing_fn(i, gt_frame) -> labels [H, W] from a prepared dataset's test-split parsing (GT frame i = test
+    frame i), at the frames' size."""
     from talkinghead.data import PreparedDataset
-
-    from .image_metrics import face_mask_from_parsing
 
     state: dict = {}
 
-    def mask_fn(i: int, frame):
+    def parsing_fn(i: int, frame):
         if "ds" not in state:
             state["ds"] = PreparedDataset(data, size=frame.shape[1])
             state["idx"] = state["ds"].split_indices("test") if indices is None else indices
@@ -134,13 +134,13 @@ def _dataset_masks(data: Path, indices=None):
         if labels.shape != frame.shape[:2]:
             raise UserError(f"--mask-from {data}: parsing is {labels.shape[1]}x{labels.shape[0]}, frames are "
                             f"{frame.shape[1]}x{frame.shape[0]}")
-        return face_mask_from_parsing(labels)
+        return labels
 
-    return mask_fn
+    return parsing_fn
 
 
 def _avatar_run(args, tmp: Path, opts):
-    """Render the test split into the report, return (pred clip, gt clip, mask_fn, speed metrics)."""
+    """Render the test split into the report, return (pred clip, gt clip, parsing_fn, speed metrics)."""
     import numpy as np
 
     from talkinghead.data import PreparedDataset
@@ -167,7 +167,7 @@ def _avatar_run(args, tmp: Path, opts):
     train = json.loads(log.read_text()) if log.is_file() else {}
     speed["train_time_s"] = train.get("train_time_s")
     speed["method"] = train.get("method") or res.get("method")
-    return pred, gt, _dataset_masks(args.data, idx), speed
+    return pred, gt, _dataset_parsing(args.data, idx), speed
 
 
 def run_eval(args) -> int:
@@ -188,7 +188,7 @@ def run_eval(args) -> int:
         speed = {}
         audio = None
         if form == "avatar":
-            pred, gt, mask_fn, speed = _avatar_run(args, tmp, opts)
+            pred, gt, parsing_fn, speed = _avatar_run(args, tmp, opts)
             audio = gt.audio()  # the split's audio that drove the render, not its AAC re-encoding
         else:
             from talkinghead.media import probe, read_audio
@@ -196,11 +196,11 @@ def run_eval(args) -> int:
             gt = Clip.from_file(args.gt) if args.gt else None
             pred = Clip.from_file(args.pred, gt.fps if gt else None)
             pred_rate = probe(args.pred).avg_fps
-            mask_fn = _dataset_masks(args.mask_from) if args.mask_from else None
+            parsing_fn = _dataset_parsing(args.mask_from) if args.mask_from else None
             # on the file's video clock (media.read_audio); without --audio evaluate() takes PRED's own track
             audio = read_audio(args.audio) if args.audio else None
         ref = Clip.from_file(args.ref, pred.fps) if args.ref else None
-        ev = evaluate(pred, gt, audio=audio, ref=ref, mask_fn=mask_fn, opts=opts)
+        ev = evaluate(pred, gt, audio=audio, ref=ref, parsing_fn=parsing_fn, opts=opts)
         if form == "self" and abs(pred_rate - pred.fps) > 0.01:
             ev.notes.append(f"the prediction is {pred_rate:g} fps; resampled to the ground truth's {pred.fps:g} fps")
         if form == "avatar":

@@ -144,7 +144,7 @@ class DEGSTalk(nn.Module):
             one = torch.zeros(1, 3)
             box = torch.tensor([[-1.0] * 3, [1.0] * 3])
             return cls(cfg, info, _gaussians(one, torch.full((1, 3), 0.5), cfg.sh_degree, cfg.embedding_dim),
-                       _gaussians(one, torch.full((1, 3), 0.5), cfg.sh_degree, cfg.embedding_dim), box, box, 0.1)
+                       _gaussians(one, torch.full((1, 3), 0.5), cfg.sh_degree, cfg.embedding_dim), box, box.clone(), 0.1)
         fm, tracks = dataset.face_model, dataset.tracks
         train = dataset.split_indices("train")
         num = cfg.num_face + cfg.num_mouth + cfg.num_hair

@@ -18,7 +18,6 @@ Dilation/erosion are square max-pools (Chebyshev distance), on [H, W] float mask
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
