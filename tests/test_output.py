@@ -271,3 +271,23 @@ def _one_error(capsys, *args: str, match: str) -> None:
 
 def meta_source(data: Path) -> str:
     return json.loads((data / "meta.json").read_text())["source"]["path"]
+
+
+def test_eval_renders_the_crop_at_its_size_against_the_dataset_crop(full_dataset, toy_avatar, tmp_path, capsys):
+    """eval AVATAR compares crop with crop at --size (default: the training size), even with the source at hand."""
+    import argparse
+
+    from talkinghead.eval.command import _avatar_run
+
+    for size, expect in ((None, SIZE), (40, 40)):
+        args = argparse.Namespace(avatar=toy_avatar, data=full_dataset, size=size)
+        out = tmp_path / f"r{expect}"
+        out.mkdir()
+        pred, gt, mask_fn, speed = _avatar_run(args, out, None)
+        p, g = next(iter(pred.frames())), next(iter(gt.frames()))
+        assert p.shape == g.shape == (expect, expect, 3)
+        assert f"{expect}x{expect}" in speed["measured_on"] and "crop" in speed["measured_on"]
+        assert mask_fn(0, g).shape == (expect, expect)
+    _one_error(capsys, "eval", "--pred", str(tmp_path / "r40" / "prediction.mp4"), "--gt",
+               str(tmp_path / "r40" / "prediction.mp4"), "--size", "64", "--out", str(tmp_path / "rep"),
+               match="--size goes with AVATAR")
