@@ -283,7 +283,8 @@ def main() -> None:
     if args.no_write:
         return
 
-    log = json.loads((args.cnn_avatar / "train_log.json").read_text()) if (args.cnn_avatar / "train_log.json").exists() else {}
+    log_path = args.cnn_avatar / "train_log.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {}
     lines = [f"### {stamp()}", "",
              f"cnn avatar: `{args.cnn_avatar}` (GaussianTalker cpu-small, 128^2, "
              f"{log.get('iterations', '?')} iterations); tiny avatars for the other clips: "

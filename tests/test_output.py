@@ -291,3 +291,25 @@ def test_eval_renders_the_crop_at_its_size_against_the_dataset_crop(full_dataset
     _one_error(capsys, "eval", "--pred", str(tmp_path / "r40" / "prediction.mp4"), "--gt",
                str(tmp_path / "r40" / "prediction.mp4"), "--size", "64", "--out", str(tmp_path / "rep"),
                match="--size goes with AVATAR")
+
+
+def test_a_gaussian_method_renders_the_same_picture_at_twice_the_size(full_dataset):
+    """GaussianTalker (untrained, 1500 Gaussians) at 64^2 and at 128^2 area-averaged to 64^2: the same image,
+    so the render size only changes the sampling (K scaled with the backdrop), not the framing."""
+    from test_gaussiantalker import _tiny_config
+
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods import get_method
+    from talkinghead.methods.data import dataset_info
+
+    cfg = _tiny_config(10)
+    ds = PreparedDataset(full_dataset, size=64)
+    model = get_method("gaussiantalker").build(cfg, dataset_info(ds, 64), dataset=ds)
+    with torch.no_grad():
+        small = model.render(Conditions(full_dataset, 64, cfg.data.audio_radius)(3))
+        big = model.render(Conditions(full_dataset, 128, cfg.data.audio_radius)(3))
+    assert big.shape == (128, 128, 3)
+    down = torch.nn.functional.avg_pool2d(big.permute(2, 0, 1)[None], 2)[0].permute(1, 2, 0)
+    backdrop = Conditions(full_dataset, 64, 2)(3).backdrop
+    head = (small - backdrop).abs().mean()  # the (faint, untrained) head over the backdrop
+    assert head > 0.01 and (down - small).abs().mean() < 0.2 * head  # a K not scaled would move it

@@ -202,7 +202,8 @@ def _run(model, frames: _Frames, out: Path, fps: float, audio: np.ndarray, desc:
     wall = time.perf_counter() - t0
     w, h = output.frame_size
     res = {"frames": count, "fps": count / max(timing["render"], 1e-9), "fps_end_to_end": count / max(wall, 1e-9),
-           "render_s": round(timing["render"], 3), "render_cpu_s": round(timing["render_cpu"], 3), "wall_s": round(wall, 3), "out": str(out),
+           "render_s": round(timing["render"], 3), "render_cpu_s": round(timing["render_cpu"], 3),
+           "wall_s": round(wall, 3), "out": str(out),
            "render_size": [output.size, output.size], "full_frame": output.full_frame,
            "frame_size": [w, h], "video_size": [w // 2 * 2, h // 2 * 2]}
     if output.full_frame:

@@ -69,7 +69,8 @@ class PasteBack:
     def __post_init__(self):
         if self.side <= 0 or self.width <= 0 or self.height <= 0:
             raise ValueError(f"bad crop/frame: {self}")
-        if not (self.x0 < self.width and self.y0 < self.height and self.x0 + self.side > 0 and self.y0 + self.side > 0):
+        inside = self.x0 < self.width and self.y0 < self.height and self.x0 + self.side > 0 and self.y0 + self.side > 0
+        if not inside:
             raise ValueError(f"the crop {self.x0, self.y0, self.side} lies outside the {self.width}x{self.height} frame")
 
     @classmethod
