@@ -81,7 +81,8 @@ def evaluate(avatar: Path, data: Path, work: Path) -> dict:
 
     torch.set_num_threads(1)
     res: dict = {}
-    r = render_split(avatar, data, "test", work / "test_split.mp4")
+    train_size = int(json.loads((avatar / "config.json").read_text())["info"]["size"])
+    r = render_split(avatar, data, "test", work / "test_split.mp4", size=train_size, full_frame=False)
     res["render_fps_split"] = r["fps"]
     _, cfg, info, model, _ = load_model(avatar)
     store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test", progress=False)
@@ -125,7 +126,8 @@ def cross_driven(avatar: Path, audio: Path, work: Path, data: Path) -> dict:
     from talkinghead.methods.render import render_audio
 
     out = work / "cross_60s.mp4"
-    r = render_audio(avatar, audio, out)
+    train_size = int(json.loads((avatar / "config.json").read_text())["info"]["size"])
+    r = render_audio(avatar, audio, out, size=train_size, full_frame=False)  # the crop, as before issue 13
     frames = []
     with av.open(str(out)) as c:
         duration = float(c.duration / 1e6) if c.duration else float("nan")

@@ -100,11 +100,18 @@ class SourceFrame:
 
 @dataclass
 class Condition:
-    """Inputs to render one frame. ``index`` is the source frame of pose/backdrop (-1 if none)."""
+    """Inputs to render one frame. ``index`` is the source frame of pose/backdrop (-1 if none).
+
+    The Condition says the size to render at: ``backdrop`` is [H, W, 3] at that size (``height``, ``width``)
+    and ``K`` is in pixels of it. While training it is the training size; ``talkinghead render --size N``
+    asks for any N (:class:`talkinghead.methods.data.Conditions`: backdrop read at N, ``K`` scaled). A
+    Gaussian method rasterizes at the Condition's size; a method whose core has a fixed resolution (a NeRF
+    with a super-resolution module) renders its core as trained and upsamples to the Condition's size.
+    ``viewmat`` is the camera: a render-time camera change (a head turn) replaces it, nothing else."""
 
     viewmat: Tensor  # [4, 4] world (head) -> camera
     K: Tensor  # [3, 3] at the render size
-    backdrop: Tensor  # [H, W, 3] background + torso, head removed, in [0, 1]
+    backdrop: Tensor  # [H, W, 3] background + torso, head removed, in [0, 1]; H, W = the render size
     audio: Tensor  # [2R+1, D] normalised audio features around the frame
     blink: Tensor  # [2] (right, left) 0 open .. 1 closed
     index: int = -1
@@ -179,7 +186,8 @@ class Method(Protocol):
         """Called after the optimizers stepped (learning-rate schedules, densification...)."""
 
     def render(self, cond: Condition) -> Tensor:
-        """The frame [H, W, 3] in [0, 1] (no grad needed)."""
+        """The frame [cond.height, cond.width, 3] in [0, 1] (no grad needed), at any size the Condition asks
+        for -- not only the training size (the renderer checks the shape)."""
 
     def state_dict(self) -> dict[str, Tensor]: ...
 

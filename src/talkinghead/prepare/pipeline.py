@@ -29,9 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import shutil
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +43,7 @@ import numpy as np
 from talkinghead import __version__, media
 from talkinghead.data import FORMAT, FORMAT_VERSION, FaceModel, Tracks, is_dataset
 from talkinghead.errors import UserError
+from talkinghead.fileio import sha256
 
 MIN_SECONDS = 2.0
 PAPERS_TRAIN_TO_TEST = 10  # the papers hold out the last 1/11 of a clip (10:1)
@@ -75,14 +74,6 @@ class PrepareConfig:
 
 
 # --- small helpers -----------------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -91,48 +82,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
-
-
-def _prefetch(it: Iterator, depth: int = 16) -> Iterator:
-    """Run iterator ``it`` in a background thread (PyAV decodes without the GIL) while the caller computes.
-
-    A consumer that stops early (``break``, an exception) stops the thread too, and the frames it holds go.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-    error: list[BaseException] = []
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def worker():
-        try:
-            for item in it:
-                if not put(item):
-                    break
-        except BaseException as exc:  # re-raised in the consumer
-            error.append(exc)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-            put(done)
-
-    threading.Thread(target=worker, daemon=True).start()
-    try:
-        while (item := q.get()) is not done:
-            yield item
-    finally:
-        stop.set()
-    if error:
-        raise error[0]
 
 
 @contextmanager
@@ -235,7 +184,7 @@ class _SourceFrames:
 
     def iterate(self) -> Iterator[np.ndarray]:
         """Every frame in order (decoded in a background thread)."""
-        return _prefetch(media.iter_frames(self.video, self.fps))
+        return media.prefetch(media.iter_frames(self.video, self.fps))
 
 
 def _stage_track(cfg: PrepareConfig, frames: _SourceFrames, keep_sample: bool) -> tuple[np.ndarray, int, int]:
