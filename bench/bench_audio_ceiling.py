@@ -34,7 +34,7 @@ from benchlib import append_entry, stamp
 FOLDS = 11
 MARGIN = 10
 WINDOWS = (0, 1, 2, 4)
-LAMBDAS = (1e2, 1e3, 3e3, 1e4, 3e4)
+LAMBDAS = (1e2, 1e3, 3e3, 1e4, 3e4, 1e5)
 SETS = "dataset"
 
 
@@ -46,8 +46,9 @@ def windows(x: np.ndarray, k: int) -> np.ndarray:
 
 def blocked_cv(x: np.ndarray, y: np.ndarray, lambdas, test: np.ndarray) -> dict[float, np.ndarray]:
     """Pearson r [FOLDS] per ridge strength of each contiguous block predicted by a ridge fitted on the rest.
-    The last block is the ``test`` split; the frames before it make the other FOLDS - 1 blocks. One SVD of each
-    fold's design matrix serves every strength: w = V diag(s / (s^2 + lambda)) U^T y."""
+    The last block is the ``test`` split; the frames before it make the other FOLDS - 1 blocks. Solved in
+    whichever of the primal (D x D) and dual (N x N) forms is smaller, with one eigendecomposition per fold
+    for every strength: w = V (S + lambda)^-1 V^T A^T y, or A^T U (S + lambda)^-1 U^T y."""
     T = len(x)
     out = {lam: [] for lam in lambdas}
     for block in np.array_split(np.arange(test[0]), FOLDS - 1) + [test]:
@@ -55,10 +56,13 @@ def blocked_cv(x: np.ndarray, y: np.ndarray, lambdas, test: np.ndarray) -> dict[
         fit[max(block[0] - MARGIN, 0):block[-1] + MARGIN + 1] = False
         mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-6
         a = np.c_[(x - mu) / sd, np.ones(T)]
-        u, sv, vt = np.linalg.svd(a[fit], full_matrices=False)
-        uty = u.T @ y[fit]
+        af, yf = a[fit], y[fit]
+        dual = af.shape[0] < af.shape[1]
+        s, v = np.linalg.eigh(af @ af.T if dual else af.T @ af)
+        rhs = v.T @ (yf if dual else af.T @ yf)
         for lam in lambdas:
-            w = vt.T @ (sv / (sv ** 2 + lam) * uty)
+            coef = v @ (rhs / (s + lam))
+            w = af.T @ coef if dual else coef
             out[lam].append(np.corrcoef(a[block] @ w, y[block])[0, 1])
     return {lam: np.array(r) for lam, r in out.items()}
 

@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--avatar", type=Path, default=None)
     ap.add_argument("--variant", default=None)
+    ap.add_argument("--iterations", type=int, default=None, help="override the preset's (a shorter run)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gaussiantalker"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -167,6 +168,8 @@ def main() -> None:
         cmd = CLI + ["train", str(data), "--out", str(avatar), "--preset", "cpu-small"]
         if args.variant:
             cmd += ["--variant", args.variant]
+        if args.iterations:
+            cmd += ["--iterations", str(args.iterations)]
         log["train_wall_s"] = run_timed(cmd)
     log["train_log"] = json.loads((avatar / "train_log.json").read_text())
     log["load_after_train"] = load()

@@ -8,9 +8,12 @@ coefficients ``e [E]`` and a mesh is ``neutral + e @ basis``.
 Pieces and where they follow the paper:
 
 * **Audio encoder** (sec. 3.2, "transformer encoder ... linear projection layer to generate C^{1:T}"). Input:
-  the per-frame audio features of :mod:`talkinghead.audio.features` (``AudioFeatures.stack()``). With a local
-  wav2vec 2.0 model at ``prepare`` time those rows carry its frozen hidden states (the paper's frozen encoder,
-  loaded by :mod:`talkinghead.audio.wav2vec`); the offline default is phone posteriors + log-mel + energy.
+  the per-frame audio features of :mod:`talkinghead.audio.features` (``AudioFeatures.stack()``). By default
+  they are a frozen pretrained encoder's hidden states, as in the paper: Whisper tiny.en's encoder
+  (:mod:`talkinghead.audio.whisper`; the paper's wav2vec 2.0 with a local model, :mod:`talkinghead.audio.wav2vec`);
+  ``prepare --audio-encoder none`` gives phone posteriors + log-mel + energy instead. Deviation: Whisper's
+  encoder attends over its whole 30 s window, so frame t's features already depend on up to 4 s of future
+  audio; strict causality holds only for what FlameTalk adds on top.
   On top: a linear embedding and a small *causal* transformer encoder (frame t sees frames <= t, and at most
   ``context`` frames back: "for a given frame t, the transformer encoder ingests audio for frames {1..t}"),
   then the linear projection to ``C^{1:T}``. Deviation: with wav2vec features our encoder layers are trained

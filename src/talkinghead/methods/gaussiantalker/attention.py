@@ -4,7 +4,9 @@ Tokens, each of the attention width d:
 
 * audio a_n -- :class:`talkinghead.nn.audio.AudioEncoder` (shared with DEGSTalk): a window [2R+1, D] of
   per-frame audio features around frame n pooled with attention over the frames. The paper feeds
-  DeepSpeech/wav2vec features; ours are the dataset's per-frame features.
+  DeepSpeech/wav2vec features; ours are the dataset's per-frame features: by default a pretrained speech
+  encoder's too (Whisper tiny.en hidden states + energy, :mod:`talkinghead.audio.whisper`), phone posteriors +
+  log-mel + energy with ``prepare --audio-encoder none``; + wav2vec where present.
 * eye e_n -- :func:`blink_encoding`: sinusoidal encoding of the blink value of each eye (the paper uses
   AU45), then a linear map to d (the paper only says the encoding is sized "to match the input dimensions").
 * viewpoint v_n -- :class:`ViewpointEncoder`: a small MLP of the camera pose (rotation + translation).
