@@ -11,7 +11,8 @@ size N) to ``side`` and writes it over the source frame:
   nothing beyond it to blend with (a square 512^2 source whose crop is the whole frame gets the render as is);
 * beyond the band the output is the render.
 
-The blend is a per-pixel convex combination in float32 of uint8 frames, rounded once. Works for any frame
+The blend is a per-pixel convex combination in float32 of uint8 frames, rounded once, computed only on the
+band's pixels (the rest is a copy). Works for any frame
 shape (non-square, odd sizes) and any crop position; a crop reaching past the frame (``prepare`` clips its
 crop into the frame, so only a hand-edited meta.json has one) is pasted where it overlaps the frame.
 """
@@ -108,7 +109,15 @@ class PasteBack:
         rows, cols, crows, ccols = self.box
         crop = to_uint8(resize_image(render, self.side, self.side))[crows, ccols]
         out = frame.copy()
-        region = out[rows, cols].astype(np.float32)
-        blend = region + (crop.astype(np.float32) - region) * self.weight
-        out[rows, cols] = (blend + 0.5).astype(np.uint8)
+        out[rows, cols] = crop  # weight 1: the render
+        by, bx, w = self._band
+        src = frame[rows, cols][by, bx].astype(np.float32)  # [K, 3] the band's pixels only
+        out[rows, cols][by, bx] = (src + (crop[by, bx].astype(np.float32) - src) * w + 0.5).astype(np.uint8)
         return out
+
+    @cached_property
+    def _band(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [K], columns [K] (in the covered box) and weights [K, 1] of the pixels whose weight is < 1."""
+        weight = self.weight[..., 0]
+        by, bx = np.nonzero(weight < 1.0)
+        return by, bx, weight[by, bx][:, None]
