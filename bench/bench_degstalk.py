@@ -8,8 +8,12 @@ Not a test. For each prepared dataset and each run (method, variant, iterations)
    so CPU seconds are the steadier figure;
 2. ``talkinghead eval AVATAR --data DATA --out REPORT`` (the test split rendered at 128^2, self-driven; render
    FPS, PSNR/SSIM full and face, LMD, mouth-opening r, stability, the hairline / neck seam-band errors);
-3. one ``talkinghead compare`` table per dataset;
-4. a PNG sheet per dataset: ground truth and every run's prediction at four test frames.
+3. render frames per CPU second at 128^2 (one thread, in this process: eval's FPS is wall-clock on shared cores);
+4. one ``talkinghead compare`` table per dataset;
+5. a PNG sheet per dataset: ground truth and every run's prediction at four test frames.
+
+Runs whose avatar is missing are listed as not run unless ``--train-missing`` trains them here (the session that
+wrote this trained them one at a time beforehand with the same commands).
 
     PYTHONPATH=src .venv/bin/python bench/bench_degstalk.py [--work /work/scratch/degstalk/runs]
         [--datasets cnn,hdtf,lowres] [--no-write]
@@ -73,6 +77,28 @@ def evaluate(avatar: Path, data: Path, report: Path) -> None:
     cmd = ["nice", "-n", "10", *CLI, "eval", str(avatar), "--data", str(data), "--out", str(report), "--quiet"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def cpu_fps(avatar: Path, data: Path, frames: int = 24) -> float:
+    """Rendered frames per CPU second at the training size (one torch thread, test-split conditions, after one
+    warm-up frame): what one free core gives, unlike eval's wall-clock FPS on the shared cores."""
+    import dataclasses
+
+    import torch
+
+    from talkinghead.methods.data import FrameStore
+    from talkinghead.methods.trainer import load_model
+
+    torch.set_num_threads(1)
+    _, cfg, info, model, _ = load_model(avatar, device=torch.device("cpu"))
+    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test",
+                       with_targets=False, progress=False)
+    with torch.no_grad():
+        model.render(store.condition(0))
+        t = time.process_time()
+        for k in range(frames):
+            model.render(store.condition(k % len(store)))
+        return frames / (time.process_time() - t)
 
 
 def compare(reports: list[Path], out: Path) -> str:
@@ -146,7 +172,7 @@ def main() -> None:
             cpu = cpu_figures(avatar)
             speed.append(f"| {key} | {name} | {log['iterations']} | {log['train_time_s'] / 60:.1f} | "
                          + (f"{cpu[0] / 60:.1f} | {cpu[1] / 60:.1f}" if cpu else "– | –")
-                         + f" | {m['render_fps']:.1f} |")
+                         + f" | {m['render_fps']:.1f} | {cpu_fps(avatar, data):.1f} |")
         if not reports:
             continue
         table = compare(reports, args.work / f"compare_{key}.md")
@@ -156,8 +182,8 @@ def main() -> None:
     entry = [f"### {stamp()}", "",
              "All runs `--preset cpu-small` (128²), one job at a time under `nice -n 10` on the shared 2 cores; "
              "iterations as listed (the 8-11 s clips trimmed to 600 for every method).", ""]
-    entry += ["| data | run | iterations | train loop (min) | command wall (min) | command CPU (min) | render FPS |",
-              "|---|---|---|---|---|---|---|", *speed, ""]
+    entry += ["| data | run | iterations | train loop (min) | command wall (min) | command CPU (min) | "
+              "render FPS (eval, wall) | render frames / CPU s |", "|---|---|---|---|---|---|---|---|", *speed, ""]
     entry += parts
     if skipped:
         entry += ["", "Not run (trimmed for time): " + ", ".join(skipped) + "."]

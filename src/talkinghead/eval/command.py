@@ -67,6 +67,9 @@ def register(subparsers) -> None:
     p.add_argument("--syncnet-weights", type=Path, metavar="FILE",
                    help="syncnet_v2.model (default: $TALKINGHEAD_SYNCNET_WEIGHTS)")
     p.add_argument("--no-video", action="store_true", help="skip the side-by-side video (faster)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default %(default)s, as train and render: one thread is fastest "
+                        "when other jobs share the cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
 
@@ -188,6 +191,9 @@ def run_eval(args) -> int:
     from .report import fmt, write_report
 
     form = _check_args(args)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     for path in (args.pred, args.gt, args.audio, args.ref):
         if path is not None and not path.is_file():
             raise UserError(f"file not found: {path}")
