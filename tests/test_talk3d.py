@@ -176,3 +176,19 @@ def test_talk3d_trains_through_the_shared_trainer_and_renders_novel_views(synthe
                          "--out", str(tmp_path / "av")), "holds a 'talk3d' avatar")
     _one_error_line(_cli("render", str(tmp_path / "av"), "--split", "test", "--data", str(tmp_path),
                          "--out", str(tmp_path / "d.mp4")), "not a prepared dataset")
+
+
+@pytest.mark.parametrize("preset", ["cpu-small", "gpu"])
+def test_presets_build_consistent_models_and_round_trip_through_json(preset):
+    from talkinghead.methods.base import DatasetInfo, config_from_dict, config_to_dict
+    from talkinghead.methods.talk3d import Talk3D
+    from talkinghead.methods.talk3d.config import Talk3DConfig, make_config
+
+    cfg = make_config(preset, None)
+    assert config_from_dict(Talk3DConfig, config_to_dict(cfg)) == cfg
+    info = DatasetInfo(num_frames=10, fps=25.0, size=cfg.data.size, audio_dim=7, audio_names=["a"] * 7)
+    model = Talk3D(cfg, info)
+    assert model.sr.factor * cfg.render_size == cfg.data.size
+    assert model.p_id.shape == (3, cfg.plane_channels, cfg.plane_resolution, cfg.plane_resolution)
+    with pytest.raises(UserError):
+        make_config(preset, "fast")
