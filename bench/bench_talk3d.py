@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -155,6 +156,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=None, help="test frames per novel view (default: all)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    # `eval` leaves torch at its default threads; on shared cores two OpenMP threads were measured ~7x slower
+    # than one for Talk3D's render (the CLI's train/render default to one).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.work.mkdir(parents=True, exist_ok=True)
     head = stamp()
     avatars = {"talk3d": args.avatar or args.work / "talk3d", "gaussiantalker": args.gt_avatar or args.work / "gt"}
