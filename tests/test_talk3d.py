@@ -136,9 +136,18 @@ def test_fresh_model_is_the_backdrop_outside_the_head_box_and_tokens_use_the_tra
     assert img.shape == (64, 64, 3)
     assert float(vol["alpha"][16, 16]) > 0.05 and float(vol["alpha"][0, 0]) == 0.0  # head box vs corner
     assert torch.allclose(img[:2, :2], torch.full((2, 2, 3), 0.25))
+    # Asked for another size (the renderer's --size), the same picture comes back at that size.
+    import dataclasses
+
+    big = dataclasses.replace(cond, K=cond.K.clone(), backdrop=torch.full((128, 128, 3), 0.25))
+    big.K[:2] *= 2
+    with torch.no_grad():
+        img2 = model.render(big)
+    assert img2.shape == (128, 128, 3)
+    down = torch.nn.functional.avg_pool2d(img2.permute(2, 0, 1)[None], 2)[0].permute(1, 2, 0)
+    assert float((down - img).abs().mean()) < 0.02
     # A novel view moves the camera, not the tokens: t_rot reads the tracked pose.
     moved = torch.from_numpy(camera.orbit(cond.viewmat.numpy(), 20, 0, np.zeros(3, np.float32)))
-    import dataclasses
 
     novel = dataclasses.replace(cond, viewmat=moved, tracked_viewmat=cond.viewmat)
     with torch.no_grad():
@@ -176,3 +185,19 @@ def test_talk3d_trains_through_the_shared_trainer_and_renders_novel_views(synthe
                          "--out", str(tmp_path / "av")), "holds a 'talk3d' avatar")
     _one_error_line(_cli("render", str(tmp_path / "av"), "--split", "test", "--data", str(tmp_path),
                          "--out", str(tmp_path / "d.mp4")), "not a prepared dataset")
+
+
+@pytest.mark.parametrize("preset", ["cpu-small", "gpu"])
+def test_presets_build_consistent_models_and_round_trip_through_json(preset):
+    from talkinghead.methods.base import DatasetInfo, config_from_dict, config_to_dict
+    from talkinghead.methods.talk3d import Talk3D
+    from talkinghead.methods.talk3d.config import Talk3DConfig, make_config
+
+    cfg = make_config(preset, None)
+    assert config_from_dict(Talk3DConfig, config_to_dict(cfg)) == cfg
+    info = DatasetInfo(num_frames=10, fps=25.0, size=cfg.data.size, audio_dim=7, audio_names=["a"] * 7)
+    model = Talk3D(cfg, info)
+    assert model.sr.factor * cfg.render_size == cfg.data.size
+    assert model.p_id.shape == (3, cfg.plane_channels, cfg.plane_resolution, cfg.plane_resolution)
+    with pytest.raises(UserError):
+        make_config(preset, "fast")

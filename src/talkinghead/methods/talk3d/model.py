@@ -200,8 +200,15 @@ class Talk3D(nn.Module):
     # ------------------------------------------------------------------------------------------ Method
 
     def render(self, cond: Condition) -> Tensor:
+        """The frame at the Condition's size: the super-resolution's fixed output (data.size) is resized
+        (bilinear, antialiased) when the renderer asks for another size, before compositing."""
         planes, _ = self.planes(cond, audio=bool(self.audio_on))
         rgb, alpha = self.upsample(self.volume(planes, cond, perturb=False))
+        if rgb.shape[:2] != (cond.height, cond.width):
+            x = F.interpolate(torch.cat([rgb, alpha], -1).permute(2, 0, 1)[None], size=(cond.height, cond.width),
+                              mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0)
+            alpha = x[..., 3:].clamp(0, 1)
+            rgb = torch.minimum(x[..., :3].clamp(min=0), alpha)
         return self.over(rgb, alpha, cond.backdrop)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
