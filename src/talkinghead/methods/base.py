@@ -52,8 +52,14 @@ class Schedule:
 
 def adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
     """Adam over named parameter groups (``{"params", "lr", "name"}``), each remembering its ``initial_lr``
-    for :func:`decay_learning_rates`. eps 1e-15 as 3DGS (Gaussian parameters have tiny gradients)."""
-    opt = torch.optim.Adam(groups, eps=1e-15)
+    for :func:`decay_learning_rates`. eps 1e-15 as 3DGS (Gaussian parameters have tiny gradients).
+
+    The fused implementation (one kernel over all tensors instead of ~10 ops per tensor: ~7x faster on a CPU for
+    a method's ~60 small tensors, the same update to float rounding) whenever torch has it for the parameters."""
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in params) and all(
+        p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.Adam(groups, eps=1e-15, fused=fused or None)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
     return opt
@@ -162,11 +168,12 @@ class RenderCache:
 
     ``cache = RenderCache(build)`` in the method's ``__init__``; in the render path ``frozen = cache.get(self)``
     returns ``build()`` (computed under ``no_grad``, then kept) while the module is in eval mode, and ``None`` in
-    training mode, where the method computes the same values live, with autograd. The kept value is rebuilt
-    whenever any parameter or buffer of the module was replaced, moved or modified in place (the key is each
-    tensor's identity, storage and version counter, which optimizer steps and ``load_state_dict`` bump), so
-    neither training, loading nor ``.to(device)`` can leave a stale cache, and no method needs to override
-    ``train()`` for it. Rendering a frame then only computes what depends on it.
+    training mode, where the method computes the same values live, with autograd. A call in training mode drops
+    the kept value (a fused optimiser step does not bump tensors' version counters), and in eval mode it is
+    rebuilt whenever any parameter or buffer was replaced, moved or modified in place (the key is each tensor's
+    identity, storage and version counter, which ``load_state_dict`` and in-place edits bump). So neither
+    training, loading nor ``.to(device)`` leaves a stale cache, and no method needs to override ``train()`` for
+    it. Rendering a frame then only computes what depends on it.
     """
 
     def __init__(self, build: Callable[[], Any]):
@@ -176,6 +183,7 @@ class RenderCache:
 
     def get(self, module: torch.nn.Module) -> Any:
         if module.training:
+            self.clear()
             return None
         key = tuple((id(t), t.data_ptr(), t._version, t.device) for t in (*module.parameters(), *module.buffers()))
         if key != self._key:
