@@ -12,6 +12,9 @@ Shapes: H, W the training/render size; D the per-frame audio feature size; R the
 * :class:`Method` -- the protocol the trainer and renderer call; a ``torch.nn.Module`` implementing the five
   methods below satisfies it (composition: a method holds its sub-networks, it does not inherit a base model).
 * :class:`MethodSpec` -- a method as data: config type, ``make_config(preset, variant)``, ``build``.
+* :class:`RenderCache` -- how a method prepares itself for rendering: what does not depend on the frame
+  (canonical attributes, static Gaussians' activations, features of fixed positions) is computed once per
+  avatar, without autograd, and rebuilt by itself when the weights change (training, loading, ``.to()``).
 
 Configs are plain dataclasses. A method's config *contains* ``data: DataConfig`` and ``schedule:
 Schedule`` (read by the shared data loader and trainer) beside its own fields; :func:`config_to_dict` /
@@ -53,8 +56,14 @@ class Schedule:
 
 def adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
     """Adam over named parameter groups (``{"params", "lr", "name"}``), each remembering its ``initial_lr``
-    for :func:`decay_learning_rates`. eps 1e-15 as 3DGS (Gaussian parameters have tiny gradients)."""
-    opt = torch.optim.Adam(groups, eps=1e-15)
+    for :func:`decay_learning_rates`. eps 1e-15 as 3DGS (Gaussian parameters have tiny gradients).
+
+    The fused implementation (one kernel over all tensors instead of ~10 ops per tensor: ~7x faster on a CPU for
+    a method's ~60 small tensors, the same update to float rounding) whenever torch has it for the parameters."""
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in params) and all(
+        p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.Adam(groups, eps=1e-15, fused=fused or None)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
     return opt
@@ -187,11 +196,46 @@ class Method(Protocol):
 
     def render(self, cond: Condition) -> Tensor:
         """The frame [cond.height, cond.width, 3] in [0, 1] (no grad needed), at any size the Condition asks
-        for -- not only the training size (the renderer checks the shape)."""
+        for -- not only the training size (the renderer checks the shape). Per-avatar work belongs in a
+        :class:`RenderCache`."""
 
     def state_dict(self) -> dict[str, Tensor]: ...
 
     def load_state_dict(self, state: dict[str, Tensor]) -> Any: ...
+
+
+class RenderCache:
+    """Frame-independent values a method renders with, built once per avatar state (the "frozen" state).
+
+    ``cache = RenderCache(build)`` in the method's ``__init__``; in the render path ``frozen = cache.get(self)``
+    returns ``build()`` (computed under ``no_grad``, then kept) while the module is in eval mode, and ``None`` in
+    training mode, where the method computes the same values live, with autograd. A call in training mode drops
+    the kept value (a fused optimiser step does not bump tensors' version counters), and in eval mode it is
+    rebuilt whenever any parameter or buffer was replaced, moved or modified in place (the key is each tensor's
+    identity, storage and version counter, which ``load_state_dict`` and in-place edits bump). So neither
+    training, loading nor ``.to(device)`` leaves a stale cache, and no method needs to override ``train()`` for
+    it. Rendering a frame then only computes what depends on it.
+    """
+
+    def __init__(self, build: Callable[[], Any]):
+        self._build = build
+        self._key: tuple | None = None
+        self._value: Any = None
+
+    def get(self, module: torch.nn.Module) -> Any:
+        if module.training:
+            self.clear()
+            return None
+        key = tuple((id(t), t.data_ptr(), t._version, t.device) for t in (*module.parameters(), *module.buffers()))
+        if key != self._key:
+            with torch.no_grad():
+                self._value = self._build()
+            self._key = key
+        return self._value
+
+    def clear(self) -> None:
+        """Drop the kept value (e.g. when a non-tensor attribute the build reads changed)."""
+        self._key, self._value = None, None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from talkinghead.errors import UserError
-from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
+from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
 from talkinghead.methods.losses import dssim
 from talkinghead.render import rasterize
 
@@ -64,6 +64,7 @@ class GaussianFlameTalk(nn.Module):
         self._extras: dict[str, Any] = {}
         self._eyes: Tensor | None = None  # eye components, from the face model on first use
         self._smoothed: tuple[Tensor, Tensor] | None = None  # render-time corrections, see _corrections
+        self._frozen = RenderCache(lambda: self.avatar.static())  # the expression-independent Gaussians, for rendering
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -185,7 +186,7 @@ class GaussianFlameTalk(nn.Module):
         viewmat = cond.viewmat
         if self._is_train_frame(cond.index):
             viewmat = self.avatar.frame_viewmat(cond.index, viewmat, delta=self._corrections()[0])
-        img, _ = self._raster(self.avatar.gaussians(expr), viewmat, cond.K, cond.backdrop)
+        img, _ = self._raster(self.avatar.gaussians(expr, self._frozen.get(self)), viewmat, cond.K, cond.backdrop)
         return img.clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ training
