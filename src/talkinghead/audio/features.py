@@ -198,10 +198,13 @@ def _box_average(x: np.ndarray, times: np.ndarray, half: float, rate: float) -> 
 
 
 def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, progress: bool = False,
-                           wav2vec_model: str | os.PathLike | None = None) -> AudioFeatures:
+                           wav2vec_model: str | os.PathLike | None = None,
+                           phone_decoder: "_phones.PhoneDecoder | None" = None) -> AudioFeatures:
     """Features of ``wave`` (float32 [S] at 16 kHz, sample 0 at frame 0) for ``num_frames`` frames at ``fps``.
 
     ``wav2vec_model``: a local wav2vec 2.0 / HuBERT folder (transformers format); its features are added.
+    ``phone_decoder``: a kept pocketsphinx decoder (the live server's; see :class:`~talkinghead.audio.phones.
+    PhoneDecoder`) instead of a fresh one per call.
     """
     from tqdm import tqdm
 
@@ -214,7 +217,7 @@ def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, pro
     bar = tqdm(total=len(steps), desc="audio features", unit="step", disable=not progress)
     times = np.arange(num_frames) / fps
 
-    recognition = _phones.recognize_phones(wave)
+    recognition = _phones.recognize_phones(wave, phone_decoder)
     posteriors = _phones.phone_posteriors(recognition.loglik, fps, num_frames)
     ids = _phones.phone_labels(recognition.segments, fps, num_frames)
     bar.update()
