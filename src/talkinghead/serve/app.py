@@ -79,6 +79,19 @@ def _track_classes():
     return AvatarVideo, AvatarAudio
 
 
+def start_feature_workers(count: int):
+    """A pool of ``count`` spawned processes with the extractors imported and a decoder built in each."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from talkinghead.audio.extractor import warm_up
+
+    pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+    for f in [pool.submit(warm_up) for _ in range(count)]:
+        f.result()
+    return pool
+
+
 class _InWorker:
     """An extractor called in a worker process (the calling thread waits without holding the GIL)."""
 
@@ -111,18 +124,13 @@ class Server:
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="serve-work")
         self.closed_sessions = 0
         self.workers = None  # feature worker processes, started by start_workers()
+        self._own_workers = False
 
-    def start_workers(self, count: int = 2) -> None:
+    def start_workers(self, count: int = 2, pool=None) -> None:
         """Feature extraction in ``count`` worker processes (pocketsphinx holds the GIL while decoding: in this
-        process it would stall the media clock and every session's renderer)."""
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        from talkinghead.audio.extractor import warm_up
-
-        self.workers = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
-        for f in [self.workers.submit(warm_up) for _ in range(count)]:
-            f.result()
+        process it would stall the media clock and every session's renderer); ``pool``: use this one."""
+        self.workers = pool if pool is not None else start_feature_workers(count)
+        self._own_workers = pool is None
 
     def _remote(self, extract):
         return extract if self.workers is None else _InWorker(self.workers, extract)
@@ -147,7 +155,7 @@ class Server:
         for sid in list(self.sessions):
             await self._close(sid)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        if self.workers is not None:
+        if self.workers is not None and self._own_workers:
             self.workers.shutdown(wait=False, cancel_futures=True)
 
     async def index(self, request):

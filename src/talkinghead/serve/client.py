@@ -172,3 +172,42 @@ class Client:
         if self.http is not None:
             await self.http.close()
         self.http = None
+
+
+class ServerThread:
+    """A :class:`~talkinghead.serve.app.Server` on its own event loop in a thread, on loopback (tests, benches).
+
+    ``base`` is its URL once :meth:`start` returned; :meth:`call` runs a coroutine on the server's loop."""
+
+    def __init__(self, server, host: str = "127.0.0.1", port: int = 0):
+        import threading
+
+        self.server, self.host, self.port = server, host, port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="serve-loop", daemon=True)
+        self.runner = None
+        self.base = ""
+
+    def start(self) -> "ServerThread":
+        from aiohttp import web
+
+        async def up():
+            self.runner = web.AppRunner(self.server.app())
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, self.host, self.port)
+            await site.start()
+            return site._server.sockets[0].getsockname()[1]
+
+        self.thread.start()
+        port = asyncio.run_coroutine_threadsafe(up(), self.loop).result(60)
+        self.base = f"http://{self.host}:{port}"
+        return self
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.call(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
