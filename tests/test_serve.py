@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import soundfile
 
-from talkinghead.media import AUDIO_RATE
-from talkinghead.serve.session import VIDEO_CLOCK, frame_samples, video_pts
-from talkinghead.serve.speech import SpeechError, UploadLimits, decode_upload
+pytest.importorskip("aiortc", reason="talkinghead serve needs aiortc (pip install -r requirements.txt)")
+pytest.importorskip("aiohttp", reason="talkinghead serve needs aiohttp (pip install -r requirements.txt)")
 
-from test_streaming import avatars, speechlike  # noqa: F401  (the session-scoped avatar fixture)
+from talkinghead.media import AUDIO_RATE  # noqa: E402
+from talkinghead.serve.session import VIDEO_CLOCK  # noqa: E402, frame_samples, video_pts
+from talkinghead.serve.speech import SpeechError  # noqa: E402, UploadLimits, decode_upload
+
+from test_streaming import avatars, speechlike  # noqa: F401,E402  (the session-scoped avatar fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -153,7 +153,7 @@ class Server:
 
     async def _shutdown(self, app) -> None:
         for sid in list(self.sessions):
-            await self._close(sid)
+            await self._close(sid, "server shutdown")
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.workers is not None and self._own_workers:
             self.workers.shutdown(wait=False, cancel_futures=True)
@@ -196,14 +196,13 @@ class Server:
         self.sessions[session.id] = session
         self.pcs[session.id] = pc
         loop = asyncio.get_running_loop()
-        session.on_close.append(lambda s: loop.create_task(self._close(s.id)))
+        session.on_close.append(lambda s: loop.create_task(self._close(s.id, "its renderer stopped")))
         video_cls, audio_cls = _track_classes()
 
         @pc.on("connectionstatechange")
         async def _state():
             if pc.connectionState in ("failed", "closed"):
-                log.info("session %s: connection %s", session.id, pc.connectionState)
-                await self._close(session.id)
+                await self._close(session.id, f"connection {pc.connectionState}")
 
         @pc.on("track")
         def _track(track):
@@ -217,7 +216,7 @@ class Server:
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
         except Exception as exc:  # a malformed offer
-            await self._close(session.id)
+            await self._close(session.id, "bad offer")
             return _error(400, f"cannot negotiate WebRTC with this offer ({type(exc).__name__}: {exc})")
         session.start(loop)
         loop.call_later(self.connect_timeout, lambda: loop.create_task(self._connect_deadline(session.id)))
@@ -227,8 +226,7 @@ class Server:
     async def _connect_deadline(self, sid: str) -> None:
         pc = self.pcs.get(sid)
         if pc is not None and pc.connectionState != "connected":
-            log.info("session %s: never connected, closed", sid)
-            await self._close(sid)
+            await self._close(sid, f"not connected after {self.connect_timeout:g} s")
 
     async def _read_mic(self, session: Session, track) -> None:
         """The client's microphone: resampled to 16 kHz mono, fed in ~40 ms chunks in arrival order."""
@@ -256,10 +254,12 @@ class Server:
                 await loop.run_in_executor(worker, session.mic_ended)
             worker.shutdown(wait=False)
 
-    async def _close(self, sid: str) -> None:
+    async def _close(self, sid: str, why: str = "closed") -> None:
         session = self.sessions.pop(sid, None)
         pc = self.pcs.pop(sid, None)
         if session is not None:
+            level = logging.INFO if why in ("DELETE", "connection closed", "server shutdown") else logging.WARNING
+            log.log(level, "session %s ends: %s%s", sid, why, f" ({session.error})" if session.error else "")
             self.closed_sessions += 1
             await asyncio.get_running_loop().run_in_executor(None, session.close)
         if pc is not None:
@@ -271,7 +271,7 @@ class Server:
         sid = request.match_info["id"]
         if sid not in self.sessions:
             return _error(404, f"no session {sid!r}")
-        await self._close(sid)
+        await self._close(sid, "DELETE")
         return web.json_response({"closed": sid})
 
     async def stats(self, request):

@@ -209,5 +209,11 @@ class ServerThread:
     def stop(self) -> None:
         if self.runner is not None:
             self.call(self.runner.cleanup())
+
+        async def drain():  # let the sessions' closing tasks finish before the loop stops
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            await asyncio.wait(others, timeout=5) if others else None
+
+        self.call(drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
