@@ -18,8 +18,8 @@ pytest.importorskip("aiortc", reason="talkinghead serve needs aiortc (pip instal
 pytest.importorskip("aiohttp", reason="talkinghead serve needs aiohttp (pip install -r requirements.txt)")
 
 from talkinghead.media import AUDIO_RATE  # noqa: E402
-from talkinghead.serve.session import VIDEO_CLOCK  # noqa: E402, frame_samples, video_pts
-from talkinghead.serve.speech import SpeechError  # noqa: E402, UploadLimits, decode_upload
+from talkinghead.serve.session import VIDEO_CLOCK, frame_samples, video_pts  # noqa: E402
+from talkinghead.serve.speech import SpeechError, UploadLimits, decode_upload  # noqa: E402
 
 from test_streaming import avatars, speechlike  # noqa: F401,E402  (the session-scoped avatar fixture)
 
