@@ -197,8 +197,12 @@ class Session:
         self.slots.release()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=5)
+        # drop what holds memory now, even if the transport still references this object for a moment
         self.utterances.clear()
         self.video_q = self.audio_q = None
+        self.live = None
+        self.stream = None
+        self.recorder = None
         for cb in self.on_close:
             cb(self)
 
@@ -264,24 +268,29 @@ class Session:
                 return "wait"
             rows = np.concatenate(live.rows) if len(live.rows) > 1 else live.rows[0]
             live.rows = [rows]
-            # take the mic samples [a, b) off the queue
-            need = b - live.consumed
-            got = []
-            while need > 0 and live.samples:
-                c = live.samples[0]
-                if c.size <= need:
-                    got.append(live.samples.popleft())
-                    need -= c.size
-                else:
-                    got.append(c[:need])
-                    live.samples[0] = c[need:]
-                    need = 0
-            live.consumed = b - max(need, 0)
-            audio = np.concatenate(got) if got else np.zeros(0, np.float32)
-            audio = np.pad(audio, (0, (b - a) - audio.size))[: b - a]
+            # take the mic samples [a, b) off the queue; those before a were covered by an utterance: dropped
+            self._take(live, a - live.consumed)
+            audio = self._take(live, b - a)
+            audio = np.pad(audio, (0, (b - a) - audio.size))
+            live.consumed = b
             arrival = next((t for s, t in live.arrivals if s >= a + 1), None)
             live.arrivals = [(s, t) for s, t in live.arrivals if s > a]
         return rows, audio, arrival
+
+    @staticmethod
+    def _take(live: _Live, count: int) -> np.ndarray:
+        """Pop up to ``count`` mic samples (fewer when the mic has not sent them yet)."""
+        got = []
+        while count > 0 and live.samples:
+            c = live.samples[0]
+            if c.size <= count:
+                got.append(live.samples.popleft())
+                count -= c.size
+            else:
+                got.append(c[:count])
+                live.samples[0] = c[count:]
+                count = 0
+        return np.concatenate(got) if got else np.zeros(0, np.float32)
 
     def _produce(self) -> None:
         torch.set_num_threads(1)
@@ -343,6 +352,9 @@ class Session:
                 self._deliver(frame, audio)
                 n += 1
         except Exception as exc:  # a render failure ends this session only; the server keeps serving
+            import logging
+
+            logging.getLogger("talkinghead.serve").exception("session %s: the producer failed", self.id)
             self.error = f"{type(exc).__name__}: {exc}"
             if self.loop is not None and not self.loop.is_closed():
                 self.loop.call_soon_threadsafe(self.close)
