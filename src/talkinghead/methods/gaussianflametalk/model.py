@@ -24,7 +24,9 @@ cnn_anchor_en_71s it wobbles more (tracking noise) and, self-driven, leaks the t
 renderer calls ``render`` frame by frame with an audio window; FlameTalk runs *streaming* over those calls
 (:class:`_Stream`): consecutive windows overlap, so each call appends one audio row and one prediction to a
 causal history; a window that does not continue the previous one (a jump) restarts the history from the
-window's past rows. ``drive = "tracked"`` renders the tracked expression instead (the avatar alone).
+window's past rows (continuity is judged on the rows FlameTalk reads: up to ``audio_lookahead`` past the
+frame). ``render`` keeps that history in the model (the offline renderer's); :meth:`open_stream` gives each live
+session its own. ``drive = "tracked"`` renders the tracked expression instead (the avatar alone).
 """
 
 from __future__ import annotations
