@@ -61,14 +61,17 @@ class DatasetExtractor:
 
     wav2vec_model: str | None = None  # the dataset's local wav2vec / HuBERT folder (prepare --wav2vec)
     keep_decoder: bool = False  # reuse this process's pocketsphinx decoder (live windows; not offline-equal)
+    whisper: object | None = None  # the dataset's talkinghead.audio.whisper.WhisperChoice, if any
 
     def __call__(self, wave: np.ndarray, fps: float, num_frames: int) -> AudioFeatures:
+        kw = {"wav2vec_model": self.wav2vec_model}
+        if self.whisper is not None:
+            kw["whisper"] = self.whisper
         if self.keep_decoder:
-            return compute_audio_features(wave, fps, num_frames, wav2vec_model=self.wav2vec_model,
-                                          phone_decoder=_process_decoder())
+            return compute_audio_features(wave, fps, num_frames, phone_decoder=_process_decoder(), **kw)
         dec = _SPARE.take()  # a fresh decoder, as prepare's, built while the previous request decoded
         try:
-            return compute_audio_features(wave, fps, num_frames, wav2vec_model=self.wav2vec_model, phone_decoder=dec)
+            return compute_audio_features(wave, fps, num_frames, phone_decoder=dec, **kw)
         finally:
             dec.close()
 

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 _BUILTIN: dict[str, str] = {
     "gaussiantalker": "talkinghead.methods.gaussiantalker",
     "gaussianflametalk": "talkinghead.methods.gaussianflametalk",
+    "talk3d": "talkinghead.methods.talk3d",
+    "degstalk": "talkinghead.methods.degstalk",
 }
 _REGISTRY: dict[str, "MethodSpec"] = {}
 

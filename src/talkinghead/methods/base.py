@@ -3,8 +3,11 @@
 Shapes: H, W the training/render size; D the per-frame audio feature size; R the audio window radius.
 
 * :class:`Condition` -- what a method may look at to render frame n (no ground truth): camera, backdrop
-  (background plate + torso of that frame, head removed), audio window, blink. Render-time driving builds
-  the same object from new audio, so a method cannot accidentally depend on training-only inputs.
+  (background plate + torso of that frame, head removed), audio window, blink, and -- only for methods
+  whose config asks for it (``DataConfig.source_frames``) -- the :class:`SourceFrame`: the video frame the
+  pose and backdrop come from, its parsing and tracked expression. Render-time driving builds the same
+  object from new audio (the source frames then replay the training sequence, as pose and torso do), so a
+  method cannot accidentally depend on training-only inputs.
 * :class:`Batch` -- a Condition plus the ground truth of that frame (image, region masks, mouth crop).
 * :class:`Method` -- the protocol the trainer and renderer call; a ``torch.nn.Module`` implementing the five
   methods below satisfies it (composition: a method holds its sub-networks, it does not inherit a base model).
@@ -35,6 +38,7 @@ class DataConfig:
     audio_radius: int = 8  # audio window = features of frames n-R .. n+R (2R+1 rows)
     mouth_crop: int = 0  # >0: also load a mouth crop of this many pixels wide from the full-size frames
     mouth_margin: float = 0.35  # crop box = lips' landmark box grown by this fraction of its width
+    source_frames: bool = False  # give every Condition its SourceFrame (image, parsing, expression), also at render
 
 
 @dataclass
@@ -78,6 +82,23 @@ class DatasetInfo:
 
 
 @dataclass
+class SourceFrame:
+    """The video frame a Condition replays (frame ``Condition.index``: the one its pose and backdrop come from).
+
+    For methods that keep parts of the real frame (DEGSTalk's hair plate) or read its non-speech expression.
+    Self-driven, it is the ground-truth frame itself; driven by new audio, a training frame replayed in
+    sequence. A method must only use what the driving audio does not decide (hair, eyes), never the mouth:
+    the method's docstring says which parts it reads."""
+
+    image: Tensor  # [H, W, 3] the frame in [0, 1]
+    labels: Tensor  # [H, W] uint8 parsing labels (0 background, 1 torso, 2 hair, 3 face skin, 4 inner mouth)
+    expression: Tensor  # [E] tracked expression coefficients of the face model
+
+    def to(self, device: torch.device | str) -> "SourceFrame":
+        return SourceFrame(self.image.to(device), self.labels.to(device), self.expression.to(device))
+
+
+@dataclass
 class Condition:
     """Inputs to render one frame. ``index`` is the source frame of pose/backdrop (-1 if none)."""
 
@@ -87,11 +108,22 @@ class Condition:
     audio: Tensor  # [2R+1, D] normalised audio features around the frame
     blink: Tensor  # [2] (right, left) 0 open .. 1 closed
     index: int = -1
+    # [4, 4] the tracked pose of the source frame when ``viewmat`` was moved away from it for a novel view
+    # (``render --yaw/--pitch``); None when they are the same. Pose-conditioned inputs read :attr:`pose`.
+    tracked_viewmat: Tensor | None = None
+    source: SourceFrame | None = None  # only with DataConfig.source_frames
 
     def to(self, device: torch.device | str) -> "Condition":
+        tracked = None if self.tracked_viewmat is None else self.tracked_viewmat.to(device)
         return dataclasses.replace(self, viewmat=self.viewmat.to(device), K=self.K.to(device),
                                    backdrop=self.backdrop.to(device), audio=self.audio.to(device),
-                                   blink=self.blink.to(device))
+                                   blink=self.blink.to(device), tracked_viewmat=tracked,
+                                   source=None if self.source is None else self.source.to(device))
+
+    @property
+    def pose(self) -> Tensor:
+        """[4, 4] the frame's tracked head pose (what pose tokens condition on), even under a novel view."""
+        return self.viewmat if self.tracked_viewmat is None else self.tracked_viewmat
 
     @property
     def width(self) -> int:

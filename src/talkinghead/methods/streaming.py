@@ -82,13 +82,19 @@ Extractor = Callable[[np.ndarray, float, int], AudioFeatures]  # (wave [S], fps,
 
 
 def dataset_extractor(data: Path | None, keep_decoder: bool = False) -> Extractor:
-    """The extractor the avatar's dataset recorded (prepare's, with its local wav2vec model if any);
-    ``keep_decoder`` for live windows (see :class:`talkinghead.audio.extractor.DatasetExtractor`)."""
+    """The extractor the avatar's dataset recorded (prepare's, with its local wav2vec model and its Whisper
+    encoder if any); ``keep_decoder`` for live windows (see :class:`talkinghead.audio.extractor.DatasetExtractor`)."""
     from talkinghead.audio.extractor import DatasetExtractor
 
-    from .render import dataset_wav2vec
+    from . import render
 
-    return DatasetExtractor(dataset_wav2vec(data) if data is not None else None, keep_decoder)
+    wav2vec, whisper = None, None
+    if data is not None:
+        # render.dataset_audio (wav2vec folder, Whisper choice) is how render reads a dataset's extractor once
+        # Whisper drives render; before that, only the wav2vec folder is recorded
+        audio_of = getattr(render, "dataset_audio", None)
+        wav2vec, whisper = audio_of(data) if audio_of is not None else (render.dataset_wav2vec(data), None)
+    return DatasetExtractor(wav2vec, keep_decoder, whisper)
 
 
 def num_frames_of(samples: int, fps: float) -> int:
@@ -101,20 +107,19 @@ def utterance_features(wave: np.ndarray, fps: float, extract: Extractor) -> np.n
     return np.asarray(extract(wave, fps, num_frames_of(len(wave), fps)).stack(), np.float32)
 
 
+_PER_FRAME = ("mel", "energy", "phone_ids", "phone_posteriors", "wav2vec", "whisper")  # AudioFeatures' [T, ...]
+
+
 def _concat(parts: list[AudioFeatures]) -> AudioFeatures:
-    w2v = [p.wav2vec for p in parts]
-    return AudioFeatures(fps=parts[0].fps, mel=np.concatenate([p.mel for p in parts]),
-                         energy=np.concatenate([p.energy for p in parts]),
-                         phone_ids=np.concatenate([p.phone_ids for p in parts]),
-                         phone_posteriors=np.concatenate([p.phone_posteriors for p in parts]),
-                         phone_names=parts[0].phone_names,
-                         wav2vec=None if w2v[0] is None else np.concatenate(w2v))
+    """Rows of several AudioFeatures of one stream, in order (per-frame arrays joined, the rest from the first)."""
+    joined = {k: None if getattr(parts[0], k) is None else np.concatenate([getattr(p, k) for p in parts])
+              for k in _PER_FRAME}
+    return dataclasses.replace(parts[0], **joined)
 
 
 def _rows(f: AudioFeatures, a: int, b: int) -> AudioFeatures:
-    return AudioFeatures(fps=f.fps, mel=f.mel[a:b], energy=f.energy[a:b], phone_ids=f.phone_ids[a:b],
-                         phone_posteriors=f.phone_posteriors[a:b], phone_names=f.phone_names,
-                         wav2vec=None if f.wav2vec is None else f.wav2vec[a:b])
+    """Rows a..b-1 of ``f``."""
+    return dataclasses.replace(f, **{k: None if getattr(f, k) is None else getattr(f, k)[a:b] for k in _PER_FRAME})
 
 
 class FeatureStream:

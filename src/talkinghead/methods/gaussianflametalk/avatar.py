@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
-from talkinghead.methods.surface import points_on_triangles
+from talkinghead.methods.surface import points_on_triangles, project_colors
 from talkinghead.render import num_sh_bases, rgb_to_sh
 
 from .rigging import bind_to_world, face_forward, fill_holes, shell_points, triangle_frames
@@ -109,8 +109,8 @@ class RiggedAvatar(nn.Module):
         forward = face_forward(neutral, viewmat)
         shell, spacing = shell_points(neutral.astype(np.float32), forward, num_shell, seed=seed)
         image = dataset.frame(first).image
-        colors = np.concatenate([_project_colors(pts, viewmat, tracks.K, image),
-                                 _project_colors(shell.astype(np.float64), viewmat, tracks.K, image)])
+        colors = np.concatenate([project_colors(pts, viewmat, tracks.K, image),
+                                 project_colors(shell.astype(np.float64), viewmat, tracks.K, image)])
 
         m = cls(len(tracks.expression), fm.num_expression, len(neutral), sh_degree)
         f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
@@ -199,17 +199,3 @@ class RiggedAvatar(nn.Module):
         pos = F.relu(self.local_means.norm(dim=-1) - eps_position).mean()
         scale = F.relu(torch.exp(self.local_log_scales) - eps_scale).mean()
         return pos, scale
-
-
-def _project_colors(points: np.ndarray, viewmat: np.ndarray, K: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """Colour [N, 3] of the pixel each head-frame point projects to (mid-grey when outside the image)."""
-    from talkinghead.camera import project
-
-    uv = project(points, viewmat, K)
-    H, W = image.shape[:2]
-    u = np.floor(uv[:, 0]).astype(np.int64)
-    v = np.floor(uv[:, 1]).astype(np.int64)
-    ok = (u >= 0) & (u < W) & (v >= 0) & (v < H)
-    out = np.full((len(points), 3), 0.5, np.float32)
-    out[ok] = image[v[ok], u[ok]]
-    return np.clip(out, 0.02, 0.98)

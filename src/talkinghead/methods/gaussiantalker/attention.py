@@ -2,11 +2,9 @@
 
 Tokens, each of the attention width d:
 
-* audio a_n -- :class:`AudioEncoder`: a window [2R+1, D] of per-frame audio features around frame n, each
-  frame projected by an MLP, then 1-D convolutions along time, then a learned softmax weighting of the
-  frames (the temporal smoothing of AD-NeRF's / ER-NeRF's audio attention net, which GaussianTalker reuses).
-  The paper feeds DeepSpeech/wav2vec features; ours are the dataset's per-frame features (phone posteriors +
-  log-mel + energy, + wav2vec where present).
+* audio a_n -- :class:`talkinghead.nn.audio.AudioEncoder` (shared with DEGSTalk): a window [2R+1, D] of
+  per-frame audio features around frame n pooled with attention over the frames. The paper feeds
+  DeepSpeech/wav2vec features; ours are the dataset's per-frame features.
 * eye e_n -- :func:`blink_encoding`: sinusoidal encoding of the blink value of each eye (the paper uses
   AU45), then a linear map to d (the paper only says the encoding is sized "to match the input dimensions").
 * viewpoint v_n -- :class:`ViewpointEncoder`: a small MLP of the camera pose (rotation + translation).
@@ -23,26 +21,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-
-
-class AudioEncoder(nn.Module):
-    """[2R+1, D] (or [B, 2R+1, D]) window of audio features -> [d] (or [B, d]) audio token."""
-
-    def __init__(self, in_dim: int, dim: int, hidden: int = 64):
-        super().__init__()
-        self.frame = nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(0.02), nn.Linear(hidden, dim))
-        self.temporal = nn.Sequential(
-            nn.Conv1d(dim, dim, 3, padding=1), nn.LeakyReLU(0.02), nn.Conv1d(dim, dim, 3, padding=1))
-        self.score = nn.Sequential(nn.Conv1d(dim, 16, 3, padding=1), nn.LeakyReLU(0.02), nn.Conv1d(16, 1, 3, padding=1))
-
-    def forward(self, window: Tensor) -> Tensor:
-        single = window.dim() == 2
-        x = window[None] if single else window  # [B, T, D]
-        h = self.frame(x).transpose(1, 2)  # [B, d, T]
-        h = h + self.temporal(h)
-        w = torch.softmax(self.score(h), dim=-1)  # [B, 1, T]: how much each neighbouring frame counts
-        out = (h * w).sum(-1)  # [B, d]
-        return out[0] if single else out
 
 
 def blink_encoding(blink: Tensor, num_freqs: int = 6) -> Tensor:

@@ -3,8 +3,8 @@
 Pieces and where they follow the paper (``../shared/papers/001_e7f8775f0c6545fb.txt``):
 
 * canonical Gaussians G_can = {mu_c, r_c, s_c, SH_c, alpha_c} (eq. 6): explicit positions mu_c (initialised
-  from the face model, :mod:`.canonical`), every other attribute from F_can(f(mu_c)) (eq. 8, :mod:`.deformation`)
-  with f the multi-resolution triplane (eq. 7, :mod:`.triplane`);
+  from the face model, :mod:`talkinghead.methods.surface`), every other attribute from F_can(f(mu_c)) (eq. 8, :mod:`.deformation`)
+  with f the multi-resolution triplane (eq. 7, :mod:`talkinghead.nn.triplane`);
 * spatial-audio cross-attention over the tokens {audio, eye, viewpoint, null} (eqs. 10-13, :mod:`.attention`),
   L = 2 (GaussianTalker) or L = 1 (``--variant fast``, GaussianTalker*);
 * F_deform: offsets of every attribute (eqs. 9, 14). Offsets of scale and opacity are added before their
@@ -49,13 +49,14 @@ from torch import Tensor, nn
 from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER, NUM_LANDMARKS
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
 from talkinghead.methods.losses import PerceptualLoss, dssim
+from talkinghead.methods.surface import base_log_scales, initial_points
+from talkinghead.nn.audio import AudioEncoder
+from talkinghead.nn.triplane import Triplane
 from talkinghead.render import num_sh_bases, rasterize
 
-from .attention import AudioEncoder, SpatialAudioAttention, ViewpointEncoder, blink_encoding
-from .canonical import base_log_scales, initial_points
+from .attention import SpatialAudioAttention, ViewpointEncoder, blink_encoding
 from .config import GaussianTalkerConfig
 from .deformation import CanonicalMLP, DeformMLP
-from .triplane import Triplane
 
 
 # Mesh vertices (= mediapipe landmarks) whose tracked motion supervises the deformation: lips and chin/jaw line.
