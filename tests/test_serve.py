@@ -7,8 +7,10 @@ test_streaming. The browser test is tests/test_serve_browser.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -148,11 +150,18 @@ def test_too_many_sessions_and_a_vanished_client_leave_the_others_served(live):
         assert status == 503 and "--max-sessions" in body["error"]
         await a.wait_frames(5, 60)
         await b.wait_frames(5, 60)
+        ref = weakref.ref(live.server.sessions[b.session])
         await b.vanish()  # no DELETE, no goodbye: ICE consent checks find it gone
         end = time.monotonic() + 30
         while b.session in live.server.sessions and time.monotonic() < end:
             await asyncio.sleep(0.25)
         assert b.session not in live.server.sessions
+        for _ in range(40):  # its memory goes too (aiortc's sender tasks take a moment to wind down)
+            gc.collect()
+            if ref() is None:
+                break
+            await asyncio.sleep(0.25)
+        assert ref() is None
         n = len(a.received.video)
         await asyncio.sleep(1.5)
         assert len(a.received.video) > n  # the other session never stopped

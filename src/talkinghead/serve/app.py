@@ -219,7 +219,8 @@ class Server:
             await self._close(session.id, "bad offer")
             return _error(400, f"cannot negotiate WebRTC with this offer ({type(exc).__name__}: {exc})")
         session.start(loop)
-        loop.call_later(self.connect_timeout, lambda: loop.create_task(self._connect_deadline(session.id)))
+        sid = session.id  # the timer must not hold the session itself (a vanished one would live 30 s on)
+        loop.call_later(self.connect_timeout, lambda: loop.create_task(self._connect_deadline(sid)))
         return web.json_response({"session": session.id, "sdp": pc.localDescription.sdp,
                                   "type": pc.localDescription.type})
 
@@ -236,7 +237,8 @@ class Server:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
         worker = ThreadPoolExecutor(1, thread_name_prefix=f"mic-{session.id}")  # keeps chunks in order
         loop = asyncio.get_running_loop()
-        pending: list[np.ndarray] = []
+        pending: list[tuple[np.ndarray, float]] = []  # (samples, arrival) not yet handed to the session
+        inflight = None
         try:
             while not session.closed:
                 try:
@@ -245,10 +247,10 @@ class Server:
                     break
                 arrival = time.monotonic()
                 for out in resampler.resample(frame):
-                    pending.append(out.to_ndarray().reshape(-1).astype(np.float32))
-                if sum(p.size for p in pending) >= 0.04 * AUDIO_RATE:
-                    chunk, pending = np.concatenate(pending), []
-                    loop.run_in_executor(worker, session.mic_chunk, chunk, arrival)
+                    pending.append((out.to_ndarray().reshape(-1).astype(np.float32), arrival))
+                # one call in flight at a time, handed everything that came meanwhile: bounded backlog
+                if (inflight is None or inflight.done()) and sum(p.size for p, _ in pending) >= 0.04 * AUDIO_RATE:
+                    inflight, pending = loop.run_in_executor(worker, session.mic_chunk, pending), []
         finally:
             if not session.closed:
                 await loop.run_in_executor(worker, session.mic_ended)
@@ -264,6 +266,7 @@ class Server:
             await asyncio.get_running_loop().run_in_executor(None, session.close)
         if pc is not None:
             await pc.close()
+            pc.remove_all_listeners()  # its handlers' closures hold the session: let both be collected
 
     async def delete_session(self, request):
         from aiohttp import web

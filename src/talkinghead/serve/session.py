@@ -143,7 +143,8 @@ class Session:
     """One client's live avatar (see the module docstring). Created by the app, closed by it or by itself."""
 
     def __init__(self, avatar: DrivenAvatar, queue_frames: int = 2, mic_lookahead: int = 3, mic_hop: int = 5,
-                 mic_context: int = 20, realtime: bool = True, extract=None, live_extract=None):
+                 mic_context: int = 20, realtime: bool = True, extract=None, live_extract=None,
+                 drop_late: bool = True):
         self.id = uuid.uuid4().hex[:12]
         self.avatar = avatar
         # feature extractors (the server's run them in worker processes: pocketsphinx holds the GIL)
@@ -153,6 +154,9 @@ class Session:
         self.stream = avatar.open_stream()
         self.clock = MediaClock()
         self.realtime = realtime
+        self.mic_wait = 0.3  # s past its due time a frame waits for its mic row before it idles instead
+        self.mic_late = 0  # frames sent idle because their mic row was late
+        self.drop_late = drop_late  # False: every frame is rendered, the clock waits (benches of the content)
         self.slots = threading.Semaphore(queue_frames)
         self.queue_frames = queue_frames
         self.mic_params = (mic_lookahead, mic_hop, mic_context)
@@ -218,9 +222,11 @@ class Session:
             self.utterances.append(u)
         return u
 
-    def mic_chunk(self, samples: np.ndarray, arrival: float) -> None:
-        """16 kHz mono samples from the client's microphone (call from a worker thread: features run here)."""
-        if self.closed:
+    def mic_chunk(self, parts: list[tuple[np.ndarray, float]]) -> None:
+        """Microphone audio: (16 kHz mono samples, arrival time) chunks, in order. Call from one worker thread:
+        the features run here, so the caller hands over everything that arrived meanwhile in one call (a slow
+        extractor then emits bigger blocks less often instead of falling further behind)."""
+        if self.closed or not parts:
             return
         if self.live is None:
             la, hop, ctx = self.mic_params
@@ -229,14 +235,15 @@ class Session:
                 start = self._next_frame + delay
             self.live = _Live(FeatureStream(self.fps, self.live_extract, la, hop, ctx), start)
         live = self.live
-        x = np.asarray(samples, np.float32)
-        rows = live.features.push(x)
-        with self.lock:
-            live.samples.append(x)
-            live.nsamples += x.size
-            live.arrivals.append((live.nsamples, arrival))
-            live.last_chunk = arrival
-            if rows.size:
+        with self.lock:  # the sound is on the timeline at once; its rows follow when computed
+            for x, arrival in parts:
+                live.samples.append(np.asarray(x, np.float32))
+                live.nsamples += x.size
+                live.arrivals.append((live.nsamples, arrival))
+                live.last_chunk = arrival
+        rows = live.features.push(np.concatenate([x for x, _ in parts]))
+        if rows.size:
+            with self.lock:
                 live.rows.append(rows)
                 live.nrows += rows.shape[0]
 
@@ -253,9 +260,10 @@ class Session:
 
     _next_frame = 0
 
-    def _live_row(self, n: int) -> tuple[np.ndarray, np.ndarray, float] | None | str:
+    def _live_row(self, n: int, give_up: bool = False) -> tuple[np.ndarray | None, np.ndarray, float] | None | str:
         """For timeline frame n in mic mode: (rows so far, the frame's mic samples, arrival) when ready,
-        "wait" when its row is still coming, None when the mic does not drive frame n."""
+        "wait" when its row is still coming (with ``give_up``: rows None, the samples anyway), None when the
+        mic does not drive frame n."""
         live = self.live
         if live is None or n < live.start_frame:
             return None
@@ -265,9 +273,12 @@ class Session:
             if r >= live.nrows:
                 if live.ended or time.monotonic() - live.last_chunk > 1.0:
                     return None  # the mic went quiet (track ended or stalled): idle
-                return "wait"
-            rows = np.concatenate(live.rows) if len(live.rows) > 1 else live.rows[0]
-            live.rows = [rows]
+                if not give_up:
+                    return "wait"
+                rows = None
+            else:
+                rows = np.concatenate(live.rows) if len(live.rows) > 1 else live.rows[0]
+                live.rows = [rows]
             # take the mic samples [a, b) off the queue; those before a were covered by an utterance: dropped
             self._take(live, a - live.consumed)
             audio = self._take(live, b - a)
@@ -323,17 +334,23 @@ class Session:
                     audio[: seg.size] = seg
                 else:
                     live = self._live_row(n)
+                    give_up = time.monotonic() + self.mic_wait
                     while live == "wait" and not self.stop.is_set():
                         time.sleep(0.005)
-                        live = self._live_row(n)
+                        due = self.clock.due(n / self.fps)
+                        live = self._live_row(n, give_up=time.monotonic() > max(give_up, due or 0) + self.mic_wait)
                     if isinstance(live, tuple):
-                        rows, audio, arrival = live
-                        row, source = n - self.live.start_frame, "mic"
+                        live_rows, audio, arrival = live
+                        if live_rows is None:  # features late: the sound goes out on time, the mouth idles
+                            self.mic_late += 1
+                        else:
+                            rows, row, source = live_rows, n - self.live.start_frame, "mic"
                 if source != prev_source or (source == "utterance" and utt_frame == 0):
                     self.stream.reset()  # a new utterance starts afresh, as the offline render does
                 prev_source = source
                 due = self.clock.due(n / self.fps)
-                if self.realtime and last_image is not None and due is not None and time.monotonic() > due:
+                late = due is not None and time.monotonic() > due
+                if self.realtime and self.drop_late and last_image is not None and late:
                     image = last_image  # already late: send the last image with this frame's audio
                     self.dropped += 1
                 else:
@@ -447,7 +464,7 @@ class Session:
             "send_skew_ms": {"max": round(max(skew), 2) if skew else None, **_percentiles(skew)},
             "clock_rebases": self.clock.rebases,
             "queued_utterances": len(self.utterances),
-            "mic": self.live is not None,
+            "mic": self.live is not None, "mic_rows_late": self.mic_late,
             "error": self.error,
         }
 
