@@ -233,12 +233,15 @@ def _box_average(x: np.ndarray, times: np.ndarray, half: float, rate: float) -> 
 
 def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, progress: bool = False,
                            wav2vec_model: str | os.PathLike | None = None,
-                           whisper: "WhisperChoice | None" = None) -> AudioFeatures:
+                           whisper: "WhisperChoice | None" = None,
+                           phone_decoder: "_phones.PhoneDecoder | None" = None) -> AudioFeatures:
     """Features of ``wave`` (float32 [S] at 16 kHz, sample 0 at frame 0) for ``num_frames`` frames at ``fps``.
 
     ``wav2vec_model``: a local wav2vec 2.0 / HuBERT folder (transformers format); its features are added.
     ``whisper``: which Whisper checkpoint and layers (:class:`talkinghead.audio.whisper.WhisperChoice`); its
     hidden states are added and become what :meth:`AudioFeatures.stack` gives. None: no Whisper features.
+    ``phone_decoder``: a kept pocketsphinx decoder (the live server's; see :class:`~talkinghead.audio.phones.
+    PhoneDecoder`) instead of a fresh one per call.
     """
     from tqdm import tqdm
 
@@ -251,7 +254,7 @@ def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, pro
     bar = tqdm(total=len(steps), desc="audio features", unit="step", disable=not progress)
     times = np.arange(num_frames) / fps
 
-    recognition = _phones.recognize_phones(wave)
+    recognition = _phones.recognize_phones(wave, phone_decoder)
     posteriors = _phones.phone_posteriors(recognition.loglik, fps, num_frames)
     ids = _phones.phone_labels(recognition.segments, fps, num_frames)
     bar.update()

@@ -17,6 +17,10 @@ A method plugs in as data, not as a subclass (see :mod:`talkinghead.methods.base
 
 One trainer (:mod:`.trainer`) and one renderer (:mod:`.render`) then serve every method:
 ``talkinghead train DATA --method mymethod`` and ``talkinghead render AVATAR`` work without further code.
+Live streaming (:mod:`.streaming`, used by ``talkinghead serve``) needs nothing more from a method whose frames
+depend only on their Condition; a method that keeps state across frames adds ``open_stream()`` returning an
+object with ``render(cond)``, ``reset()`` and ``lookahead`` (audio rows past the frame it reads), so sessions
+sharing one model keep separate histories (GaussianFlameTalk does).
 Nothing is imported here beyond the registry itself: importing this package stays cheap and silent.
 """
 

@@ -24,7 +24,9 @@ cnn_anchor_en_71s it wobbles more (tracking noise) and, self-driven, leaks the t
 renderer calls ``render`` frame by frame with an audio window; FlameTalk runs *streaming* over those calls
 (:class:`_Stream`): consecutive windows overlap, so each call appends one audio row and one prediction to a
 causal history; a window that does not continue the previous one (a jump) restarts the history from the
-window's past rows. ``drive = "tracked"`` renders the tracked expression instead (the avatar alone).
+window's past rows (continuity is judged on the rows FlameTalk reads: up to ``audio_lookahead`` past the
+frame). ``render`` keeps that history in the model (the offline renderer's); :meth:`open_stream` gives each live
+session its own. ``drive = "tracked"`` renders the tracked expression instead (the avatar alone).
 """
 
 from __future__ import annotations
@@ -173,15 +175,29 @@ class GaussianFlameTalk(nn.Module):
                                      sh_degree=self.cfg.sh_degree, backend=self.cfg.backend)
         return img, alpha
 
-    def speech_for(self, cond: Condition) -> Tensor:
-        """FlameTalk's speech coefficients [S] for the frame of ``cond`` (streaming, see module docstring)."""
+    def speech_for(self, cond: Condition, stream: "_Stream | None" = None) -> Tensor:
+        """FlameTalk's speech coefficients [S] for the frame of ``cond`` (streaming, see module docstring);
+        ``stream`` holds the causal history (default: the model's own, the offline renderer's)."""
         R = (cond.audio.shape[0] - 1) // 2
-        return self._stream.step(self.flametalk, cond.audio, R)
+        return (stream or self._stream).step(self.flametalk, cond.audio, R)
 
     def render(self, cond: Condition) -> Tensor:
+        return self.render_with(cond, self._stream)
+
+    def open_stream(self) -> "_SessionStream":
+        """Per-session render state for :mod:`talkinghead.methods.streaming`: its own FlameTalk history, so
+        live sessions share this model's weights but not each other's past frames."""
+        return _SessionStream(self)
+
+    @property
+    def stream_lookahead(self) -> int:
+        """Audio rows past the rendered frame that FlameTalk reads (``audio_lookahead``, capped by R)."""
+        return min(self.flametalk.cfg.audio_lookahead, self.cfg.data.audio_radius)
+
+    def render_with(self, cond: Condition, stream: "_Stream") -> Tensor:
         speech = None
         if self.drive == "audio" and bool(self.flametalk_trained):
-            speech = self.speech_for(cond)
+            speech = self.speech_for(cond, stream)
         expr = self._expression(cond, speech)
         viewmat = cond.viewmat
         if self._is_train_frame(cond.index):
@@ -272,8 +288,9 @@ class _Stream:
         """Speech coefficients [S] of the window's centre frame. window: [2R+1, D] raw features."""
         look = min(ft.cfg.audio_lookahead, R)
         ctx = ft.cfg.context
+        used = R + look + 1  # rows this step reads: a stream may leave later rows unknown (filled)
         continues = (self.last_window is not None and self.last_window.shape == window.shape
-                     and torch.equal(self.last_window[1:], window[:-1]))
+                     and torch.equal(self.last_window[1:used], window[:used - 1]))
         if continues:  # encoder outputs of the window's frames need their own context: keep 2x
             self.audio = torch.cat([self.audio, window[R + look : R + look + 1]])[-(2 * ctx + look):]
         else:  # a jump: restart from the window's past rows, predicting them first
@@ -293,6 +310,19 @@ class _Stream:
         return self.preds[-max(1, ft.cfg.output_average):].mean(0)  # as FlameTalk.predict: causal_average
 
 
+class _SessionStream:
+    """One live session's view of a shared model (:meth:`GaussianFlameTalk.open_stream`)."""
+
+    def __init__(self, model: GaussianFlameTalk):
+        self.model = model
+        self.state = _Stream()
+        self.lookahead = model.stream_lookahead
+
+    def render(self, cond: Condition) -> Tensor:
+        return self.model.render_with(cond, self.state)
+
+    def reset(self) -> None:
+        self.state = _Stream()
 
 
 def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, progress: bool = True) -> dict:
