@@ -44,3 +44,19 @@ def project(points: np.ndarray, viewmat_: np.ndarray, K: np.ndarray) -> np.ndarr
     cam = points @ viewmat_[:3, :3].T + viewmat_[:3, 3]
     uv = cam[..., :2] / cam[..., 2:3]
     return uv * np.array([K[0, 0], K[1, 1]]) + np.array([K[0, 2], K[1, 2]])
+
+
+def rotate_head(viewmat_: np.ndarray, yaw_deg: float, pitch_deg: float, pivot: np.ndarray) -> np.ndarray:
+    """[4, 4] viewmat of the head turned by ``yaw_deg`` (about its vertical axis; positive turns the face
+    towards image right) and ``pitch_deg`` (about its ear-to-ear axis; positive tilts the chin up) around the
+    head-frame point ``pivot`` [3]: ``X_cam = R (P (X - pivot) + pivot) + t``. The novel-view camera of the
+    papers' yaw/pitch tables, expressed in the world = head frame convention above."""
+    a, b = math.radians(yaw_deg), math.radians(pitch_deg)
+    ry = np.array([[math.cos(a), 0.0, -math.sin(a)], [0.0, 1.0, 0.0], [math.sin(a), 0.0, math.cos(a)]])
+    rx = np.array([[1.0, 0.0, 0.0], [0.0, math.cos(b), math.sin(b)], [0.0, -math.sin(b), math.cos(b)]])
+    P = ry @ rx
+    p = np.asarray(pivot, np.float64).reshape(3)
+    M = np.eye(4)
+    M[:3, :3] = P
+    M[:3, 3] = p - P @ p
+    return (np.asarray(viewmat_, np.float64) @ M).astype(np.float32)

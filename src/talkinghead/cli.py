@@ -19,6 +19,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "talkinghead.prepare.command",
     "talkinghead.methods.command",
     "talkinghead.eval.command",
+    "talkinghead.oneshot.command",
 )
 
 
