@@ -87,11 +87,20 @@ class Condition:
     audio: Tensor  # [2R+1, D] normalised audio features around the frame
     blink: Tensor  # [2] (right, left) 0 open .. 1 closed
     index: int = -1
+    # [4, 4] the tracked pose of the source frame when ``viewmat`` was moved away from it for a novel view
+    # (``render --yaw/--pitch``); None when they are the same. Pose-conditioned inputs read :attr:`pose`.
+    tracked_viewmat: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Condition":
+        tracked = None if self.tracked_viewmat is None else self.tracked_viewmat.to(device)
         return dataclasses.replace(self, viewmat=self.viewmat.to(device), K=self.K.to(device),
                                    backdrop=self.backdrop.to(device), audio=self.audio.to(device),
-                                   blink=self.blink.to(device))
+                                   blink=self.blink.to(device), tracked_viewmat=tracked)
+
+    @property
+    def pose(self) -> Tensor:
+        """[4, 4] the frame's tracked head pose (what pose tokens condition on), even under a novel view."""
+        return self.viewmat if self.tracked_viewmat is None else self.tracked_viewmat
 
     @property
     def width(self) -> int:

@@ -57,6 +57,11 @@ def register(subparsers) -> None:
                    help="with --audio: replay the training poses (default) or hold the first one")
     r.add_argument("--data", type=Path, default=None,
                    help="prepared dataset (default: the one the avatar was trained on)")
+    r.add_argument("--yaw", type=float, default=0.0, metavar="DEG",
+                   help="novel view: orbit the camera about the head's pivot by DEG degrees sideways "
+                        "(+: towards the image right; within [-90, 90]; default 0 = the tracked camera)")
+    r.add_argument("--pitch", type=float, default=0.0, metavar="DEG",
+                   help="novel view: orbit the camera DEG degrees up (+) or down (-) about the head's pivot")
     r.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default %(default)s)")
     r.set_defaults(func=_render)
 
@@ -98,8 +103,9 @@ def _render(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     if args.audio is not None:
-        res = render_audio(args.avatar, args.audio, args.out, pose=args.pose, data=args.data)
+        res = render_audio(args.avatar, args.audio, args.out, pose=args.pose, data=args.data, yaw=args.yaw,
+                           pitch=args.pitch)
     else:
-        res = render_split(args.avatar, args.data, args.split, args.out)
+        res = render_split(args.avatar, args.data, args.split, args.out, yaw=args.yaw, pitch=args.pitch)
     print(f"wrote {args.out}: {res['frames']} frames, rendered at {res['fps']:.1f} frames/s")
     return 0

@@ -95,16 +95,47 @@ class _Conds:
         return (self.make(j) for j in range(self.n))
 
 
-def render_split(avatar: Path, data: Path | None, split: str, out_mp4: Path) -> dict:
-    """Self-driven render of ``split`` (its audio, poses, backdrops) to ``out_mp4``; returns fps, frames, ..."""
+def check_view(yaw: float, pitch: float) -> None:
+    """A novel view beyond +-90 degrees would look at the back or the top of a head no video showed."""
+    for name, deg in (("yaw", yaw), ("pitch", pitch)):
+        if not np.isfinite(deg) or abs(deg) > 90:
+            raise UserError(f"--{name} {deg:g} is outside [-90, 90] degrees")
+
+
+def novel_view(make, data: Path, yaw: float, pitch: float):
+    """``make`` (j -> Condition) with each camera orbited by (yaw, pitch) degrees about the head's pivot
+    (:func:`talkinghead.camera.orbit`); the tracked pose stays in ``Condition.tracked_viewmat``."""
+    if yaw == 0 and pitch == 0:
+        return make
+    from talkinghead import camera
+
+    pivot = camera.head_pivot(open_dataset(data).face_model.neutral)
+
+    def moved(j: int):
+        cond = make(j)
+        vm = torch.from_numpy(camera.orbit(cond.viewmat.numpy(), yaw, pitch, pivot))
+        return dataclasses.replace(cond, viewmat=vm, tracked_viewmat=cond.viewmat)
+
+    return moved
+
+
+def render_split(avatar: Path, data: Path | None, split: str, out_mp4: Path, yaw: float = 0.0,
+                 pitch: float = 0.0) -> dict:
+    """Self-driven render of ``split`` (its audio, poses, backdrops) to ``out_mp4``; returns fps, frames, ...
+    ``yaw``/``pitch`` (degrees): the camera orbited about the head (a novel view, the torso plate stays)."""
+    check_view(yaw, pitch)
     _check_out(out_mp4)
     spec, cfg, info, model, meta = load_model(avatar)
     data = _data_path(meta, data)
     store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split=split,
                        with_targets=False, progress=False)
+    if store.windows.shape[-1] != info.audio_dim:
+        raise UserError(f"{data} has {store.windows.shape[-1]} audio feature dims but the avatar was trained on "
+                        f"{info.audio_dim}: it is not the avatar's dataset (pass the right --data)")
     audio = open_dataset(data).split_audio(split)
-    res = _run(model, _Conds(len(store), store.condition), Path(out_mp4), store.fps, audio, f"render {split}")
-    res.update(split=split, first_frame=int(store.indices[0]), method=meta["method"])
+    make = novel_view(store.condition, data, yaw, pitch)
+    res = _run(model, _Conds(len(store), make), Path(out_mp4), store.fps, audio, f"render {split}")
+    res.update(split=split, first_frame=int(store.indices[0]), method=meta["method"], yaw=yaw, pitch=pitch)
     return res
 
 
@@ -122,10 +153,13 @@ def dataset_wav2vec(data: Path) -> str | None:
     return (open_dataset(data).meta.get("options") or {}).get("wav2vec_model")
 
 
-def render_audio(avatar: Path, audio: Path, out_mp4: Path, pose: str = "train", data: Path | None = None) -> dict:
-    """Drive the avatar with ``audio``: poses/backdrops from the training sequence (ping-pong or static)."""
+def render_audio(avatar: Path, audio: Path, out_mp4: Path, pose: str = "train", data: Path | None = None,
+                 yaw: float = 0.0, pitch: float = 0.0) -> dict:
+    """Drive the avatar with ``audio``: poses/backdrops from the training sequence (ping-pong or static),
+    seen from a camera orbited by ``yaw``/``pitch`` degrees about the head."""
     from talkinghead.audio.features import load_driving_audio
 
+    check_view(yaw, pitch)
     _check_out(out_mp4)
     fps = float(read_avatar_config(avatar)["info"]["fps"])
     wave = load_driving_audio(audio)  # unreadable or silent audio fails here, before any heavy work
@@ -143,6 +177,7 @@ def render_audio(avatar: Path, audio: Path, out_mp4: Path, pose: str = "train", 
         k = 0 if pose == "static" else pingpong(j, n)
         return store.condition(k, audio=windows[j])
 
-    res = _run(model, _Conds(len(windows), make), Path(out_mp4), info.fps, wave, "render")
-    res.update(pose=pose, method=meta["method"])
+    res = _run(model, _Conds(len(windows), novel_view(make, data, yaw, pitch)), Path(out_mp4), info.fps, wave,
+               "render")
+    res.update(pose=pose, method=meta["method"], yaw=yaw, pitch=pitch)
     return res
