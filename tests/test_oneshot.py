@@ -221,7 +221,7 @@ def test_clip_loss_loads_a_local_model_and_histogram_loss(tmp_path):
         load_clip(tmp_path / "nothing")
 
 
-# ------------------------------------------------------------------------------------- synthesis, camera
+# ------------------------------------------------------------------------------------------- synthesis
 
 
 def test_modulated_conv_matches_plain_conv_and_synthesis_is_per_sample():
@@ -238,20 +238,6 @@ def test_modulated_conv_matches_plain_conv_and_synthesis_is_per_sample():
     both = G(w, z)
     assert both.shape == (3, 3, 3, 16, 16)
     torch.testing.assert_close(both[1:2], G(w[1:2], z[1:2]), atol=1e-5, rtol=1e-4)
-
-
-def test_rotate_head_about_a_pivot():
-    from talkinghead.camera import rotate_head
-
-    vm = np.eye(4, dtype=np.float32)
-    vm[2, 3] = 0.7
-    p = np.array([0.0, 0.0, 0.05])
-    np.testing.assert_allclose(rotate_head(vm, 0, 0, p), vm, atol=1e-7)
-    r = rotate_head(vm, 90, 0, p)
-    front = np.array([0.0, 0.0, -0.05, 1.0])  # in front of the pivot, towards the camera
-    moved = r @ front
-    assert moved[0] == pytest.approx(0.1, abs=1e-6)  # the face turns towards image right
-    np.testing.assert_allclose(r @ np.append(p, 1), vm @ np.append(p, 1), atol=1e-7)  # the pivot stays
 
 
 # ----------------------------------------------------------------------------------- stages, DDP, resume

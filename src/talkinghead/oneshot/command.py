@@ -17,7 +17,7 @@ RENDER_HELP = """\
 Animate one portrait (an image, or the first frame of a video) with audio: the face is tracked, inverted
 into the model (a few optimisation steps, with a progress bar) and driven by the motion G_m predicts from
 the audio. --emotion adds the label's FACS expression offset (and drives M_e when the model has one);
---yaw/--pitch turn the head about its centre for a novel view.
+--yaw/--pitch move the camera about the head for a novel view (talkinghead.camera.orbit).
 """
 
 
@@ -53,8 +53,8 @@ def register(subparsers) -> None:
     r.add_argument("--emotion", default="neutral",
                    help="neutral, angry, contempt, disgusted, fear, happy, sad or surprised (MEAD's labels)")
     r.add_argument("--intensity", type=float, default=1.0, help="scale of the emotion's expression offset")
-    r.add_argument("--yaw", type=float, default=0.0, metavar="DEG", help="turn the head left/right (-90..90)")
-    r.add_argument("--pitch", type=float, default=0.0, metavar="DEG", help="tilt the head up/down (-90..90)")
+    r.add_argument("--yaw", type=float, default=0.0, metavar="DEG", help="camera yaw about the head, degrees (-90..90; + moves it to image right)")
+    r.add_argument("--pitch", type=float, default=0.0, metavar="DEG", help="camera pitch about the head, degrees (-90..90; + moves it up)")
     r.add_argument("--inversion-steps", type=int, help="override the model's inversion steps on w_id")
     r.add_argument("--tune-steps", type=int, help="override the model's generator-tuning steps (0: none)")
     r.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

@@ -7,7 +7,8 @@
    ``tune_steps`` on the weights of G and R with w_id fixed (pivotal tuning, PTI; the paper says "several
    inversion steps" without more detail). Progress bars for both.
 4. w_id^e = M_e(w_id | e) when the model has a trained mapper; every frame G(w_id^e, z_m,t) is rendered from
-   the portrait's camera turned by ``--yaw`` / ``--pitch`` about the head's centre, over the portrait's backdrop.
+   the portrait's camera moved by ``--yaw`` / ``--pitch`` on a sphere about the head's pivot
+   (:func:`talkinghead.camera.orbit`, the project's one novel-view camera), over the portrait's backdrop.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from .emotion import check_emotion, emotion_weights
 from .model import load_model
 from .motion import coefficient_windows
 
-HEAD_PIVOT = (0.0, 0.0, 0.05)  # head frame (metres): about the middle of the skull, behind the nose bridge
 MAX_ANGLE_DEG = 90.0
 
 
@@ -127,7 +127,7 @@ def load_identity(model, image: Path, code_steps: int | None = None, tune_steps:
 def render_frames(model, ident: Identity, coefs: np.ndarray, emotion: str = "neutral", intensity: float = 1.0,
                   yaw: float = 0.0, pitch: float = 0.0) -> Iterator[np.ndarray]:
     """uint8 frames [S, S, 3] of the coefficient sequence [T, K] (step 2's emotion offset and step 4)."""
-    from talkinghead.camera import rotate_head
+    from talkinghead.camera import head_pivot, orbit
 
     check_emotion(emotion)
     coefs = coefs + intensity * model.emotion_offsets()[emotion][None]
@@ -136,7 +136,7 @@ def render_frames(model, ident: Identity, coefs: np.ndarray, emotion: str = "neu
         w = model.emotion_mapper(ident.w, weights) if bool(model.mapper_trained) else ident.w
         z = model.motion_encoder(coefficient_windows(torch.from_numpy(coefs.astype(np.float32)),
                                                      model.cfg.motion.motion_window))
-    vm = torch.from_numpy(rotate_head(ident.portrait.viewmat, yaw, pitch, np.array(HEAD_PIVOT)))
+    vm = torch.from_numpy(orbit(ident.portrait.viewmat, yaw, pitch, head_pivot(model.space.mean_neutral)))
     K = torch.from_numpy(ident.portrait.K)
     back = torch.from_numpy(ident.portrait.backdrop).permute(2, 0, 1)
     with torch.no_grad():
