@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     t.add_argument("--generator-steps", type=int, help="override the preset's generator steps")
     t.add_argument("--mapper-steps", type=int, help="override the preset's M_e steps")
     t.add_argument("--batch", type=int, help="override the generator's global batch")
+    t.add_argument("--checkpoint-every", type=int, help="override how often (steps) the checkpoint is written")
     t.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     t.set_defaults(func=run_train)
 
@@ -68,7 +69,8 @@ def run_train(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     overrides = {k: v for k, v in (("motion_steps", args.motion_steps), ("generator_steps", args.generator_steps),
-                                   ("mapper_steps", args.mapper_steps), ("generator_batch", args.batch))
+                                   ("mapper_steps", args.mapper_steps), ("generator_batch", args.batch),
+                                   ("checkpoint_every", args.checkpoint_every))
                  if v is not None}
     log = train(args.data, args.out, preset=args.preset, resume=args.resume, overrides=overrides, mead=args.mead,
                 clip=args.clip, lpips=args.lpips_weights)

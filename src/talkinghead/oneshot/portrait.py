@@ -71,16 +71,23 @@ def detect_one_face(image: np.ndarray, what: str) -> np.ndarray:
     return faces[0]
 
 
-def load_portrait(path: Path, space, size: int, fov_deg: float = 24.0) -> Portrait:
-    """The :class:`Portrait` of an image or video file for a model of output side ``size``."""
+def load_portrait(path: Path, space, size: int, fov_deg: float = 24.0, crop: bool = True) -> Portrait:
+    """The :class:`Portrait` of an image or video file for a model of output side ``size``.
+
+    ``crop=False`` takes a square image as it is (a frame of a prepared dataset, already cropped)."""
     from talkinghead.prepare import masks, pose
-    from talkinghead.prepare.crop import fixed_crop
+    from talkinghead.prepare.crop import Crop, fixed_crop
 
     frame = read_first_frame(path)
     lm_src = detect_one_face(frame, str(path))
-    crop = fixed_crop(lm_src[None], frame.shape[1], frame.shape[0])
-    work = crop.apply(frame, WORK_SIZE)
-    lm = crop.to_crop_pixels(lm_src, WORK_SIZE)
+    if crop:
+        window = fixed_crop(lm_src[None], frame.shape[1], frame.shape[0])
+    elif frame.shape[0] == frame.shape[1]:
+        window = Crop(0, 0, frame.shape[0])
+    else:
+        raise UserError(f"{path} is not square; it needs the portrait crop")
+    work = window.apply(frame, WORK_SIZE)
+    lm = window.to_crop_pixels(lm_src, WORK_SIZE)
     K_work = pose.clip_intrinsics(WORK_SIZE, fov_deg)
     template = space.mean_neutral
     viewmat = pose.estimate_poses(lm[None], template, K_work, 0)[0]

@@ -110,11 +110,11 @@ class Identity:
 
 
 def load_identity(model, image: Path, code_steps: int | None = None, tune_steps: int | None = None,
-                  progress: bool = True) -> Identity:
-    """Steps 1 and 3 of the module docstring for ``image``."""
+                  progress: bool = True, crop: bool = True) -> Identity:
+    """Steps 1 and 3 of the module docstring for ``image`` (``crop``: see :func:`.portrait.load_portrait`)."""
     from .portrait import load_portrait
 
-    portrait = load_portrait(Path(image), model.space, model.cfg.generator.image_size)
+    portrait = load_portrait(Path(image), model.space, model.cfg.generator.image_size, crop=crop)
     inv = model.cfg.inversion
     t0 = time.perf_counter()
     w, synthesis, renderer, figures = invert(model, portrait, inv.code_steps if code_steps is None else code_steps,
