@@ -107,6 +107,7 @@ def evaluate(model_dir: Path, left_out: Path, out: Path, cross_seconds: float, e
     import torch
 
     from talkinghead.data import PreparedDataset
+    from talkinghead.face.landmarks import mouth_opening
     from talkinghead.media import read_audio
     from talkinghead.oneshot.emotion import EMOTIONS, expression_measures
     from talkinghead.oneshot.model import load_model
@@ -129,14 +130,22 @@ def evaluate(model_dir: Path, left_out: Path, out: Path, cross_seconds: float, e
     res["inversion_loss"] = {k: round(v, 4) for k, v in ident.figures.items() if k.startswith("loss")}
     wave = ds.audio_wave
     coefs = driving_motion(model, wave, fps)[:T]
+    # G_m alone: the mouth opening of its meshes (mean face + predicted expression) against the real clip's,
+    # and that of the clip's own tracked coefficients projected into the shared space (the space's ceiling)
+    space = model.space
+    own = space.clip_coefficients(ds.face_model, ds.tracks.expression[:T])
+    res["motion_generator"] = {
+        "mesh_mouth_r": round(_pearson(mouth_opening(space.mesh(coefs)), ds.tracks.mouth_opening[:T]), 3),
+        "tracked_coefficients_mouth_r": round(_pearson(mouth_opening(space.mesh(own)), ds.tracks.mouth_opening[:T]), 3),
+        "coefficient_mse": round(float(np.mean((coefs - own) ** 2)), 4)}
     gt = np.stack([ds.image(i) for i in range(T)])
     masks = np.stack([ds.parsing(i) >= 3 for i in range(T)])
     t = time.perf_counter()
     ours = np.stack(list(render_frames(model, ident, coefs))).astype(np.float32) / 255
     res["render_fps"] = round(T / (time.perf_counter() - t), 2)
+    res["render_cpu_note"] = "frames/s of wall time on the shared, loaded cores"
     static = np.repeat(((ident.portrait.image * 255 + 0.5).astype(np.uint8).astype(np.float32) / 255)[None], T, 0)
     gt_mouth = ds.tracks.mouth_opening[:T]
-    from talkinghead.face.landmarks import mouth_opening
 
     rows = {}
     for name, frames in (("static portrait", static), ("one-shot (ours)", ours)):
@@ -182,6 +191,13 @@ def evaluate(model_dir: Path, left_out: Path, out: Path, cross_seconds: float, e
         emo[label]["face_found"] = round(_found(tr), 3)
         emo_frames[label] = fr[m // 2].astype(np.float32) / 255
     res["emotions_vs_neutral"] = emo
+    # the same measures on the meshes the offsets make (mean face, frontal x/y), independent of the renderer
+    offsets = model.emotion_offsets()
+    base_mesh = {k: float(np.mean(v)) for k, v in expression_measures(space.mesh(coefs[:m])).items()}
+    res["emotion_offsets_on_meshes_vs_neutral"] = {
+        label: {k: round(float(np.mean(v)) - base_mesh[k], 4)
+                for k, v in expression_measures(space.mesh(coefs[:m] + offsets[label])).items()}
+        for label in EMOTIONS}
     res["emotion_control"] = "FACS offset + M_e" if bool(model.mapper_trained) else "FACS offset only (no M_e)"
     picks = list(np.linspace(0, T - 1, 6).round().astype(int))
     _sheet(out / "sheet.png", [("real", gt), ("static", static), ("ours", ours),

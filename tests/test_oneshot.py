@@ -251,6 +251,23 @@ def test_rank_items_split_the_global_batch():
         rank_items(3, 0, 2)
 
 
+def test_motion_batches_are_per_item_and_augmented_columnwise(datasets):
+    from talkinghead.oneshot.data import motion_batch, open_sources
+    from talkinghead.oneshot.expression import build_expression_space
+
+    sources = open_sources(datasets, 32)
+    space = build_expression_space([s.ds.face_model for s in sources], [s.ds.tracks.expression for s in sources], 2)
+    for s in sources:
+        s.attach(space)
+    full = motion_batch(sources, [0, 1, 2], step=5, seed=0, length=10, feature_dropout=0.5, time_mask=0)
+    part = motion_batch(sources, [1], step=5, seed=0, length=10, feature_dropout=0.5, time_mask=0)
+    torch.testing.assert_close(full["audio"][1], part["audio"][0])  # an item does not depend on its batch
+    a, clean = full["audio"].numpy(), full["target_audio"].numpy()
+    dropped = (a == 0).all(1) & (clean != 0).any(1)  # [B, D] columns zeroed over the whole stretch
+    assert dropped.any() and np.array_equal(a[~np.broadcast_to(dropped[:, None], a.shape)],
+                                            clean[~np.broadcast_to(dropped[:, None], a.shape)])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

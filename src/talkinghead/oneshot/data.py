@@ -74,9 +74,11 @@ def open_sources(paths: list[Path], size: int) -> list[ClipSource]:
     return sources
 
 
-def motion_batch(sources: list[ClipSource], items: list[int], step: int, seed: int, length: int) -> dict:
-    """Stretches of ``length`` train frames: audio [B, L, D], coefs [B, L, K], CTC label lists."""
-    audio, coefs, ctc = [], [], []
+def motion_batch(sources: list[ClipSource], items: list[int], step: int, seed: int, length: int,
+                 feature_dropout: float = 0.0, time_mask: int = 0) -> dict:
+    """Stretches of ``length`` train frames: audio [B, L, D] (augmented: see ``MotionConfig``; ``target_audio``
+    [B, L, D] is the clean one, L_lat's pseudo-truth), coefs [B, L, K], CTC label lists."""
+    audio, clean, coefs, ctc = [], [], [], []
     for j in items:
         rng = item_rng(seed, step, j, 1)
         src = sources[int(rng.integers(len(sources)))]
@@ -86,10 +88,20 @@ def motion_batch(sources: list[ClipSource], items: list[int], step: int, seed: i
         idx = np.arange(a, a + L)
         if L < length:  # a clip shorter than the stretch repeats its last frame
             idx = np.concatenate([idx, np.full(length - L, idx[-1])])
-        audio.append(src.audio[idx])
+        a_clean = src.audio[idx]
+        a_aug = a_clean.copy()
+        if feature_dropout > 0:
+            a_aug[:, rng.random(a_aug.shape[1]) < feature_dropout] = 0.0
+        if time_mask > 0:
+            span = int(rng.integers(time_mask + 1))
+            at = int(rng.integers(length - span + 1))
+            a_aug[at:at + span] = 0.0
+        clean.append(a_clean)
+        audio.append(a_aug)
         coefs.append(src.coefs[idx])
         ctc.append(ctc_targets(src.phone_ids[idx], src.phone_names))
-    return {"audio": torch.from_numpy(np.stack(audio)), "coefs": torch.from_numpy(np.stack(coefs)), "ctc": ctc}
+    return {"audio": torch.from_numpy(np.stack(audio)), "target_audio": torch.from_numpy(np.stack(clean)),
+            "coefs": torch.from_numpy(np.stack(coefs)), "ctc": ctc}
 
 
 def pair_batch(sources: list[ClipSource], items: list[int], step: int, seed: int, window: int,

@@ -107,7 +107,7 @@ class OneShotModel(nn.Module):
     def motion_stage(self, b: dict) -> tuple[Tensor, dict]:
         m = self.cfg.motion
         pred = self.motion_generator(b["audio"])
-        return motion_loss(pred, b["coefs"], self.lips(pred), self.lips(b["coefs"]), b["audio"], self.lip_reader,
+        return motion_loss(pred, b["coefs"], self.lips(pred), self.lips(b["coefs"]), b["target_audio"], self.lip_reader,
                            b["ctc"], {"mse": m.w_mse, "ctc": m.w_ctc, "lat": m.w_lat})
 
     def generator_stage(self, b: dict) -> tuple[Tensor, dict]:

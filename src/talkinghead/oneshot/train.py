@@ -89,8 +89,8 @@ def _optimizers(model: OneShotModel, cfg: OneShotConfig) -> dict[str, torch.opti
     t = cfg.train
     gen = [model.identity_encoder, model.motion_encoder, model.synthesis, model.renderer]
     return {
-        "motion": torch.optim.Adam(list(model.motion_generator.parameters()) + list(model.lip_reader.parameters()),
-                                   lr=t.motion_lr),
+        "motion": torch.optim.AdamW(list(model.motion_generator.parameters()) + list(model.lip_reader.parameters()),
+                                    lr=t.motion_lr, weight_decay=cfg.motion.weight_decay),
         "generator": torch.optim.Adam([p for m in gen for p in m.parameters()], lr=t.generator_lr, betas=(0.0, 0.99)),
         "mapper": torch.optim.Adam(model.emotion_mapper.parameters(), lr=t.mapper_lr),
     }
@@ -204,7 +204,7 @@ def train(datas: list[Path], out: Path, preset: str = "cpu-small", resume: bool 
             for step in range(max(start, a), b):
                 if name == "motion":
                     batch = motion_batch(sources, rank_items(t.motion_batch, dist.rank, dist.world), step, t.seed,
-                                         cfg.motion.sequence)
+                                         cfg.motion.sequence, cfg.motion.feature_dropout, cfg.motion.time_mask)
                 elif name == "generator":
                     batch = pair_batch(sources, rank_items(t.generator_batch, dist.rank, dist.world), step, t.seed,
                                        cfg.motion.motion_window)
