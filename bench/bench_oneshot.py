@@ -101,6 +101,24 @@ def _sheet(path: Path, rows: list[tuple[str, np.ndarray]], picks: list[int]) -> 
     plt.close(fig)
 
 
+def motion_only(model_dir: Path, left_out: Path) -> dict:
+    """G_m of a model alone on the left-out clip: mouth-opening r of its meshes, coefficient MSE."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.face.landmarks import mouth_opening
+    from talkinghead.oneshot.model import load_model
+    from talkinghead.oneshot.render import driving_motion
+
+    model, meta = load_model(model_dir)
+    ds = PreparedDataset(left_out)
+    coefs = driving_motion(model, ds.audio_wave, ds.fps)[: ds.num_frames]
+    own = model.space.clip_coefficients(ds.face_model, ds.tracks.expression)
+    m = meta["config"]["motion"]
+    return {"model": str(model_dir), "layers": m["layers"], "feature_dropout": m.get("feature_dropout", 0.0),
+            "time_mask": m.get("time_mask", 0), "weight_decay": m.get("weight_decay", 0.0),
+            "mesh_mouth_r": round(_pearson(mouth_opening(model.space.mesh(coefs)), ds.tracks.mouth_opening), 3),
+            "coefficient_mse": round(float(np.mean((coefs - own) ** 2)), 4)}
+
+
 def evaluate(model_dir: Path, left_out: Path, out: Path, cross_seconds: float, emotion_frames: int,
              view_frames: int, code_steps: int | None = None, tune_steps: int | None = None,
              frames: int | None = None) -> dict:
@@ -306,6 +324,8 @@ def main() -> int:
     ap.add_argument("--tune-steps", type=int, help="default: the model's")
     ap.add_argument("--frames", type=int, help="only the first frames of the left-out clip (quick checks)")
     ap.add_argument("--no-record", action="store_true", help="do not write RESULTS.md")
+    ap.add_argument("--also-motion", type=Path, nargs="*", default=[],
+                    help="further models whose G_m alone is measured on the left-out clip")
     ap.add_argument("--ddp", type=Path, nargs="*")
     ap.add_argument("--ddp-steps", type=int, nargs=2, default=(20, 10))
     args = ap.parse_args()
@@ -325,6 +345,7 @@ def main() -> int:
         print(f"trained in {wall:.0f} s wall, {cpu:.0f} CPU s")
     res = evaluate(args.model, args.left_out, args.out, args.cross_seconds, args.emotion_frames, args.view_frames,
                    args.inversion_steps, args.tune_steps, args.frames)
+    res["motion_generator_variants"] = [motion_only(m, args.left_out) for m in [args.model, *args.also_motion]]
     log = json.loads((args.model / "train_log.json").read_text()) if (args.model / "train_log.json").exists() else {}
     res["train"] = {k: log.get(k) for k in ("preset", "steps", "train_time_s", "stage_time_s", "mapper", "perceptual")}
     print(json.dumps(res, indent=1))

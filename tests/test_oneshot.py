@@ -316,6 +316,32 @@ def test_two_processes_match_one_and_a_stopped_run_resumes(datasets, tmp_path):
     assert meta["format"] == "talkinghead-oneshot/1" and not bool(model.mapper_trained)
 
 
+def test_mapper_stage_trains_only_m_e_from_mead_clips(datasets, tmp_path):
+    import shutil
+
+    from talkinghead.oneshot.model import load_model
+    from talkinghead.oneshot.train import train
+
+    root = tmp_path / "mead"
+    for (emotion, src) in (("neutral", datasets[0]), ("happy", datasets[1])):
+        level = root / "M003" / "video" / "front" / emotion / "level_1"
+        level.mkdir(parents=True)
+        (level / "001.mp4").write_bytes(b"")
+        shutil.copytree(src, level / "001")
+    base = train(datasets, tmp_path / "plain", overrides=TINY, progress=False)
+    log = train(datasets, tmp_path / "mapped", overrides={**TINY, "mapper_steps": 2}, mead=root, progress=False)
+    assert log["steps"] == base["steps"] + 2 and log["mapper"] == "trained on MEAD clips"
+    plain, _ = load_model(tmp_path / "plain")
+    mapped, _ = load_model(tmp_path / "mapped")
+    assert bool(mapped.mapper_trained) and not bool(plain.mapper_trained)
+    for name, p in mapped.state_dict().items():  # the mapper stage changed M_e and nothing else
+        if not name.startswith("emotion_mapper.") and name != "mapper_trained":
+            torch.testing.assert_close(p, plain.state_dict()[name], msg=name)
+    changed = [n for n, p in mapped.state_dict().items() if n.startswith("emotion_mapper.")
+               and not torch.equal(p, plain.state_dict()[n])]
+    assert changed
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
