@@ -20,6 +20,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "talkinghead.methods.command",
     "talkinghead.eval.command",
     "talkinghead.serve.command",
+    "talkinghead.oneshot.command",
 )
 
 
