@@ -59,6 +59,27 @@ def test_ssim_matches_torchmetrics():
     assert ssim(a, b) == pytest.approx(ref, abs=2e-3)
 
 
+def test_seam_bands_and_their_errors_have_known_answers():
+    from talkinghead.eval import image_metrics as im
+
+    labels = np.zeros((64, 64), np.uint8)  # r = 64 / 64 = 1 pixel
+    labels[:, :20] = 2  # hair on the left
+    labels[10:40, 20:50] = 3  # face
+    labels[30:35, 30:40] = 4  # inner mouth (inside the face: no boundary with hair or torso)
+    labels[40:, 20:50] = 1  # neck below the chin
+    bands = im.seam_bands(labels)
+    cols = np.nonzero(bands["hairline"].any(0))[0]
+    assert cols.tolist() == [19, 20]  # one pixel each side of the hair | face edge
+    assert bands["hairline"].sum() == 2 * 32  # face rows 10..39 grown by one row at each end
+    assert np.nonzero(bands["neck"].any(1))[0].tolist() == [39, 40] and bands["neck"].sum() == 2 * 32
+    gt = np.zeros((64, 64, 3), np.uint8)
+    pred = gt.copy()
+    pred[:, 19] = 30  # error only on the hair side of the boundary
+    assert im.mean_abs_error(pred, gt, bands["hairline"]) == pytest.approx(15.0)
+    assert im.mean_abs_error(pred, gt, bands["neck"]) == pytest.approx(30 / 32)  # (39|40, 19) are in the neck band
+    assert np.isnan(im.mean_abs_error(pred, gt, np.zeros((64, 64), bool)))
+
+
 def test_wobble_ranks_monotonically(may):
     from talkinghead.eval import image_metrics as im
     from talkinghead.eval.stability import stability_score
@@ -191,12 +212,33 @@ def test_eval_cross_driven_cli(clips, tmp_path, capsys):
     assert "reference video" in m["null_reasons"]["stability"]
 
 
+def test_eval_pred_alone_uses_its_own_track_on_the_video_clock(tmp_path, capsys):
+    """``eval --pred X`` (no --gt / --audio) measures X against its own sound track, placed on X's video clock:
+    the clip with its audio track delayed 0.24 s by ffmpeg (-itsoffset, stream copy) reads 6 frames later."""
+    import json
+    import subprocess
+
+    import imageio_ffmpeg
+
+    clip = shared_clip("may_en_5s.mp4")
+    late = tmp_path / "late.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(clip), "-itsoffset",
+                    "0.24", "-i", str(clip), "-map", "0:v", "-map", "1:a", "-c", "copy", str(late)], check=True)
+    offsets = []
+    for pred in (clip, late):
+        out = tmp_path / pred.stem
+        assert _run(["eval", "--pred", str(pred), "--out", str(out), "--quiet"], capsys)[0] == 0
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["mode"] == "cross-driven" and report["inputs"]["audio"] == f"sound track of {pred}"
+        offsets.append(report["metrics"]["landmark_sync_offset"])
+    assert abs(offsets[0]) <= 2 and abs(offsets[1] - offsets[0] - 6) <= 1, offsets
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--pred", "{d}/noface.mp4", "--gt", "{d}/gt.mp4"], "no face found in the prediction"),
     (["--pred", "{d}/text.mp4", "--gt", "{d}/gt.mp4"], "cannot read"),
     (["--pred", "{d}/missing.mp4", "--gt", "{d}/gt.mp4"], "file not found"),
     (["--pred", "{d}/small.mp4", "--gt", "{d}/gt.mp4"], "frame size differs"),
-    (["--pred", "{d}/gt.mp4"], "--gt GT.mp4"),
     ([], "nothing to evaluate"),
 ])
 def test_eval_bad_input_is_one_error_line(clips, tmp_path, capsys, argv, message):
@@ -235,6 +277,7 @@ def test_eval_avatar_form(tmp_path, capsys):
     assert m["render_fps"] > 0 and m["train_time_s"] > 0 and inputs["method"]
     assert inputs["evaluated_frames"] == inputs["ground_truth"]["frames"] > 0
     assert isinstance(m["psnr_face"], float) and 0 < m["ssim_full"] < 1
+    assert m["hairline_error"] > 0 and m["neck_error"] > 0  # parsing of the dataset: seam bands measured
     assert (out / "prediction.mp4").is_file() and (out / "side_by_side.mp4").is_file()
 
     # The same prediction against the test split written as a video, face masks from the dataset's parsing.
@@ -252,11 +295,13 @@ def test_eval_avatar_form(tmp_path, capsys):
     # Same frames (GT re-encoded losslessly up to chroma subsampling) and the same parsing masks as AVATAR mode.
     assert m2["psnr_full"] == pytest.approx(m["psnr_full"], abs=0.5)
     assert m2["psnr_face"] == pytest.approx(m["psnr_face"], abs=0.5)
+    assert m2["hairline_error"] == pytest.approx(m["hairline_error"], abs=2.0)
     oval = tmp_path / "oval"
     assert _run(["eval", "--pred", str(out / "prediction.mp4"), "--gt", str(gt), "--out", str(oval),
                  "--no-video", "--quiet"], capsys)[0] == 0
     m3 = json.loads((oval / "metrics.json").read_text())["metrics"]
     assert m3["psnr_full"] == m2["psnr_full"] and m3["ssim_face"] != m2["ssim_face"]  # landmark masks differ
+    assert m3["hairline_error"] is None and m3["neck_error"] is None  # no parsing, no seam bands
 
 
 def test_lpips_and_syncnet_run_inside_evaluate_with_local_weights(may, tmp_path):

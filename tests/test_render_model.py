@@ -142,3 +142,35 @@ def test_strategy_runs_on_real_renders():
     # Every Gaussian seen on screen had a gradient above the (tiny) threshold at steps 2 and 4: cloned.
     assert changes["cloned"] > 0 and len(model) > 30
     assert all(p.shape[0] == len(model) for p in model.parameters())
+
+
+def test_extra_per_gaussian_parameters_follow_clone_split_prune_and_save(tmp_path):
+    """An embedding row per Gaussian (DEGSTalk's z) is copied to clones and both split children, pruned with
+    its Gaussian, optimised like the rest, and kept by save/load."""
+    torch.manual_seed(0)
+    scale = torch.tensor([0.001, 0.05, 0.001, 0.001])  # clone, split, unchanged, pruned
+    emb = torch.arange(4.0)[:, None].repeat(1, 5) * 10  # row i = 10 i
+    model = GaussianModel(
+        means=torch.randn(4, 3), log_scales=torch.log(scale)[:, None].repeat(1, 3),
+        quats=torch.tensor([[1.0, 0, 0, 0]]).repeat(4, 1),
+        logit_opacities=torch.logit(torch.tensor([0.5, 0.6, 0.7, 0.001])),
+        sh0=torch.arange(4.0)[:, None, None].repeat(1, 1, 3), shN=torch.zeros(4, 3, 3), extras={"embedding": emb},
+    )
+    assert model.param_names[-1] == "embedding" and len(list(model.parameters())) == 7
+    with pytest.raises(ValueError):
+        GaussianModel(model.means, model.log_scales, model.quats, model.logit_opacities, model.sh0, model.shN,
+                      extras={"embedding": torch.zeros(3, 5)})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sum(p.sum() for p in model.parameters()).backward()
+    opt.step()  # Adam moments for the strategy to carry along; every value moves by ~1e-3
+    strategy = DensityStrategy(refine_start_iter=0, refine_every=10, reset_every=1000)
+    grad = torch.tensor([[1e-4, 0], [0, 1e-4], [1e-7, 0], [1e-4, 0]])
+    strategy.step_post_backward(model, opt, 10, _fake_info(model, grad))
+    parent = model.sh0[:, 0, 0].round()  # colours identify the parents
+    torch.testing.assert_close(model.embedding, (parent * 10)[:, None].repeat(1, 5), atol=2e-3, rtol=0)
+    assert sorted(parent.tolist()) == [0, 0, 1, 1, 2] and model.embedding.shape == (5, 5)
+    assert opt.state[model.embedding]["exp_avg"].shape == (5, 5)
+    model.save(tmp_path / "g.safetensors")
+    loaded = GaussianModel.load(tmp_path / "g.safetensors")
+    assert loaded.extra_names == ("embedding",)
+    torch.testing.assert_close(loaded.embedding, model.embedding)

@@ -30,6 +30,8 @@ METRICS: dict[str, tuple[int, str]] = {
     "psnr_full": (1, "PSNR (dB) over the full frame"),
     "ssim_full": (1, "SSIM over the full frame"),
     "lpips_full": (-1, "LPIPS (AlexNet) over the full frame"),
+    "hairline_error": (-1, "mean absolute error (0-255) in a band around the hair-face boundary (GT parsing)"),
+    "neck_error": (-1, "mean absolute error (0-255) in a band along the jaw line over the neck (GT parsing)"),
     "fid": (-1, "Frechet Inception Distance"),
     "csim": (1, "identity cosine similarity (CSIM)"),
     "lmd_mouth": (-1, "mouth LMD, pixels at 512 px width"),
@@ -129,9 +131,13 @@ def _crop_box(mask: np.ndarray) -> tuple[slice, slice] | None:
     return slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
 
 
-def _image_pass(pred: Clip, gt: Clip, count: int, gt_track: np.ndarray, mask_fn, lpips_model, opts, ev,
+SEAM_REASON = "needs the ground truth's parsing (eval --mask-from DATA, or eval AVATAR --data DATA)"
+
+
+def _image_pass(pred: Clip, gt: Clip, count: int, gt_track: np.ndarray, parsing_fn, lpips_model, opts, ev,
                 audio: np.ndarray | None) -> None:
-    """Per-frame PSNR/SSIM/LPIPS over ``count`` frame pairs, streaming the side-by-side video (with ``audio``)."""
+    """Per-frame PSNR/SSIM/LPIPS (and the seam-band errors with ``parsing_fn``) over ``count`` frame pairs,
+    streaming the side-by-side video (with ``audio``)."""
     import torch
     from tqdm import tqdm
 
@@ -140,8 +146,10 @@ def _image_pass(pred: Clip, gt: Clip, count: int, gt_track: np.ndarray, mask_fn,
     from . import image_metrics as im
     from .lpips import to_lpips_input
 
-    rows: dict[str, list[float]] = {k: [] for k in ("psnr_face", "ssim_face", "lpips_face", "psnr_full",
-                                                   "ssim_full", "lpips_full")}
+    names = ("psnr_face", "ssim_face", "lpips_face", "psnr_full", "ssim_full", "lpips_full")
+    if parsing_fn is not None:
+        names += ("hairline_error", "neck_error")
+    rows: dict[str, list[float]] = {k: [] for k in names}
 
     def pairs() -> Iterator[np.ndarray]:
         bar = tqdm(total=count, desc="image metrics", unit="frame", disable=not opts.progress, leave=False)
@@ -149,7 +157,13 @@ def _image_pass(pred: Clip, gt: Clip, count: int, gt_track: np.ndarray, mask_fn,
             if p.shape != g.shape:
                 raise UserError(f"frame size differs: prediction {p.shape[1]}x{p.shape[0]}, ground truth "
                                 f"{g.shape[1]}x{g.shape[0]} (render at the ground truth's size)")
-            mask = mask_fn(i, g) if mask_fn else im.face_mask_from_landmarks(gt_track[i], *g.shape[:2])
+            if parsing_fn is not None:
+                labels = parsing_fn(i, g)
+                mask = im.face_mask_from_parsing(labels)
+                for name, band in im.seam_bands(labels).items():
+                    rows[f"{name}_error"].append(im.mean_abs_error(p, g, band))
+            else:
+                mask = im.face_mask_from_landmarks(gt_track[i], *g.shape[:2])
             rows["psnr_full"].append(im.psnr(p, g))
             smap = im.ssim_map(p, g)
             rows["ssim_full"].append(im.masked_mean(smap, None))
@@ -177,12 +191,16 @@ def _image_pass(pred: Clip, gt: Clip, count: int, gt_track: np.ndarray, mask_fn,
         ev.series[name] = arr
         finite = arr[~np.isnan(arr)]
         if len(finite) == 0:
-            ev.set(name, None, "no frame with a face mask")
+            ev.set(name, None, "no frame with that boundary in the ground truth's parsing" if name.endswith("_error")
+                   else "no frame with a face mask")
         else:  # mean of per-frame values; a single identical frame makes PSNR inf, reported as such
             ev.set(name, float(finite.mean()))
     missing = int(np.isnan(np.array(rows["psnr_face"])).sum())
     if missing:
         ev.notes.append(f"face metrics skip {missing} frame(s) without a face mask")
+    if parsing_fn is None:
+        ev.set("hairline_error", None, SEAM_REASON)
+        ev.set("neck_error", None, SEAM_REASON)
 
 
 def _lpips(opts: EvalOptions):
@@ -262,13 +280,15 @@ def _stability(pred_track: np.ndarray, ref_track: np.ndarray | None, fps: float,
 
 
 def evaluate(pred: Clip, gt: Clip | None = None, audio: np.ndarray | None = None, ref: Clip | None = None,
-             mask_fn: Callable[[int, np.ndarray], np.ndarray] | None = None,
+             parsing_fn: Callable[[int, np.ndarray], np.ndarray] | None = None,
              opts: EvalOptions | None = None) -> Evaluation:
     """Evaluate ``pred`` against ``gt`` (self-driven) or against ``audio`` alone (cross-driven).
 
     ``audio`` defaults to the prediction's own sound track, then the ground truth's. ``ref`` is the
     reference video for the stability score in cross-driven mode (the ground truth is used otherwise).
-    ``mask_fn(i, gt_frame) -> bool [H, W]`` gives face masks (default: the ground truth's face oval).
+    ``parsing_fn(i, gt_frame) -> uint8 [H, W]`` gives the ground truth's parsing labels (docs/dataset.md):
+    the face masks and the seam bands come from it (without it: face masks from the ground truth's face
+    oval, no seam-band errors).
     """
     from talkinghead.face.landmarks import mouth_opening
 
@@ -310,7 +330,7 @@ def evaluate(pred: Clip, gt: Clip | None = None, audio: np.ndarray | None = None
         if lpips_model is None:
             ev.set("lpips_face", None, why)
             ev.set("lpips_full", None, why)
-        _image_pass(pred, gt, count, gt_track, mask_fn, lpips_model, opts, ev, audio)
+        _image_pass(pred, gt, count, gt_track, parsing_fn, lpips_model, opts, ev, audio)
         if valid_rows(pred_track, gt_track).sum() == 0:
             raise UserError("the prediction and the ground truth never show a face in the same frame")
         first = next(iter(gt.frames()))
@@ -320,7 +340,8 @@ def evaluate(pred: Clip, gt: Clip | None = None, audio: np.ndarray | None = None
         ev.series["mouth_gt"] = mouth_opening(gt_track)
         ref_track = gt_track
     else:
-        for k in ("psnr_face", "ssim_face", "lpips_face", "psnr_full", "ssim_full", "lpips_full", "lmd_mouth",
+        for k in ("psnr_face", "ssim_face", "lpips_face", "psnr_full", "ssim_full", "lpips_full", "hairline_error",
+                  "neck_error", "lmd_mouth",
                   "lmd_all", "lmd_mouth_iod", "lmd_all_iod", "mouth_open_corr", "blink_error", "aue_proxy"):
             ev.set(k, None, "cross-driven: no ground-truth frames")
         if ref is not None:

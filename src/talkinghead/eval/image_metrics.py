@@ -11,6 +11,12 @@ it). We report both: ``face`` over a face mask and ``full`` over the whole frame
   map is 10 pixels smaller). On the face region the SSIM map is averaged over the (cropped) mask.
 * Face mask: the prepared dataset's parsing labels 3 (face skin) + 4 (inner mouth) when available,
   otherwise the filled mediapipe face-oval polygon of the *reference* frame's landmarks.
+* Seam bands (:func:`seam_bands`, from the ground truth's parsing only): where head avatars break first
+  (DEGSTalk sec. III-D, Fig. 3: "the junction between the face and hair" and "the connection between the
+  neck and head"). ``hairline`` = the pixels within r of both the hair (label 2: hair, ears) and the face
+  (3 skin + 4 inner mouth); ``neck`` = within r of both the torso (1: neck, shoulders, clothes) and the face,
+  i.e. the jaw line over the neck; r = width / 64 pixels (2 at 128, 8 at 512), at least 1. The error there is
+  the mean absolute difference (0-255, averaged over RGB) over the band's pixels.
 """
 
 from __future__ import annotations
@@ -38,6 +44,25 @@ def face_mask_from_landmarks(lm: np.ndarray, height: int, width: int) -> np.ndar
 def face_mask_from_parsing(parsing: np.ndarray) -> np.ndarray:
     """bool [H, W] face mask from dataset parsing labels [H, W] (3 face skin, 4 inner mouth)."""
     return (parsing == 3) | (parsing == 4)
+
+
+def seam_bands(parsing: np.ndarray) -> dict[str, np.ndarray]:
+    """{"hairline", "neck"}: bool [H, W] bands around the hair-face and neck-face boundaries of parsing
+    labels [H, W] (see the module docstring)."""
+    import cv2
+
+    r = max(1, int(round(parsing.shape[1] / 64)))
+    kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+    near = lambda m: cv2.dilate(m.astype(np.uint8), kernel).astype(bool)  # noqa: E731  (within r, square)
+    face = near(face_mask_from_parsing(parsing))
+    return {"hairline": face & near(parsing == 2), "neck": face & near(parsing == 1)}
+
+
+def mean_abs_error(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
+    """Mean |pred - gt| (0-255, RGB averaged) of uint8 images [H, W, 3] over ``mask`` [H, W] (NaN if empty)."""
+    if not mask.any():
+        return math.nan
+    return float(np.abs(pred.astype(np.float64) - gt.astype(np.float64)).mean(-1)[mask].mean())
 
 
 def psnr(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> float:

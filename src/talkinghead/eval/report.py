@@ -23,11 +23,12 @@ from talkinghead.errors import UserError
 from .evaluate import METRICS, Evaluation
 
 # The columns of the comparison table, in the order the papers' tables use.
-TABLE_COLUMNS = ("psnr_face", "ssim_face", "lpips_face", "psnr_full", "ssim_full", "lmd_mouth", "lmd_all",
-                 "mouth_open_corr", "blink_error", "aue_proxy", "landmark_sync_conf", "landmark_sync_offset",
+TABLE_COLUMNS = ("psnr_face", "ssim_face", "lpips_face", "psnr_full", "ssim_full", "hairline_error", "neck_error",
+                 "lmd_mouth", "lmd_all", "mouth_open_corr", "blink_error", "aue_proxy", "landmark_sync_conf", "landmark_sync_offset",
                  "syncnet_conf", "stability", "fid", "csim", "train_time_s", "render_fps")
 _HEADERS = {"psnr_face": "PSNR face", "ssim_face": "SSIM face", "lpips_face": "LPIPS face",
-            "psnr_full": "PSNR full", "ssim_full": "SSIM full", "lmd_mouth": "M-LMD", "lmd_all": "LMD",
+            "psnr_full": "PSNR full", "ssim_full": "SSIM full", "hairline_error": "Hairline err",
+            "neck_error": "Neck err", "lmd_mouth": "M-LMD", "lmd_all": "LMD",
             "mouth_open_corr": "Mouth r", "blink_error": "Blink err", "aue_proxy": "AUE proxy",
             "landmark_sync_conf": "LM-Sync conf", "landmark_sync_offset": "LM-Sync off",
             "syncnet_conf": "Sync", "stability": "Stability", "fid": "FID", "csim": "CSIM",
@@ -210,8 +211,9 @@ def comparison_table(reports: dict[str, dict]) -> str:
         if group:
             parts += [f"### {mode.capitalize()}", "", _table(group), ""]
     parts += ["↑ higher is better, ↓ lower is better; – not available (each run's metrics.json says why). "
-              "PSNR/SSIM/LPIPS face = on the face mask; M-LMD/LMD in pixels at 512 px width; Stability per "
-              "GaussianFlameTalk sec. 3.3; LM-Sync = landmark sync (mouth opening vs audio articulation, not "
+              "PSNR/SSIM/LPIPS face = on the face mask; Hairline/Neck err = mean absolute error (0-255) in a "
+              "band around the hair-face boundary / along the jaw line over the neck; M-LMD/LMD in pixels at "
+              "512 px width; Stability per GaussianFlameTalk sec. 3.3; LM-Sync = landmark sync (mouth opening vs audio articulation, not "
               "SyncNet), offset in frames (+ = audio late); Sync = SyncNet confidence.", ""]
     return "\n".join(parts)
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from talkinghead.errors import UserError
 from talkinghead.face.landmarks import LIPS_OUTER
 
-from .base import Batch, Condition, DataConfig, DatasetInfo, MouthCrop
+from .base import Batch, Condition, DataConfig, DatasetInfo, MouthCrop, SourceFrame
 
 HAIR, FACE, MOUTH = 2, 3, 4
 
@@ -62,7 +62,8 @@ class FrameStore:
     """The frames of one split of a prepared dataset, cached at ``cfg.size``, as Conditions and Batches.
 
     ``indices`` [T_split] are the source frame numbers; item ``k`` of the store is frame ``indices[k]``.
-    ``with_targets=False`` skips the ground truth (render only needs poses, backdrops and blinks);
+    ``with_targets=False`` skips the ground truth (render only needs poses, backdrops and blinks; the frames
+    and their parsing are still read when ``cfg.source_frames`` puts a SourceFrame in every Condition);
     ``pick`` keeps only those positions of the split (e.g. a few validation frames).
     """
 
@@ -82,6 +83,7 @@ class FrameStore:
         self.K = torch.as_tensor(np.asarray(ds.K), dtype=torch.float32)
         self.windows = audio_windows(ds.audio_matrix, cfg.audio_radius)
         n = len(self.indices)
+        frames_too = with_targets or cfg.source_frames  # images + parsing
         backdrops, viewmats, blinks, images, labels, boxes, exprs = [], [], [], [], [], [], []
         pool = ThreadPoolExecutor(2)  # decoding releases the GIL
         frames = pool.map(lambda i: ds.frame(int(i)), self.indices)
@@ -91,9 +93,10 @@ class FrameStore:
             viewmats.append(np.asarray(fr.viewmat, np.float32))
             blinks.append(np.asarray(fr.blink, np.float32))
             exprs.append(np.asarray(fr.expression, np.float32))
-            if with_targets:
+            if frames_too:
                 images.append(_to_u8(fr.image))
                 labels.append(torch.from_numpy(np.array(fr.parsing, np.uint8)))
+            if with_targets:
                 lips = np.asarray(fr.landmarks, np.float32)[list(LIPS_OUTER), :2]
                 boxes.append(np.concatenate([lips.min(0), lips.max(0)]))
         pool.shutdown()
@@ -101,8 +104,8 @@ class FrameStore:
         self.viewmats = torch.from_numpy(np.stack(viewmats))  # [T, 4, 4]
         self.blinks = torch.from_numpy(np.stack(blinks))  # [T, 2]
         self.expressions = torch.from_numpy(np.stack(exprs))  # [T, E]
-        self.images = torch.stack(images) if with_targets else None  # [T, H, W, 3] uint8
-        self.labels = torch.stack(labels) if with_targets else None  # [T, H, W] uint8
+        self.images = torch.stack(images) if frames_too else None  # [T, H, W, 3] uint8
+        self.labels = torch.stack(labels) if frames_too else None  # [T, H, W] uint8
         self.mouth_boxes = torch.from_numpy(np.stack(boxes)) if with_targets else None  # [T, 4]
         self.crops = None
         if with_targets and cfg.mouth_crop > 0:
@@ -115,9 +118,12 @@ class FrameStore:
     def condition(self, k: int, audio: Tensor | None = None) -> Condition:
         """Condition of item ``k``; ``audio`` [2R+1, D] replaces the frame's own audio window (driving)."""
         i = int(self.indices[k])
+        source = None
+        if self.cfg.source_frames:
+            source = SourceFrame(image=_f32(self.images[k]), labels=self.labels[k], expression=self.expressions[k])
         return Condition(viewmat=self.viewmats[k], K=self.K, backdrop=_f32(self.backdrops[k]),
                          audio=self.windows[min(i, len(self.windows) - 1)] if audio is None else audio,
-                         blink=self.blinks[k], index=i)
+                         blink=self.blinks[k], index=i, source=source)
 
     def batch(self, k: int) -> Batch:
         lab = self.labels[k]
@@ -166,6 +172,39 @@ class FrameStore:
             Ks.append(Kc)
         pool.shutdown()
         self.crops = (torch.stack(Ks), torch.stack(imgs), torch.stack(bds))
+
+
+class Conditions:
+    """Conditions of any frame of a prepared dataset at any render size, decoded when asked (the renderer's
+    input: nothing is cached, so a long clip at 512^2 or more costs no memory up front).
+
+    ``size`` is the render side N: the backdrop (torso image) is read at N from the dataset's stored frames
+    (area-averaged down, bilinear up; above the dataset's own size the backdrop is upsampled) and ``K`` is the
+    camera in pixels of N -- a Condition carries its render size (``Condition.height``/``width``) this way.
+    At the training size a Condition equals :meth:`FrameStore.condition`'s for the same frame.
+    """
+
+    def __init__(self, path: Path, size: int, audio_radius: int, source_frames: bool = False):
+        self.ds = open_dataset(path, size=size)
+        self.size = int(size)
+        self.source_frames = source_frames  # also give each Condition its SourceFrame (DataConfig.source_frames)
+        self.K = torch.as_tensor(np.asarray(self.ds.K), dtype=torch.float32)
+        self.windows = audio_windows(self.ds.audio_matrix, audio_radius)
+        tracks = self.ds.tracks
+        self.viewmats = torch.from_numpy(np.asarray(tracks.viewmats, np.float32))  # [T, 4, 4]
+        self.blinks = torch.from_numpy(np.asarray(tracks.blink, np.float32))  # [T, 2]
+
+    def __call__(self, i: int, audio: Tensor | None = None) -> Condition:
+        """Condition of dataset frame ``i``; ``audio`` [2R+1, D] replaces the frame's own window (driving)."""
+        i = int(i)
+        source = None
+        if self.source_frames:
+            fr = self.ds.frame(i)
+            source = SourceFrame(image=_f32(_to_u8(fr.image)), labels=torch.from_numpy(np.array(fr.parsing, np.uint8)),
+                                 expression=torch.from_numpy(np.asarray(fr.expression, np.float32)))
+        return Condition(viewmat=self.viewmats[i], K=self.K, backdrop=_f32(_to_u8(self.ds.torso_image(i))),
+                         audio=self.windows[min(i, len(self.windows) - 1)] if audio is None else audio,
+                         blink=self.blinks[i], index=i, source=source)
 
 
 def _resize(img: Tensor, h: int, w: int) -> Tensor:

@@ -12,6 +12,11 @@ parameter             shape         activation
 ``sh0``               [N, 1, 3]     SH DC term; colour = ``C0 * sh0 + 0.5``
 ``shN``               [N, K-1, 3]   higher SH bands, K = (sh_degree + 1)^2
 ====================  ============  ======================================
+
+A model may also hold *extra* per-Gaussian parameters (``extras={"embedding": [N, d]}``, e.g. DEGSTalk's
+learnable per-Gaussian embedding): they are rows of the same Gaussians, so density control copies them when a
+Gaussian is cloned or split and drops them when it is pruned (``param_names`` lists all), and ``save`` /
+``load`` keep them. The rasterizer never sees them.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ class GaussianModel(torch.nn.Module):
     """A set of 3D Gaussians with SH colours up to ``sh_degree``; see the module docstring for the layout."""
 
     def __init__(
-        self, means: Tensor, log_scales: Tensor, quats: Tensor, logit_opacities: Tensor, sh0: Tensor, shN: Tensor
+        self, means: Tensor, log_scales: Tensor, quats: Tensor, logit_opacities: Tensor, sh0: Tensor, shN: Tensor,
+        extras: dict[str, Tensor] | None = None,  # name -> [N, ...] extra per-Gaussian parameters
     ):
         super().__init__()
         n = means.shape[0]
@@ -50,6 +56,16 @@ class GaussianModel(torch.nn.Module):
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
             self.register_parameter(name, torch.nn.Parameter(t.detach().clone().float().contiguous()))
+        for name, t in (extras or {}).items():
+            if name in PARAM_NAMES or t.shape[0] != n:
+                raise ValueError(f"extra parameter {name!r} must be a new name with {n} rows, got {list(t.shape)}")
+            self.register_parameter(name, torch.nn.Parameter(t.detach().clone().float().contiguous()))
+        self.extra_names = tuple(extras or ())
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Every per-Gaussian parameter: the 3DGS ones (PARAM_NAMES), then the extras."""
+        return PARAM_NAMES + self.extra_names
 
     @classmethod
     def from_points(
@@ -121,8 +137,9 @@ class GaussianModel(torch.nn.Module):
         """Checkpoint as safetensors (no pickle): the raw parameters plus the SH degree in the metadata."""
         from safetensors.torch import save_file
 
-        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in PARAM_NAMES}
-        save_file(tensors, str(path), metadata={"format": CHECKPOINT_FORMAT, "sh_degree": str(self.sh_degree)})
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in self.param_names}
+        save_file(tensors, str(path), metadata={"format": CHECKPOINT_FORMAT, "sh_degree": str(self.sh_degree),
+                                                "extras": ",".join(self.extra_names)})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "GaussianModel":
@@ -130,12 +147,14 @@ class GaussianModel(torch.nn.Module):
 
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
-                if (f.metadata() or {}).get("format") != CHECKPOINT_FORMAT:
+                meta = f.metadata() or {}
+                if meta.get("format") != CHECKPOINT_FORMAT:
                     raise UserError(f"{path} is not a talkinghead Gaussian checkpoint")
                 tensors = {name: f.get_tensor(name) for name in PARAM_NAMES}
+                extras = {name: f.get_tensor(name) for name in meta.get("extras", "").split(",") if name}
         except (OSError, SafetensorError) as exc:  # missing file, or not safetensors at all
             raise UserError(f"cannot read Gaussian checkpoint {path}: {exc}") from exc
-        return cls(**tensors).to(device)
+        return cls(**tensors, extras=extras).to(device)
 
     def export_ply(self, path: str | Path) -> None:
         """Write the standard 3DGS ``.ply`` (binary little-endian) that splat viewers open.

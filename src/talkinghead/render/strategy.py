@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .model import PARAM_NAMES, GaussianModel
+from .model import GaussianModel
 from .projection import quat_to_rotmat
 
 
@@ -91,16 +91,19 @@ class DensityStrategy:
                 room = self.max_gaussians - len(model)
                 clone, split = _limit(clone, split, self.grad2d_sum / self.visible_count.clamp(min=1), room)
             n_clone, n_split = int(clone.sum()), int(split.sum())
-            # Clone: an identical copy; the two then move apart under their own gradients.
+            # Clone: an identical copy (extra per-Gaussian parameters too); the two then move apart under their
+            # own gradients.
             if n_clone:
-                _append(model, optimizer, {name: getattr(model, name)[clone] for name in PARAM_NAMES})
-            # Split: two children drawn from the parent's own distribution, shrunk by split_factor; the parent
-            # is removed. (Masks are padded for the clones appended just above.)
+                _append(model, optimizer, {name: getattr(model, name)[clone] for name in model.param_names})
+            # Split: two children drawn from the parent's own distribution, shrunk by split_factor, each with a
+            # copy of the parent's extra parameters; the parent is removed. (Masks are padded for the clones
+            # appended just above.)
             if n_split:
                 split = torch.cat([split, split.new_zeros(n_clone)])
                 scales = model.scales[split]
                 offsets = (quat_to_rotmat(model.quats[split]) @ (scales * torch.randn_like(scales))[..., None])[..., 0]
-                children = {name: getattr(model, name)[split].repeat_interleave(2, 0) for name in PARAM_NAMES}
+                children = {name: getattr(model, name)[split].repeat_interleave(2, 0)
+                            for name in model.param_names}
                 children["means"] = children["means"] + torch.stack([offsets, -offsets], 1).reshape(-1, 3)
                 children["log_scales"] = children["log_scales"] - math.log(self.split_factor)
                 _append(model, optimizer, children)
@@ -152,7 +155,7 @@ def _replace(
     The optimiser keys its state by parameter object, so the new Parameter takes the old one's place in
     the param groups and inherits its transformed moments (Adam's exp_avg, exp_avg_sq...).
     """
-    for name in PARAM_NAMES:
+    for name in model.param_names:
         old = getattr(model, name)
         new = torch.nn.Parameter(update(name, old.detach(), False), requires_grad=old.requires_grad)
         for group in optimizer.param_groups:

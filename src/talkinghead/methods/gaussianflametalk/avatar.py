@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
-from talkinghead.methods.surface import points_on_triangles
+from talkinghead.methods.surface import points_on_triangles, project_colors
 from talkinghead.render import num_sh_bases, rgb_to_sh
 
-from .rigging import bind_to_world, face_forward, fill_holes, shell_points, triangle_frames
+from .rigging import bind_activated, face_forward, fill_holes, shell_points, triangle_frames
 
 
 def axis_angle_to_matrix(v: Tensor) -> Tensor:
@@ -109,8 +109,8 @@ class RiggedAvatar(nn.Module):
         forward = face_forward(neutral, viewmat)
         shell, spacing = shell_points(neutral.astype(np.float32), forward, num_shell, seed=seed)
         image = dataset.frame(first).image
-        colors = np.concatenate([_project_colors(pts, viewmat, tracks.K, image),
-                                 _project_colors(shell.astype(np.float64), viewmat, tracks.K, image)])
+        colors = np.concatenate([project_colors(pts, viewmat, tracks.K, image),
+                                 project_colors(shell.astype(np.float64), viewmat, tracks.K, image)])
 
         m = cls(len(tracks.expression), fm.num_expression, len(neutral), sh_degree)
         f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
@@ -179,17 +179,25 @@ class RiggedAvatar(nn.Module):
         """[..., E] -> [..., V, 3] in the head frame."""
         return self.neutral + torch.einsum("...e,evc->...vc", expression, self.basis)
 
-    def gaussians(self, expression: Tensor) -> dict[str, Tensor]:
+    def static(self) -> dict[str, Tensor]:
+        """What does not depend on the expression: the rigid shell's Gaussians, every opacity and colour, and the
+        bound Gaussians' activated local rotations and scales (a renderer keeps them once per avatar)."""
+        return {"local_quats": F.normalize(self.local_quats, dim=-1), "local_scales": torch.exp(self.local_log_scales),
+                "shell_quats": F.normalize(self.shell_quats, dim=-1), "shell_scales": torch.exp(self.shell_log_scales),
+                "opacities": torch.sigmoid(self.opacity_logits)}
+
+    def gaussians(self, expression: Tensor, static: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Head-frame Gaussians for an expression [E]: means [N, 3], quats [N, 4], scales [N, 3],
-        opacities [N], sh [N, K, 3] (bound first, then shell)."""
+        opacities [N], sh [N, K, 3] (bound first, then shell). ``static``: :meth:`static`, precomputed."""
+        s = self.static() if static is None else static
         verts = self.mesh(expression)
-        bm, bq, bs = bind_to_world(verts, self.faces, self.parent, self.local_means, self.local_quats,
-                                   self.local_log_scales)
+        bm, bq, bs = bind_activated(verts, self.faces, self.parent, self.local_means, s["local_quats"],
+                                    s["local_scales"])
         return {
             "means": torch.cat([bm, self.shell_means]),
-            "quats": torch.cat([bq, F.normalize(self.shell_quats, dim=-1)]),
-            "scales": torch.cat([bs, torch.exp(self.shell_log_scales)]),
-            "opacities": torch.sigmoid(self.opacity_logits),
+            "quats": torch.cat([bq, s["shell_quats"]]),
+            "scales": torch.cat([bs, s["shell_scales"]]),
+            "opacities": s["opacities"],
             "sh": self.sh,
         }
 
@@ -199,17 +207,3 @@ class RiggedAvatar(nn.Module):
         pos = F.relu(self.local_means.norm(dim=-1) - eps_position).mean()
         scale = F.relu(torch.exp(self.local_log_scales) - eps_scale).mean()
         return pos, scale
-
-
-def _project_colors(points: np.ndarray, viewmat: np.ndarray, K: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """Colour [N, 3] of the pixel each head-frame point projects to (mid-grey when outside the image)."""
-    from talkinghead.camera import project
-
-    uv = project(points, viewmat, K)
-    H, W = image.shape[:2]
-    u = np.floor(uv[:, 0]).astype(np.int64)
-    v = np.floor(uv[:, 1]).astype(np.int64)
-    ok = (u >= 0) & (u < W) & (v >= 0) & (v < H)
-    out = np.full((len(points), 3), 0.5, np.float32)
-    out[ok] = image[v[ok], u[ok]]
-    return np.clip(out, 0.02, 0.98)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from talkinghead.errors import UserError
-from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
+from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
 from talkinghead.methods.losses import dssim
 from talkinghead.render import rasterize
 
@@ -64,6 +64,7 @@ class GaussianFlameTalk(nn.Module):
         self._extras: dict[str, Any] = {}
         self._eyes: Tensor | None = None  # eye components, from the face model on first use
         self._smoothed: tuple[Tensor, Tensor] | None = None  # render-time corrections, see _corrections
+        self._frozen = RenderCache(lambda: self.avatar.static())  # the expression-independent Gaussians, for rendering
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -185,7 +186,7 @@ class GaussianFlameTalk(nn.Module):
         viewmat = cond.viewmat
         if self._is_train_frame(cond.index):
             viewmat = self.avatar.frame_viewmat(cond.index, viewmat, delta=self._corrections()[0])
-        img, _ = self._raster(self.avatar.gaussians(expr), viewmat, cond.K, cond.backdrop)
+        img, _ = self._raster(self.avatar.gaussians(expr, self._frozen.get(self)), viewmat, cond.K, cond.backdrop)
         return img.clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ training
@@ -301,6 +302,9 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     calls this: load AVATAR, train a fresh FlameTalk (``flametalk_config`` overrides fields of the saved
     one) on DATA (default: the avatar's dataset), then replace ``model.safetensors`` and the ``flametalk``
     entries of ``config.json`` / ``train_log.json`` atomically. Returns FlameTalk's test-split metrics.
+    DATA may be the same clip prepared again with other audio features (``prepare --audio-encoder``): only
+    FlameTalk reads audio, so the avatar then records DATA and its audio columns, and render drives it with
+    DATA's encoder.
     """
     import dataclasses
     import json
@@ -313,6 +317,9 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     avatar = Path(avatar)
     _, cfg, info, model, meta = load_model(avatar, expect_method="gaussianflametalk")
     ds = open_dataset(Path(data) if data is not None else Path(meta["data"]))
+    if ds.num_frames != info.num_frames:
+        raise UserError(f"{data} has {ds.num_frames} frames, the avatar was trained on {info.num_frames}: "
+                        f"not the same clip")
     cfg.flametalk = dataclasses.replace(cfg.flametalk, **(flametalk_config or {}))
     fm, tracks = ds.face_model, ds.tracks
     train = ds.split_indices("train")
@@ -323,6 +330,10 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     save_tensors_atomic(avatar / MODEL, {f"model.{k}": v for k, v in model.state_dict().items()},
                         metadata={"method": "gaussianflametalk"})
     meta["config"] = config_to_dict(cfg)
+    if data is not None:
+        meta["data"] = str(Path(data).resolve())
+        meta["info"]["audio_dim"] = int(audio.shape[1])
+        meta["info"]["audio_names"] = list(ds.audio_features.names)
     write_json_atomic(avatar / CONFIG, meta)
     log_path = avatar / LOG
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}

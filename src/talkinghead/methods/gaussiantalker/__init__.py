@@ -1,7 +1,8 @@
 """GaussianTalker (audio-driven 3D Gaussian splatting with spatial-audio attention), registered as ``gaussiantalker``.
 
-Modules: :mod:`.config` (presets, variants), :mod:`.canonical` (initial points), :mod:`.triplane` (eq. 7),
-:mod:`.attention` (tokens + eqs. 10-13), :mod:`.deformation` (F_can, F_deform: eqs. 8, 14), :mod:`.model`.
+Modules: :mod:`.config` (presets, variants), :mod:`.attention` (tokens + eqs. 10-13), :mod:`.deformation`
+(F_can, F_deform: eqs. 8, 14), :mod:`.model`; shared: initial points (:mod:`talkinghead.methods.surface`),
+triplane (eq. 7, :mod:`talkinghead.nn.triplane`), audio encoder (:mod:`talkinghead.nn.audio`).
 """
 
 from talkinghead.methods import register_method

@@ -31,7 +31,7 @@ What we have to do differently (no pretrained weights exist offline):
   one -- both are reported as off in ``train_log.json``.
 * **Audio**: a window of the dataset's per-frame features (phone posteriors + log-mel + energy, or wav2vec where
   prepared with it; the paper: wav2vec) through an audio net + attention over the window (the AD-NeRF /
-  ER-NeRF audio attention net the public code reuses), :class:`~talkinghead.methods.gaussiantalker.attention.
+  ER-NeRF audio attention net the public code reuses), :class:`~talkinghead.nn.audio.
   AudioEncoder`.
 * **Stages**: static (P_ID + decoder + SR), audio (U-Net + tokens; decoder and SR keep training at a lower rate,
   P_ID frozen as the paper's generator output is), and the paper's short final super-resolution stage.
@@ -58,7 +58,8 @@ from torch import Tensor, nn
 
 from talkinghead.face.landmarks import FACE_OVAL, LEFT_EYE, NOSE, RIGHT_EYE
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
-from talkinghead.methods.gaussiantalker.attention import AudioEncoder, blink_encoding
+from talkinghead.methods.gaussiantalker.attention import blink_encoding
+from talkinghead.nn.audio import AudioEncoder
 from talkinghead.methods.losses import PerceptualLoss
 from talkinghead.render.superres import SuperResolution
 from talkinghead.render.volume import OSGDecoder, VolumeConfig, render_triplane, scene_viewmat

@@ -1,4 +1,4 @@
-"""Multi-resolution triplane feature field f(mu) (GaussianTalker sec. 4.2.1, eq. 7).
+"""Multi-resolution triplane feature field f(mu) (GaussianTalker sec. 4.2.1, eq. 7; DEGSTalk's position encoder H).
 
 Three orthogonal feature planes P^xy, P^yz, P^zx of shape [H, R, R] per resolution R. A point is
 normalised into the head's bounding box, projected onto each plane, and bilinearly interpolated; the three

@@ -1,0 +1,201 @@
+"""DEGSTalk against GaussianTalker and GaussianFlameTalk (+ DEGSTalk's ablations) on the same test splits.
+
+Not a test. For each prepared dataset and each run (method, variant, iterations):
+
+1. ``talkinghead train DATA --method M [--variant V] --iterations N --preset cpu-small`` (skipped when the avatar
+   folder already holds ``model.safetensors``): wall time, and the CPU seconds (user + sys) of the command,
+   from ``AVATAR.time`` (``wall user sys``, as ``/usr/bin/time -f "%e %U %S"`` writes it) -- the cores are shared,
+   so CPU seconds are the steadier figure;
+2. ``talkinghead eval AVATAR --data DATA --out REPORT`` (the test split rendered at 128^2, self-driven; render
+   FPS, PSNR/SSIM full and face, LMD, mouth-opening r, stability, the hairline / neck seam-band errors);
+3. render frames per CPU second at 128^2 (one thread, in this process: eval's FPS is wall-clock on shared cores);
+4. one ``talkinghead compare`` table per dataset;
+5. a PNG sheet per dataset: ground truth and every run's prediction at four test frames.
+
+Runs whose avatar is missing are listed as not run unless ``--train-missing`` trains them here (the session that
+wrote this trained them one at a time beforehand with the same commands).
+
+    PYTHONPATH=src .venv/bin/python bench/bench_degstalk.py [--work /work/scratch/degstalk/runs]
+        [--datasets cnn,hdtf,lowres] [--no-write]
+
+Appends an entry to bench/RESULTS.md under "## DEGSTalk (bench/bench_degstalk.py)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchlib import CLI, append_entry, stamp
+
+SECTION = "## DEGSTalk (bench/bench_degstalk.py)"
+DATA_ROOT = Path("/work/data")
+DATASETS = {"cnn": "cnn_anchor_en_71s", "hdtf": "hdtf_radio2_8s", "lowres": "lowres_woman_11s_200x278_29.97fps"}
+# (run name, method, variant, iterations on cnn, iterations on the 8-11 s clips)
+RUNS = [
+    ("degstalk", "degstalk", None, 4000, 600),
+    ("gaussiantalker", "gaussiantalker", None, 4000, 600),
+    ("gaussianflametalk", "gaussianflametalk", None, 3000, 600),
+    ("degstalk-no-embedding", "degstalk", "no-embedding", None, 600),
+    ("degstalk-no-hair", "degstalk", "no-hair", None, 600),
+]
+
+
+def train(data: Path, avatar: Path, method: str, variant: str | None, iterations: int) -> None:
+    """Train into ``avatar`` (nice'd), writing ``avatar.time`` = "wall user sys" of the command."""
+    cmd = [*CLI, "train", str(data), "--method", method, "--out", str(avatar), "--preset", "cpu-small",
+           "--iterations", str(iterations)] + (["--variant", variant] if variant else [])
+    print("+", " ".join(cmd), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(["nice", "-n", "10", *cmd], check=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    Path(f"{avatar}.time").write_text(f"{wall:.2f} {after.ru_utime - before.ru_utime:.2f} "
+                                      f"{after.ru_stime - before.ru_stime:.2f}\n")
+
+
+def cpu_figures(avatar: Path) -> tuple[float, float] | None:
+    """(wall s, CPU s) of the training command, or None when it was not recorded."""
+    path = Path(f"{avatar}.time")
+    if not path.is_file():
+        return None
+    wall, user, sys_ = (float(x) for x in path.read_text().split()[:3])
+    return wall, user + sys_
+
+
+def evaluate(avatar: Path, data: Path, report: Path) -> None:
+    if (report / "metrics.json").is_file():
+        return
+    cmd = ["nice", "-n", "10", *CLI, "eval", str(avatar), "--data", str(data), "--out", str(report), "--quiet"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def cpu_fps(avatar: Path, data: Path, frames: int = 24) -> float:
+    """Rendered frames per CPU second at the training size (one torch thread, test-split conditions, after one
+    warm-up frame): what one free core gives, unlike eval's wall-clock FPS on the shared cores."""
+    import dataclasses
+
+    import torch
+
+    from talkinghead.methods.data import FrameStore
+    from talkinghead.methods.trainer import load_model
+
+    torch.set_num_threads(1)
+    _, cfg, info, model, _ = load_model(avatar, device=torch.device("cpu"))
+    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test",
+                       with_targets=False, progress=False)
+    with torch.no_grad():
+        model.render(store.condition(0))
+        t = time.process_time()
+        for k in range(frames):
+            model.render(store.condition(k % len(store)))
+        return frames / (time.process_time() - t)
+
+
+def compare(reports: list[Path], out: Path) -> str:
+    subprocess.run([*CLI, "compare", *map(str, reports), "--out", str(out)], check=True, capture_output=True)
+    return out.read_text()
+
+
+def sheet(data: Path, runs: list[tuple[str, Path]], out: Path, columns: int = 4) -> None:
+    """PNG: the ground truth row, then one row per run's prediction.mp4, at ``columns`` evenly spaced test frames."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from talkinghead import media
+    from talkinghead.data import PreparedDataset
+
+    ds = PreparedDataset(data, size=media.probe(runs[0][1] / "prediction.mp4").width)
+    preds = {name: media.read_frames(rep / "prediction.mp4", ds.fps) for name, rep in runs}
+    idx = ds.split_indices("test")
+    pick = np.linspace(0, len(idx) - 1, columns).round().astype(int)
+    rows = [("ground truth", [np.round(ds.image(int(idx[k])) * 255).astype(np.uint8) for k in pick])]
+    rows += [(name, [frames[min(k, len(frames) - 1)] for k in pick]) for name, frames in preds.items()]
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.3 * len(rows)), squeeze=False)
+    for r, (name, frames) in enumerate(rows):
+        for c, frame in enumerate(frames):
+            ax = axes[r][c]
+            ax.imshow(frame)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+            if r == 0:
+                ax.set_title(f"test frame {int(idx[pick[c]])}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/work/scratch/degstalk/runs"))
+    ap.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    ap.add_argument("--datasets", default="cnn,hdtf,lowres")
+    ap.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="run names to include")
+    ap.add_argument("--train-missing", action="store_true", help="train runs whose avatar is missing (else skip)")
+    ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.runs.split(","))
+    parts, skipped, speed = [], [], []
+    for key in args.datasets.split(","):
+        data = args.data_root / DATASETS[key]
+        reports, shown = [], []
+        for name, method, variant, it_long, it_short in RUNS:
+            iterations = it_long if key == "cnn" else it_short
+            if name not in wanted or iterations is None:
+                continue
+            avatar = args.work / f"{key}_{name}"
+            if not (avatar / "model.safetensors").is_file():
+                if not args.train_missing:
+                    skipped.append(f"{key}/{name}")
+                    continue
+                train(data, avatar, method, variant, iterations)
+            report = args.work / "reports" / key / name
+            evaluate(avatar, data, report)
+            reports.append(report)
+            shown.append((name, report))
+            log = json.loads((avatar / "train_log.json").read_text())
+            m = json.loads((report / "metrics.json").read_text())["metrics"]
+            cpu = cpu_figures(avatar)
+            speed.append(f"| {key} | {name} | {log['iterations']} | {log['train_time_s'] / 60:.1f} | "
+                         + (f"{cpu[0] / 60:.1f} | {cpu[1] / 60:.1f}" if cpu else "– | –")
+                         + f" | {m['render_fps']:.1f} | {cpu_fps(avatar, data):.1f} |")
+        if not reports:
+            continue
+        table = compare(reports, args.work / f"compare_{key}.md")
+        sheet(data, shown, args.work / f"sheet_{key}.png")
+        parts.append(f"#### {DATASETS[key]} (test split, self-driven, 128²)\n\n{table.strip()}\n\n"
+                     f"Sheet: `{args.work / f'sheet_{key}.png'}`")
+    entry = [f"### {stamp()}", "",
+             "All runs `--preset cpu-small` (128²), one job at a time under `nice -n 10` on the shared 2 cores; "
+             "iterations as listed (the 8-11 s clips trimmed to 600 for every method).", ""]
+    entry += ["| data | run | iterations | train loop (min) | command wall (min) | command CPU (min) | "
+              "render FPS (eval, wall) | render frames / CPU s |", "|---|---|---|---|---|---|---|---|", *speed, ""]
+    entry += parts
+    if skipped:
+        entry += ["", "Not run (trimmed for time): " + ", ".join(skipped) + "."]
+    text = "\n".join(entry)
+    print(text)
+    if not args.no_write:
+        append_entry(SECTION, text, intro=(
+            "DEGSTalk (issue 11) beside GaussianTalker and GaussianFlameTalk, and its ablations w/o E "
+            "(no per-Gaussian embedding) and w/o H (no hair-preserving rendering), on the cnn test split and two "
+            "long-haired clips. Hairline / Neck err: eval's seam-band errors (mean absolute error, 0-255)."))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,248 @@
+"""DEGSTalk: hair plate and region masks, face-model inputs, the fields, stages, densification with embeddings,
+persistence, and the method end to end on the synthetic dataset of test_methods."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from talkinghead.methods import get_method
+from talkinghead.methods.base import config_from_dict, config_to_dict
+from talkinghead.methods.data import FrameStore, open_dataset
+from talkinghead.methods.degstalk.config import VARIANTS, DEGSTalkConfig, make_config
+from talkinghead.methods.degstalk.expression import jaw_functional, upper_face_projection, upper_face_vertices
+from talkinghead.methods.degstalk.model import DEGSTalk, _mouth_window
+from talkinghead.methods.degstalk.plate import dilate, erode, hair_plate, region_masks
+from talkinghead.methods.trainer import load_model, train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_dilate_and_erode_are_square_max_pools():
+    m = torch.zeros(7, 7)
+    m[3, 3] = 1
+    assert dilate(m, 1).sum() == 9 and dilate(m, 1)[2:5, 2:5].all() and dilate(m, 0).equal(m)
+    block = dilate(m, 2)  # 5x5
+    assert erode(block, 1).sum() == 9 and erode(block, 2).equal(m)
+
+
+def test_hair_plate_keeps_the_hair_and_the_face_border_band_over_the_backdrop():
+    labels = torch.zeros(8, 8, dtype=torch.uint8)
+    labels[:, :2] = 2  # hair (ears count too: same label)
+    labels[1:7, 2:8] = 3  # face 6 x 6
+    labels[3:5, 4:6] = 4  # inner mouth inside it
+    labels[7, 2:] = 1  # torso
+    image, backdrop = torch.ones(8, 8, 3), torch.zeros(8, 8, 3)
+    no_band = hair_plate(image, labels, backdrop, erode_px=0)[..., 0]
+    assert no_band.equal((labels == 2).float())  # torso, face, mouth, background: the backdrop
+    band = hair_plate(image, labels, backdrop, erode_px=1)[..., 0]
+    face = (labels >= 3).float()
+    ring = face - erode(face, 1)
+    assert band.equal(((labels == 2).float() + ring).clamp(0, 1))
+    assert band[3:5, 4:6].sum() == 0 and band[2:6, 3:7].sum() == 0  # the face's inside is cut out
+
+
+def test_region_masks_dilate_the_face_and_mouth_and_take_the_hair_only_without_a_plate():
+    labels = torch.zeros(9, 9, dtype=torch.uint8)
+    labels[:, :2] = 2
+    labels[2:7, 3:8] = 3
+    labels[4, 5] = 4
+    f, m = region_masks(labels, 0, with_hair=False)
+    assert f.equal((labels >= 3).float()) and m.sum() == 1
+    f, m = region_masks(labels, 1, with_hair=False)
+    assert f.sum() == 7 * 7 and m.sum() == 9
+    f, _ = region_masks(labels, 0, with_hair=True)
+    assert f.equal((labels >= 2).float())
+
+
+def _toy_face(E: int = 3):
+    """A 478-vertex 'face': eyes at y = 0, a mouth below; component 0 moves only the lower lip (jaw), 1 the
+    eyebrows, 2 both."""
+    from talkinghead.face.landmarks import LEFT_EYE, RIGHT_EYE
+
+    rng = np.random.default_rng(0)
+    v = rng.uniform(-0.05, 0.05, (478, 3)).astype(np.float32)
+    v[list(RIGHT_EYE) + list(LEFT_EYE), 1] = 0.0
+    v[13], v[14] = [0, 0.04, 0], [0, 0.045, 0]  # inner lips, below the eyes
+    up = v[:, 1] <= 0
+    B = np.zeros((E, 478, 3), np.float32)
+    B[0, 14, 1] = 0.01  # jaw: opens by 10 mm per unit
+    B[1, up, 1] = -0.002
+    B[2, up, 0] = 0.001
+    B[2, 14, 1] = 0.005
+    return v, B
+
+
+def test_upper_face_coefficients_ignore_the_jaw_and_have_unit_variance():
+    v, B = _toy_face()
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 3)).astype(np.float32)
+    mean, proj = upper_face_projection(v, B, X, k=4)
+    assert proj.shape == (3, 4) and np.allclose(mean, X.mean(0))
+    feats = (X - mean) @ proj
+    assert np.allclose(feats[:, :2].std(0), 1.0, atol=1e-4) and np.allclose(feats[:, 2:], 0)  # 2 upper directions
+    assert np.allclose(proj[0], 0, atol=1e-6)  # the jaw component moves no upper-face vertex
+    assert 13 not in upper_face_vertices(v) and 14 not in upper_face_vertices(v)
+
+
+def test_jaw_functional_is_the_inner_lip_gap_in_mm():
+    v, B = _toy_face()
+    offset, w = jaw_functional(v, B)
+    assert offset == pytest.approx(5.0, abs=1e-4)  # 0.045 - 0.04 m
+    np.testing.assert_allclose(w, [10.0, 0.0, 5.0], atol=1e-4)
+
+
+def test_variants_switch_one_component_each_and_configs_round_trip():
+    base = make_config("cpu-small", None)
+    assert base.embedding_dim == 32 and base.expression and base.hair_plate and base.fine_tune
+    assert base.data.source_frames and base.beta_jaw == 0.001 and base.lambda_dssim == 0.5
+    assert base.gamma_lpips == 0.2
+    changed = {v: {k for k, val in config_to_dict(make_config("cpu-small", v)).items()
+                   if val != config_to_dict(base)[k]} for v in VARIANTS}
+    assert changed == {"no-embedding": {"embedding_dim"}, "no-expression": {"expression"},
+                       "direct-fusion": {"train_dilate", "plate_erode", "fine_tune"},
+                       "no-hair": {"hair_plate", "num_hair", "max_face"}}
+    for preset in ("cpu-small", "gpu"):
+        cfg = make_config(preset, "no-hair")
+        assert config_from_dict(DEGSTalkConfig, config_to_dict(cfg)) == cfg
+    from talkinghead.errors import UserError
+
+    with pytest.raises(UserError):
+        make_config("cpu-small", "nope")
+
+
+def test_mouth_window_camera_sees_exactly_the_cropped_pixels():
+    from talkinghead.methods.base import Condition
+    from talkinghead.render import rasterize
+
+    K = torch.tensor([[60.0, 0, 16], [0, 60, 16], [0, 0, 1]])
+    view = torch.eye(4)
+    view[2, 3] = 1.0
+    cond = Condition(viewmat=view, K=K, backdrop=torch.zeros(32, 32, 3), audio=torch.zeros(1, 1), blink=torch.zeros(2))
+    ys, xs, Kc = _mouth_window(torch.tensor([18.0, 20.0, 26.0, 24.0]), cond)
+    g = dict(means=torch.randn(30, 3) * 0.1, quats=torch.tensor([[1.0, 0, 0, 0]]).repeat(30, 1),
+             scales=torch.full((30, 3), 0.02), opacities=torch.full((30,), 0.8), colors=torch.rand(30, 3))
+    full, _, _, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], view, K, 32, 32)
+    h, w = ys.stop - ys.start, xs.stop - xs.start
+    crop, _, _, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], view, Kc, w, h)
+    assert (h, w) == (16, 16)  # min side; centred on the box, inside the frame
+    torch.testing.assert_close(crop, full[ys, xs], atol=1e-3, rtol=0)  # culling at the crop edge differs
+
+
+# ------------------------------------------------------------------------------------------ on a dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from test_methods import write_synthetic_dataset
+
+    path = tmp_path_factory.mktemp("degstalk_data")
+    write_synthetic_dataset(path, T=40, test_frames=8)
+    return path
+
+
+def _small_config(**kw) -> DEGSTalkConfig:
+    cfg = make_config("cpu-small", None)
+    cfg.data = dataclasses.replace(cfg.data, size=64)
+    cfg.schedule = dataclasses.replace(cfg.schedule, iterations=16, val_every=0, checkpoint_every=8)
+    cfg.num_face, cfg.num_mouth, cfg.max_face, cfg.max_mouth = 600, 60, 900, 90
+    cfg.triplane_resolutions = (8, 16)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _model(data, cfg):
+    store = FrameStore(data, cfg.data, split="train", progress=False)
+    return DEGSTalk.build(cfg, store.info, dataset=open_dataset(data, size=cfg.data.size)), store
+
+
+def test_transparent_fields_render_the_hair_plate_and_the_source_frame_reaches_render(data):
+    cfg = _small_config()
+    model, store = _model(data, cfg)
+    test = FrameStore(data, cfg.data, info=store.info, split="test", with_targets=False, progress=False)
+    cond = test.condition(0)
+    assert cond.source is not None and cond.source.labels.shape == (64, 64)  # render-time stores carry it
+    with torch.no_grad():
+        for f in (model.face, model.mouth):
+            f.gaussians.logit_opacities.fill_(-30.0)
+        out = model.render(cond)
+    torch.testing.assert_close(out, model.plate(cond).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_static_stage_densifies_copying_embeddings_and_an_avatar_reloads_at_the_new_size(data, tmp_path):
+    cfg = _small_config(densify_every=2, densify_grad=0.0, static_fraction=0.5)
+    model, store = _model(data, cfg)
+    opt = model.optimizers()[0]
+    with torch.no_grad():
+        model.face.gaussians.embedding.copy_(torch.arange(len(model.face), dtype=torch.float32)[:, None])
+    before = len(model.face)
+    for step in range(5):
+        opt.zero_grad(set_to_none=True)
+        loss, _ = model.train_loss(store.batch(step), step)
+        loss.backward()
+        opt.step()
+        model.after_step(step)
+    grown = model._densified["face"]
+    assert before < len(model.face) <= cfg.max_face and grown["cloned"] + grown["split"] > 0
+    emb = model.face.gaussians.embedding.detach()[:, 0]
+    # Every Gaussian carries its parent's embedding (moved a little by Adam from the integer it started at).
+    assert (emb - emb.round()).abs().max() < 0.05 and set(emb.round().long().tolist()) <= set(range(before))
+    assert len({int(i) for i in emb.round().long().tolist()}) < len(emb)  # some rows are copies
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = DEGSTalk.build(cfg, store.info)
+    fresh.load_state_dict(state)
+    fresh.eval(), model.eval()
+    cond = store.condition(3)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.render(cond), model.render(cond))
+
+
+def test_stages_motion_adds_the_jaw_loss_and_fine_tuning_updates_colours_only(data):
+    cfg = _small_config()
+    model, store = _model(data, cfg)
+    motion, fine = model.stage_bounds()
+    assert (motion, fine) == (4, 14)
+    b = store.batch(0)
+    _, logs1 = model.train_loss(b, 0)
+    assert "jaw_mm2" not in logs1 and "l1_mouth" in logs1
+    loss2, logs2 = model.train_loss(b, motion)
+    assert "jaw_mm2" in logs2 and int(model.stage) == 2
+    loss2.backward()
+    assert model.face.heads["means"].weight.grad.abs().sum() > 0 and model.jaw_head[0].weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    loss3, logs3 = model.train_loss(b, fine)
+    loss3.backward()
+    assert "l1_fused" in logs3 and int(model.stage) == 3
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all(n.rsplit(".", 1)[-1] in ("sh0", "shN") for n in with_grad)
+
+
+def test_no_embedding_and_no_expression_drop_their_inputs(data):
+    m_e, _ = _model(data, _small_config(embedding_dim=0))
+    m_f, _ = _model(data, _small_config(expression=False))
+    m, _ = _model(data, _small_config())
+    assert "embedding" not in m_e.face.gaussians.param_names and m_e.face.embedding_dim == 0
+    assert m_f.expression_mlp is None
+    width = m.face.trunk[0].in_features
+    assert width - m_e.face.trunk[0].in_features == 32 and width - m_f.face.trunk[0].in_features == 32
+
+
+def test_degstalk_trains_resumes_and_renders_through_the_shared_trainer(data, tmp_path):
+    spec = get_method("degstalk")
+    assert "no-hair" in spec.variants
+    out = tmp_path / "av"
+    train(data, "degstalk", out, iterations=6, progress=False, variant="no-hair")
+    log = train(data, "degstalk", out, iterations=10, progress=False, variant="no-hair", resume=True)
+    assert log["iterations"] == 10 and log["resumed_from"] == 6
+    assert log["hair_plate"] is False and log["lpips"].startswith("off")
+    _, cfg, info, model, meta = load_model(out)
+    assert meta["variant"] == "no-hair" and int(model.stage) == 3
+    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test",
+                       with_targets=False, progress=False)
+    with torch.no_grad():
+        img = model.render(store.condition(0))
+    assert img.shape == (128, 128, 3) and torch.isfinite(img).all()
