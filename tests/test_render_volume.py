@@ -233,7 +233,7 @@ def test_batched_renderer_matches_per_ray_loop_with_gradients(num_fine):
             f, a, dep = torch.zeros(3), torch.zeros(()), 0.0
         ref_f.append(f)
         ref_a.append(a)
-        ref_d.append(float(dep))
+        ref_d.append(float(dep.detach()) if torch.is_tensor(dep) else dep)
     ref_f, ref_a = torch.stack(ref_f).reshape(6, 6, 3), torch.stack(ref_a).reshape(6, 6)
     assert torch.allclose(out["features"], ref_f, atol=1e-5)
     assert torch.allclose(out["alpha"], ref_a, atol=1e-5)

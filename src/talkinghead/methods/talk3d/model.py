@@ -36,6 +36,11 @@ What we have to do differently (no pretrained weights exist offline):
 * **Stages**: static (P_ID + decoder + SR), audio (U-Net + tokens; decoder and SR keep training at a lower rate,
   P_ID frozen as the paper's generator output is), and the paper's short final super-resolution stage.
 
+Measured (bench/RESULTS.md "## Talk3D", cnn clip, cpu-small trimmed to 1200 iterations, 376 s CPU): face PSNR
+25.5 against 29.0 for a half-trained GaussianTalker, mouth-opening r -0.04 (the short audio stage did not learn
+the lips), and at (yaw, pitch) = (+30, +20) mediapipe finds no face -- without EG3D's prior the unseen sides of
+the head are not constrained, the opposite of the paper's Table 1.
+
 Tokens t_n (eq. 5): audio a_n; eye t_eye (sinusoidal encoding of the tracked blink, the paper: AU45); head
 rotation t_rot (the tracked rotation, :attr:`Condition.pose`, so a novel view keeps the frame's tokens); non-lip
 landmarks t_ldm (brows, eyes, nose, upper face outline of the source frame, looked up by ``cond.index`` in a
