@@ -368,7 +368,13 @@ async def _record_utterance(base: str, server, avatar: str, speech: np.ndarray) 
     sess.recorder = rec
     await asyncio.sleep(0.5)
     await c.speak(wav_bytes(speech))
-    await asyncio.sleep(len(speech) / 16000 + 2.5)
+    while not any(x[1] == "utterance" for x in sent):
+        await asyncio.sleep(0.2)
+    while sent[-1][1] == "utterance" or len(c.received.video) < len(sent):  # until the last one came back
+        await asyncio.sleep(0.2)
+        if sent[-1][1] != "utterance" and len(c.received.video) >= len(sent) - 2:
+            await asyncio.sleep(1.0)
+            break
     received = list(c.received.video)
     await c.close()
     return received, sent
@@ -388,7 +394,11 @@ def bench_sync(base: str, server, avatar_path: Path, avatar: str, thread, work: 
     offline_mp4 = work / f"offline_{avatar}.mp4"
     render_audio(avatar_path, SPEECH, offline_mp4)
     off_frames = read_frames(offline_mp4, 25.0)
-    received, sent = thread.call(_record_utterance(base, server, avatar, speech), timeout=600)
+    server.session_options["drop_late"] = False
+    try:
+        received, sent = thread.call(_record_utterance(base, server, avatar, speech), timeout=900)
+    finally:
+        server.session_options.pop("drop_late")
     # which sent frames are the utterance's, in order; received frame k is sent frame k + o (find o by image)
     utt = [i for i, s in enumerate(sent) if s[1] == "utterance"]
     imgs_r = [r[2] for r in received]

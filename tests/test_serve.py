@@ -96,10 +96,10 @@ def test_api_frames_move_speech_plays_and_each_bad_request_gets_one_answer(live)
 
     async def scenario():
         c = Client(live.base)
-        avatars = await c.avatars()
-        assert [(a["name"], a["method"], a["fps"], a["size"]) for a in avatars] == [
+        listed = await c.avatars()
+        assert [(a["name"], a["method"], a["fps"], a["size"]) for a in listed] == [
             ("gt", "gaussiantalker", 25.0, 64), ("gft", "gaussianflametalk", 25.0, 64)]
-        assert {a["name"]: a["lookahead_frames"] for a in avatars} == {"gt": 2, "gft": 0}
+        assert {a["name"]: a["lookahead_frames"] for a in listed} == {"gt": 2, "gft": 0}
         status, body = await c.connect("gt")
         assert status == 200 and body["type"] == "answer" and "m=video" in body["sdp"] and "m=audio" in body["sdp"]
         assert await c.wait_frames(20, timeout=60) >= 20

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_serve import wav_bytes  # noqa: F401
 from test_streaming import avatars, speechlike  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

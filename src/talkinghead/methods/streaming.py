@@ -24,7 +24,7 @@ One interface, the same for every method; the live server (:mod:`talkinghead.ser
   known ones, which the method's look-ahead never reads, repeat the last known row).
 
 Back-pressure is the caller's: a FeatureStream holds at most ``context + hop + lookahead`` frames of audio
-plus the pending chunk, and the server renders one frame at a time into a bounded queue.
+(anchored: one window, ``core + core_context`` frames) plus the pending chunk, and the server renders one frame at a time into a bounded queue.
 """
 
 from __future__ import annotations
@@ -130,10 +130,15 @@ class FeatureStream:
     i / fps with sample 0 at row 0. ``history_s`` bounds the rows whose statistics normalise new rows.
     """
 
-    def __init__(self, fps: float, extract: Extractor, lookahead: int = 3, hop: int = 5, context: int = 20,
-                 history_s: float = 60.0):
-        if lookahead < 0 or hop < 1 or context < 0:
-            raise ValueError("need lookahead >= 0, hop >= 1, context >= 0")
+    def __init__(self, fps: float, extract: Extractor, lookahead: int = 3, hop: int = 5, context: int | None = 20,
+                 history_s: float = 60.0, core_s: float = 22.0, core_context_s: float = 4.0):
+        """``context=None``: *anchored* windows, placed as an offline extractor with fixed windows places its
+        frames (Whisper: 30 s windows whose cores ``[k * core_s, (k + 1) * core_s)`` start ``core_context_s``
+        into them, the first at 0): a frame keeps its position in its window, which a position-embedding
+        encoder needs (bench_serve.py: Whisper state 2, relative error 0.10 anchored vs 0.46 sliding)."""
+        if lookahead < 0 or hop < 1 or (context is not None and context < 0):
+            raise ValueError("need lookahead >= 0, hop >= 1, context >= 0 or None")
+        self.core, self.core_context = int(round(core_s * fps)), int(round(core_context_s * fps))
         self.fps, self.extract = float(fps), extract
         self.lookahead, self.hop, self.context = lookahead, hop, context
         self.history = max(1, int(history_s * fps))
@@ -146,6 +151,13 @@ class FeatureStream:
         self.compute_s = 0.0  # time spent in the extractor (for the stats)
         self.lock = threading.Lock()
 
+    def _window_start(self, first: int) -> int:
+        """First frame of the window that computes rows from ``first`` on."""
+        if self.context is not None:
+            return max(0, first - self.context)
+        k = first // self.core  # anchored: the window of the core holding `first` (a hop never spans two cores)
+        return max(0, k * self.core - self.core_context)
+
     def _sample(self, frame: int) -> int:
         return int(round(frame * AUDIO_RATE / self.fps))
 
@@ -156,7 +168,10 @@ class FeatureStream:
             self.total += len(x)
             covered = int(np.floor(self.total * self.fps / AUDIO_RATE + 1e-9))  # frames whose instant is in
             ready = covered - self.lookahead  # rows 0..ready-1 have their look-ahead of audio
-            if ready - self.emitted < self.hop:
+            if self.context is None:  # anchored: one window per core
+                ready = min(ready, (self.emitted // self.core + 1) * self.core)
+            at_core_end = self.context is None and ready % self.core == 0  # the core's last rows: emit them now
+            if ready <= self.emitted or (ready - self.emitted < self.hop and not at_core_end):
                 return np.zeros((0, 0), np.float32)
             return self._emit(ready, ready + self.lookahead)
 
@@ -171,7 +186,7 @@ class FeatureStream:
         """Rows emitted..ready-1 from a window of frames a..last (a = emitted - context)."""
         import time
 
-        a = max(0, self.emitted - self.context)
+        a = self._window_start(self.emitted)
         s0, s1 = self._sample(a), self._sample(last)
         wave = self.wave[s0 - self.offset: s1 - self.offset]
         t = time.perf_counter()
@@ -184,7 +199,7 @@ class FeatureStream:
             self.raw_rows -= self.raw.pop(0).num_frames
         rows = _concat(self.raw).stack()[-(ready - self.emitted):]
         self.emitted = ready
-        keep = self._sample(max(0, ready - self.context))  # the next window starts here
+        keep = self._sample(self._window_start(ready))  # the next window starts here
         self.wave = self.wave[keep - self.offset:]
         self.offset = keep
         return rows.astype(np.float32)
