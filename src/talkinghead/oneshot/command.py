@@ -54,8 +54,10 @@ def register(subparsers) -> None:
     r.add_argument("--emotion", default="neutral",
                    help="neutral, angry, contempt, disgusted, fear, happy, sad or surprised (MEAD's labels)")
     r.add_argument("--intensity", type=float, default=1.0, help="scale of the emotion's expression offset")
-    r.add_argument("--yaw", type=float, default=0.0, metavar="DEG", help="camera yaw about the head, degrees (-90..90; + moves it to image right)")
-    r.add_argument("--pitch", type=float, default=0.0, metavar="DEG", help="camera pitch about the head, degrees (-90..90; + moves it up)")
+    r.add_argument("--yaw", type=float, default=0.0, metavar="DEG",
+                   help="camera yaw about the head, degrees (-90..90; + moves it to image right)")
+    r.add_argument("--pitch", type=float, default=0.0, metavar="DEG",
+                   help="camera pitch about the head, degrees (-90..90; + moves it up)")
     r.add_argument("--inversion-steps", type=int, help="override the model's inversion steps on w_id")
     r.add_argument("--tune-steps", type=int, help="override the model's generator-tuning steps (0: none)")
     r.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

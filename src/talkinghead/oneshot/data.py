@@ -17,6 +17,7 @@ import torch
 
 from talkinghead.errors import UserError
 
+from .emotion import emotion_weights
 from .expression import ExpressionSpace
 from .motion import ctc_targets
 
@@ -113,8 +114,6 @@ def pair_batch(sources: list[ClipSource], items: list[int], step: int, seed: int
     out: dict[str, list] = {k: [] for k in ("src_image", "drv_image", "backdrop", "src_window", "drv_window",
                                               "src_viewmat", "drv_viewmat", "K", "weights", "labels")}
     gens = []
-    from .emotion import emotion_weights
-
     for j in items:
         rng = item_rng(seed, step, j, 2)
         drv = sources[int(rng.integers(len(sources)))]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from talkinghead.face.landmarks import (LIPS_INNER, LIPS_OUTER, MOUTH_CORNERS, NUM_LANDMARKS)
+from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER, MOUTH_CORNERS
 
 # Lip vertices the lip-reading head reads (sec. III-C1: "lip vertices segmented from head meshes").
 LIP_VERTICES: tuple[int, ...] = tuple(sorted(set(LIPS_OUTER) | set(LIPS_INNER) | set(MOUTH_CORNERS)))

@@ -4,8 +4,11 @@
 G and R. ``forward(stage, batch)`` returns (loss, figures) for ``"motion"`` (G_m alone, eq. 1),
 ``"generator"`` (E_id, E_m, G and R jointly on source/driving pairs of one clip, eq. 2 with L_s + L_d) and
 ``"mapper"`` (M_e alone); it is the one entry point, so ``DistributedDataParallel`` wraps the model once
-for all stages. Deviation: the super-resolution module trains with G (the paper keeps a pre-trained one
-frozen; there is none here).
+for all stages. Deviations in eq. 2: the super-resolution module trains with G (the paper keeps a pre-trained
+one frozen; there is none here); the perceptual term is the project's LPIPS (AlexNet) from local weights, in
+place of VGG-19, and is off without them; the ID term (λ 0.2) needs face-recognition weights, which have no
+loader here, so it is off (``train_log.json`` says both); an L1 on the raw low-resolution render is added
+(EG3D's dual image, without its discriminator) so the volume learns colour before the super-resolution does.
 
 MODEL folder: ``config.json`` (``format`` = :data:`FORMAT`, the config, dataset list, audio columns),
 ``model.safetensors``, ``checkpoint.safetensors`` while training, ``train_log.json``, ``loss.png``.

@@ -169,6 +169,7 @@ def render(model_dir: Path, image: Path, audio: Path, out: Path, emotion: str = 
     t_render = time.perf_counter() - t1
     figures = dict(ident.figures)
     figures.update(frames=count, fps=fps, render_s=round(t_render, 2), render_fps=count / max(t_render, 1e-9),
-                   emotion=emotion, emotion_control="FACS offset + M_e" if bool(model.mapper_trained) else "FACS offset",
+                   emotion=emotion,
+                   emotion_control="FACS offset + M_e" if bool(model.mapper_trained) else "FACS offset",
                    yaw=yaw, pitch=pitch)
     return figures

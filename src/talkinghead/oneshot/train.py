@@ -123,8 +123,8 @@ def train(datas: list[Path], out: Path, preset: str = "cpu-small", resume: bool 
           lpips: str | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train a one-shot model on prepared datasets ``datas`` into ``out``; returns the train log.
 
-    ``overrides``: config fields to replace (``"motion_steps"`` for TrainConfig, ``"generator.image_size"``...). ``stop_after``: leave after this global
-    step as a killed run would (tests and the resume benchmark), with the checkpoint written."""
+    ``overrides``: config fields to replace (``"motion_steps"`` for TrainConfig, ``"generator.image_size"``...).
+    ``stop_after``: leave after this global step as a killed run would (tests), with the checkpoint written."""
     from talkinghead.methods.base import config_from_dict, config_to_dict
     from talkinghead.methods.trainer import load_checkpoint, save_checkpoint, save_loss_curve, save_tensors_atomic
 
