@@ -38,7 +38,9 @@ the cnn clip, the same 6 s read from windows starting 0.4-10 s apart differ by 6
 hidden state 0 and 1, 25-41 % in state 2, 20-32 % in state 3 and 47-103 % in state 4 (centred
 correlations 0.08-0.53, 0.86-0.92, 0.93-0.97, 0.60-0.86). So a streaming caller should place its frames
 in its window as the offline path does (a core starting ``CONTEXT_S`` after the window's start; the first
-core at the window's start), and consume the middle layers.
+core at the window's start), and consume the middle layers. The last column of ``AudioFeatures.stack()``
+(relative energy) is relative to the whole utterance's median speech level, which a live caller has to
+estimate from what it has heard so far.
 """
 
 from __future__ import annotations
