@@ -11,8 +11,9 @@ comparable with the ground truth. This is the function evaluation calls (with th
 What comes out (:class:`Output`, decided once by :func:`resolve_output` for every method): every method
 renders the crop at ``size`` x ``size`` -- any size, whatever it trained at: the Conditions carry the size
 (backdrop read at N, ``K`` in pixels of N; see :class:`talkinghead.methods.base.Condition`) and a method
-returns an image of the Condition's size (Gaussian methods rasterize at it; a method with a fixed-size core
-upsamples with its own super-resolution). Then either
+returns an image of the Condition's size (Gaussian methods rasterize at it, and above the training size
+:func:`render_condition` widens the rasterizer's screen-space low-pass so the Gaussians keep their trained
+footprint; a method with a fixed-size core upsamples with its own super-resolution). Then either
 
 * **full frame** (the default when the source video is at hand: ``meta.json`` ``source.path``, same sha256,
   or ``--source VIDEO``): each render is pasted into the source frame its pose and backdrop came from --
