@@ -13,7 +13,8 @@ Not a test. Steps (the machine's load average is recorded: the 2 cores are share
    output | |output - source| x4 with the crop box drawn. And the dataset's own crop image pasted back in
    place of a render: PSNR against the source inside the box (does the box sit where the crop was cut?);
 3. the 128^2-trained cnn avatar on its test split: rendered at 512^2 vs bicubic upsampling of its 128^2
-   render, PSNR/SSIM on the face (dataset parsing) against the 512^2 ground truth, beside its 128^2 figures;
+   render, PSNR/SSIM on the face (dataset parsing) against the 512^2 ground truth, beside its 128^2 figures
+   (and beside the 512^2 render with 3DGS's fixed screen-space low-pass, which the renderer scales);
 4. render FPS at 128^2, 256^2, 512^2 (wall and this thread's CPU time), paste-back cost per frame at 1280x720
    and the source decoding rate there.
 
@@ -38,7 +39,7 @@ from benchlib import CLI, ROOT, append_entry, stamp
 from talkinghead import media
 from talkinghead.eval.image_metrics import face_mask_from_parsing, psnr, ssim
 from talkinghead.methods.data import Conditions, open_dataset
-from talkinghead.methods.render import render_split, resolve_output
+from talkinghead.methods.render import render_condition, render_split, resolve_output
 from talkinghead.methods.trainer import load_model
 from talkinghead.render.composite import PasteBack, resize_image, to_uint8
 
@@ -152,7 +153,8 @@ def clip_check(name: str, avatar: Path, data: Path, work: Path, size: int | None
     _, cfg, _, model, _ = load_model(avatar)
     conds = Conditions(data, output.size, cfg.data.audio_radius)
     with torch.no_grad():
-        own = to_uint8(resize_image(model.render(conds(int(idx[0]))), paste.side, paste.side))[crows, ccols]
+        own = render_condition(model, conds(int(idx[0])), cfg.data.size)
+        own = to_uint8(resize_image(own, paste.side, paste.side))[crows, ccols]
     core = w == 1.0
     band_ok = bool(np.array_equal(frames[0][rows, cols][core], own[core]))
     # The dataset's own crop image pasted back: does the box sit where the crop was cut?
@@ -179,13 +181,14 @@ def size_quality(avatar: Path, data: Path, every: int) -> dict:
     c128, c512 = Conditions(data, 128, r), Conditions(data, 512, r)
     gt512, gt128 = open_dataset(data, 512), open_dataset(data, 128)
     idx = gt512.split_indices("test")[::every]
-    rows = {k: [] for k in ("psnr512", "ssim512", "psnr_bicubic", "ssim_bicubic", "psnr128", "ssim128",
+    rows = {k: [] for k in ("psnr512", "ssim512", "psnr512_fixed", "ssim512_fixed", "psnr_bicubic", "ssim_bicubic", "psnr128", "ssim128",
                             "psnr_gt_bicubic", "ssim_gt_bicubic")}
     with torch.no_grad():
         for i in idx:
             i = int(i)
             small = model.render(c128(i))
-            big = to_uint8(model.render(c512(i)))
+            big = to_uint8(render_condition(model, c512(i), cfg.data.size))  # as `render --size 512` does
+            fixed = to_uint8(model.render(c512(i)))  # the same with 3DGS's fixed 0.3 px^2 low-pass
             up = to_uint8(resize_image(small, 512, 512))
             g512 = np.round(gt512.image(i) * 255).astype(np.uint8)
             g128 = np.round(gt128.image(i) * 255).astype(np.uint8)
@@ -193,6 +196,8 @@ def size_quality(avatar: Path, data: Path, every: int) -> dict:
             m512, m128 = face_mask_from_parsing(gt512.parsing(i)), face_mask_from_parsing(gt128.parsing(i))
             rows["psnr512"].append(psnr(big, g512, m512))
             rows["ssim512"].append(ssim(big, g512, m512))
+            rows["psnr512_fixed"].append(psnr(fixed, g512, m512))
+            rows["ssim512_fixed"].append(ssim(fixed, g512, m512))
             rows["psnr_bicubic"].append(psnr(up, g512, m512))
             rows["ssim_bicubic"].append(ssim(up, g512, m512))
             rows["psnr128"].append(psnr(to_uint8(small), g128, m128))
@@ -214,10 +219,10 @@ def render_speed(avatar: Path, data: Path, n: int) -> dict:
         conds = Conditions(data, size, cfg.data.audio_radius)
         cs = [conds(int(i)) for i in idx]
         with torch.no_grad():
-            model.render(cs[0])  # warm-up
+            render_condition(model, cs[0], cfg.data.size)  # warm-up
             t, c = time.perf_counter(), time.thread_time()
             for cond in cs:
-                model.render(cond)
+                render_condition(model, cond, cfg.data.size)
             wall, cpu = time.perf_counter() - t, time.thread_time() - c
         out[size] = {"fps_wall": round(n / wall, 2), "fps_cpu": round(n / cpu, 2)}
     return out
@@ -303,7 +308,10 @@ def main() -> None:
     lines += ["", f"cnn test split ({q['frames']} frames, every {args.every}th), face region (dataset parsing), "
                   "before encoding:", "",
               "| | PSNR face | SSIM face |", "|---|---|---|",
-              f"| rendered at 512^2 vs 512^2 GT | {q['psnr512']:.2f} | {q['ssim512']:.4f} |",
+              f"| rendered at 512^2 (`render --size 512`: low-pass 0.3 x 4^2 px^2) vs 512^2 GT | {q['psnr512']:.2f} | "
+              f"{q['ssim512']:.4f} |",
+              f"| rendered at 512^2 with 3DGS's fixed 0.3 px^2 low-pass vs 512^2 GT | {q['psnr512_fixed']:.2f} | "
+              f"{q['ssim512_fixed']:.4f} |",
               f"| 128^2 render, bicubic to 512^2, vs 512^2 GT | {q['psnr_bicubic']:.2f} | {q['ssim_bicubic']:.4f} |",
               f"| 128^2 render vs 128^2 GT | {q['psnr128']:.2f} | {q['ssim128']:.4f} |",
               f"| (ceiling) 128^2 GT, bicubic to 512^2, vs 512^2 GT | {q['psnr_gt_bicubic']:.2f} | "

@@ -313,3 +313,23 @@ def test_a_gaussian_method_renders_the_same_picture_at_twice_the_size(full_datas
     backdrop = Conditions(full_dataset, 64, 2)(3).backdrop
     head = (small - backdrop).abs().mean()  # the (faint, untrained) head over the backdrop
     assert head > 0.01 and (down - small).abs().mean() < 0.2 * head  # a K not scaled would move it
+
+
+def test_low_pass_sets_the_screen_space_dilation_of_every_gaussian():
+    """A near-point Gaussian's splat has the low-pass as its 2D variance: its summed alpha (an area: the same
+    profile, cut at the same alpha) grows 4x from 4.8 to 19.2 px^2; leaving the block restores 3DGS's 0.3."""
+    import sys
+
+    from talkinghead.render import low_pass, rasterize
+
+    R = sys.modules["talkinghead.render.rasterize"]
+    args = (torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), 1e-6),
+            torch.tensor([0.02]), torch.ones(1, 3), torch.eye(4), torch.tensor([[50.0, 0, 32], [0, 50, 32], [0, 0, 1]]),
+            64, 64)
+    sums = []
+    for eps in (4.8, 19.2):
+        with low_pass(eps):
+            assert R._EPS2D.get() == eps
+            sums.append(float(rasterize(*args, backend="torch")[1].sum()))
+    assert R._EPS2D.get() == 0.3
+    np.testing.assert_allclose(sums[1] / sums[0], 4.0, rtol=0.05)

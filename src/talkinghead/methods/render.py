@@ -12,8 +12,9 @@ comparable with the ground truth. This is the function evaluation calls (with th
 What comes out (:class:`Output`, decided once by :func:`resolve_output` for every method): every method
 renders the crop at ``size`` x ``size`` -- any size, whatever it trained at: the Conditions carry the size
 (backdrop read at N, ``K`` in pixels of N; see :class:`talkinghead.methods.base.Condition`) and a method
-returns an image of the Condition's size (Gaussian methods rasterize at it; a method with a fixed-size core
-upsamples with its own super-resolution). Then either
+returns an image of the Condition's size (Gaussian methods rasterize at it, and above the training size
+:func:`render_condition` widens the rasterizer's screen-space low-pass so the Gaussians keep their trained
+footprint; a method with a fixed-size core upsamples with its own super-resolution). Then either
 
 * **full frame** (the default when the source video is at hand: ``meta.json`` ``source.path``, same sha256,
   or ``--source VIDEO``): each render is pasted into the source frame its pose and backdrop came from --
@@ -164,7 +165,19 @@ class _Frames:
         return len(self.indices)
 
 
-def _run(model, frames: _Frames, out: Path, fps: float, audio: np.ndarray, desc: str, output: Output) -> dict:
+def render_condition(model, cond: Condition, train_size: int) -> torch.Tensor:
+    """``model.render(cond)`` at the Condition's size for a model trained at ``train_size``: above it, the Gaussian
+    rasterizer's screen-space low-pass grows with the square of the scale so every Gaussian keeps its trained
+    footprint (:func:`talkinghead.render.rasterize.low_pass`; methods that rasterize nothing ignore it)."""
+    from talkinghead.render import low_pass
+
+    scale = max(1.0, cond.width / max(1, int(train_size)))
+    with low_pass(0.3 * scale * scale):
+        return model.render(cond)
+
+
+def _run(model, frames: _Frames, out: Path, fps: float, audio: np.ndarray, desc: str, output: Output,
+         train_size: int) -> dict:
     """Render ``frames`` through ``output`` into ``out``: the one output path of every method."""
     from tqdm import tqdm
 
@@ -182,7 +195,7 @@ def _run(model, frames: _Frames, out: Path, fps: float, audio: np.ndarray, desc:
         with torch.no_grad():
             for cond in conds:
                 t, c = time.perf_counter(), time.thread_time()
-                img = model.render(cond.to(device))
+                img = render_condition(model, cond.to(device), train_size)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 timing["render"] += time.perf_counter() - t
@@ -260,7 +273,8 @@ def render_split(avatar: Path, data: Path | None, split: str, out_mp4: Path, siz
         raise UserError(f"the dataset's {split!r} split is empty")
     audio = conds.ds.split_audio(split)
     make = novel_view(lambda j: conds(indices[j]), data, yaw, pitch)
-    res = _run(model, _Frames(indices, make), Path(out_mp4), conds.ds.fps, audio, f"render {split}", output)
+    res = _run(model, _Frames(indices, make), Path(out_mp4), conds.ds.fps, audio, f"render {split}", output,
+               info.size)
     res.update(split=split, first_frame=int(indices[0]), method=meta["method"], yaw=yaw, pitch=pitch)
     return res
 
@@ -338,6 +352,6 @@ def render_audio(avatar: Path, audio: Path, out_mp4: Path, pose: str = "train", 
     loop = [0 if pose == "static" else pingpong(j, len(train)) for j in range(len(windows))]
     indices = train[loop]
     make = novel_view(lambda j: conds(indices[j], audio=windows[j]), data, yaw, pitch)
-    res = _run(model, _Frames(indices, make), Path(out_mp4), info.fps, wave, "render", output)
+    res = _run(model, _Frames(indices, make), Path(out_mp4), info.fps, wave, "render", output, info.size)
     res.update(pose=pose, method=meta["method"], yaw=yaw, pitch=pitch)
     return res

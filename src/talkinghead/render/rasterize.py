@@ -14,9 +14,11 @@ need not have one.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib.util
-from typing import Any, Literal
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -27,6 +29,25 @@ from .raster_torch import composite
 from .sh import eval_sh
 
 Backend = Literal["auto", "torch", "numba", "gsplat"]
+
+# The screen-space low-pass (px^2 added to every projected 2D covariance; 3DGS and gsplat: 0.3).
+_EPS2D: contextvars.ContextVar[float] = contextvars.ContextVar("eps2d", default=0.3)
+
+
+@contextmanager
+def low_pass(eps2d: float) -> Iterator[None]:
+    """Within the block, every :func:`rasterize` call dilates the projected Gaussians by ``eps2d`` px^2
+    instead of 3DGS's 0.3.
+
+    The renderer uses it to render at ``s`` times the training size: 0.3 * s^2 keeps each Gaussian's footprint
+    what it was trained with. With the fixed 0.3 px^2 the Gaussians of a 128^2 avatar rendered at 512^2 are
+    thinner than trained and the face degrades (the effect Mip-Splatting, Yu et al. 2024, describes; we only
+    rescale the existing dilation, without its 3D filter). Measured in bench/RESULTS.md (issue 13)."""
+    token = _EPS2D.set(float(eps2d))
+    try:
+        yield
+    finally:
+        _EPS2D.reset(token)
 
 
 def gsplat_available() -> bool:
@@ -106,7 +127,9 @@ def _colors(colors: Tensor, means: Tensor, viewmat: Tensor, sh_degree: int | Non
 
 def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far,
                      kernel="torch"):
-    projs = [project(means, quats, scales, opacities, v, k, width, height, near, far) for v, k in zip(viewmats, Ks)]
+    eps2d = _EPS2D.get()
+    projs = [project(means, quats, scales, opacities, v, k, width, height, near, far, eps2d)
+             for v, k in zip(viewmats, Ks)]
     # retain_grad() only sees gradients on a tensor the loss was computed from, so the compositor reads
     # slices of the very [C, N, 2] tensor that info returns.
     means2d = torch.stack([p.means2d for p in projs])
@@ -136,7 +159,7 @@ def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, wid
 
     render, alpha, meta = rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-        near_plane=near, far_plane=far, eps2d=0.3, sh_degree=sh_degree,
+        near_plane=near, far_plane=far, eps2d=_EPS2D.get(), sh_degree=sh_degree,
         packed=False, rasterize_mode="classic", render_mode="RGB+ED",
     )  # fmt: skip
     radii = meta["radii"]
