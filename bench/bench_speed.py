@@ -164,7 +164,8 @@ def gaussiantalker_parts(model, cfg, store, repeats: int) -> dict:
         pred, crop = raster(*[g[k] for k in keys])
 
     def losses(p, c):
-        return (p - b.image).abs().mean() + cfg.lambda_dssim * dssim(p, b.image) + cfg.lambda_lip * (c - m.image).abs().mean()
+        return ((p - b.image).abs().mean() + cfg.lambda_dssim * dssim(p, b.image)
+                + cfg.lambda_lip * (c - m.image).abs().mean())
 
     res["losses"] = fwd_bwd(losses, [pred, crop], repeats)
 
@@ -222,7 +223,8 @@ def gaussianflametalk_parts(model, cfg, store, repeats: int) -> dict:
 
     def losses(p, al, c):
         return ((p - b.image).abs().mean() + cfg.lambda_dssim * dssim(p, b.image)
-                + cfg.lambda_alpha * (al[..., 0] - b.head_mask).abs().mean() + cfg.lambda_lip * (c - m.image).abs().mean())
+                + cfg.lambda_alpha * (al[..., 0] - b.head_mask).abs().mean()
+                + cfg.lambda_lip * (c - m.image).abs().mean())
 
     res["losses"] = fwd_bwd(losses, [pred, alpha, crop], repeats)
     opt = model.optimizers()[0]

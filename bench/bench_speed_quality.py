@@ -79,7 +79,8 @@ def main() -> None:
             avatar, report = args.work / name, args.work / f"{name}_report"
             r = runs.setdefault(name, {})
             if not (avatar / "train_log.json").exists():
-                r["train"] = timed(py + ["-c", TRAIN, method, str(args.data), str(avatar), str(seed), iterations[method]], env)
+                args_ = [method, str(args.data), str(avatar), str(seed), iterations[method]]
+                r["train"] = timed(py + ["-c", TRAIN, *args_], env)
                 r["train_log"] = json.loads((avatar / "train_log.json").read_text())
             if not (report / "metrics.json").exists():
                 r["eval"] = timed(py + ["-m", "talkinghead.cli", "eval", str(avatar), "--data", str(args.data),

@@ -4,8 +4,8 @@
 * the folded cross-attention vs ``nn.MultiheadAttention`` with the same weights (values, weights, gradients);
 * GaussianTalker's batched geometry replay vs one frame at a time (the same replayed frames);
 * :class:`RenderCache`: kept while nothing changes, rebuilt after an optimiser step, a load or a move;
-* whole renders: eval mode (frozen per-avatar state, Numba compositor) vs the live training-mode computation with
-  the torch reference compositor, for GaussianTalker and GaussianFlameTalk.
+* whole renders: eval mode (frozen per-avatar state, the Numba inference path) vs the live training-mode
+  computation with the torch reference rasterizer, for GaussianTalker and GaussianFlameTalk.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ from talkinghead.methods.gaussiantalker.attention import CrossAttentionBlock
 from talkinghead.methods.losses import _C1, _C2, _window, ssim
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def assert_same_frame(fast, ref):
+    """Equal to float32 rounding, except where rounding flips one of 3DGS's thresholds (alpha 1/255, the early
+    termination) for a pixel: a few pixels may then differ by about one skipped 1/255 contribution."""
+    diff = (fast - ref).abs()
+    assert diff.max() < 5e-3 and (diff > 1e-5).float().mean() < 1e-3, (diff.max(), (diff > 1e-5).float().mean())
 
 
 def _ssim_by_convolution(a, b):
@@ -151,7 +158,7 @@ def test_gaussiantalker_render_equals_the_live_reference_computation(synthetic):
         model.train()  # live: triplane and F_can recomputed, the torch reference compositor
         model.cfg.backend = "torch"
         ref = model.render(cond)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4)
+    assert_same_frame(fast, ref)
     assert (ref - cond.backdrop).abs().max() > 0.03  # the head is in the picture
 
 
@@ -171,5 +178,5 @@ def test_gaussianflametalk_render_equals_the_live_reference_computation(syntheti
         model.train()
         model.cfg.backend = "torch"
         ref = model.render(cond)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4)
+    assert_same_frame(fast, ref)
     assert (ref - cond.backdrop).abs().max() > 0.03

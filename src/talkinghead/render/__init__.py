@@ -1,7 +1,8 @@
 """Gaussian splatting core shared by every Gaussian method: one rasterizer API, two backends.
 
-* :func:`rasterize` renders 3D Gaussians with gsplat's conventions (``backend="torch"`` runs anywhere,
-  ``"gsplat"`` on CUDA);
+* :func:`rasterize` renders 3D Gaussians with gsplat's conventions (``backend="torch"`` runs anywhere and is
+  the reference, ``"numba"`` is the same on CPU with compiled loops -- the default there when numba is
+  installed --, ``"gsplat"`` on CUDA);
 * :func:`eval_sh` evaluates spherical-harmonic colours;
 * :class:`GaussianModel` holds learnable parameters, saves/loads safetensors and exports 3DGS ``.ply``;
 * :class:`DensityStrategy` is 3DGS's adaptive density control (clone, split, prune, opacity reset).

@@ -16,6 +16,10 @@ the last Gaussian that contributed, so memory is O(pixels + Gaussians): no pair 
   it; gradients go straight to the Gaussian's centre, conic, opacity and features (sigma is a quadratic in the
   pixel offset, so they are closed-form sums).
 
+For inference (nothing needs a gradient) :func:`render_numba` also runs the projection
+(:func:`.projection.project`'s EWA splatting, culling and extents), the depth sort and the SH colours
+(:func:`.sh.eval_sh`) in compiled loops, so a frame makes no per-Gaussian tensor operations at all.
+
 Transmittance and sums are float64 inside (the torch path's scan is float64 too), so the two compositors agree
 to float rounding (``tests/test_render_raster.py``). Numba compiles the two loops on first use (a few seconds,
 cached on disk); without Numba installed, :func:`available` is False and the torch compositor is used.
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .projection import ALPHA_MIN
+from .sh import C0, C1, C2, C3
 from .raster_torch import _EDGE as EDGE
 from .raster_torch import ALPHA_MAX, T_MIN
 
@@ -163,7 +168,98 @@ def _compile():
             g_opac[g] = go / o
         return g_means2d, g_conics, g_opac, g_feats
 
-    _kernels = (forward, backward)
+    @numba.njit(cache=True, nogil=True)
+    def project(means, quats, scales, opac, viewmat, K, width, height, near, far, eps2d):  # pragma: no cover
+        """projection.project, Gaussian by Gaussian: (means2d, conics, depths, radii, visible)."""
+        n = means.shape[0]
+        means2d = np.zeros((n, 2))
+        conics = np.zeros((n, 3))
+        depths = np.zeros(n)
+        radii = np.zeros((n, 2), np.int32)
+        visible = np.zeros(n, np.bool_)
+        fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+        lim_x = 0.3 * 0.5 * width / fx
+        lim_y = 0.3 * 0.5 * height / fy
+        R = np.empty((3, 3))
+        W = np.empty((3, 3))
+        for i in range(n):
+            p = np.empty(3)
+            for r in range(3):
+                p[r] = (viewmat[r, 0] * means[i, 0] + viewmat[r, 1] * means[i, 1] + viewmat[r, 2] * means[i, 2]
+                        + viewmat[r, 3])
+            x, y, z = p[0], p[1], p[2]
+            depths[i] = z
+            in_depth = near < z < far
+            zs = z if in_depth else 1.0
+            tx = zs * min(max(x / zs, -(cx / fx + lim_x)), (width - cx) / fx + lim_x)
+            ty = zs * min(max(y / zs, -(cy / fy + lim_y)), (height - cy) / fy + lim_y)
+            qw, qx, qy, qz = quats[i, 0], quats[i, 1], quats[i, 2], quats[i, 3]
+            norm = max(math.sqrt(qw * qw + qx * qx + qy * qy + qz * qz), 1e-12)  # F.normalize's eps
+            qw, qx, qy, qz = qw / norm, qx / norm, qy / norm, qz / norm
+            R[0, 0], R[0, 1], R[0, 2] = 1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy)
+            R[1, 0], R[1, 1], R[1, 2] = 2 * (qx * qy + qw * qz), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qw * qx)
+            R[2, 0], R[2, 1], R[2, 2] = 2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx * qx + qy * qy)
+            for r in range(3):  # W = R_view R_q S
+                for c in range(3):
+                    W[r, c] = (viewmat[r, 0] * R[0, c] + viewmat[r, 1] * R[1, c] + viewmat[r, 2] * R[2, c]) * scales[i, c]
+            j00, j02 = fx / zs, -fx * tx / (zs * zs)
+            j11, j12 = fy / zs, -fy * ty / (zs * zs)
+            a = eps2d
+            b = 0.0
+            c = eps2d
+            for k in range(3):
+                r0 = j00 * W[0, k] + j02 * W[2, k]
+                r1 = j11 * W[1, k] + j12 * W[2, k]
+                a += r0 * r0
+                b += r0 * r1
+                c += r1 * r1
+            det = a * c - b * b
+            ok = in_depth and det > 0 and opac[i] >= ALPHA_MIN
+            inv_det = 1.0 / det if ok else 1.0
+            conics[i, 0], conics[i, 1], conics[i, 2] = c * inv_det, -b * inv_det, a * inv_det
+            u, v = fx * x / zs + cx, fy * y / zs + cy
+            means2d[i, 0], means2d[i, 1] = u, v
+            n_sigma = math.sqrt(2.0 * math.log(min(max(opac[i], ALPHA_MIN), 1.0) * 255.0))
+            ext_x = n_sigma * math.sqrt(max(a, 0.0))
+            ext_y = n_sigma * math.sqrt(max(c, 0.0))
+            if not (math.isfinite(u) and math.isfinite(v) and math.isfinite(ext_x) and math.isfinite(ext_y)):
+                continue
+            x0 = min(max(math.ceil(u - ext_x - 0.5), 0), width)
+            x1 = min(max(math.floor(u + ext_x - 0.5) + 1, 0), width)
+            y0 = min(max(math.ceil(v - ext_y - 0.5), 0), height)
+            y1 = min(max(math.floor(v + ext_y - 0.5) + 1, 0), height)
+            if ok and x1 > x0 and y1 > y0:
+                visible[i] = True
+                radii[i, 0], radii[i, 1] = math.ceil(ext_x), math.ceil(ext_y)
+        return means2d, conics, depths, radii, visible
+
+    @numba.njit(cache=True, nogil=True)
+    def sh_colors(coeffs, dirs, degree):  # pragma: no cover - compiled
+        """max(eval_sh(degree, coeffs, dirs) + 0.5, 0): [n, 3] from coeffs [n, K, 3], dirs [n, 3]."""
+        n = coeffs.shape[0]
+        out = np.empty((n, 3))
+        for i in range(n):
+            norm = max(math.sqrt(dirs[i, 0] ** 2 + dirs[i, 1] ** 2 + dirs[i, 2] ** 2), 1e-12)
+            x, y, z = dirs[i, 0] / norm, dirs[i, 1] / norm, dirs[i, 2] / norm
+            xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
+            for ch in range(3):
+                s = C0 * coeffs[i, 0, ch]
+                if degree >= 1:
+                    s += -C1 * y * coeffs[i, 1, ch] + C1 * z * coeffs[i, 2, ch] - C1 * x * coeffs[i, 3, ch]
+                if degree >= 2:
+                    s += (C2[0] * xy * coeffs[i, 4, ch] + C2[1] * yz * coeffs[i, 5, ch]
+                          + C2[2] * (2.0 * zz - xx - yy) * coeffs[i, 6, ch] + C2[3] * xz * coeffs[i, 7, ch]
+                          + C2[4] * (xx - yy) * coeffs[i, 8, ch])
+                if degree >= 3:
+                    s += (C3[0] * y * (3.0 * xx - yy) * coeffs[i, 9, ch] + C3[1] * xy * z * coeffs[i, 10, ch]
+                          + C3[2] * y * (4.0 * zz - xx - yy) * coeffs[i, 11, ch]
+                          + C3[3] * z * (2.0 * zz - 3.0 * xx - 3.0 * yy) * coeffs[i, 12, ch]
+                          + C3[4] * x * (4.0 * zz - xx - yy) * coeffs[i, 13, ch]
+                          + C3[5] * z * (xx - yy) * coeffs[i, 14, ch] + C3[6] * x * (xx - 3.0 * yy) * coeffs[i, 15, ch])
+                out[i, ch] = max(s + 0.5, 0.0)
+        return out
+
+    _kernels = (forward, backward, project, sh_colors)
     return _kernels
 
 
@@ -174,7 +270,7 @@ def _np(t: Tensor) -> np.ndarray:
 class _CompositeNumba(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, opacities, feats, width, height):
-        fwd, _ = _compile()
+        fwd = _compile()[0]
         inputs = tuple(_np(t) for t in (means2d, conics, opacities, feats))
         out, T, last = fwd(*inputs, width, height)
         ctx.state = (inputs, width, height, T, last)
@@ -182,7 +278,7 @@ class _CompositeNumba(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _, bwd = _compile()
+        bwd = _compile()[1]
         inputs, width, height, T, last = ctx.state
         grads = bwd(*inputs, width, height, T, last, _np(grad_out))
         like = grad_out
@@ -194,3 +290,32 @@ def composite_numba(means2d: Tensor, conics: Tensor, opacities: Tensor, feats: T
     """[height * width, F] composited features of Gaussians sorted front to back (see
     :func:`.raster_torch.composite`, whose contract this shares)."""
     return _CompositeNumba.apply(means2d, conics, opacities, feats, width, height)
+
+
+def render_numba(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor, viewmat: Tensor,
+                 K: Tensor, width: int, height: int, sh_degree: int | None, near: float, far: float,
+                 eps2d: float = 0.3) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """One camera without autograd, every step compiled: what ``_rasterize_torch`` computes for it.
+
+    Returns image [H, W, D], alpha [H, W, 1], depth [H, W, 1] and info (means2d [N, 2], radii [N, 2],
+    depths [N]), as tensors of the inputs' dtype."""
+    fwd, _, proj, sh = _compile()
+    m = _np(means)
+    means2d, conics, depths, radii, visible = proj(m, _np(quats), _np(scales), _np(opacities), _np(viewmat), _np(K),
+                                                   width, height, near, far, eps2d)
+    idx = np.nonzero(visible)[0]
+    idx = idx[np.argsort(depths[idx], kind="stable")]  # front to back, ties in index order (as torch's stable sort)
+    c = _np(colors)[idx]
+    if sh_degree is not None:
+        vm = _np(viewmat)
+        campos = -vm[:3, :3].T @ vm[:3, 3]
+        c = sh(np.ascontiguousarray(c), m[idx] - campos, sh_degree)
+    D = c.shape[1]
+    feats = np.concatenate([c, depths[idx, None], np.ones((len(idx), 1))], 1)
+    out, _, _ = fwd(np.ascontiguousarray(means2d[idx]), np.ascontiguousarray(conics[idx]),
+                    _np(opacities)[idx], feats, width, height)
+    out = torch.from_numpy(out.reshape(height, width, D + 2)).to(means.dtype)
+    alpha = out[..., D + 1:]
+    info = {"means2d": torch.from_numpy(means2d).to(means.dtype), "radii": torch.from_numpy(radii),
+            "depths": torch.from_numpy(depths).to(means.dtype)}
+    return out[..., :D], alpha, out[..., D:D + 1] / alpha.clamp(min=1e-10), info

@@ -128,6 +128,14 @@ def _colors(colors: Tensor, means: Tensor, viewmat: Tensor, sh_degree: int | Non
 def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far,
                      kernel="torch"):
     eps2d = _EPS2D.get()
+    if kernel == "numba" and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (means, quats, scales, opacities, colors))):
+        from .raster_numba import render_numba  # inference: projection, sort and colours compiled too
+
+        outs = [render_numba(means, quats, scales, opacities, colors, v, k, width, height, sh_degree, near, far,
+                             eps2d) for v, k in zip(viewmats, Ks)]
+        info = {key: torch.stack([o[3][key] for o in outs]) for key in ("means2d", "radii", "depths")}
+        return (*(torch.stack([o[i] for o in outs]) for i in range(3)), info)
     projs = [project(means, quats, scales, opacities, v, k, width, height, near, far, eps2d)
              for v, k in zip(viewmats, Ks)]
     # retain_grad() only sees gradients on a tensor the loss was computed from, so the compositor reads

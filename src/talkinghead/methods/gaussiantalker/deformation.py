@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ATTRS = ("scale", "rotation", "sh", "opacity")
@@ -40,8 +41,13 @@ class AttributeMLP(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         h = self.trunk(x)
-        out = {k: head(h) for k, head in self.heads.items()}
-        out["sh"] = out["sh"].view(-1, self.num_sh, 3)
+        # The heads as one matrix product (their weights stacked), split per attribute: same values, one launch.
+        heads = list(self.heads.values())
+        w = torch.cat([head.weight for head in heads])
+        b = torch.cat([head.bias for head in heads])
+        parts = F.linear(h, w, b).split([head.out_features for head in heads], dim=-1)
+        out = dict(zip(self.heads.keys(), parts))
+        out["sh"] = out["sh"].unflatten(-1, (self.num_sh, 3))
         return out
 
 
