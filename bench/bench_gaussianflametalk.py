@@ -190,7 +190,9 @@ def main() -> int:
             mp4 = args.work / f"cross_{name}.mp4"
             rep = args.work / f"cross_{name}"
             if not (args.reuse and (rep / "metrics.json").is_file()):
-                secs = run_timed(CLI + ["render", avatar, "--audio", args.audio, "--out", mp4])
+                size = json.loads((avatar / "config.json").read_text())["info"]["size"]
+                secs = run_timed(CLI + ["render", avatar, "--audio", args.audio, "--out", mp4, "--crop",
+                                        "--size", size])  # the crop at the training size, as before issue 13
                 ref = json.loads((data / "meta.json").read_text())["source"]["path"]
                 run_timed(CLI + ["eval", "--pred", mp4, "--audio", args.audio, "--ref", ref, "--out", rep, "--quiet", "--no-video"])
                 print(f"{name}: cross-driven render {secs:.0f} s", flush=True)

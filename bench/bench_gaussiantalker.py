@@ -73,15 +73,16 @@ def evaluate(avatar: Path, data: Path, work: Path) -> dict:
 
     import torch
 
-    from talkinghead.audio.features import compute_audio_features
     from talkinghead.data import PreparedDataset
     from talkinghead.methods import render_split
+    from talkinghead.methods.render import driving_features
     from talkinghead.methods.data import FrameStore, audio_windows
     from talkinghead.methods.trainer import load_model
 
     torch.set_num_threads(1)
     res: dict = {}
-    r = render_split(avatar, data, "test", work / "test_split.mp4")
+    train_size = int(json.loads((avatar / "config.json").read_text())["info"]["size"])
+    r = render_split(avatar, data, "test", work / "test_split.mp4", size=train_size, full_frame=False)
     res["render_fps_split"] = r["fps"]
     _, cfg, info, model, _ = load_model(avatar)
     store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test", progress=False)
@@ -95,9 +96,9 @@ def evaluate(avatar: Path, data: Path, work: Path) -> dict:
     res["psnr_face_background_only"] = float(np.mean([psnr(b, g, m) for b, g, m in zip(backdrop, gt, masks)]))
     res["psnr_full"] = float(np.mean([psnr(o, g) for o, g in zip(ours, gt)]))
 
-    # Silence: zero wave through the same extractor, same poses and backdrops.
+    # Silence: zero wave through the same extractor (the dataset's encoder), same poses and backdrops.
     n = PreparedDataset(data).num_frames
-    silent = compute_audio_features(np.zeros(int(n / info.fps * 16000) + 1, np.float32), info.fps, n).stack()
+    silent = driving_features(np.zeros(int(n / info.fps * 16000) + 1, np.float32), info.fps, data)[:n]
     sil_windows = audio_windows(silent, cfg.data.audio_radius)[store.indices]
     quiet, _ = render_frames(model, store, sil_windows)
     m_gt, m_ours, m_quiet = mouth_track(gt), mouth_track(ours), mouth_track(quiet)
@@ -125,7 +126,8 @@ def cross_driven(avatar: Path, audio: Path, work: Path, data: Path) -> dict:
     from talkinghead.methods.render import render_audio
 
     out = work / "cross_60s.mp4"
-    r = render_audio(avatar, audio, out)
+    train_size = int(json.loads((avatar / "config.json").read_text())["info"]["size"])
+    r = render_audio(avatar, audio, out, size=train_size, full_frame=False)  # the crop, as before issue 13
     frames = []
     with av.open(str(out)) as c:
         duration = float(c.duration / 1e6) if c.duration else float("nan")
@@ -150,6 +152,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--avatar", type=Path, default=None)
     ap.add_argument("--variant", default=None)
+    ap.add_argument("--iterations", type=int, default=None, help="override the preset's (a shorter run)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gaussiantalker"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -165,6 +168,8 @@ def main() -> None:
         cmd = CLI + ["train", str(data), "--out", str(avatar), "--preset", "cpu-small"]
         if args.variant:
             cmd += ["--variant", args.variant]
+        if args.iterations:
+            cmd += ["--iterations", str(args.iterations)]
         log["train_wall_s"] = run_timed(cmd)
     log["train_log"] = json.loads((avatar / "train_log.json").read_text())
     log["load_after_train"] = load()

@@ -30,9 +30,9 @@ SECTION = "## prepare (bench/bench_prepare.py)"
 TARGET = "cnn_anchor_en_71s.mp4"
 
 
-def run_prepare(video: Path, out: Path, preview: bool) -> tuple[dict, float, float, float]:
+def run_prepare(video: Path, out: Path, preview: bool, extra: tuple[str, ...] = ()) -> tuple[dict, float, float, float]:
     """(meta, wall seconds, CPU seconds, peak resident memory in GB) of one cold ``prepare`` run."""
-    cmd = [sys.executable, "-m", "talkinghead.cli", "prepare", str(video), "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "talkinghead.cli", "prepare", str(video), "--out", str(out), "--quiet", *extra]
     with tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd + (["--preview"] if preview else []), stdout=subprocess.DEVNULL, stderr=err)
@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--preview", action="store_true", help="write previews in the --all runs")
     parser.add_argument("--keep", type=Path, help="keep the datasets in this folder (default: deleted)")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to bench/RESULTS.md")
+    parser.add_argument("--encoders", action="store_true",
+                        help="before/after of the audio encoder: the target with --audio-encoder none, then with "
+                             "the default Whisper (one table, cold starts)")
     args = parser.parse_args()
     if not (DATA / TARGET).exists():
         raise SystemExit(f"shared data not found: {DATA}")
@@ -96,6 +99,18 @@ def main() -> None:
                   f"explained variance {meta['face_model']['explained_variance']:.4f}, fit error "
                   f"{meta['face_model']['fit_error_mm']:.3f} mm, reprojection "
                   f"{meta['face_model']['reprojection_error_px']:.3f} px."]
+        if args.encoders:
+            lines += ["", f"Audio encoder before/after on {TARGET} (cold starts, one after the other):", "",
+                      "| --audio-encoder | load avg before | wall s | x clip | CPU s (all processes) | audio stage s "
+                      "| audio process CPU s | peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
+            for enc in ("none", None):
+                before = load()
+                out = keep / f"enc_{enc or 'whisper'}"
+                m, w, c, pk = run_prepare(DATA / TARGET, out, False, ("--audio-encoder", enc) if enc else ())
+                lines.append(f"| {enc or 'default (Whisper tiny.en)'} | {before} | {w:.1f} | {w / duration:.2f} | "
+                             f"{c:.1f} | {m['timings_s']['audio']:.1f} | {m['cpu_s'].get('audio_process', 0):.1f} | "
+                             f"{pk:.2f} |")
+                shutil.rmtree(out, ignore_errors=True)
         if args.all:
             lines += ["", f"Every clip{' (with --preview)' if args.preview else ''}; the {TARGET} row reuses the "
                       "stages of the timed run above (a second run with the same inputs), so its wall time is not "

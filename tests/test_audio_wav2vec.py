@@ -92,19 +92,20 @@ def test_preprocessor_config_turns_normalisation_off(tmp_path):
 def test_driving_audio_gets_the_wav2vec_columns_its_dataset_was_prepared_with(tmp_path):
     """An avatar trained on wav2vec features must be driven with them too (render reads the dataset's model)."""
     from talkinghead.data import FORMAT
-    from talkinghead.methods.render import dataset_wav2vec, driving_features
+    from talkinghead.methods.render import dataset_audio, driving_features
 
     _save_tiny(tmp_path / "w2v")
     data = tmp_path / "data"
     data.mkdir()
     meta = {"format": FORMAT, "format_version": 1, "num_frames": 10, "fps": 25.0, "size": [64, 64],
-            "split": {"train": [0, 8], "test": [8, 10]}, "options": {"wav2vec_model": str(tmp_path / "w2v")}}
+            "split": {"train": [0, 8], "test": [8, 10]}, "options": {"wav2vec_model": str(tmp_path / "w2v")},
+            "audio_features": {"encoder": None}}
     (data / "meta.json").write_text(json.dumps(meta))
     wave = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
     plain = driving_features(wave, 25.0)
-    with_w2v = driving_features(wave, 25.0, dataset_wav2vec(data))
+    with_w2v = driving_features(wave, 25.0, data)
     assert with_w2v.shape == (25, plain.shape[1] + 32)
     np.testing.assert_allclose(with_w2v[:, : plain.shape[1]], plain)
     meta["options"]["wav2vec_model"] = None
     (data / "meta.json").write_text(json.dumps(meta))
-    assert dataset_wav2vec(data) is None
+    assert dataset_audio(data) == (None, None)

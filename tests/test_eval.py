@@ -212,12 +212,33 @@ def test_eval_cross_driven_cli(clips, tmp_path, capsys):
     assert "reference video" in m["null_reasons"]["stability"]
 
 
+def test_eval_pred_alone_uses_its_own_track_on_the_video_clock(tmp_path, capsys):
+    """``eval --pred X`` (no --gt / --audio) measures X against its own sound track, placed on X's video clock:
+    the clip with its audio track delayed 0.24 s by ffmpeg (-itsoffset, stream copy) reads 6 frames later."""
+    import json
+    import subprocess
+
+    import imageio_ffmpeg
+
+    clip = shared_clip("may_en_5s.mp4")
+    late = tmp_path / "late.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(clip), "-itsoffset",
+                    "0.24", "-i", str(clip), "-map", "0:v", "-map", "1:a", "-c", "copy", str(late)], check=True)
+    offsets = []
+    for pred in (clip, late):
+        out = tmp_path / pred.stem
+        assert _run(["eval", "--pred", str(pred), "--out", str(out), "--quiet"], capsys)[0] == 0
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["mode"] == "cross-driven" and report["inputs"]["audio"] == f"sound track of {pred}"
+        offsets.append(report["metrics"]["landmark_sync_offset"])
+    assert abs(offsets[0]) <= 2 and abs(offsets[1] - offsets[0] - 6) <= 1, offsets
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--pred", "{d}/noface.mp4", "--gt", "{d}/gt.mp4"], "no face found in the prediction"),
     (["--pred", "{d}/text.mp4", "--gt", "{d}/gt.mp4"], "cannot read"),
     (["--pred", "{d}/missing.mp4", "--gt", "{d}/gt.mp4"], "file not found"),
     (["--pred", "{d}/small.mp4", "--gt", "{d}/gt.mp4"], "frame size differs"),
-    (["--pred", "{d}/gt.mp4"], "--gt GT.mp4"),
     ([], "nothing to evaluate"),
 ])
 def test_eval_bad_input_is_one_error_line(clips, tmp_path, capsys, argv, message):

@@ -109,6 +109,22 @@ def test_prediction_is_causal_no_future_audio_leaks():
     torch.testing.assert_close(tf[:, :20], ar[:, :20], atol=1e-4, rtol=1e-4)
 
 
+def test_no_encoder_layers_is_a_linear_projection_of_each_frame():
+    """encoder_layers 0 (a pretrained encoder's features + the paper's linear projection): C^t reads frame t only."""
+    neutral, basis, _ = _face()
+    audio, expr = _clip(30, 0)
+    model = build_flametalk(FlameTalkConfig(d_model=16, heads=2, context=20, encoder_layers=0), audio, expr,
+                            neutral, basis).eval()
+    assert model.audio_encoder is None
+    x = torch.as_tensor(audio)[None]
+    changed = x.clone()
+    changed[0, 12] += 3.0
+    with torch.no_grad():
+        diff = (model.encode_audio(changed) - model.encode_audio(x)).abs().amax(-1)[0]
+    assert diff[12] > 1e-3 and float(diff[torch.arange(30) != 12].max()) == 0.0
+    assert model.predict(audio).shape == expr.shape
+
+
 def test_training_learns_audio_to_jaw_and_beats_the_mean_face():
     neutral, basis, _ = _face()
     audio, expr = _clip(1000, 1)

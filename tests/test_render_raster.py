@@ -9,7 +9,11 @@ import torch
 
 from talkinghead.render import eval_sh, gsplat_available, rasterize
 from talkinghead.render.projection import project, quat_to_rotmat
+from talkinghead.render.raster_numba import available as numba_available
 from talkinghead.render.raster_torch import _chunks, _spans, composite
+
+# The CPU backends: our reference compositor, and its Numba loops where numba is installed.
+CPU_BACKENDS = ["torch", pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="needs numba"))]
 
 
 def camera(width: int, height: int, f: float, dtype=torch.float32):
@@ -108,31 +112,35 @@ def test_gaussians_behind_the_camera_or_off_image_contribute_nothing():
         assert torch.all(t.grad[6:] == 0) and t.grad[:6].abs().sum() > 0
 
 
-def test_matches_a_naive_dense_renderer():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matches_a_naive_dense_renderer(backend):
     W, H = 40, 30
     viewmat, K = camera(W, H, 35.0, torch.float64)
     scene = random_scene(150, seed=1, dtype=torch.float64, opacity_max=1.0)  # some alphas hit the 0.99 clamp
-    image, alpha, *_ = rasterize(*scene, viewmat, K, W, H)
+    image, alpha, *_ = rasterize(*scene, viewmat, K, W, H, backend=backend)
     ref_image, ref_alpha = dense_reference(*scene, viewmat, K, W, H)
     torch.testing.assert_close(image, ref_image, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(alpha[..., 0], ref_alpha, atol=1e-10, rtol=1e-8)
     assert (ref_alpha > 0.999).any(), "the scene should exercise early termination"
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradients_match_finite_differences(backend):
     W, H = 14, 11
     viewmat, K = camera(W, H, 14.0, torch.float64)
     scene = [t.requires_grad_() for t in random_scene(5, seed=2, dtype=torch.float64)]
     weights = torch.rand(H, W, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
     def loss(means, quats, scales, opacities, colors):
-        image, alpha, depth, _ = rasterize(means, quats, scales, opacities, colors, viewmat, K, W, H)
+        image, alpha, depth, _ = rasterize(means, quats, scales, opacities, colors, viewmat, K, W, H,
+                                           backend=backend)
         return (torch.cat([image, alpha, depth], -1) * weights).sum()
 
     assert torch.autograd.gradcheck(loss, scene, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_gradients_match_finite_differences_with_sh_two_cameras_and_a_background():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradients_match_finite_differences_with_sh_two_cameras_and_a_background(backend):
     W, H = 10, 8
     _, K = camera(W, H, 10.0, torch.float64)
     viewmats = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
@@ -143,7 +151,8 @@ def test_gradients_match_finite_differences_with_sh_two_cameras_and_a_background
 
     def loss(means, sh):
         image, alpha, depth, _ = rasterize(
-            means, quats, scales, opacities, sh, viewmats, K.repeat(2, 1, 1), W, H, background=bg, sh_degree=1
+            means, quats, scales, opacities, sh, viewmats, K.repeat(2, 1, 1), W, H, background=bg, sh_degree=1,
+            backend=backend,
         )
         return image.square().sum() + depth.sum()
 
@@ -276,10 +285,10 @@ def test_gsplat_adapter_passes_gsplat_conventions_and_unpacks_its_outputs(monkey
     assert info["radii"].shape == (1, 3, 2) and info["backend"] == "gsplat"
 
 
-def test_auto_backend_is_torch_on_cpu_and_unknown_backends_are_rejected():
+def test_auto_backend_is_numba_on_cpu_when_installed_and_unknown_backends_are_rejected():
     viewmat, K = camera(8, 6, 10.0)
     *_, info = rasterize(*random_scene(3), viewmat, K, 8, 6)
-    assert info["backend"] == "torch"
+    assert info["backend"] == ("numba" if numba_available() else "torch")
     with pytest.raises(ValueError, match="backend"):
         rasterize(*random_scene(3), viewmat, K, 8, 6, backend="cuda")
     means, quats, scales, opacities, _ = random_scene(3)
@@ -287,22 +296,41 @@ def test_auto_backend_is_torch_on_cpu_and_unknown_backends_are_rejected():
         rasterize(means, quats, scales, opacities, torch.zeros(3, 4, 3), viewmat, K, 8, 6)
 
 
-def test_nothing_visible_renders_the_background_and_zero_gradients():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nothing_visible_renders_the_background_and_zero_gradients(backend):
     viewmat, K = camera(8, 6, 10.0)
     means, quats, scales, opacities, colors = random_scene(4)
     means = (means * torch.tensor([1.0, 1.0, -1.0])).requires_grad_()  # all behind the camera
     scene = (means, quats, scales, opacities, colors)
-    image, alpha, depth, _ = rasterize(*scene, viewmat, K, 8, 6, background=torch.ones(3))
+    image, alpha, depth, _ = rasterize(*scene, viewmat, K, 8, 6, background=torch.ones(3), backend=backend)
     assert torch.equal(image, torch.ones(6, 8, 3)) and torch.equal(alpha, torch.zeros(6, 8, 1))
     assert torch.equal(depth, torch.zeros(6, 8, 1))
     image.sum().backward()
     assert torch.equal(means.grad, torch.zeros(4, 3))
 
 
-def test_inference_under_no_grad_matches_the_training_path():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inference_under_no_grad_matches_the_training_path(backend):
     viewmat, K = camera(30, 20, 25.0)
     scene = [t.requires_grad_() for t in random_scene(30, seed=8)]
     with torch.no_grad():
-        fast = rasterize(*scene, viewmat, K, 30, 20)[:3]
-    for a, b in zip(fast, rasterize(*scene, viewmat, K, 30, 20)[:3]):
+        fast = rasterize(*scene, viewmat, K, 30, 20, backend=backend)[:3]
+    for a, b in zip(fast, rasterize(*scene, viewmat, K, 30, 20, backend=backend)[:3]):
         assert torch.equal(a, b.detach())
+
+
+@pytest.mark.skipif(not numba_available(), reason="needs numba")
+def test_numba_compositor_equals_the_torch_reference_forward_and_backward_in_float32():
+    W, H = 64, 48
+    viewmat, K = camera(W, H, 50.0)
+    base = random_scene(400, seed=12, opacity_max=1.0)  # dense enough for early termination and the clamp
+    weights = torch.rand(H, W, 5, generator=torch.Generator().manual_seed(13))
+    results = []
+    for backend in ("torch", "numba"):
+        scene = [t.clone().requires_grad_() for t in base]
+        image, alpha, depth, _ = rasterize(*scene, viewmat, K, W, H, backend=backend)
+        (torch.cat([image, alpha, depth], -1) * weights).sum().backward()
+        results.append([image, alpha, depth] + [t.grad for t in scene])
+    assert (results[0][1] > 0.999).any()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

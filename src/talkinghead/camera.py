@@ -44,3 +44,35 @@ def project(points: np.ndarray, viewmat_: np.ndarray, K: np.ndarray) -> np.ndarr
     cam = points @ viewmat_[:3, :3].T + viewmat_[:3, 3]
     uv = cam[..., :2] / cam[..., 2:3]
     return uv * np.array([K[0, 0], K[1, 1]]) + np.array([K[0, 2], K[1, 2]])
+
+
+def head_pivot(vertices: np.ndarray, nose_tip: int = 1) -> np.ndarray:
+    """[3] the point a head turns about, in head coordinates, from its face mesh ``vertices`` [V, 3] (metres).
+
+    The face mesh is a mask on the front of the head; the pivot sits behind it: the centre of the mesh's box
+    in x and y, and 0.5 face widths behind the box centre in depth ("behind" is away from the nose tip,
+    vertex ``nose_tip`` of the mediapipe mesh) -- about where the neck carries a head."""
+    v = np.asarray(vertices, np.float64)
+    lo, hi = v.min(0), v.max(0)
+    centre = (lo + hi) / 2
+    back = -np.sign(v[nose_tip, 2] - centre[2]) or 1.0
+    return np.array([centre[0], centre[1], centre[2] + back * 0.5 * (hi[0] - lo[0])], np.float32)
+
+
+def orbit(viewmat_: np.ndarray, yaw_deg: float, pitch_deg: float, pivot: np.ndarray) -> np.ndarray:
+    """[4, 4] world-to-camera of the camera moved on a sphere about ``pivot`` [3] (world = head coordinates).
+
+    Positive yaw moves the camera towards the head's +x (image right in a frontal view: the face turns to
+    the image left), positive pitch moves it up (towards -y, above the head), as if the head had turned the
+    other way in front of a fixed camera. Yaw turns about the head's vertical axis after pitch about its x.
+    (0, 0) returns ``viewmat_`` unchanged."""
+    a, b = np.radians(yaw_deg), np.radians(pitch_deg)
+    # Camera-to-world C' = T(p) R T(-p) C, so world-to-camera V' = V T(p) R^T T(-p).
+    ry = np.array([[np.cos(a), 0.0, np.sin(a)], [0.0, 1.0, 0.0], [-np.sin(a), 0.0, np.cos(a)]])
+    rx = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(b), np.sin(b)], [0.0, -np.sin(b), np.cos(b)]])
+    R = ry.T @ rx  # moves a camera at -z (in front of the face) to +x for yaw > 0, to -y for pitch > 0
+    p = np.asarray(pivot, np.float64).reshape(3)
+    M = np.eye(4)
+    M[:3, :3] = R.T
+    M[:3, 3] = p - R.T @ p
+    return (np.asarray(viewmat_, np.float64) @ M).astype(np.float32)

@@ -19,6 +19,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "talkinghead.prepare.command",
     "talkinghead.methods.command",
     "talkinghead.eval.command",
+    "talkinghead.serve.command",
+    "talkinghead.oneshot.command",
 )
 
 

@@ -10,6 +10,7 @@ container, be unreadable to everyone else. :func:`publish` gives it the mode any
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -41,3 +42,12 @@ def publish(tmp: Path, path: Path) -> None:
     """Give ``tmp`` (a file or folder from the functions above) default permissions, then rename it to ``path``."""
     os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~_umask())
     os.replace(tmp, path)
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

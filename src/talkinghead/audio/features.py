@@ -18,25 +18,36 @@ audio is ignored past the last frame):
   :mod:`talkinghead.audio.phones` for how they are obtained and calibrated.
 * ``wav2vec`` [T, D] (optional): hidden states of a local wav2vec 2.0 / HuBERT model linearly interpolated
   from 50 Hz to the video frames, as the papers do (:mod:`talkinghead.audio.wav2vec`).
+* ``whisper`` [T, L + 1, D] (the default of ``prepare``): every hidden state of a Whisper encoder at the frame
+  instants (:mod:`talkinghead.audio.whisper`); ``whisper_layers`` says which of them :meth:`AudioFeatures.stack`
+  gives the methods and ``encoder`` identifies the checkpoint (name, sha256 of its weights, layers).
 
 :meth:`AudioFeatures.stack` gives the normalised vector methods consume. Its normalisation never uses
 statistics of *another* clip: log-mel is mean-normalised per band over the utterance's own speech frames
 (cepstral-mean-normalisation style, which removes microphone and speaker timbre offsets) and divided by a
 fixed scale; energy is taken relative to the utterance's median speech level. Applied identically to
 training and driving audio, this lets an avatar trained on one recording be driven by another speaker.
+With Whisper features the vector is the chosen hidden states as the encoder gives them (LayerNorm-scaled
+already; no statistics of any clip) followed by the relative energy: phones and log-mel add nothing a linear
+read-out of the mouth can use on top of them (bench/RESULTS.md, "Audio -> mouth ceiling").
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from talkinghead.audio import phones as _phones
 from talkinghead.errors import UserError
 from talkinghead.media import AUDIO_RATE, read_audio
+
+if TYPE_CHECKING:
+    from talkinghead.audio.whisper import WhisperChoice
 
 N_MELS = 80
 N_FFT = 512
@@ -64,6 +75,9 @@ class AudioFeatures:
     phone_posteriors: np.ndarray  # [T, P] float32, rows sum to 1
     phone_names: list[str] = field(default_factory=lambda: list(_phones.PHONES))
     wav2vec: np.ndarray | None = None  # [T, D] float32
+    whisper: np.ndarray | None = None  # [T, L + 1, D] float16: every hidden state of the Whisper encoder
+    whisper_layers: tuple[int, ...] = ()  # the hidden states of ``whisper`` that stack() gives, in order
+    encoder: dict | None = None  # {"name", "sha256", "layers", "checkpoint"} of the Whisper encoder
 
     @property
     def num_frames(self) -> int:
@@ -72,31 +86,43 @@ class AudioFeatures:
     @property
     def names(self) -> list[str]:
         """One name per column of :meth:`stack`."""
-        out = [f"phone:{p}" for p in self.phone_names]
-        out += [f"mel:{i}" for i in range(self.mel.shape[1])]
-        out.append("energy")
+        if self.whisper is not None:
+            out = [f"whisper{l}:{i}" for l in self.whisper_layers for i in range(self.whisper.shape[2])]
+            out.append("energy")
+        else:
+            out = [f"phone:{p}" for p in self.phone_names]
+            out += [f"mel:{i}" for i in range(self.mel.shape[1])]
+            out.append("energy")
         if self.wav2vec is not None:
             out += [f"wav2vec:{i}" for i in range(self.wav2vec.shape[1])]
         return out
 
+    def _relative_energy(self) -> np.ndarray:
+        """[T] energy relative to the utterance's median speech level, in units of 20 dB, clipped."""
+        speech = self._speech()
+        level = float(np.median(self.energy[speech])) if self.num_frames else 0.0
+        return np.clip((self.energy - level) / ENERGY_SCALE, *ENERGY_RANGE)
+
+    def _speech(self) -> np.ndarray:
+        """[T] bool: frames the phone recogniser calls speech (all frames when it found fewer than 3)."""
+        speech = self.phone_ids != _phones.SIL
+        return speech if speech.sum() >= 3 else np.ones(self.num_frames, bool)
+
     def stack(self) -> np.ndarray:
         """The normalised per-frame vector methods consume: float32 [T, D], columns as :attr:`names`.
 
-        ``[phone posteriors | (log-mel - speech mean per band) / MEL_SCALE | relative energy / 20 dB |
-        wav2vec]``. Means and the speech level come from this utterance's own speech frames (all frames when
-        no speech was found), never from another clip; see the module docstring.
+        Without Whisper: ``[phone posteriors | (log-mel - speech mean per band) / MEL_SCALE | relative energy
+        / 20 dB | wav2vec]``. With Whisper: ``[hidden state l for l in whisper_layers | relative energy / 20 dB
+        | wav2vec]``. Means and the speech level come from this utterance's own speech frames (all frames
+        when no speech was found), never from another clip; see the module docstring.
         """
-        speech = self.phone_ids != _phones.SIL
-        if speech.sum() < 3:
-            speech = np.ones(self.num_frames, bool)
-        if self.num_frames == 0:
-            mel_mean, level = np.zeros(self.mel.shape[1], np.float32), 0.0
+        energy = self._relative_energy()[:, None]
+        if self.whisper is not None:
+            parts = [self.whisper[:, l].astype(np.float32) for l in self.whisper_layers] + [energy]
         else:
-            mel_mean = self.mel[speech].mean(axis=0)
-            level = float(np.median(self.energy[speech]))
-        mel = (self.mel - mel_mean) / MEL_SCALE
-        energy = np.clip((self.energy - level) / ENERGY_SCALE, *ENERGY_RANGE)
-        parts = [self.phone_posteriors, mel, energy[:, None]]
+            speech = self._speech()
+            mel_mean = self.mel[speech].mean(axis=0) if self.num_frames else np.zeros(self.mel.shape[1], np.float32)
+            parts = [self.phone_posteriors, (self.mel - mel_mean) / MEL_SCALE, energy]
         if self.wav2vec is not None:
             parts.append(self.wav2vec)
         return np.concatenate(parts, axis=1).astype(np.float32)
@@ -108,6 +134,9 @@ class AudioFeatures:
                       phone_posteriors=self.phone_posteriors, phone_names=np.array(self.phone_names, dtype=str))
         if self.wav2vec is not None:
             arrays["wav2vec"] = self.wav2vec
+        if self.whisper is not None:
+            arrays.update(whisper=self.whisper, whisper_layers=np.array(self.whisper_layers, np.int64),
+                          encoder=np.array(json.dumps(self.encoder)))
         tmp = path.with_name(f".{path.name}.tmp.npz")
         try:
             np.savez(tmp, **arrays)
@@ -123,11 +152,16 @@ class AudioFeatures:
                 out = cls(fps=float(z["fps"]), mel=z["mel"], energy=z["energy"], phone_ids=z["phone_ids"],
                           phone_posteriors=z["phone_posteriors"], phone_names=[str(p) for p in z["phone_names"]],
                           wav2vec=z["wav2vec"] if "wav2vec" in z.files else None)
+                if "whisper" in z.files:
+                    out.whisper, out.whisper_layers = z["whisper"], tuple(int(l) for l in z["whisper_layers"])
+                    out.encoder = json.loads(str(z["encoder"]))
         except (OSError, KeyError, ValueError) as exc:
             raise UserError(f"cannot read audio features {path}: {exc}") from None
         rows = {len(a) for a in (out.mel, out.energy, out.phone_ids, out.phone_posteriors,
-                                 out.wav2vec if out.wav2vec is not None else out.mel)}
-        if len(rows) != 1 or out.phone_posteriors.shape[1] != len(out.phone_names):
+                                 out.wav2vec if out.wav2vec is not None else out.mel,
+                                 out.whisper if out.whisper is not None else out.mel)}
+        layers_ok = out.whisper is None or all(0 <= l < out.whisper.shape[1] for l in out.whisper_layers)
+        if len(rows) != 1 or out.phone_posteriors.shape[1] != len(out.phone_names) or not layers_ok:
             raise UserError(f"cannot read audio features {path}: arrays of inconsistent sizes")
         return out
 
@@ -198,10 +232,16 @@ def _box_average(x: np.ndarray, times: np.ndarray, half: float, rate: float) -> 
 
 
 def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, progress: bool = False,
-                           wav2vec_model: str | os.PathLike | None = None) -> AudioFeatures:
+                           wav2vec_model: str | os.PathLike | None = None,
+                           whisper: "WhisperChoice | None" = None,
+                           phone_decoder: "_phones.PhoneDecoder | None" = None) -> AudioFeatures:
     """Features of ``wave`` (float32 [S] at 16 kHz, sample 0 at frame 0) for ``num_frames`` frames at ``fps``.
 
     ``wav2vec_model``: a local wav2vec 2.0 / HuBERT folder (transformers format); its features are added.
+    ``whisper``: which Whisper checkpoint and layers (:class:`talkinghead.audio.whisper.WhisperChoice`); its
+    hidden states are added and become what :meth:`AudioFeatures.stack` gives. None: no Whisper features.
+    ``phone_decoder``: a kept pocketsphinx decoder (the live server's; see :class:`~talkinghead.audio.phones.
+    PhoneDecoder`) instead of a fresh one per call.
     """
     from tqdm import tqdm
 
@@ -210,11 +250,11 @@ def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, pro
     wave = np.asarray(wave, np.float32).reshape(-1)
     duration = num_frames / fps
     wave = wave[: int(np.ceil((duration + 1.0 / fps) * AUDIO_RATE))]  # audio past the last frame is not needed
-    steps = ["phones", "mel"] + (["wav2vec"] if wav2vec_model is not None else [])
+    steps = ["phones", "mel"] + (["wav2vec"] if wav2vec_model is not None else []) + (["whisper"] if whisper else [])
     bar = tqdm(total=len(steps), desc="audio features", unit="step", disable=not progress)
     times = np.arange(num_frames) / fps
 
-    recognition = _phones.recognize_phones(wave)
+    recognition = _phones.recognize_phones(wave, phone_decoder)
     posteriors = _phones.phone_posteriors(recognition.loglik, fps, num_frames)
     ids = _phones.phone_labels(recognition.segments, fps, num_frames)
     bar.update()
@@ -233,6 +273,16 @@ def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, pro
 
         w2v = wav2vec_features(load_wav2vec(wav2vec_model), wave, fps, num_frames)
         bar.update()
+    out = AudioFeatures(fps=float(fps), mel=mel.reshape(num_frames, N_MELS), energy=energy,
+                        phone_ids=ids, phone_posteriors=posteriors.astype(np.float32), wav2vec=w2v)
+    if whisper is not None:
+        from talkinghead.audio.whisper import load_whisper, whisper_features
+
+        encoder = load_whisper(whisper.checkpoint)
+        out.whisper = whisper_features(encoder, wave, fps, num_frames)
+        out.whisper_layers = whisper.check_layers(encoder.num_layers)
+        out.encoder = {"name": encoder.name, "sha256": encoder.sha256, "layers": list(out.whisper_layers),
+                       "checkpoint": encoder.checkpoint}
+        bar.update()
     bar.close()
-    return AudioFeatures(fps=float(fps), mel=mel.reshape(num_frames, N_MELS), energy=energy,
-                         phone_ids=ids, phone_posteriors=posteriors.astype(np.float32), wav2vec=w2v)
+    return out

@@ -143,10 +143,49 @@ def _frame_db(wave: np.ndarray, hop: int, win: int, count: int) -> np.ndarray:
     return 10.0 * np.log10(power + 1e-12)
 
 
-def recognize_phones(wave: np.ndarray) -> PhoneRecognition:
-    """Phones of ``wave`` (float32 [S] at 16 kHz): 1-best segments and per-10 ms acoustic log-likelihoods."""
-    from pocketsphinx import Decoder
+class PhoneDecoder:
+    """A pocketsphinx allphone decoder (and its senone log folder) kept for many utterances.
 
+    Building one costs ~0.5 s, more than decoding a second of speech, so the live server's feature stream
+    keeps one per session. Its cepstral mean carries over from one utterance to the next (pocketsphinx's
+    live CMN), so a reused decoder's scores differ slightly from a fresh one's: :func:`recognize_phones`
+    without a decoder builds a fresh one each call (what ``prepare`` and ``render`` do).
+    """
+
+    def __init__(self):
+        from pocketsphinx import Decoder
+
+        self.logdir = Path(tempfile.mkdtemp(prefix="talkinghead-senones-"))
+        try:
+            self.decoder = Decoder(allphone=_model_path("en-us/en-us-phone.lm.bin"), lm=None, loglevel="ERROR",
+                                   senlogdir=str(self.logdir))
+        except BaseException:
+            self.close()
+            raise
+
+    def decode(self, pcm: bytes) -> tuple[list, np.ndarray]:
+        """(1-best segments, senone scores [F, n_ci_sen]) of one utterance of 16-bit PCM."""
+        ci_map, n_state = _ci_phone_map()
+        d = self.decoder
+        d.start_utt()
+        d.process_raw(pcm, full_utt=True)
+        d.end_utt()
+        segs = list(d.seg())
+        logs = sorted(self.logdir.iterdir())
+        n_ci_sen = len(ci_map) * n_state
+        scores = _read_senone_log(logs[-1], n_ci_sen) if logs else np.zeros((0, n_ci_sen))
+        for log in logs:
+            log.unlink(missing_ok=True)
+        return segs, scores
+
+    def close(self) -> None:
+        shutil.rmtree(self.logdir, ignore_errors=True)
+
+
+def recognize_phones(wave: np.ndarray, decoder: PhoneDecoder | None = None) -> PhoneRecognition:
+    """Phones of ``wave`` (float32 [S] at 16 kHz): 1-best segments and per-10 ms acoustic log-likelihoods.
+
+    ``decoder``: reuse this one (see :class:`PhoneDecoder`) instead of building a fresh one."""
     n = int(np.ceil(len(wave) / (HOP_S * AUDIO_RATE)))
     ci_map, n_state = _ci_phone_map()
     labels = np.full(n, SIL, np.int64)
@@ -154,19 +193,13 @@ def recognize_phones(wave: np.ndarray) -> PhoneRecognition:
     loglik[:, SIL] = 0.0
     if len(wave):
         pcm = (np.clip(wave, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-        logdir = Path(tempfile.mkdtemp(prefix="talkinghead-senones-"))
+        own = decoder is None
+        dec = PhoneDecoder() if own else decoder
         try:
-            decoder = Decoder(allphone=_model_path("en-us/en-us-phone.lm.bin"), lm=None, loglevel="ERROR",
-                              senlogdir=str(logdir))
-            decoder.start_utt()
-            decoder.process_raw(pcm, full_utt=True)
-            decoder.end_utt()
-            segs = list(decoder.seg())
-            logs = sorted(logdir.iterdir())
-            n_ci_sen = len(ci_map) * n_state
-            scores = _read_senone_log(logs[0], n_ci_sen) if logs else np.zeros((0, n_ci_sen))
+            segs, scores = dec.decode(pcm)
         finally:
-            shutil.rmtree(logdir, ignore_errors=True)
+            if own:
+                dec.close()
         for seg in segs:
             if seg.word not in _FILLERS:
                 labels[max(seg.start_frame, 0):min(seg.end_frame + 1, n)] = _INDEX.get(seg.word, SIL)

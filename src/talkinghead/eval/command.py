@@ -16,9 +16,15 @@ Measure a talking-head video the way the papers do, and write a report folder.
 
 forms:
   talkinghead eval --pred PRED.mp4 --gt GT.mp4 --out REPORT    self-driven: frame-aligned ground truth
-  talkinghead eval --pred PRED.mp4 --audio WAV --out REPORT    cross-driven: no ground-truth frames
+  talkinghead eval --pred PRED.mp4 [--audio WAV] --out REPORT  cross-driven: no ground-truth frames (audio:
+                                                               PRED's own sound track unless --audio)
   talkinghead eval AVATAR --data DATA --out REPORT             render the dataset's test split, then
                                                                evaluate it (+ training time, render FPS)
+
+With AVATAR, eval compares crop with crop: the test split rendered as the square crop at --size N (default:
+the avatar's training size), against the dataset's crop images resized to N x N -- the same video as
+`talkinghead render AVATAR --split test --crop --size N`. (A full-frame render is the source video outside
+the crop box; compare it with the source's frames via --pred/--gt.) The report states the size it measured at.
 
 metrics: PSNR/SSIM on the face (mask from --mask-from DATA's parsing, else the face-mesh oval) and the full
 frame; mean absolute error in a band around the hair-face boundary and along the jaw line over the neck
@@ -45,6 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("avatar", nargs="?", type=Path, metavar="AVATAR",
                    help="avatar folder from `talkinghead train` (renders DATA's test split; needs --data)")
     p.add_argument("--data", type=Path, help="prepared dataset of the avatar (with AVATAR)")
+    p.add_argument("--size", type=int, default=None, metavar="N",
+                   help="with AVATAR: render and measure the crop at N x N (default: the avatar's training size)")
     p.add_argument("--pred", type=Path, help="the prediction video to evaluate")
     p.add_argument("--gt", type=Path, help="its ground truth, frame-aligned (self-driven)")
     p.add_argument("--audio", type=Path, help="the driving audio (cross-driven; default: PRED's sound track)")
@@ -80,12 +88,12 @@ def _check_args(args) -> str:
         if args.data is None:
             raise UserError("AVATAR needs --data DATA (the prepared dataset whose test split to render)")
         return "avatar"
+    if args.size is not None:
+        raise UserError("--size goes with AVATAR (it sets the render size); --pred is measured at its own size")
     if args.data is not None:
         raise UserError("--data goes with AVATAR; for face masks from a dataset use --mask-from DATA")
     if args.pred is None:
         raise UserError("nothing to evaluate: give --pred PRED.mp4 with --gt GT.mp4 or --audio WAV, or AVATAR --data DATA")
-    if args.gt is None and args.audio is None:
-        raise UserError("--pred needs --gt GT.mp4 (self-driven) or --audio WAV (cross-driven)")
     if args.gt is not None and args.ref is not None:
         raise UserError("--ref is for cross-driven runs; with --gt the ground truth is the reference")
     if args.gt is None and args.mask_from is not None:
@@ -150,11 +158,13 @@ def _avatar_run(args, tmp: Path, opts):
     from talkinghead.data import PreparedDataset
     from talkinghead.media import probe
     from talkinghead.methods import render_split
+    from talkinghead.methods.trainer import read_avatar_config
 
     from .evaluate import Clip
 
     pred_mp4 = tmp / "prediction.mp4"
-    res = render_split(args.avatar, args.data, "test", pred_mp4)
+    size = args.size or int(read_avatar_config(args.avatar)["info"]["size"])
+    res = render_split(args.avatar, args.data, "test", pred_mp4, size=size, full_frame=False)
     width = probe(pred_mp4).width
     ds = PreparedDataset(args.data, size=width)
     idx = ds.split_indices("test")
@@ -166,7 +176,9 @@ def _avatar_run(args, tmp: Path, opts):
 
     gt = Clip(f"{args.data} (test split, frames {idx[0]}..{idx[-1]})", fps, gt_frames, lambda: ds.split_audio("test"))
     pred = Clip.from_file(pred_mp4, fps)
-    speed = {"render_fps": res.get("fps")}
+    speed = {"render_fps": res.get("fps"), "measured_on": (
+        f"the square crop at {width}x{width}: the test split rendered at {width}x{width}, against the dataset's "
+        f"crop images resized to {width}x{width}")}
     log = args.avatar / "train_log.json"
     train = json.loads(log.read_text()) if log.is_file() else {}
     speed["train_time_s"] = train.get("train_time_s")
@@ -204,6 +216,7 @@ def run_eval(args) -> int:
             pred = Clip.from_file(args.pred, gt.fps if gt else None)
             pred_rate = probe(args.pred).avg_fps
             parsing_fn = _dataset_parsing(args.mask_from) if args.mask_from else None
+            # on the file's video clock (media.read_audio); without --audio evaluate() takes PRED's own track
             audio = read_audio(args.audio) if args.audio else None
         ref = Clip.from_file(args.ref, pred.fps) if args.ref else None
         ev = evaluate(pred, gt, audio=audio, ref=ref, parsing_fn=parsing_fn, opts=opts)
@@ -213,6 +226,7 @@ def run_eval(args) -> int:
             ev.inputs["prediction"]["path"] = str(args.out / "prediction.mp4")
             ev.inputs["audio"] = f"test split of {args.data}/audio.wav (the render's driving audio)"
             ev.inputs["method"] = speed.pop("method")
+            ev.inputs["measured_on"] = speed.pop("measured_on")
             ev.inputs["avatar"] = str(args.avatar)
             for k, v in speed.items():
                 ev.set(k, v, None if v is not None else "not in the avatar's logs")
@@ -228,7 +242,9 @@ def run_eval(args) -> int:
     m = ev.metrics
     keys = ("psnr_face", "ssim_face", "lmd_mouth", "mouth_open_corr", "stability", "landmark_sync_offset",
             "landmark_sync_conf")
-    print(f"{ev.mode}: " + ", ".join(f"{k} {fmt(m.get(k), k)}" for k in keys if m.get(k) is not None))
+    size = ev.inputs.get("size")
+    at = f" (measured at {size[0]}x{size[1]})" if size else ""
+    print(f"{ev.mode}{at}: " + ", ".join(f"{k} {fmt(m.get(k), k)}" for k in keys if m.get(k) is not None))
     print(f"report: {args.out}/report.md")
     return 0
 

@@ -17,6 +17,10 @@ A method plugs in as data, not as a subclass (see :mod:`talkinghead.methods.base
 
 One trainer (:mod:`.trainer`) and one renderer (:mod:`.render`) then serve every method:
 ``talkinghead train DATA --method mymethod`` and ``talkinghead render AVATAR`` work without further code.
+Live streaming (:mod:`.streaming`, used by ``talkinghead serve``) needs nothing more from a method whose frames
+depend only on their Condition; a method that keeps state across frames adds ``open_stream()`` returning an
+object with ``render(cond)``, ``reset()`` and ``lookahead`` (audio rows past the frame it reads), so sessions
+sharing one model keep separate histories (GaussianFlameTalk does).
 Nothing is imported here beyond the registry itself: importing this package stays cheap and silent.
 """
 
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 _BUILTIN: dict[str, str] = {
     "gaussiantalker": "talkinghead.methods.gaussiantalker",
     "gaussianflametalk": "talkinghead.methods.gaussianflametalk",
+    "talk3d": "talkinghead.methods.talk3d",
     "degstalk": "talkinghead.methods.degstalk",
 }
 _REGISTRY: dict[str, "MethodSpec"] = {}
@@ -59,15 +64,18 @@ def get_method(name: str) -> "MethodSpec":
     return _REGISTRY[name]
 
 
-def render_split(avatar: Path, data: Path, split: str, out_mp4: Path) -> dict:
+def render_split(avatar: Path, data: Path, split: str, out_mp4: Path, size: int | None = None,
+                 full_frame: bool | None = None, source: Path | None = None) -> dict:
     """Render ``split`` of the prepared dataset ``data`` with its own audio and poses (self-driven).
 
     Writes ``out_mp4`` (with the split's audio) and returns ``{"fps": rendered frames per second,
-    "frames": frame count, ...}``. See :func:`talkinghead.methods.render.render_split`.
+    "frames": frame count, ...}``; ``size`` is the render side (default: the dataset's), ``full_frame`` pastes
+    the renders into the source video (None: when it is at hand). See
+    :func:`talkinghead.methods.render.render_split`.
     """
     from .render import render_split as _render_split
 
-    return _render_split(avatar, data, split, out_mp4)
+    return _render_split(avatar, data, split, out_mp4, size=size, full_frame=full_frame, source=source)
 
 
 __all__ = ["register_method", "get_method", "available_methods", "render_split"]

@@ -174,6 +174,39 @@ class FrameStore:
         self.crops = (torch.stack(Ks), torch.stack(imgs), torch.stack(bds))
 
 
+class Conditions:
+    """Conditions of any frame of a prepared dataset at any render size, decoded when asked (the renderer's
+    input: nothing is cached, so a long clip at 512^2 or more costs no memory up front).
+
+    ``size`` is the render side N: the backdrop (torso image) is read at N from the dataset's stored frames
+    (area-averaged down, bilinear up; above the dataset's own size the backdrop is upsampled) and ``K`` is the
+    camera in pixels of N -- a Condition carries its render size (``Condition.height``/``width``) this way.
+    At the training size a Condition equals :meth:`FrameStore.condition`'s for the same frame.
+    """
+
+    def __init__(self, path: Path, size: int, audio_radius: int, source_frames: bool = False):
+        self.ds = open_dataset(path, size=size)
+        self.size = int(size)
+        self.source_frames = source_frames  # also give each Condition its SourceFrame (DataConfig.source_frames)
+        self.K = torch.as_tensor(np.asarray(self.ds.K), dtype=torch.float32)
+        self.windows = audio_windows(self.ds.audio_matrix, audio_radius)
+        tracks = self.ds.tracks
+        self.viewmats = torch.from_numpy(np.asarray(tracks.viewmats, np.float32))  # [T, 4, 4]
+        self.blinks = torch.from_numpy(np.asarray(tracks.blink, np.float32))  # [T, 2]
+
+    def __call__(self, i: int, audio: Tensor | None = None) -> Condition:
+        """Condition of dataset frame ``i``; ``audio`` [2R+1, D] replaces the frame's own window (driving)."""
+        i = int(i)
+        source = None
+        if self.source_frames:
+            fr = self.ds.frame(i)
+            source = SourceFrame(image=_f32(_to_u8(fr.image)), labels=torch.from_numpy(np.array(fr.parsing, np.uint8)),
+                                 expression=torch.from_numpy(np.asarray(fr.expression, np.float32)))
+        return Condition(viewmat=self.viewmats[i], K=self.K, backdrop=_f32(_to_u8(self.ds.torso_image(i))),
+                         audio=self.windows[min(i, len(self.windows) - 1)] if audio is None else audio,
+                         blink=self.blinks[i], index=i, source=source)
+
+
 def _resize(img: Tensor, h: int, w: int) -> Tensor:
     """[h0, w0, 3] -> [h, w, 3], antialiased bilinear."""
     x = torch.nn.functional.interpolate(img.permute(2, 0, 1)[None], size=(h, w), mode="bilinear",

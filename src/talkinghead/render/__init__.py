@@ -5,6 +5,10 @@
 * :func:`eval_sh` evaluates spherical-harmonic colours;
 * :class:`GaussianModel` holds learnable parameters, saves/loads safetensors and exports 3DGS ``.ply``;
 * :class:`DensityStrategy` is 3DGS's adaptive density control (clone, split, prune, opacity reset).
+
+The triplane NeRF core lives beside it (import the modules directly): :mod:`talkinghead.render.volume` (rays,
+stratified + importance sampling, EG3D triplane sampling, OSG decoder, compositing) and
+:mod:`talkinghead.render.superres` (EG3D-style super-resolution of the rendered feature image).
 """
 
 from .model import GaussianModel

@@ -182,19 +182,21 @@ def composite(
     width: int,
     height: int,
     max_pairs: int = 1 << 22,
+    kernel: str = "torch",
 ) -> Tensor:
     """Alpha-composite Gaussians **given sorted front to back** into [height * width, F]: sum_i w_i f_i.
 
     ``w_i = alpha_i T_i`` are the 3DGS blending weights; append a column of ones to ``feats`` to get the
     pixel alpha. Differentiable in means2d, conics, opacities and feats. Opacities must be >= 1/255 and
-    conics positive definite (what :func:`projection.project` keeps as visible).
+    conics positive definite (what :func:`projection.project` keeps as visible). ``kernel="numba"`` runs the
+    loops of :mod:`.raster_numba` instead of this module's sorted pairs (same footprints, same result).
     """
+    if kernel == "numba":
+        from .raster_numba import composite_numba
+
+        return composite_numba(means2d, conics, opacities, feats, width, height)
     with torch.no_grad():
         gid, y, x0, length = _spans(means2d.detach(), conics.detach(), opacities.detach(), width, height)
-        chunks = []
-        for r0, r1 in _chunks(y, length, height, max_pairs):
-            sidx = torch.nonzero((y >= r0) & (y < r1)).squeeze(1)
-            chunks.append((sidx, length[sidx], r0 * width, (r1 - r0) * width))
     # Per span: sigma - log(o) = A dx^2 + B dx + C with dx = dx0 + k at the span's k-th pixel.
     per_span = torch.cat([means2d, conics, torch.log(opacities)[:, None]], 1).index_select(0, gid)
     u, v, a, b, c, log_o = per_span.unbind(1)
@@ -203,5 +205,10 @@ def composite(
     B = b * dy
     C = 0.5 * c * dy * dy - log_o
     dx0 = x0.to(means2d.dtype) + 0.5 - u
+    with torch.no_grad():
+        chunks = []
+        for r0, r1 in _chunks(y, length, height, max_pairs):
+            sidx = torch.nonzero((y >= r0) & (y < r1)).squeeze(1)
+            chunks.append((sidx, length[sidx], r0 * width, (r1 - r0) * width))
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (means2d, conics, opacities, feats))
     return _Composite.apply(A, B, C, dx0, feats, gid, y * width + x0, chunks, height * width, keep)

@@ -1,12 +1,20 @@
 """One differentiable rasterizer entry point with gsplat's semantics and two backends.
 
 ``backend="torch"`` is our own implementation (:mod:`projection` + :mod:`raster_torch`), running anywhere
-PyTorch does. ``backend="gsplat"`` calls ``gsplat.rasterization`` (CUDA only), imported lazily so that this
-module imports on machines without it. ``"auto"`` picks gsplat for CUDA tensors when gsplat is installed.
+PyTorch does; it is the reference. ``backend="numba"`` is the same projection with the compositing loops of
+:mod:`raster_numba` (CPU tensors, needs the optional ``numba`` wheel; same result to float rounding, several
+times faster). ``backend="gsplat"`` calls ``gsplat.rasterization`` (CUDA only), imported lazily so that this
+module imports on machines without it. ``"auto"`` picks gsplat for CUDA tensors when gsplat is installed,
+numba for CPU tensors when numba is installed, else torch.
+
+Why Numba and not ``torch.compile``: Numba installs from wheels (llvmlite bundles its LLVM) and needs no C
+compiler at run time, while torch.compile's CPU backend calls one each time it compiles; a user's machine
+need not have one.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any, Literal
 
@@ -14,10 +22,11 @@ import torch
 from torch import Tensor
 
 from .projection import project
+from .raster_numba import available as numba_available
 from .raster_torch import composite
 from .sh import eval_sh
 
-Backend = Literal["auto", "torch", "gsplat"]
+Backend = Literal["auto", "torch", "numba", "gsplat"]
 
 
 def gsplat_available() -> bool:
@@ -64,13 +73,16 @@ def rasterize(
     if (colors.dim() == 3) != (sh_degree is not None):
         raise ValueError("colors must be [N, K, 3] SH coefficients with sh_degree, [N, D] features without")
     if backend == "auto":
-        backend = "gsplat" if means.is_cuda and gsplat_available() else "torch"
+        if means.is_cuda:
+            backend = "gsplat" if gsplat_available() else "torch"
+        else:
+            backend = "numba" if numba_available() else "torch"
     if backend == "gsplat":
         run = _rasterize_gsplat
-    elif backend == "torch":
-        run = _rasterize_torch
+    elif backend in ("torch", "numba"):
+        run = functools.partial(_rasterize_torch, kernel=backend)
     else:
-        raise ValueError(f"unknown backend {backend!r} (auto, torch or gsplat)")
+        raise ValueError(f"unknown backend {backend!r} (auto, torch, numba or gsplat)")
     image, alpha, depth, info = run(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near_plane, far_plane
     )
@@ -92,7 +104,8 @@ def _colors(colors: Tensor, means: Tensor, viewmat: Tensor, sh_degree: int | Non
     return torch.clamp_min(eval_sh(sh_degree, colors, means - campos) + 0.5, 0.0)
 
 
-def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far):
+def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far,
+                     kernel="torch"):
     projs = [project(means, quats, scales, opacities, v, k, width, height, near, far) for v, k in zip(viewmats, Ks)]
     # retain_grad() only sees gradients on a tensor the loss was computed from, so the compositor reads
     # slices of the very [C, N, 2] tensor that info returns.
@@ -105,7 +118,7 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
         rgb = _colors(pick(colors), pick(means), viewmat, sh_degree)  # only for the Gaussians drawn
         D = rgb.shape[-1]
         feats = torch.cat([rgb, pick(proj.depths)[:, None], rgb.new_ones(idx.shape[0], 1)], 1)
-        out = composite(pick(means2d[c]), pick(proj.conics), pick(opacities), feats, width, height)
+        out = composite(pick(means2d[c]), pick(proj.conics), pick(opacities), feats, width, height, kernel=kernel)
         out = out.view(height, width, D + 2)
         images.append(out[..., :D])
         alphas.append(out[..., D + 1 :])

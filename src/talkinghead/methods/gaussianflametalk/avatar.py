@@ -28,7 +28,7 @@ from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
 from talkinghead.methods.surface import points_on_triangles, project_colors
 from talkinghead.render import num_sh_bases, rgb_to_sh
 
-from .rigging import bind_to_world, face_forward, fill_holes, shell_points, triangle_frames
+from .rigging import bind_activated, face_forward, fill_holes, shell_points, triangle_frames
 
 
 def axis_angle_to_matrix(v: Tensor) -> Tensor:
@@ -179,17 +179,25 @@ class RiggedAvatar(nn.Module):
         """[..., E] -> [..., V, 3] in the head frame."""
         return self.neutral + torch.einsum("...e,evc->...vc", expression, self.basis)
 
-    def gaussians(self, expression: Tensor) -> dict[str, Tensor]:
+    def static(self) -> dict[str, Tensor]:
+        """What does not depend on the expression: the rigid shell's Gaussians, every opacity and colour, and the
+        bound Gaussians' activated local rotations and scales (a renderer keeps them once per avatar)."""
+        return {"local_quats": F.normalize(self.local_quats, dim=-1), "local_scales": torch.exp(self.local_log_scales),
+                "shell_quats": F.normalize(self.shell_quats, dim=-1), "shell_scales": torch.exp(self.shell_log_scales),
+                "opacities": torch.sigmoid(self.opacity_logits)}
+
+    def gaussians(self, expression: Tensor, static: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Head-frame Gaussians for an expression [E]: means [N, 3], quats [N, 4], scales [N, 3],
-        opacities [N], sh [N, K, 3] (bound first, then shell)."""
+        opacities [N], sh [N, K, 3] (bound first, then shell). ``static``: :meth:`static`, precomputed."""
+        s = self.static() if static is None else static
         verts = self.mesh(expression)
-        bm, bq, bs = bind_to_world(verts, self.faces, self.parent, self.local_means, self.local_quats,
-                                   self.local_log_scales)
+        bm, bq, bs = bind_activated(verts, self.faces, self.parent, self.local_means, s["local_quats"],
+                                    s["local_scales"])
         return {
             "means": torch.cat([bm, self.shell_means]),
-            "quats": torch.cat([bq, F.normalize(self.shell_quats, dim=-1)]),
-            "scales": torch.cat([bs, torch.exp(self.shell_log_scales)]),
-            "opacities": torch.sigmoid(self.opacity_logits),
+            "quats": torch.cat([bq, s["shell_quats"]]),
+            "scales": torch.cat([bs, s["shell_scales"]]),
+            "opacities": s["opacities"],
             "sh": self.sh,
         }
 

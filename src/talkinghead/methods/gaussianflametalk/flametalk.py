@@ -8,9 +8,12 @@ coefficients ``e [E]`` and a mesh is ``neutral + e @ basis``.
 Pieces and where they follow the paper:
 
 * **Audio encoder** (sec. 3.2, "transformer encoder ... linear projection layer to generate C^{1:T}"). Input:
-  the per-frame audio features of :mod:`talkinghead.audio.features` (``AudioFeatures.stack()``). With a local
-  wav2vec 2.0 model at ``prepare`` time those rows carry its frozen hidden states (the paper's frozen encoder,
-  loaded by :mod:`talkinghead.audio.wav2vec`); the offline default is phone posteriors + log-mel + energy.
+  the per-frame audio features of :mod:`talkinghead.audio.features` (``AudioFeatures.stack()``). By default
+  they are a frozen pretrained encoder's hidden states, as in the paper: Whisper tiny.en's encoder
+  (:mod:`talkinghead.audio.whisper`; the paper's wav2vec 2.0 with a local model, :mod:`talkinghead.audio.wav2vec`);
+  ``prepare --audio-encoder none`` gives phone posteriors + log-mel + energy instead. Deviation: Whisper's
+  encoder attends over its whole 30 s window, so frame t's features already depend on up to 4 s of future
+  audio; strict causality holds only for what FlameTalk adds on top.
   On top: a linear embedding and a small *causal* transformer encoder (frame t sees frames <= t, and at most
   ``context`` frames back: "for a given frame t, the transformer encoder ingests audio for frames {1..t}"),
   then the linear projection to ``C^{1:T}``. Deviation: with wav2vec features our encoder layers are trained
@@ -79,7 +82,7 @@ class FlameTalkConfig:
 
     d_model: int = 64  # width of every latent (C, O_v, S)
     heads: int = 4
-    encoder_layers: int = 2  # causal audio transformer layers
+    encoder_layers: int = 2  # causal audio transformer layers on top of the features (0: none, module docstring)
     decoder_layers: int = 1  # FaceFormer decoder layers
     period: int = 25  # PPE / bias period in frames (FaceFormer: 25 at 25-30 fps)
     context: int = 100  # frames of history the encoder and decoder see (training windows have this length)
@@ -198,8 +201,10 @@ class FlameTalk(nn.Module):
         self.num_expression = E
 
         self.audio_embed = nn.Linear(audio_dim, d)
-        enc_layer = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, cfg.dropout, batch_first=True)
-        self.audio_encoder = nn.TransformerEncoder(enc_layer, cfg.encoder_layers, enable_nested_tensor=False)
+        self.audio_encoder = None  # encoder_layers 0: the features' own encoder is the paper's (frozen) one
+        if cfg.encoder_layers > 0:
+            enc_layer = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, cfg.dropout, batch_first=True)
+            self.audio_encoder = nn.TransformerEncoder(enc_layer, cfg.encoder_layers, enable_nested_tensor=False)
         self.audio_projection = nn.Linear(d, d)  # -> C^{1:T}
         self.motion_embed = nn.Linear(S, d)  # previous prediction -> decoder input
         self.start_token = nn.Parameter(torch.zeros(d))
@@ -238,6 +243,8 @@ class FlameTalk(nn.Module):
     def encode_audio(self, audio: Tensor) -> Tensor:
         """C^{1:T} [B, T, d] from raw features [B, T, D]; causal, ``context`` frames back."""
         x = self.audio_embed((audio - self.audio_mean) / self.audio_std)
+        if self.audio_encoder is None:  # frozen encoder + linear projection: C^t from frame t's features alone
+            return self.audio_projection(x)
         T = x.shape[1]
         x = x + periodic_positional_encoding(T, x.shape[-1], self.cfg.period).to(x)
         mask = causal_window_mask(T, self.cfg.context, self.cfg.audio_lookahead).to(x.device)

@@ -24,7 +24,9 @@ cnn_anchor_en_71s it wobbles more (tracking noise) and, self-driven, leaks the t
 renderer calls ``render`` frame by frame with an audio window; FlameTalk runs *streaming* over those calls
 (:class:`_Stream`): consecutive windows overlap, so each call appends one audio row and one prediction to a
 causal history; a window that does not continue the previous one (a jump) restarts the history from the
-window's past rows. ``drive = "tracked"`` renders the tracked expression instead (the avatar alone).
+window's past rows (continuity is judged on the rows FlameTalk reads: up to ``audio_lookahead`` past the
+frame). ``render`` keeps that history in the model (the offline renderer's); :meth:`open_stream` gives each live
+session its own. ``drive = "tracked"`` renders the tracked expression instead (the avatar alone).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from talkinghead.errors import UserError
-from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
+from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
 from talkinghead.methods.losses import dssim
 from talkinghead.render import rasterize
 
@@ -64,6 +66,7 @@ class GaussianFlameTalk(nn.Module):
         self._extras: dict[str, Any] = {}
         self._eyes: Tensor | None = None  # eye components, from the face model on first use
         self._smoothed: tuple[Tensor, Tensor] | None = None  # render-time corrections, see _corrections
+        self._frozen = RenderCache(lambda: self.avatar.static())  # the expression-independent Gaussians, for rendering
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -172,20 +175,34 @@ class GaussianFlameTalk(nn.Module):
                                      sh_degree=self.cfg.sh_degree, backend=self.cfg.backend)
         return img, alpha
 
-    def speech_for(self, cond: Condition) -> Tensor:
-        """FlameTalk's speech coefficients [S] for the frame of ``cond`` (streaming, see module docstring)."""
+    def speech_for(self, cond: Condition, stream: "_Stream | None" = None) -> Tensor:
+        """FlameTalk's speech coefficients [S] for the frame of ``cond`` (streaming, see module docstring);
+        ``stream`` holds the causal history (default: the model's own, the offline renderer's)."""
         R = (cond.audio.shape[0] - 1) // 2
-        return self._stream.step(self.flametalk, cond.audio, R)
+        return (stream or self._stream).step(self.flametalk, cond.audio, R)
 
     def render(self, cond: Condition) -> Tensor:
+        return self.render_with(cond, self._stream)
+
+    def open_stream(self) -> "_SessionStream":
+        """Per-session render state for :mod:`talkinghead.methods.streaming`: its own FlameTalk history, so
+        live sessions share this model's weights but not each other's past frames."""
+        return _SessionStream(self)
+
+    @property
+    def stream_lookahead(self) -> int:
+        """Audio rows past the rendered frame that FlameTalk reads (``audio_lookahead``, capped by R)."""
+        return min(self.flametalk.cfg.audio_lookahead, self.cfg.data.audio_radius)
+
+    def render_with(self, cond: Condition, stream: "_Stream") -> Tensor:
         speech = None
         if self.drive == "audio" and bool(self.flametalk_trained):
-            speech = self.speech_for(cond)
+            speech = self.speech_for(cond, stream)
         expr = self._expression(cond, speech)
         viewmat = cond.viewmat
         if self._is_train_frame(cond.index):
             viewmat = self.avatar.frame_viewmat(cond.index, viewmat, delta=self._corrections()[0])
-        img, _ = self._raster(self.avatar.gaussians(expr), viewmat, cond.K, cond.backdrop)
+        img, _ = self._raster(self.avatar.gaussians(expr, self._frozen.get(self)), viewmat, cond.K, cond.backdrop)
         return img.clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ training
@@ -271,8 +288,9 @@ class _Stream:
         """Speech coefficients [S] of the window's centre frame. window: [2R+1, D] raw features."""
         look = min(ft.cfg.audio_lookahead, R)
         ctx = ft.cfg.context
+        used = R + look + 1  # rows this step reads: a stream may leave later rows unknown (filled)
         continues = (self.last_window is not None and self.last_window.shape == window.shape
-                     and torch.equal(self.last_window[1:], window[:-1]))
+                     and torch.equal(self.last_window[1:used], window[:used - 1]))
         if continues:  # encoder outputs of the window's frames need their own context: keep 2x
             self.audio = torch.cat([self.audio, window[R + look : R + look + 1]])[-(2 * ctx + look):]
         else:  # a jump: restart from the window's past rows, predicting them first
@@ -292,6 +310,19 @@ class _Stream:
         return self.preds[-max(1, ft.cfg.output_average):].mean(0)  # as FlameTalk.predict: causal_average
 
 
+class _SessionStream:
+    """One live session's view of a shared model (:meth:`GaussianFlameTalk.open_stream`)."""
+
+    def __init__(self, model: GaussianFlameTalk):
+        self.model = model
+        self.state = _Stream()
+        self.lookahead = model.stream_lookahead
+
+    def render(self, cond: Condition) -> Tensor:
+        return self.model.render_with(cond, self.state)
+
+    def reset(self) -> None:
+        self.state = _Stream()
 
 
 def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, progress: bool = True) -> dict:
@@ -301,6 +332,9 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     calls this: load AVATAR, train a fresh FlameTalk (``flametalk_config`` overrides fields of the saved
     one) on DATA (default: the avatar's dataset), then replace ``model.safetensors`` and the ``flametalk``
     entries of ``config.json`` / ``train_log.json`` atomically. Returns FlameTalk's test-split metrics.
+    DATA may be the same clip prepared again with other audio features (``prepare --audio-encoder``): only
+    FlameTalk reads audio, so the avatar then records DATA and its audio columns, and render drives it with
+    DATA's encoder.
     """
     import dataclasses
     import json
@@ -313,6 +347,9 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     avatar = Path(avatar)
     _, cfg, info, model, meta = load_model(avatar, expect_method="gaussianflametalk")
     ds = open_dataset(Path(data) if data is not None else Path(meta["data"]))
+    if ds.num_frames != info.num_frames:
+        raise UserError(f"{data} has {ds.num_frames} frames, the avatar was trained on {info.num_frames}: "
+                        f"not the same clip")
     cfg.flametalk = dataclasses.replace(cfg.flametalk, **(flametalk_config or {}))
     fm, tracks = ds.face_model, ds.tracks
     train = ds.split_indices("train")
@@ -323,6 +360,10 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     save_tensors_atomic(avatar / MODEL, {f"model.{k}": v for k, v in model.state_dict().items()},
                         metadata={"method": "gaussianflametalk"})
     meta["config"] = config_to_dict(cfg)
+    if data is not None:
+        meta["data"] = str(Path(data).resolve())
+        meta["info"]["audio_dim"] = int(audio.shape[1])
+        meta["info"]["audio_names"] = list(ds.audio_features.names)
     write_json_atomic(avatar / CONFIG, meta)
     log_path = avatar / LOG
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}

@@ -116,10 +116,27 @@ def bind_to_world(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """World (head-frame) means [..., N, 3], unit quats [..., N, 4] and linear scales [..., N, 3] of bound
     Gaussians for the given mesh (GaussianAvatars' binding, see module docstring)."""
-    R, T, k = triangle_frames(verts, faces[parent])  # only the parents: [..., N, ...]
+    return bind_activated(verts, faces, parent, local_means, F.normalize(local_quats, dim=-1),
+                          torch.exp(local_log_scales))
+
+
+def bind_activated(
+    verts: Tensor,  # [..., V, 3]
+    faces: Tensor,  # [F, 3] long
+    parent: Tensor,  # [N] long
+    local_means: Tensor,  # [N, 3]
+    local_unit_quats: Tensor,  # [N, 4] unit (w, x, y, z)
+    local_scales: Tensor,  # [N, 3] linear, in units of k
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`bind_to_world` with the local rotations and scales already activated (a renderer computes them
+    once per avatar: they do not depend on the mesh)."""
+    # Frames once per triangle ([..., F, ...]; several Gaussians share a parent), then gathered per Gaussian.
+    R, T, k = triangle_frames(verts, faces)
+    q = rotmat_to_quat(R)
+    R, T, k, q = R[..., parent, :, :], T[..., parent, :], k[..., parent], q[..., parent, :]
     means = k[..., None] * (R @ local_means[..., None]).squeeze(-1) + T
-    quats = quat_multiply(rotmat_to_quat(R), F.normalize(local_quats, dim=-1))
-    scales = k[..., None] * torch.exp(local_log_scales)
+    quats = quat_multiply(q, local_unit_quats)
+    scales = k[..., None] * local_scales
     return means, quats, scales
 
 

@@ -4,7 +4,9 @@ Tokens, each of the attention width d:
 
 * audio a_n -- :class:`talkinghead.nn.audio.AudioEncoder` (shared with DEGSTalk): a window [2R+1, D] of
   per-frame audio features around frame n pooled with attention over the frames. The paper feeds
-  DeepSpeech/wav2vec features; ours are the dataset's per-frame features.
+  DeepSpeech/wav2vec features; ours are the dataset's per-frame features: by default a pretrained speech
+  encoder's too (Whisper tiny.en hidden states + energy, :mod:`talkinghead.audio.whisper`), phone posteriors +
+  log-mel + energy with ``prepare --audio-encoder none``; + wav2vec where present.
 * eye e_n -- :func:`blink_encoding`: sinusoidal encoding of the blink value of each eye (the paper uses
   AU45), then a linear map to d (the paper only says the encoding is sized "to match the input dimensions").
 * viewpoint v_n -- :class:`ViewpointEncoder`: a small MLP of the camera pose (rotation + translation).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -42,7 +45,14 @@ class ViewpointEncoder(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """One block: z' = CA(LN(z), tokens) + z;  z = FFN(LN(z')) + z'."""
+    """One block: z' = CA(LN(z), tokens) + z;  z = FFN(LN(z')) + z'.
+
+    The cross-attention has ``nn.MultiheadAttention``'s parameters (and checkpoints) but is evaluated with the
+    keys and values folded into the query and output projections: with M = 4 tokens, head h's scores are
+    LN(z) (W_q,h^T k_h,m) / sqrt(d_h) + b_q,h . k_h,m / sqrt(d_h), and its output through W_o is
+    sum_m w_h,m (W_o,h v_h,m). So each Gaussian costs a [d, H M] and an [H M, d] product instead of two
+    [d, d] ones plus per-head products: the same function, ~3x fewer operations (eqs. 10-11 unchanged).
+    """
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -51,13 +61,31 @@ class CrossAttentionBlock(nn.Module):
         self.norm_f = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
+    def cross_attention(self, q: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """q: [..., N, d] normalised queries, tokens: [..., M, d] -> (output [..., N, d], weights [..., N, H, M])."""
+        attn = self.attn
+        h = attn.num_heads
+        d = q.shape[-1]
+        dh = d // h
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        k = F.linear(tokens, w_k, b_k).unflatten(-1, (h, dh))  # [..., M, H, dh]
+        v = F.linear(tokens, w_v, b_v).unflatten(-1, (h, dh))
+        scale = 1.0 / math.sqrt(dh)
+        fold_q = torch.einsum("...mhe,hei->...ihm", k, w_q.view(h, dh, d)) * scale  # [..., d, H, M]
+        bias_q = torch.einsum("...mhe,he->...hm", k, b_q.view(h, dh)) * scale  # [..., H, M]
+        scores = (q @ fold_q.flatten(-2)).unflatten(-1, bias_q.shape[-2:]) + bias_q.unsqueeze(-3)
+        w = torch.softmax(scores, dim=-1)  # [..., N, H, M]
+        fold_o = torch.einsum("...mhe,ohe->...hmo", v, attn.out_proj.weight.view(d, h, dh))  # [..., H, M, d]
+        out = w.flatten(-2) @ fold_o.flatten(-3, -2) + attn.out_proj.bias
+        return out, w
+
     def forward(self, z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """z: [N, d] queries, tokens: [M, d] -> (z [N, d], attention weights [N, M])."""
-        q = self.norm_q(z)[None]
-        a, w = self.attn(q, tokens[None], tokens[None], need_weights=True)
-        z = z + a[0]
+        """z: [..., N, d] queries, tokens: [..., M, d] -> (z [..., N, d], head-averaged attention [..., N, M])."""
+        a, w = self.cross_attention(self.norm_q(z), tokens)
+        z = z + a
         z = z + self.ffn(self.norm_f(z))
-        return z, w[0]
+        return z, w.mean(-2)
 
 
 class SpatialAudioAttention(nn.Module):
@@ -68,7 +96,8 @@ class SpatialAudioAttention(nn.Module):
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads) for _ in range(layers))
 
     def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """features [N, d] (f(mu_c)), tokens [M, d] -> (z^L [N, d], last layer's attention [N, M])."""
+        """features [..., N, d] (f(mu_c)), tokens [..., M, d] -> (z^L [..., N, d], last layer's attention
+        [..., N, M]); leading axes (a batch of frames) broadcast."""
         z, w = features, None
         for block in self.blocks:
             z, w = block(z, tokens)

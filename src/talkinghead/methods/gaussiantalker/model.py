@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER, NUM_LANDMARKS
-from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
+from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
 from talkinghead.methods.losses import PerceptualLoss, dssim
 from talkinghead.methods.surface import base_log_scales, initial_points
 from talkinghead.nn.audio import AudioEncoder
@@ -113,7 +113,7 @@ class GaussianTalker(nn.Module):
         self._opt: torch.optim.Optimizer | None = None
         self._lpips: PerceptualLoss | None = None
         self._lpips_note = "off: not loaded"
-        self._cache: tuple | None = None  # (f, canonical raw attributes) while not training
+        self._frozen = RenderCache(self._canonical_live)  # (f, canonical raw attributes) for rendering
         # Training frames seen so far (audio window, blink, viewmat, expression), replayed by the geometry loss.
         self._geo_bank: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         self._geo_rng = np.random.default_rng(cfg.schedule.seed)
@@ -161,35 +161,29 @@ class GaussianTalker(nn.Module):
     # ------------------------------------------------------------------------------------------ Gaussians
 
     def _canonical(self) -> tuple[Tensor, dict[str, Tensor]]:
-        if not self.training and self._cache is not None:
-            return self._cache
+        """(f(mu_c) [N, d], F_can's raw attributes): once per avatar when rendering (:class:`RenderCache`)."""
+        frozen = self._frozen.get(self)
+        return frozen if frozen is not None else self._canonical_live()
+
+    def _canonical_live(self) -> tuple[Tensor, dict[str, Tensor]]:
         f = self.triplane(self.means)  # f(mu_c): [N, d]
-        out = (f, self.f_can(f))
-        if not self.training:
-            self._cache = out
-        return out
-
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
-
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
-        self._cache = None
-        return super().load_state_dict(state, strict=strict, assign=assign)
+        return f, self.f_can(f)
 
     def tokens(self, cond: Condition) -> Tensor:
         """[4, d] condition tokens {audio, eye, viewpoint, null} of eq. 13."""
-        return self._tokens(cond.audio, cond.blink, cond.viewmat)
+        return self._tokens(cond.audio, cond.blink, cond.pose)  # the tracked pose, also under a novel view
 
     def _tokens(self, audio: Tensor, blink: Tensor, viewmat: Tensor) -> Tensor:
+        """Tokens [4, d] of one frame (audio [2R+1, D], blink [2], viewmat [4, 4]), or [B, 4, d] of B frames."""
         a = self.audio_encoder(audio)
         e = self.eye_proj(blink_encoding(blink))
         v = self.view_encoder(viewmat)
-        return torch.stack([a, e, v, self.null])
+        return torch.stack([a, e, v, self.null.expand_as(a)], -2)
 
     def gaussians(self, cond: Condition | None, deform: bool) -> dict[str, Tensor]:
         """Activated Gaussian attributes for a frame: means [N, 3], quats [N, 4], scales [N, 3],
-        opacities [N], sh [N, K, 3]; ``attention`` [N, 4] too when deformed."""
+        opacities [N], sh [N, K, 3], and the triplane features f(mu_c) [N, d]; ``attention`` [N, 4] and
+        ``offsets`` [N, 3] too when deformed."""
         f, can = self._canonical()
         means = self.means
         log_s = self.base_log_scale + can["scale"]
@@ -207,7 +201,7 @@ class GaussianTalker(nn.Module):
             out["attention"] = attn
             out["offsets"] = offsets
         out.update(means=means, quats=F.normalize(rot, dim=-1), scales=torch.exp(log_s.clamp(max=0.0)),
-                   opacities=torch.sigmoid(logit), sh=sh)
+                   opacities=torch.sigmoid(logit), sh=sh, features=f)
         return out
 
     def _raster(self, g: dict[str, Tensor], viewmat: Tensor, K: Tensor, backdrop: Tensor) -> Tensor:
@@ -259,14 +253,8 @@ class GaussianTalker(nn.Module):
             geo = self._geo_error(g["offsets"][self.geo_points], batch.expression)
             if cfg.geo_replay > 0 and self._geo_bank:
                 # + the same loss on ``geo_replay`` earlier training frames, deforming only these Gaussians.
-                f_geo = self.triplane(self.means[self.geo_points])
-                pick = self._geo_rng.integers(len(self._geo_bank), size=cfg.geo_replay)
-                extra = []
-                for i in pick:
-                    audio, blink, viewmat, expr = self._geo_bank[i]
-                    z, _ = self.attention(f_geo, self._tokens(audio, blink, viewmat))
-                    extra.append(self._geo_error(self.f_deform(z)["means"] * self.offset_scale, expr))
-                geo = (geo + torch.stack(extra).sum()) / (1 + len(extra))
+                replay = self.replay_geometry_loss(g["features"][self.geo_points])
+                geo = (geo + replay) / (1 + cfg.geo_replay)
             loss = loss + cfg.lambda_geo * geo
             logs["geo"] = geo.item()
         if deform and batch.mouth is not None and cfg.lambda_lip > 0:
@@ -278,11 +266,24 @@ class GaussianTalker(nn.Module):
         logs["loss"] = loss.item()
         return loss, logs
 
+    def replay_geometry_loss(self, f_geo: Tensor | None = None) -> Tensor:
+        """Sum over ``geo_replay`` frames drawn from the bank of their geometry loss, all frames in one batched
+        pass (tokens [B, 4, d], attention over [B, M, d]). ``f_geo`` [M, d]: the supervised Gaussians' f(mu_c),
+        the rows of the frame's own triplane pass (default: computed here)."""
+        if f_geo is None:
+            f_geo = self.triplane(self.means[self.geo_points])
+        pick = self._geo_rng.integers(len(self._geo_bank), size=self.cfg.geo_replay)
+        audio, blink, viewmat, expr = (torch.stack(t) for t in zip(*(self._geo_bank[i] for i in pick)))
+        z, _ = self.attention(f_geo, self._tokens(audio, blink, viewmat))  # [B, M, d]
+        offsets = self.f_deform(z.flatten(0, 1))["means"].view(len(pick), -1, 3) * self.offset_scale
+        return self._geo_error(offsets, expr) * len(pick)  # each frame's mean, summed
+
     def _geo_error(self, offsets: Tensor, expression: Tensor) -> Tensor:
-        """Mean squared error (offset_scale units) of the geometry-supervised Gaussians' offsets [M, 3] against
-        their tracked displacement: the barycentric mix of their triangle's vertex displacements."""
-        disp = torch.einsum("e,evc->vc", expression, self.expression_basis)  # [V, 3]
-        target = (disp[self.geo_vertices] * self.geo_weights[..., None]).sum(1)
+        """Mean squared error (offset_scale units) of the geometry-supervised Gaussians' offsets [..., M, 3]
+        against their tracked displacement (expression [..., E]): the barycentric mix of their triangle's
+        vertex displacements."""
+        disp = torch.einsum("...e,evc->...vc", expression, self.expression_basis)  # [..., V, 3]
+        target = (disp[..., self.geo_vertices, :] * self.geo_weights[..., None]).sum(-2)
         return ((offsets - target) / self.offset_scale).square().mean()
 
     def after_step(self, step: int) -> None:

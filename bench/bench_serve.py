@@ -1,0 +1,522 @@
+"""``talkinghead serve`` measured: features, render throughput, concurrent sessions, latency, A/V drift, landmark
+sync of the received stream against the offline render, faults, and a real-browser screenshot.
+
+    python bench/bench_serve.py --avatar GFT_AVATAR --avatar GT_AVATAR --out DIR [--seconds 20] [--max-sessions 3]
+
+Everything runs over loopback WebRTC (aiortc client, talkinghead.serve.client) against the real server, except
+the 10-minute drift run, which drives a Session on a virtual clock (no waiting, a stub renderer that writes the
+frame index into the image) because ten real minutes do not fit. Writes DIR/bench_serve.json, DIR/page.png,
+and an entry under "## talkinghead serve" in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import io
+import json
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from benchlib import append_entry, stamp  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SPEECH = SHARED / "speech_en_imagine_6s.wav"
+LONG_SPEECH = SHARED / "speech_en_60s.wav"
+
+
+def wav_bytes(wave: np.ndarray, rate: int = 16000) -> bytes:
+    import soundfile
+
+    b = io.BytesIO()
+    soundfile.write(b, wave, rate, format="WAV", subtype="PCM_16")
+    return b.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ A. features
+
+
+def bench_features(seconds: float) -> dict:
+    from talkinghead.audio.extractor import DatasetExtractor
+    from talkinghead.media import read_audio
+    from talkinghead.methods.render import driving_features
+    from talkinghead.methods.streaming import FeatureStream, utterance_features
+
+    wave = read_audio(LONG_SPEECH)[: int(seconds * 16000)]
+    fps = 25.0
+    t = time.perf_counter()
+    off = utterance_features(wave, fps, DatasetExtractor())
+    offline_s = time.perf_counter() - t
+    exact = float(np.abs(off - driving_features(wave, fps)).max())
+    out = {"audio_s": seconds, "utterance_equals_offline_max_abs": exact, "offline_extract_s": round(offline_s, 2)}
+    for la, hop, ctx in ((3, 5, 20), (2, 2, 12)):
+        fs = FeatureStream(fps, DatasetExtractor(keep_decoder=True), la, hop, ctx)
+        rows = []
+        for i in range(0, len(wave), 640):  # 40 ms chunks
+            r = fs.push(wave[i:i + 640])
+            if r.size:
+                rows.append(r)
+        r = fs.flush()
+        if r.size:
+            rows.append(r)
+        live = np.concatenate(rows)
+        mel = np.abs(live[:, 40:120] - off[:, 40:120]).mean(1)
+        spans = {"0-1s": (0, 25), "1-2s": (25, 50), "2-5s": (50, 125), "5s-end": (125, len(mel))}
+        out[f"live_la{la}_hop{hop}_ctx{ctx}"] = {
+            "rows": [int(live.shape[0]), int(off.shape[0])],
+            "mel_mae_by_time": {k: round(float(mel[a:b].mean()), 3) for k, (a, b) in spans.items()},
+            "energy_mae_after_2s": round(float(np.abs(live[50:, 120] - off[50:, 120]).mean()), 3),
+            "phone_posterior_tv": round(float(np.abs(live[:, :40] - off[:, :40]).sum(1).mean() / 2), 3),
+            "phone_argmax_agreement": round(float((live[:, :40].argmax(1) == off[:, :40].argmax(1)).mean()), 3),
+            "extract_s_per_audio_s": round(fs.compute_s / seconds, 2),
+            "row_latency_frames": [la, la + hop - 1],
+        }
+    return out
+
+
+def bench_whisper_stream(seconds: float, lookahead: int = 3, hop: int = 5) -> dict:
+    """Whisper rows (talkinghead.audio.whisper) a live stream can have vs the offline ones, per hidden state:
+    every ``hop`` frames the window holding the audio so far (+ ``lookahead`` frames) is encoded, either
+    anchored at the stream's start as the offline path places frames (first 30 s), or sliding (the last
+    ``context`` frames + new, as FeatureStream does for the phone features)."""
+    from talkinghead.audio.whisper import encode_window, load_whisper, whisper_features
+    from talkinghead.media import read_audio
+
+    enc = load_whisper()
+    fps = 25.0
+    wave = read_audio(LONG_SPEECH)[: int(seconds * 16000)]
+    n = int(np.ceil(seconds * fps))
+    off = whisper_features(enc, wave, fps, n).astype(np.float32)  # [T, L + 1, D]
+    out = {"encoder": enc.name, "audio_s": seconds, "lookahead_frames": lookahead, "hop_frames": hop}
+    for mode, context in (("anchored", None), ("sliding_ctx20", 20)):
+        live = np.zeros_like(off)
+        t = time.perf_counter()
+        calls = 0
+        for ready in range(hop, n + hop, hop):
+            ready = min(ready, n)
+            lo = ready - hop
+            a = 0 if context is None else max(0, lo - context)
+            s0, s1 = int(a * 16000 / fps), int(min(len(wave), (ready + lookahead) * 16000 / fps))
+            times = np.arange(lo, ready) / fps - s0 / 16000
+            live[lo:ready] = encode_window(enc, wave[s0:s1], times)
+            calls += 1
+        dt = time.perf_counter() - t
+        err = {}
+        for l in range(off.shape[1]):
+            d = np.linalg.norm(live[:, l] - off[:, l], axis=1) / np.maximum(np.linalg.norm(off[:, l], axis=1), 1e-6)
+            a_, b_ = live[:, l] - live[:, l].mean(0), off[:, l] - off[:, l].mean(0)
+            corr = float((a_ * b_).sum() / np.sqrt((a_ ** 2).sum() * (b_ ** 2).sum()))
+            err[f"state{l}"] = {"rel_err_median": round(float(np.median(d)), 3), "centred_corr": round(corr, 3)}
+        out[mode] = {"per_state": err, "encode_s_per_call": round(dt / calls, 3),
+                     "encode_s_per_audio_s": round(dt / seconds, 2)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ B. render only
+
+
+def bench_render(avatars: list) -> dict:
+    import torch
+
+    out = {}
+    for av in avatars:
+        stream = av.open_stream()
+        rows = np.repeat(av.silence[None], 200, 0)
+        ms = []
+        with torch.no_grad():
+            for j in range(200):
+                t = time.perf_counter()
+                stream.render(av.condition(j, rows, j))
+                ms.append((time.perf_counter() - t) * 1000)
+        ms = np.asarray(ms[10:])
+        out[av.name] = {"method": av.method, "size": av.size, "fps": round(1000 / ms.mean(), 1),
+                        "ms_p50": round(float(np.percentile(ms, 50)), 1), "ms_p95": round(float(np.percentile(ms, 95)), 1)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ C. live sessions
+
+
+async def _sessions(base: str, avatar: str, k: int, seconds: float, speech: np.ndarray) -> dict:
+    from talkinghead.serve.client import Client
+
+    clients = [Client(base, keep_images=False) for _ in range(k)]
+    for c in clients:
+        status, body = await c.connect(avatar)
+        assert status == 200, body
+    for c in clients:
+        await c.wait_frames(5, 60)
+    await asyncio.sleep(1.0)
+    first = [(await c.stats())[1] for c in clients]
+    t0 = time.monotonic()
+    for c in clients:  # everybody speaks at once, then again halfway
+        await c.speak(wav_bytes(speech))
+    await asyncio.sleep(seconds / 2)
+    for c in clients:
+        await c.speak(wav_bytes(speech))
+    await asyncio.sleep(seconds / 2)
+    wall = time.monotonic() - t0
+    last = [(await c.stats())[1] for c in clients]
+    recv = [len(c.received.video) for c in clients]
+    for c in clients:
+        await c.close()
+    per = []
+    for a, b, n in zip(first, last, recv):
+        sent = b["frames_sent"] - a["frames_sent"]
+        rendered = b["frames_rendered"] - a["frames_rendered"]
+        per.append({"sent_fps": round(sent / wall, 1), "rendered_fps": round(rendered / wall, 1),
+                    "dropped_share": round(1 - rendered / max(sent, 1), 3), "received_frames": n,
+                    "first_frame_ms": b["first_frame_ms"], "render_ms": b["render_ms"], "send_skew_ms": b["send_skew_ms"],
+                    "clock_rebases": b["clock_rebases"] - a["clock_rebases"]})
+    held = all(p["dropped_share"] < 0.05 and p["sent_fps"] >= 24 for p in per)
+    return {"sessions": k, "held_25fps": held, "per_session": per}
+
+
+async def _mic_latency(base: str, avatar: str, speech: np.ndarray) -> dict:
+    from talkinghead.serve.client import Client
+
+    c = Client(base, keep_images=False)
+    await c.connect(avatar, mic_wave=speech, mic_lead_s=0.5)
+    await asyncio.sleep(len(speech) / 16000 + 3.0)
+    stats = (await c.stats())[1]
+    await c.close()
+    return {"latency_ms": stats["latency_ms"], "render_ms": stats["render_ms"], "frames_dropped": stats["frames_dropped"],
+            "frames_sent": stats["frames_sent"], "send_skew_ms": stats["send_skew_ms"]}
+
+
+async def _faults(base: str, server, avatar: str, speech: np.ndarray) -> dict:
+    from talkinghead.serve.client import Client
+
+    out = {}
+    bystander = Client(base, keep_images=False)
+    await bystander.connect(avatar)
+    victim = Client(base, keep_images=False)
+    await victim.connect(avatar)
+    await bystander.wait_frames(5, 60)
+    await victim.wait_frames(5, 60)
+    for name, data, ctype in [("oversized upload", b"\0" * (server.limits.max_bytes + 1), "audio/wav"),
+                              ("non-audio file", b"%PDF-1.4 not audio " * 100, "application/pdf"),
+                              ("silent audio", wav_bytes(np.zeros(16000, np.float32)), "audio/wav")]:
+        out[name] = list(await victim.speak(data, ctype))
+    extra, answers = [], []
+    while len(extra) <= server.max_sessions:  # fill the server, then one more
+        e = Client(base, keep_images=False)
+        status, body = await e.connect(avatar)
+        extra.append(e)
+        answers.append(status)
+        if status != 200:
+            out["more sessions than --max-sessions"] = [status, body]
+            break
+    n = len(bystander.received.video)
+    await asyncio.sleep(1.0)
+    out["bystander_frames_in_1s_after_the_refusals"] = len(bystander.received.video) - n
+    for e, a in zip(extra, answers):
+        await e.close(delete=a == 200)
+    # the victim vanishes in the middle of an utterance
+    await victim.speak(wav_bytes(speech))
+    await asyncio.sleep(1.0)
+    ref = weakref.ref(server.sessions[victim.session])
+    t = time.monotonic()
+    await victim.vanish()
+    while victim.session in server.sessions and time.monotonic() - t < 60:
+        await asyncio.sleep(0.2)
+    gone = time.monotonic() - t
+    n = len(bystander.received.video)
+    await asyncio.sleep(3.0)  # aiortc's sender tasks wind down
+    gc.collect()
+    out["client vanishes mid-utterance"] = {"session_ended_after_s": round(gone, 1),
+                                            "session_object_freed": ref() is None,
+                                            "bystander_frames_in_next_2s": len(bystander.received.video) - n}
+    await bystander.close()
+    out["sessions_left"] = len(server.sessions)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ D. drift (virtual clock)
+
+
+class _StubStream:
+    lookahead = 0
+
+    def render(self, cond):
+        import torch
+
+        img = torch.zeros(8, 8, 3)
+        img[..., 0] = (cond.index % 256) / 255.0  # the utterance frame, carried by the image
+        img[..., 1] = (cond.index // 256 % 256) / 255.0
+        return img
+
+    def reset(self):
+        pass
+
+
+class _StubAvatar:
+    """Just enough of DrivenAvatar for Session: the frame index of the utterance row is written into the image."""
+
+    name, method, fps, radius, size = "stub", "stub", 25.0, 0, 8
+
+    def __init__(self):
+        self.silence = np.full(1, -1.0, np.float32)
+
+    def open_stream(self):
+        return _StubStream()
+
+    def condition(self, row, rows, n):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(index=int(row) if rows.shape[0] > 1 else 0)
+
+    @staticmethod
+    def extract(wave, fps, num_frames):
+        from talkinghead.audio.features import AudioFeatures
+
+        T = num_frames
+        return AudioFeatures(fps=fps, mel=np.zeros((T, 1), np.float32), energy=np.zeros(T, np.float32),
+                             phone_ids=np.zeros(T, np.int64), phone_posteriors=np.full((T, 40), 1 / 40, np.float32))
+
+    live_extract = extract
+
+
+async def _drift(minutes: float) -> dict:
+    """10 minutes of one utterance whose samples are a ramp (sample index mod 32768): for every video frame,
+    find where in the sent audio the first sample of its own audio went out, and compare the timestamps."""
+    from talkinghead.serve.session import AUDIO_FRAME, VIDEO_CLOCK, Session, frame_samples
+
+    av = _StubAvatar()
+    s = Session(av, realtime=False, extract=av.extract, live_extract=av.extract)
+    period = 32768
+    total = int(minutes * 60 * 16000)
+    ramp = ((np.arange(total) % period) / period * 1.8 - 0.9).astype(np.float32)
+    s.start(asyncio.get_running_loop())
+    u = s.say(ramp, time.monotonic())
+    T = len(u.rows)
+    video, audio = [], {}
+    state: dict = {}
+
+    async def pull_audio():
+        while True:
+            pts, samples = await s.next_audio(state)
+            audio[pts] = samples
+
+    task = asyncio.get_running_loop().create_task(pull_audio())
+    t = time.perf_counter()
+    while len(video) < T + 5:
+        pts, img = await s.next_video()
+        j = int(round(img[0, 0, 0] + 256 * img[0, 0, 1]))
+        video.append((pts, j, img[0, 0, 2]))
+        if len(video) % 2000 == 0:
+            await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    s.close()
+    # the utterance's frames: image says j, pts says when; the ramp says where sample frame_samples(j)[0] went out
+    drift = []
+    start = None
+    for pts, j, _ in video:
+        if j == 0 and start is None:
+            start = pts
+        if start is None or j == 0 and pts != start:
+            continue
+        a = frame_samples(j, av.fps)[0]  # utterance sample of the frame's audio start
+        # find the sent audio frame whose ramp carries utterance sample a: search near the expected pts
+        k0 = int(round(pts / VIDEO_CLOCK * 16000 / AUDIO_FRAME)) * AUDIO_FRAME
+        best = None
+        for k in (k0 - AUDIO_FRAME, k0, k0 + AUDIO_FRAME):
+            if k not in audio:
+                continue
+            vals = (audio[k].astype(np.float64) / 32767 + 0.9) / 1.8 * period
+            idx = np.flatnonzero(np.abs(vals - a % period) < 1.5)
+            if idx.size:
+                best = (k + idx[0]) / 16000
+                break
+        if best is not None:
+            drift.append(pts / VIDEO_CLOCK - best)
+        if len(drift) >= T:
+            break
+    d = np.abs(np.asarray(drift))
+    minute = int(60 * av.fps)
+    return {"minutes": minutes, "frames_checked": int(d.size), "of_frames": T, "max_ms": round(float(d.max()) * 1000, 3),
+            "mean_ms": round(float(d.mean()) * 1000, 4), "max_ms_last_minute": round(float(d[-minute:].max()) * 1000, 3),
+            "wall_s": round(time.perf_counter() - t, 1)}
+
+
+# ------------------------------------------------------------------------------------------ E. landmark sync
+
+
+async def _record_utterance(base: str, server, avatar: str, speech: np.ndarray) -> tuple[list, list]:
+    """Received frames (client side) and the server's sent frames (utterance index or -1), in order."""
+    from talkinghead.serve.client import Client
+
+    c = Client(base, keep_images=True)
+    await c.connect(avatar)
+    await c.wait_frames(5, 60)
+    sess = server.sessions[c.session]
+    sent = []
+
+    def rec(kind, n, frame):
+        if kind == "video":
+            sent.append((n, frame.source, frame.image))
+
+    sess.recorder = rec
+    await asyncio.sleep(0.5)
+    await c.speak(wav_bytes(speech))
+    await asyncio.sleep(len(speech) / 16000 + 2.5)
+    received = list(c.received.video)
+    await c.close()
+    return received, sent
+
+
+def bench_sync(base: str, server, avatar_path: Path, avatar: str, thread, work: Path) -> dict:
+    """Mouth opening (mediapipe) of the received, VP8-decoded utterance frames vs the offline render of the same
+    audio. The session renders every frame here (drop_late off: the clock waits instead), so the comparison
+    is of content, not of whether this machine keeps up (the session runs show that)."""
+    from talkinghead.eval.sync import articulation_signal, landmark_sync
+    from talkinghead.audio.features import compute_audio_features
+    from talkinghead.face.landmarks import mouth_opening, track
+    from talkinghead.media import read_audio, read_frames
+    from talkinghead.methods.render import render_audio
+
+    speech = read_audio(SPEECH)
+    offline_mp4 = work / f"offline_{avatar}.mp4"
+    render_audio(avatar_path, SPEECH, offline_mp4)
+    off_frames = read_frames(offline_mp4, 25.0)
+    received, sent = thread.call(_record_utterance(base, server, avatar, speech), timeout=600)
+    # which sent frames are the utterance's, in order; received frame k is sent frame k + o (find o by image)
+    utt = [i for i, s in enumerate(sent) if s[1] == "utterance"]
+    imgs_r = [r[2] for r in received]
+    best = None
+    for o in range(-len(imgs_r) + 1, len(sent)):
+        pairs = [(k, k + o) for k in range(len(imgs_r)) if 0 <= k + o < len(sent)]
+        if len(pairs) < len(utt):
+            continue
+        sample = pairs[:: max(1, len(pairs) // 40)]
+        err = np.mean([np.abs(imgs_r[k].astype(np.float32) - sent[i][2].astype(np.float32)).mean() for k, i in sample])
+        if best is None or err < best[0]:
+            best = (err, o)
+    o = best[1]
+    live = [imgs_r[i - o] for i in utt if 0 <= i - o < len(imgs_r)]
+    n = min(len(live), len(off_frames))
+    tr_live = track(iter(live[:n]))
+    tr_off = track(iter(list(off_frames[:n])))
+    m_live, m_off = mouth_opening(tr_live), mouth_opening(tr_off)
+    ok = np.isfinite(m_live) & np.isfinite(m_off)
+    r = float(np.corrcoef(m_live[ok], m_off[ok])[0, 1])
+    lags = {}
+    for lag in range(-5, 6):
+        a, b = (m_live[lag:], m_off[: n - lag]) if lag >= 0 else (m_live[: n + lag], m_off[-lag:])
+        k = np.isfinite(a) & np.isfinite(b)
+        lags[lag] = float(np.corrcoef(a[k], b[k])[0, 1])
+    art = articulation_signal(compute_audio_features(speech, 25.0, n))
+    s_live, s_off = landmark_sync(art, np.nan_to_num(m_live), 25.0), landmark_sync(art, np.nan_to_num(m_off), 25.0)
+    return {"avatar": avatar, "frames": int(n), "image_match_l1": round(float(best[0]), 2),
+            "utterance_frames_sent": len(utt), "repeated_frames_sent": int(sum(
+                np.array_equal(sent[utt[i]][2], sent[utt[i - 1]][2]) for i in range(1, len(utt)))),
+            "mouth_r_live_vs_offline": round(r, 3), "best_lag_frames": max(lags, key=lags.get),
+            "r_at_best_lag": round(max(lags.values()), 3),
+            "landmark_sync_live": {"offset": s_live.offset, "confidence": round(float(s_live.confidence), 3)},
+            "landmark_sync_offline": {"offset": s_off.offset, "confidence": round(float(s_off.confidence), 3)}}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--avatar", type=Path, action="append", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seconds", type=float, default=16.0, help="length of each concurrency run")
+    ap.add_argument("--max-sessions", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: drift,features,whisper,render,"
+                                                "sessions,mic,sync,faults,browser")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    from talkinghead.media import read_audio
+    from talkinghead.methods.streaming import DrivenAvatar
+    from talkinghead.serve.app import Server
+    from talkinghead.serve.client import ServerThread
+
+    skip = set(filter(None, args.skip.split(",")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"stamp": stamp()}
+    cpu0 = time.process_time()
+    if "drift" not in skip:
+        res["drift_virtual_clock"] = asyncio.run(_drift(10.0))
+        print("drift", res["drift_virtual_clock"], flush=True)
+    if "features" not in skip:
+        res["features"] = bench_features(20.0)
+        print("features", json.dumps(res["features"]), flush=True)
+    if "whisper" not in skip:
+        res["whisper_stream"] = bench_whisper_stream(12.0)
+        print("whisper", json.dumps(res["whisper_stream"]), flush=True)
+    avatars = [DrivenAvatar(p) for p in args.avatar]
+    if "render" not in skip:
+        res["render_only"] = bench_render(avatars)
+        print("render", res["render_only"], flush=True)
+    server = Server(avatars, max_sessions=args.max_sessions)
+    server.start_workers(2)
+    thread = ServerThread(server).start()
+    speech = read_audio(SPEECH)
+    try:
+        if "sessions" not in skip:
+            res["sessions"] = {}
+            for av in avatars:
+                runs = []
+                for k in range(1, args.max_sessions + 1):
+                    runs.append(thread.call(_sessions(thread.base, av.name, k, args.seconds, speech), timeout=900))
+                    print(av.name, runs[-1], flush=True)
+                    if not runs[-1]["held_25fps"] and k >= 2:
+                        break
+                res["sessions"][av.name] = runs
+        if "mic" not in skip:
+            res["mic"] = {av.name: thread.call(_mic_latency(thread.base, av.name, speech), timeout=600) for av in avatars}
+            print("mic", res["mic"], flush=True)
+        if "sync" not in skip:
+            res["sync"] = bench_sync(thread.base, server, args.avatar[0], avatars[0].name, thread, args.out)
+            print("sync", res["sync"], flush=True)
+        if "faults" not in skip:
+            res["faults"] = thread.call(_faults(thread.base, server, avatars[0].name, speech), timeout=600)
+            print("faults", res["faults"], flush=True)
+        if "browser" not in skip:
+            from test_serve_browser import browser_missing, drive_page, thumb_motion
+
+            why = browser_missing()
+            if why:
+                res["browser"] = {"skipped": why}
+            else:
+                import soundfile
+
+                mic = args.out / "mic.wav"
+                soundfile.write(str(mic), speech[: 4 * 16000], 16000, subtype="PCM_16")
+                up = args.out / "upload.wav"
+                soundfile.write(str(up), speech, 16000, subtype="PCM_16")
+                page = drive_page(thread.base, avatars[0].name, mic, up, screenshot=args.out / "page.png", seconds=8)
+                res["browser"] = {"status": page["status"], "upload_status": page.get("upload_status"),
+                                  "video_samples": len(page["samples"]), "thumb_motion": round(thumb_motion(page["samples"]), 2),
+                                  "page_stats": page.get("stats"), "screenshot": str(args.out / "page.png")}
+            print("browser", res["browser"], flush=True)
+    finally:
+        thread.stop()
+        server.workers.shutdown(wait=True, cancel_futures=True)
+    res["cpu_s_main_process"] = round(time.process_time() - cpu0, 1)
+    (args.out / "bench_serve.json").write_text(json.dumps(res, indent=1, default=str))
+    append_entry("## talkinghead serve (bench/bench_serve.py)", _entry(res))
+
+
+def _entry(res: dict) -> str:
+    lines = [f"### {res['stamp']}", "", "```json", json.dumps({k: v for k, v in res.items() if k != "stamp"},
+                                                             indent=1, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

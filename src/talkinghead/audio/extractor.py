@@ -1,0 +1,83 @@
+"""The dataset's feature extractor as a small picklable object, so it can run in a worker process.
+
+pocketsphinx holds Python's GIL while it decodes (measured: a 1 s decode stalls every other thread of the
+process for the whole second), so the live server runs extraction in worker processes, and a streaming
+window extractor can keep one decoder per process (:class:`~talkinghead.audio.phones.PhoneDecoder`: building
+one costs ~0.5 s). ``keep_decoder=False`` is exactly ``prepare``'s / ``render``'s extractor.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from talkinghead.audio.features import AudioFeatures, compute_audio_features
+
+
+@lru_cache(maxsize=1)
+def _process_decoder():
+    from talkinghead.audio.phones import PhoneDecoder
+
+    return PhoneDecoder()  # one per process, kept across windows
+
+
+class _Spare:
+    """A fresh (never used) decoder built ahead of time in the background: using it gives exactly what a
+    decoder built on the spot gives, without waiting ~0.5 s for it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.next = None
+        self.thread: threading.Thread | None = None
+
+    def _build(self) -> None:
+        from talkinghead.audio.phones import PhoneDecoder
+
+        dec = PhoneDecoder()
+        with self.lock:
+            self.next = dec
+
+    def take(self):
+        from talkinghead.audio.phones import PhoneDecoder
+
+        if self.thread is not None:
+            self.thread.join()
+        with self.lock:
+            dec, self.next = self.next, None
+        self.thread = threading.Thread(target=self._build, daemon=True)
+        self.thread.start()
+        return dec if dec is not None else PhoneDecoder()
+
+
+_SPARE = _Spare()
+
+
+@dataclass(frozen=True)
+class DatasetExtractor:
+    """``(wave [S] 16 kHz, fps, num_frames) -> AudioFeatures`` as the dataset was prepared."""
+
+    wav2vec_model: str | None = None  # the dataset's local wav2vec / HuBERT folder (prepare --wav2vec)
+    keep_decoder: bool = False  # reuse this process's pocketsphinx decoder (live windows; not offline-equal)
+    whisper: object | None = None  # the dataset's talkinghead.audio.whisper.WhisperChoice, if any
+
+    def __call__(self, wave: np.ndarray, fps: float, num_frames: int) -> AudioFeatures:
+        kw = {"wav2vec_model": self.wav2vec_model}
+        if self.whisper is not None:
+            kw["whisper"] = self.whisper
+        if self.keep_decoder:
+            return compute_audio_features(wave, fps, num_frames, phone_decoder=_process_decoder(), **kw)
+        dec = _SPARE.take()  # a fresh decoder, as prepare's, built while the previous request decoded
+        try:
+            return compute_audio_features(wave, fps, num_frames, phone_decoder=dec, **kw)
+        finally:
+            dec.close()
+
+
+def warm_up() -> bool:
+    """Import and build everything a worker process needs (called once per worker at server start)."""
+    DatasetExtractor(keep_decoder=True)(np.zeros(1600, np.float32), 25.0, 2)
+    DatasetExtractor()(np.zeros(1600, np.float32), 25.0, 2)
+    return True

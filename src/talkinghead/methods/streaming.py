@@ -1,0 +1,246 @@
+"""Streaming inference: audio arrives in chunks, frames are rendered as soon as the audio they show is in.
+
+One interface, the same for every method; the live server (:mod:`talkinghead.serve`) uses nothing else:
+
+* :class:`FeatureStream` -- driving features computed incrementally from 20-40 ms chunks of a live stream
+  (the microphone). It is extractor-agnostic: every ``hop`` frames it re-runs the dataset's own extractor
+  (:func:`talkinghead.methods.render.driving_features`' one, :func:`~talkinghead.audio.features.
+  compute_audio_features`) over a short window (``context`` frames already emitted + the new frames +
+  ``lookahead`` frames of audio after them) and emits the new rows; the per-utterance normalisation of
+  ``AudioFeatures.stack()`` is applied to the rows emitted so far plus the new ones (causal: a row never
+  sees statistics of audio after its look-ahead). Rows are final once emitted. A frame's row is out
+  ``lookahead`` frames after its audio instant at the earliest, ``lookahead + hop`` at the latest.
+  For audio known in full (an upload, a TTS utterance) :func:`utterance_features` is the offline extractor
+  itself: those features *equal* the offline ones (tested); the live rows differ, measured in
+  ``bench/bench_serve.py`` and bounded by ``tests/test_streaming.py``.
+* :func:`open_frame_stream` -- a method's per-session render state: ``model.open_stream()`` when the method
+  keeps state across frames (GaussianFlameTalk's causal FlameTalk history), otherwise a stateless wrapper
+  of ``model.render`` (GaussianTalker). Each stream states its ``lookahead``: audio rows past the rendered
+  frame the method reads (GaussianTalker: the window radius R; GaussianFlameTalk: FlameTalk's
+  ``audio_lookahead``, 0 = causal). A later method plugs in by providing ``open_stream()`` or nothing.
+* :class:`DrivenAvatar` -- an avatar loaded once and shared by sessions: its model, the training poses /
+  backdrops / blinks the frames replay (ping-pong, as ``render``), the silence row that drives idle frames,
+  and :meth:`DrivenAvatar.condition` building frame n's Condition from the rows known so far (rows past the
+  known ones, which the method's look-ahead never reads, repeat the last known row).
+
+Back-pressure is the caller's: a FeatureStream holds at most ``context + hop + lookahead`` frames of audio
+plus the pending chunk, and the server renders one frame at a time into a bounded queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from talkinghead.audio.features import AudioFeatures
+from talkinghead.media import AUDIO_RATE
+
+from .base import Condition
+
+CHUNK_MS = (20, 40)  # chunk lengths the live path is designed for (any length works)
+
+
+class FrameStream(Protocol):
+    """Per-session render state of a method (see the module docstring)."""
+
+    lookahead: int  # audio rows past the rendered frame that render() reads
+
+    def render(self, cond: Condition) -> Tensor:
+        """The frame [H, W, 3] in [0, 1] of ``cond``; successive calls are successive frames."""
+
+    def reset(self) -> None:
+        """Forget the past (a new utterance that does not continue the previous frames)."""
+
+
+class _Stateless:
+    """A method whose frames depend only on their Condition: the shared model serves every session."""
+
+    def __init__(self, model, lookahead: int):
+        self.model, self.lookahead = model, lookahead
+
+    def render(self, cond: Condition) -> Tensor:
+        return self.model.render(cond)
+
+    def reset(self) -> None:
+        pass
+
+
+def open_frame_stream(model, radius: int) -> FrameStream:
+    """``model.open_stream()`` when the method keeps per-stream state, else a wrapper of ``model.render``
+    reading the whole audio window (look-ahead = ``radius`` rows)."""
+    opener = getattr(model, "open_stream", None)
+    return opener() if opener is not None else _Stateless(model, radius)
+
+
+Extractor = Callable[[np.ndarray, float, int], AudioFeatures]  # (wave [S], fps, num_frames) -> raw features
+
+
+def dataset_extractor(data: Path | None, keep_decoder: bool = False) -> Extractor:
+    """The extractor the avatar's dataset recorded (prepare's, with its local wav2vec model and its Whisper
+    encoder if any); ``keep_decoder`` for live windows (see :class:`talkinghead.audio.extractor.DatasetExtractor`)."""
+    from talkinghead.audio.extractor import DatasetExtractor
+
+    from . import render
+
+    wav2vec, whisper = None, None
+    if data is not None:
+        # render.dataset_audio (wav2vec folder, Whisper choice) is how render reads a dataset's extractor once
+        # Whisper drives render; before that, only the wav2vec folder is recorded
+        audio_of = getattr(render, "dataset_audio", None)
+        wav2vec, whisper = audio_of(data) if audio_of is not None else (render.dataset_wav2vec(data), None)
+    return DatasetExtractor(wav2vec, keep_decoder, whisper)
+
+
+def num_frames_of(samples: int, fps: float) -> int:
+    """Frames an utterance of ``samples`` at 16 kHz covers: ceil(duration * fps), as ``render``."""
+    return max(1, int(np.ceil(samples / AUDIO_RATE * fps)))
+
+
+def utterance_features(wave: np.ndarray, fps: float, extract: Extractor) -> np.ndarray:
+    """Rows [T, D] of an utterance known in full: exactly :func:`talkinghead.methods.render.driving_features`."""
+    return np.asarray(extract(wave, fps, num_frames_of(len(wave), fps)).stack(), np.float32)
+
+
+_PER_FRAME = ("mel", "energy", "phone_ids", "phone_posteriors", "wav2vec", "whisper")  # AudioFeatures' [T, ...]
+
+
+def _concat(parts: list[AudioFeatures]) -> AudioFeatures:
+    """Rows of several AudioFeatures of one stream, in order (per-frame arrays joined, the rest from the first)."""
+    joined = {k: None if getattr(parts[0], k) is None else np.concatenate([getattr(p, k) for p in parts])
+              for k in _PER_FRAME}
+    return dataclasses.replace(parts[0], **joined)
+
+
+def _rows(f: AudioFeatures, a: int, b: int) -> AudioFeatures:
+    """Rows a..b-1 of ``f``."""
+    return dataclasses.replace(f, **{k: None if getattr(f, k) is None else getattr(f, k)[a:b] for k in _PER_FRAME})
+
+
+class FeatureStream:
+    """Incremental driving features of a live 16 kHz stream (see the module docstring).
+
+    ``push(samples)`` returns the rows [k, D] that became final (k >= 0); ``flush()`` the rest at the end of
+    the stream (the audio after the last sample counts as silence, as offline). Row i describes the instant
+    i / fps with sample 0 at row 0. ``history_s`` bounds the rows whose statistics normalise new rows.
+    """
+
+    def __init__(self, fps: float, extract: Extractor, lookahead: int = 3, hop: int = 5, context: int = 20,
+                 history_s: float = 60.0):
+        if lookahead < 0 or hop < 1 or context < 0:
+            raise ValueError("need lookahead >= 0, hop >= 1, context >= 0")
+        self.fps, self.extract = float(fps), extract
+        self.lookahead, self.hop, self.context = lookahead, hop, context
+        self.history = max(1, int(history_s * fps))
+        self.wave = np.zeros(0, np.float32)  # samples from self.offset on
+        self.offset = 0  # stream sample index of self.wave[0]
+        self.total = 0  # samples pushed
+        self.emitted = 0  # rows emitted
+        self.raw: list[AudioFeatures] = []  # raw rows emitted (last `history`), for the normalisation
+        self.raw_rows = 0
+        self.compute_s = 0.0  # time spent in the extractor (for the stats)
+        self.lock = threading.Lock()
+
+    def _sample(self, frame: int) -> int:
+        return int(round(frame * AUDIO_RATE / self.fps))
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        with self.lock:
+            x = np.asarray(samples, np.float32).reshape(-1)
+            self.wave = np.concatenate([self.wave, x])
+            self.total += len(x)
+            covered = int(np.floor(self.total * self.fps / AUDIO_RATE + 1e-9))  # frames whose instant is in
+            ready = covered - self.lookahead  # rows 0..ready-1 have their look-ahead of audio
+            if ready - self.emitted < self.hop:
+                return np.zeros((0, 0), np.float32)
+            return self._emit(ready, ready + self.lookahead)
+
+    def flush(self) -> np.ndarray:
+        with self.lock:
+            end = num_frames_of(self.total, self.fps)
+            if end <= self.emitted:
+                return np.zeros((0, 0), np.float32)
+            return self._emit(end, end)
+
+    def _emit(self, ready: int, last: int) -> np.ndarray:
+        """Rows emitted..ready-1 from a window of frames a..last (a = emitted - context)."""
+        import time
+
+        a = max(0, self.emitted - self.context)
+        s0, s1 = self._sample(a), self._sample(last)
+        wave = self.wave[s0 - self.offset: s1 - self.offset]
+        t = time.perf_counter()
+        feats = self.extract(wave, self.fps, last - a)
+        self.compute_s += time.perf_counter() - t
+        new = _rows(feats, self.emitted - a, ready - a)
+        self.raw.append(new)
+        self.raw_rows += ready - self.emitted
+        while self.raw_rows - self.raw[0].num_frames >= self.history:
+            self.raw_rows -= self.raw.pop(0).num_frames
+        rows = _concat(self.raw).stack()[-(ready - self.emitted):]
+        self.emitted = ready
+        keep = self._sample(max(0, ready - self.context))  # the next window starts here
+        self.wave = self.wave[keep - self.offset:]
+        self.offset = keep
+        return rows.astype(np.float32)
+
+
+class DrivenAvatar:
+    """An avatar loaded once for streaming (shared by sessions; see the module docstring)."""
+
+    def __init__(self, avatar: Path, device: torch.device | None = None, progress: bool = False):
+        from .data import FrameStore
+        from .render import _data_path
+        from .trainer import load_model
+
+        self.path = Path(avatar)
+        self.spec, self.cfg, self.info, self.model, self.meta = load_model(self.path, device=device)
+        self.data = _data_path(self.meta, None)
+        self.store = FrameStore(self.data, dataclasses.replace(self.cfg.data, mouth_crop=0), info=self.info,
+                                split="train", with_targets=False, progress=progress)
+        self.fps = float(self.info.fps)
+        self.radius = int(self.cfg.data.audio_radius)
+        self.name = self.path.name
+        self.extract = dataset_extractor(self.data)  # utterances known in full: offline-equal
+        self.live_extract = dataset_extractor(self.data, keep_decoder=True)  # live windows
+        # Idle frames are driven by the features of silence (what the avatar saw between words).
+        self.silence = utterance_features(np.zeros(AUDIO_RATE, np.float32), self.fps, self.extract)[0]
+        if self.silence.shape[0] != self.info.audio_dim:
+            from talkinghead.errors import UserError
+
+            raise UserError(f"{avatar}: driving features have {self.silence.shape[0]} dims but the avatar was "
+                            f"trained on {self.info.audio_dim}")
+        self.device = next(iter(self.model.parameters())).device if hasattr(self.model, "parameters") else "cpu"
+        with torch.no_grad():  # first render builds the method's lazy caches before sessions share it
+            self.open_stream().render(self.condition(0, np.repeat(self.silence[None], 1, 0), 0))
+
+    @property
+    def method(self) -> str:
+        return str(self.meta["method"])
+
+    @property
+    def size(self) -> int:
+        return int(self.info.size)
+
+    def open_stream(self) -> FrameStream:
+        return open_frame_stream(self.model, self.radius)
+
+    def condition(self, n: int, rows: np.ndarray, pose_step: int) -> Condition:
+        """Condition of the frame whose audio row is ``rows[n]`` (rows [N, D], normalised, N > n; rows past
+        the end repeat the last one), with pose/backdrop/blink of training frame pingpong(pose_step)."""
+        from .render import pingpong
+
+        R = self.radius
+        idx = np.clip(np.arange(n - R, n + R + 1), 0, len(rows) - 1)
+        window = torch.from_numpy(np.ascontiguousarray(rows[idx], np.float32))
+        cond = self.store.condition(pingpong(pose_step, len(self.store)), audio=window)
+        return cond.to(self.device)
+
+
+__all__ = ["CHUNK_MS", "FrameStream", "open_frame_stream", "FeatureStream", "DrivenAvatar", "utterance_features",
+           "dataset_extractor", "num_frames_of"]

@@ -1,0 +1,66 @@
+"""Talk3D's configuration and presets (cpu-small, gpu)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from talkinghead.errors import UserError
+from talkinghead.methods.base import DataConfig, Schedule
+
+
+@dataclass
+class Talk3DConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: Schedule = field(default_factory=Schedule)
+
+    # Identity triplane P_ID [3, plane_channels, plane_resolution, plane_resolution] (EG3D: 3 x 32 x 256^2).
+    plane_resolution: int = 64
+    plane_channels: int = 16
+    # Volume rendering (EG3D / Talk3D: 128^2 feature image, 48 + 48 samples per ray, decoder 64 hidden).
+    render_size: int = 32  # side of the volume-rendered feature image; super-resolution makes data.size
+    num_coarse: int = 24
+    num_fine: int = 24
+    decoder_hidden: int = 64
+    feature_channels: int = 16  # F of the rendered feature image (channels 0..2: RGB); EG3D: 32
+    sr_channels: tuple[int, ...] = (64, 32)  # one block per doubling: render_size * 2^len == data.size
+    chunk: int = 8192  # rays per chunk
+    box_scale: float = 1.0  # the head box (from the face mesh, see model.head_box) grown by this factor
+
+    # Audio-guided attention U-Net (sec. 3.3). The public code: 32 -> 64 -> 128 -> 256 channels, 256^2 -> 32^2.
+    unet_channels: tuple[int, ...] = (16, 32, 64)  # one level per entry; the bottleneck is plane_res / 2^(n-1)
+    attention_layers: int = 1  # N_A (SA + CA per layer)
+    attention_heads: int = 4
+
+    # Training (sec. 3.4) and its stages.
+    static_fraction: float = 0.45  # P_ID + decoder + super-resolution on the frames (stands in for EG3D + VIVE3D)
+    sr_fraction: float = 0.1  # final stage: super-resolution only ("a few epochs to update the SR module")
+    lambda_mouth: float = 1.0  # L1 on the lips' box (the paper: BiSeNet lip segment)
+    lambda_raw: float = 0.5  # L1 of the raw volume RGB at render_size (EG3D's dual discrimination, as a loss)
+    lambda_mask: float = 0.1  # accumulated alpha vs the head mask (our compositing needs a clean alpha)
+    lambda_lpips: float = 0.1  # only where LPIPS weights exist locally
+    lpips_weights: str | None = None
+    lr_planes: float = 1e-2
+    lr_render: float = 2e-3  # decoder + super-resolution
+    lr_unet: float = 1e-3  # U-Net, audio net, token encoders
+
+
+def make_config(preset: str, variant: str | None) -> Talk3DConfig:
+    """The config of ``preset`` ("cpu-small" or "gpu"); Talk3D has no variants."""
+    if variant is not None:
+        raise UserError(f"talk3d has no variant {variant!r}")
+    if preset == "cpu-small":
+        # Sized for a shared 2-core CPU (~30 min): 32^2 volume render (24 + 24 samples) + SR x4 to 128^2 (the
+        # paper's ratio, 128 -> 512), 3 x 16 x 64^2 planes, a three-level U-Net (16 -> 32 -> 64, bottleneck
+        # 16^2), one attention layer.
+        return Talk3DConfig(data=DataConfig(size=128, audio_radius=4, mouth_crop=0),
+                            schedule=Schedule(iterations=2000, val_every=500, checkpoint_every=250),
+                            render_size=32, num_coarse=24, num_fine=24, sr_channels=(64, 32))
+    if preset == "gpu":
+        # The paper's sizes: 128^2 volume render with 48 + 48 samples, SR x4 to 512^2 (EG3D's 256 / 128 channels),
+        # 3 x 32 x 256^2 planes, the public code's U-Net 32 -> 64 -> 128 -> 256 (bottleneck 32^2).
+        return Talk3DConfig(data=DataConfig(size=512, audio_radius=8, mouth_crop=0),
+                            schedule=Schedule(iterations=60000, val_every=5000, checkpoint_every=5000),
+                            plane_resolution=256, plane_channels=32, render_size=128, num_coarse=48, num_fine=48,
+                            feature_channels=32, sr_channels=(256, 128), chunk=65536,
+                            unet_channels=(32, 64, 128, 256), attention_layers=2, attention_heads=8)
+    raise UserError(f"talk3d has no preset {preset!r} (cpu-small, gpu)")

@@ -1,0 +1,170 @@
+"""The audio-guided attention U-Net F (Talk3D sec. 3.3, eqs. 4-5): identity triplane + tokens -> deltaplane.
+
+Shapes: B batch, C channels, R plane side; a triplane batch is ``[B, 3, C, R, R]`` with the planes in
+:data:`talkinghead.render.volume.PLANE_AXES` order (xy, xz, zy; plane p is ``[C, rows, cols]``, cols = first axis).
+
+* Split convolution: each plane has its own convolutions (one grouped convolution, groups = 3), so the three
+  orthogonal planes are never mixed channel-wise as a single EG3D-style CNN would.
+* Roll-out blending (the Rodin "3D-aware convolution" the paper cites [23]) before every block: each plane gets,
+  beside its own features, the other two planes' features averaged along the axis it does not share with
+  them and broadcast along the one it does (plane xy gets xz averaged over z, as a function of x, and zy
+  averaged over z, as a function of y). Input of a block: 3C channels per plane.
+* Encoder: one level per ``channels`` entry, each level a block of two split 3x3 convolutions, halving the side
+  between levels (the public code: 32 -> 64 -> 128 -> 256 channels, 256^2 -> 32^2).
+* Bottleneck (eq. 4-5): the three planes' cells are flattened into 3 R_b^2 tokens, a 3-D positional encoding
+  added (each cell's centre in the head box, its off-plane coordinate 0, plus a learned per-plane embedding);
+  N_A layers of self-attention (F_SA) then cross-attention (F_CA) to the condition tokens t_n, each with a
+  feed-forward (pre-norm transformer layers; our choice, the paper does not spell the layer out).
+* Decoder: upsampling, skip concatenation, split blocks back to R; the last split convolution starts at zero,
+  so Delta P = 0 at the start of the audio stage and training starts from the static head (eq. 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rollout(x: Tensor) -> Tensor:
+    """[B, 3, C, R, R] -> [B, 3, 3C, R, R]: each plane with the other two averaged onto its axes (see module)."""
+    xy, xz, zy = x.unbind(1)  # xy: rows y, cols x; xz: rows z, cols x; zy: rows y, cols z
+    R = x.shape[-1]
+    x_of_xz = xz.mean(-2, keepdim=True)  # [B, C, 1, x]
+    y_of_zy = zy.mean(-1, keepdim=True)  # [B, C, y, 1]
+    x_of_xy = xy.mean(-2, keepdim=True)  # [B, C, 1, x]
+    z_of_zy = zy.mean(-2, keepdim=True).transpose(-1, -2)  # [B, C, z, 1] (zy's columns are z)
+    y_of_xy = xy.mean(-1, keepdim=True)  # [B, C, y, 1]
+    z_of_xz = xz.mean(-1, keepdim=True).transpose(-1, -2)  # [B, C, 1, z] (xz's rows are z)
+    e = (-1, -1, R, R)
+    p_xy = torch.cat([xy, x_of_xz.expand(*e), y_of_zy.expand(*e)], 1)
+    p_xz = torch.cat([xz, x_of_xy.expand(*e), z_of_zy.expand(*e)], 1)
+    p_zy = torch.cat([zy, y_of_xy.expand(*e), z_of_xz.expand(*e)], 1)
+    return torch.stack([p_xy, p_xz, p_zy], 1)
+
+
+class SplitConv(nn.Module):
+    """A convolution per plane: [B, 3, Cin, R, R] -> [B, 3, Cout, R', R'] (one grouped conv, groups = 3)."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(3 * cin, 3 * cout, k, stride=stride, padding=k // 2, groups=3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, _, C, H, W = x.shape
+        y = self.conv(x.reshape(B, 3 * C, H, W))
+        return y.reshape(B, 3, -1, y.shape[-2], y.shape[-1])
+
+
+class SplitBlock(nn.Module):
+    """Roll-out, then two split 3x3 convolutions with LeakyReLU: [B, 3, Cin, R, R] -> [B, 3, Cout, R, R]."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.c1 = SplitConv(3 * cin, cout)
+        self.c2 = SplitConv(cout, cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.leaky_relu(self.c1(rollout(x)), 0.2)
+        return F.leaky_relu(self.c2(x), 0.2)
+
+
+def _resample(x: Tensor, scale: float) -> Tensor:
+    B, P, C, H, W = x.shape
+    if scale < 1:
+        y = F.avg_pool2d(x.reshape(B, P * C, H, W), int(round(1 / scale)))
+    else:
+        y = F.interpolate(x.reshape(B, P * C, H, W), scale_factor=scale, mode="bilinear", align_corners=False)
+    return y.reshape(B, P, C, y.shape[-2], y.shape[-1])
+
+
+def positional_encoding_3d(side: int, dim: int) -> Tensor:
+    """[3 * side^2, dim] sinusoidal encoding of each bottleneck cell's 3-D position in [-1, 1]^3.
+
+    Cell (row, col) of plane p sits at its plane's two coordinates (PLANE_AXES), the third axis at 0."""
+    from talkinghead.render.volume import PLANE_AXES
+
+    c = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1
+    rows, cols = torch.meshgrid(c, c, indexing="ij")
+    pos = []
+    for a, b in PLANE_AXES:
+        p = torch.zeros(side, side, 3)
+        p[..., a], p[..., b] = cols, rows
+        pos.append(p.reshape(-1, 3))
+    pos = torch.cat(pos)  # [3 S^2, 3]
+    nf = max(1, dim // 6)
+    freqs = 2.0 ** torch.arange(nf, dtype=torch.float32) * math.pi
+    ang = pos[..., None] * freqs  # [N, 3, nf]
+    enc = torch.cat([torch.sin(ang), torch.cos(ang)], -1).reshape(pos.shape[0], -1)
+    return F.pad(enc, (0, dim - enc.shape[1]))
+
+
+class AttentionLayer(nn.Module):
+    """One of the N_A bottleneck layers: e = e + SA(LN e); e = e + CA(LN e, t); e = e + FFN(LN e)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.n1, self.n2, self.n3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.sa = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ca = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, e: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """e [B, N, d], tokens [B, M, d] -> (e [B, N, d], cross-attention weights [B, N, M])."""
+        h = self.n1(e)
+        e = e + self.sa(h, h, h, need_weights=False)[0]
+        a, w = self.ca(self.n2(e), tokens, tokens, need_weights=True)
+        e = e + a
+        return e + self.ffn(self.n3(e)), w
+
+
+class AttentionUNet(nn.Module):
+    """Delta P = F(P_ID, t_n): [3, C, R, R] identity planes + tokens [B, M, d] -> deltaplanes [B, 3, C, R, R].
+
+    ``d`` (the token width) is the bottleneck's channel count ``channels[-1]``. The encoder depends only on
+    P_ID, so :meth:`encode` can be cached while P_ID is fixed (render time)."""
+
+    def __init__(self, plane_channels: int, resolution: int, channels: tuple[int, ...], layers: int, heads: int):
+        super().__init__()
+        n = len(channels)
+        if resolution % (2 ** (n - 1)):
+            raise ValueError(f"plane resolution {resolution} is not divisible by 2^{n - 1}")
+        self.dim = channels[-1]
+        self.enc = nn.ModuleList(SplitBlock(cin, cout) for cin, cout in zip((plane_channels,) + channels[:-1], channels))
+        self.side = resolution // 2 ** (n - 1)
+        self.register_buffer("pos", positional_encoding_3d(self.side, self.dim), persistent=False)
+        self.plane_embed = nn.Parameter(torch.zeros(3, self.dim))
+        self.attn = nn.ModuleList(AttentionLayer(self.dim, heads) for _ in range(layers))
+        # Decoder level i (from the bottom): upsample, concat the encoder skip of that level, a split block.
+        self.dec = nn.ModuleList(SplitBlock(channels[i + 1] + channels[i], channels[i]) for i in reversed(range(n - 1)))
+        self.out = SplitConv(channels[0], plane_channels, k=3)
+        nn.init.zeros_(self.out.conv.weight)
+        nn.init.zeros_(self.out.conv.bias)
+
+    def encode(self, planes: Tensor) -> list[Tensor]:
+        """[3, C, R, R] -> the encoder's outputs per level, [1, 3, c_i, R_i, R_i] (the last is E)."""
+        x, skips = planes[None], []
+        for i, block in enumerate(self.enc):
+            if i:
+                x = _resample(x, 0.5)
+            x = block(x)
+            skips.append(x)
+        return skips
+
+    def forward(self, skips: list[Tensor], tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder outputs (``encode``) + tokens [B, M, d] -> (Delta P [B, 3, C, R, R], attention [B, 3 R_b^2, M])."""
+        B = tokens.shape[0]
+        E = skips[-1].expand(B, -1, -1, -1, -1)
+        S = self.side
+        e = E.permute(0, 1, 3, 4, 2).reshape(B, 3 * S * S, self.dim)  # flatten(E): plane-major, row-major
+        e = e + self.pos + self.plane_embed.repeat_interleave(S * S, 0)
+        w = None
+        for layer in self.attn:
+            e, w = layer(e, tokens)
+        x = e.reshape(B, 3, S, S, self.dim).permute(0, 1, 4, 2, 3)
+        for block, skip in zip(self.dec, reversed(skips[:-1])):
+            x = _resample(x, 2.0)
+            x = block(torch.cat([x, skip.expand(B, -1, -1, -1, -1)], 2))
+        return self.out(x), w

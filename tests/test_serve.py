@@ -1,0 +1,202 @@
+"""The live server over loopback: API, WebRTC frames that move, speech in, bad input and faults, the clock.
+
+A real aiortc client (talkinghead.serve.client) talks to a real server on 127.0.0.1 with the tiny avatars of
+test_streaming. The browser test is tests/test_serve_browser.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+import time
+import weakref
+
+import numpy as np
+import pytest
+import soundfile
+
+pytest.importorskip("aiortc", reason="talkinghead serve needs aiortc (pip install -r requirements.txt)")
+pytest.importorskip("aiohttp", reason="talkinghead serve needs aiohttp (pip install -r requirements.txt)")
+
+from talkinghead.media import AUDIO_RATE  # noqa: E402
+from talkinghead.serve.session import VIDEO_CLOCK, frame_samples, video_pts  # noqa: E402
+from talkinghead.serve.speech import SpeechError, UploadLimits, decode_upload  # noqa: E402
+
+from test_streaming import avatars, speechlike  # noqa: F401,E402  (the session-scoped avatar fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def wav_bytes(wave: np.ndarray, rate: int = AUDIO_RATE, fmt: str = "WAV") -> bytes:
+    b = io.BytesIO()
+    soundfile.write(b, wave, rate, format=fmt)
+    return b.getvalue()
+
+
+def test_uploads_are_checked_with_one_clear_error_each():
+    ok = speechlike(1.0)
+    np.testing.assert_allclose(decode_upload(wav_bytes(ok)), ok, atol=1e-4)
+    cases = [
+        (wav_bytes(speechlike(3.0)), UploadLimits(max_bytes=50_000), 413, "limit is"),
+        (b"this is plain text, not audio" * 20, UploadLimits(), 415, "not a readable audio file"),
+        (b"", UploadLimits(), 415, "empty"),
+        (wav_bytes(np.zeros(AUDIO_RATE, np.float32)), UploadLimits(), 422, "silent"),
+        (wav_bytes(speechlike(3.0)), UploadLimits(max_seconds=2.0), 422, "longer than 2 s"),
+        (wav_bytes(speechlike(1.0)[::4], rate=4000), UploadLimits(), 422, "4000 Hz"),
+    ]
+    for data, limits, status, words in cases:
+        with pytest.raises(SpeechError, match=words) as err:
+            decode_upload(data, limits)
+        assert err.value.status == status
+    # another container decodes too (FLAC at 44.1 kHz -> 16 kHz)
+    t = np.arange(44100) / 44100
+    w = decode_upload(wav_bytes((0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 44100, "FLAC"))
+    assert abs(w.size - AUDIO_RATE) < 50
+
+
+def test_one_media_clock_video_and_audio_pts_never_drift_over_ten_minutes():
+    for fps in (25.0, 30000 / 1001):
+        n = np.arange(int(600 * fps))
+        v = np.array([video_pts(i, fps) for i in n[:: 997]]) / VIDEO_CLOCK
+        a = np.array([frame_samples(i, fps)[0] for i in n[:: 997]]) / AUDIO_RATE
+        assert np.abs(v - a).max() <= 0.5 / VIDEO_CLOCK + 0.5 / AUDIO_RATE  # rounding only, never accumulating
+        ends = [frame_samples(i, fps) for i in n[-3:]]
+        assert ends[0][1] == ends[1][0] and ends[1][1] == ends[2][0]  # frames tile the audio without gaps
+
+
+@pytest.fixture(scope="module")
+def live(avatars):  # noqa: F811
+    """A server with both tiny avatars, --max-sessions 2, feature extraction in one worker process."""
+    from talkinghead.methods.streaming import DrivenAvatar
+    from talkinghead.serve.app import Server
+    from talkinghead.serve.client import ServerThread
+
+    loaded = [DrivenAvatar(avatars["gt"]), DrivenAvatar(avatars["gft"])]
+    server = Server(loaded, max_sessions=2, limits=UploadLimits(max_bytes=400_000, max_seconds=20))
+    server.start_workers(1)
+    thread = ServerThread(server).start()
+    yield thread
+    thread.stop()
+    server.workers.shutdown(wait=True, cancel_futures=True)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _moving(frames) -> float:
+    """Largest mean absolute difference between the first received image and the later ones (0..255)."""
+    imgs = [f[2].astype(np.float32) for f in frames if f[2] is not None]
+    return max(np.abs(im - imgs[0]).mean() for im in imgs[1:])
+
+
+def test_api_frames_move_speech_plays_and_each_bad_request_gets_one_answer(live):
+    from talkinghead.serve.client import Client
+
+    async def scenario():
+        c = Client(live.base)
+        avatars = await c.avatars()
+        assert [(a["name"], a["method"], a["fps"], a["size"]) for a in avatars] == [
+            ("gt", "gaussiantalker", 25.0, 64), ("gft", "gaussianflametalk", 25.0, 64)]
+        assert {a["name"]: a["lookahead_frames"] for a in avatars} == {"gt": 2, "gft": 0}
+        status, body = await c.connect("gt")
+        assert status == 200 and body["type"] == "answer" and "m=video" in body["sdp"] and "m=audio" in body["sdp"]
+        assert await c.wait_frames(20, timeout=60) >= 20
+        assert _moving(c.received.video) > 1.0  # the idle pose loop turns the head
+        assert c.received.audio and c.received.audio[0][1] == 48000  # Opus comes back at 48 kHz
+        # speech: a file, then text
+        status, body = await c.speak(wav_bytes(speechlike(1.5)))
+        assert status == 200 and body["duration_s"] == 1.5 and len(body["utterance"]) == 12
+        status, body = await c.say("Hello from the test.")
+        assert status == 200 and 0.5 < body["duration_s"] < 5
+        # one answer per bad request; the session keeps streaming through them
+        sid = c.session
+        for data, ctype, code, words in [
+            (b"x" * 500_000, "audio/wav", 413, "larger than"),
+            (b"not audio at all" * 10, "audio/wav", 415, "not a readable audio file"),
+            (wav_bytes(np.zeros(AUDIO_RATE, np.float32)), "audio/wav", 422, "silent"),
+            (b'{"txt": 1}', "application/json", 400, "text"),
+        ]:
+            status, body = await c.speak(data, ctype)
+            assert status == code and words in body["error"], (status, body)
+        assert (await c._json("POST", "/api/sessions", json={"avatar": "nobody", "sdp": "x", "type": "offer"}))[0] == 404
+        assert (await c._json("POST", "/api/sessions", data=b"{oops"))[0] == 400
+        assert (await c._json("GET", "/api/sessions/deadbeef/stats"))[0] == 404
+        before = len(c.received.video)
+        await asyncio.sleep(4.0)  # the utterances play
+        status, stats = await c.stats()
+        assert status == 200 and stats["session"] == sid and stats["error"] is None
+        assert stats["first_frame_ms"] is not None and stats["first_frame_ms"] > 0
+        assert stats["frames_sent"] >= stats["frames_rendered"] > 0
+        assert stats["pts_drift_ms"] < 0.02  # video pts vs the pts of the audio it was rendered from
+        assert len(c.received.video) > before
+        assert (await c._json("DELETE", f"/api/sessions/{sid}"))[1] == {"closed": sid}
+        assert (await c._json("GET", f"/api/sessions/{sid}/stats"))[0] == 404
+        await c.close(delete=False)
+
+    _run(scenario())
+    assert live.server.sessions == {}
+
+
+def test_too_many_sessions_and_a_vanished_client_leave_the_others_served(live):
+    from talkinghead.serve.client import Client
+
+    async def scenario():
+        a, b, c = Client(live.base, keep_images=False), Client(live.base, keep_images=False), Client(live.base)
+        assert (await a.connect("gt"))[0] == 200
+        assert (await b.connect("gft"))[0] == 200
+        status, body = await c.connect("gt")
+        assert status == 503 and "--max-sessions" in body["error"]
+        await a.wait_frames(5, 60)
+        await b.wait_frames(5, 60)
+        ref = weakref.ref(live.server.sessions[b.session])
+        await b.vanish()  # no DELETE, no goodbye: ICE consent checks find it gone
+        end = time.monotonic() + 30
+        while b.session in live.server.sessions and time.monotonic() < end:
+            await asyncio.sleep(0.25)
+        assert b.session not in live.server.sessions
+        for _ in range(40):  # its memory goes too (aiortc's sender tasks take a moment to wind down)
+            gc.collect()
+            if ref() is None:
+                break
+            await asyncio.sleep(0.25)
+        assert ref() is None
+        n = len(a.received.video)
+        await asyncio.sleep(1.5)
+        assert len(a.received.video) > n  # the other session never stopped
+        assert (await c.connect("gt"))[0] == 200  # and the freed place is taken
+        assert await c.wait_frames(3, 60) >= 3
+        await a.close()
+        await c.close()
+
+    _run(scenario())
+
+
+def test_the_microphone_drives_the_avatar_with_its_latency_in_the_stats(live, clip):
+    from talkinghead.media import read_audio
+    from talkinghead.serve.client import Client
+
+    wave = read_audio(clip("speech_en_imagine_6s.wav"))[: 3 * AUDIO_RATE]
+
+    async def scenario():
+        c = Client(live.base, keep_images=False)
+        assert (await c.connect("gt", mic_wave=wave, mic_lead_s=0.5))[0] == 200
+        end = time.monotonic() + 40
+        stats = {}
+        spoke = False
+        while time.monotonic() < end:
+            await asyncio.sleep(0.5)
+            stats = (await c.stats())[1]
+            if stats["mic"] and not spoke:  # an upload in the middle of the mic stream takes over, then the mic
+                assert (await c.speak(wav_bytes(speechlike(0.6))))[0] == 200
+                spoke = True
+            if stats["mic"] and stats["latency_ms"]["p50"] is not None and stats["frames_sent"] > 80:
+                break
+        assert stats["mic"] and stats["latency_ms"]["p50"] > 0 and stats["error"] is None, stats
+        await asyncio.sleep(1.0)
+        status, stats = await c.stats()
+        assert status == 200 and stats["error"] is None and stats["first_frame_ms"] is not None
+        await c.close()
+
+    _run(scenario())

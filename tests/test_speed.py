@@ -1,0 +1,175 @@
+"""Issue 16's fast paths against their plain references: the same functions, to float rounding.
+
+* D-SSIM by banded matrix products vs the two 1-D convolutions per moment it replaces;
+* the folded cross-attention vs ``nn.MultiheadAttention`` with the same weights (values, weights, gradients);
+* GaussianTalker's batched geometry replay vs one frame at a time (the same replayed frames);
+* :class:`RenderCache`: kept while nothing changes, rebuilt after an optimiser step, a load or a move;
+* whole renders: eval mode (frozen per-avatar state, Numba compositor) vs the live training-mode computation with
+  the torch reference compositor, for GaussianTalker and GaussianFlameTalk.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from talkinghead.methods import get_method
+from talkinghead.methods.base import RenderCache, adam
+from talkinghead.methods.data import FrameStore
+from talkinghead.methods.gaussiantalker.attention import CrossAttentionBlock
+from talkinghead.methods.losses import _C1, _C2, _window, ssim
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _ssim_by_convolution(a, b):
+    """3DGS's SSIM as it was written before: separable conv2d with zero padding, per moment."""
+    x, y = a.permute(2, 0, 1)[:, None], b.permute(2, 0, 1)[:, None]
+    g = _window().to(a)
+
+    def blur(t):
+        t = F.conv2d(t, g.view(1, 1, 1, -1), padding=(0, 5))
+        return F.conv2d(t, g.view(1, 1, -1, 1), padding=(5, 0))
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    return (((2 * mx * my + _C1) * (2 * sxy + _C2)) / ((mx * mx + my * my + _C1) * (sxx + syy + _C2))).mean()
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (24, 40), (7, 5)])
+def test_ssim_by_matrix_products_equals_the_convolution_form(shape):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(*shape, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(*shape, 3, generator=gen, dtype=torch.float64)
+    fast, ref = ssim(a, b), _ssim_by_convolution(a, b)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    (g_fast,), (g_ref,) = torch.autograd.grad(fast, a), torch.autograd.grad(ref, a)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-12)
+    assert ssim(b, b).item() == pytest.approx(1.0)
+
+
+def test_folded_cross_attention_equals_multihead_attention_and_batches_frames():
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(24, heads=4)
+    with torch.no_grad():
+        for p in block.parameters():  # away from the init, where biases are zero
+            p.normal_(0, 0.3)
+    z = torch.randn(50, 24, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    block = block.double()
+    out, w = block(z, tokens)
+    a, w_ref = block.attn(block.norm_q(z)[None], tokens[None], tokens[None], need_weights=True)
+    ref = z + a[0]
+    ref = ref + block.ffn(block.norm_f(ref))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(w, w_ref[0])
+    grads = torch.autograd.grad(out.square().sum(), [z, tokens, block.attn.in_proj_weight])
+    grads_ref = torch.autograd.grad(ref.square().sum(), [z, tokens, block.attn.in_proj_weight])
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+    # A batch of frames (tokens [B, 4, d]) over shared queries equals each frame alone.
+    many = torch.randn(3, 4, 24, dtype=torch.float64)
+    batched, _ = block(z, many)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], block(z, many[i])[0])
+
+
+def test_render_cache_is_kept_until_the_weights_change():
+    net = torch.nn.Linear(3, 2)
+    builds = []
+    cache = RenderCache(lambda: builds.append(1) or net.weight.sum().item())
+    assert cache.get(net) is None and not builds  # training mode: compute live
+    net.eval()
+    first = cache.get(net)
+    assert cache.get(net) == first and len(builds) == 1
+    opt = adam([{"params": list(net.parameters()), "lr": 0.1, "name": "all"}])
+    net.train()
+    assert cache.get(net) is None  # a training step uses the method in training mode
+    net(torch.ones(3)).sum().backward()
+    opt.step()
+    net.eval()
+    assert cache.get(net) != first and len(builds) == 2
+    with torch.no_grad():
+        net.weight.add_(1.0)  # an in-place edit in eval mode
+    assert cache.get(net) == pytest.approx(first_after := net.weight.sum().item()) and len(builds) == 3
+    assert first_after != first
+    net.load_state_dict({"weight": torch.zeros(2, 3), "bias": torch.zeros(2)})
+    assert cache.get(net) == 0.0 and len(builds) == 4
+    net.to(torch.float64)  # new tensors
+    cache.get(net)
+    assert len(builds) == 5
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from test_methods import write_synthetic_dataset
+
+    path = tmp_path_factory.mktemp("speed_synth")
+    write_synthetic_dataset(path, T=24, test_frames=4)
+    return path
+
+
+def _gaussiantalker(path):
+    from test_gaussiantalker import _tiny_config
+
+    from talkinghead.data import PreparedDataset
+
+    cfg = _tiny_config(10)
+    store = FrameStore(path, cfg.data, progress=False)
+    model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
+    with torch.no_grad():
+        model.deform_on.fill_(True)
+        model.expression_basis[0, :, 1] = 0.004
+        for h in model.f_deform.heads.values():  # non-zero offsets: the deformation matters
+            torch.nn.init.normal_(h.weight, std=0.3)
+    return model, store
+
+
+def test_batched_geometry_replay_equals_one_frame_at_a_time(synthetic):
+    model, store = _gaussiantalker(synthetic)
+    for k in range(4):
+        model.train_loss(store.batch(k), step=0)  # remember four frames
+    rng_state = model._geo_rng.bit_generator.state
+    batched = model.replay_geometry_loss()
+    model._geo_rng.bit_generator.state = rng_state  # the same draws
+    f_geo = model.triplane(model.means[model.geo_points])
+    loop = []
+    for i in model._geo_rng.integers(len(model._geo_bank), size=model.cfg.geo_replay):
+        audio, blink, viewmat, expr = model._geo_bank[i]
+        z, _ = model.attention(f_geo, model._tokens(audio, blink, viewmat))
+        loop.append(model._geo_error(model.f_deform(z)["means"] * model.offset_scale, expr))
+    torch.testing.assert_close(batched, torch.stack(loop).sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_gaussiantalker_render_equals_the_live_reference_computation(synthetic):
+    model, store = _gaussiantalker(synthetic)
+    cond = store.condition(2)
+    model.eval()
+    with torch.no_grad():
+        fast = model.render(cond)  # frozen canonical state + the auto (Numba where installed) compositor
+        model.train()  # live: triplane and F_can recomputed, the torch reference compositor
+        model.cfg.backend = "torch"
+        ref = model.render(cond)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4)
+    assert (ref - cond.backdrop).abs().max() > 0.03  # the head is in the picture
+
+
+def test_gaussianflametalk_render_equals_the_live_reference_computation(synthetic, monkeypatch):
+    from test_gaussianflametalk import _tiny
+
+    from talkinghead.data import PreparedDataset
+
+    spec = _tiny(monkeypatch, 5)
+    cfg = spec.make_config("cpu-small", None)
+    store = FrameStore(synthetic, cfg.data, progress=False)
+    model = spec.build(cfg, store.info, dataset=PreparedDataset(synthetic, size=64))
+    cond = store.condition(3)
+    model.eval()
+    with torch.no_grad():
+        fast = model.render(cond)
+        model.train()
+        model.cfg.backend = "torch"
+        ref = model.render(cond)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4)
+    assert (ref - cond.backdrop).abs().max() > 0.03

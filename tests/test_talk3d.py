@@ -1,0 +1,203 @@
+"""Talk3D: split convolutions + roll-out, the attention U-Net, novel-view cameras, and the method end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from talkinghead import camera
+from talkinghead.errors import UserError
+from talkinghead.methods import get_method
+from talkinghead.methods.data import FrameStore
+from talkinghead.methods.talk3d.unet import AttentionUNet, SplitConv, rollout
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_rollout_puts_the_other_planes_on_the_shared_axes():
+    R, C = 5, 1
+    ax = torch.arange(R, dtype=torch.float32)
+    planes = torch.zeros(1, 3, C, R, R)
+    planes[0, 1, 0] = ax[None, :] * 10 + ax[:, None]  # xz: rows z, cols x -> mean over z = 10 x + 2
+    planes[0, 2, 0] = ax[None, :] * 100 + ax[:, None] * 1000  # zy: rows y, cols z
+    planes[0, 0, 0] = ax[:, None] * 7  # xy: rows y -> mean over x = 7 y
+    out = rollout(planes)
+    assert out.shape == (1, 3, 3 * C, R, R)
+    x, y, z = ax, ax, ax
+    # Plane xy: [own, xz averaged over z as a function of x (columns), zy averaged over z as a function of y (rows)]
+    assert torch.allclose(out[0, 0, 1], (10 * x + 2)[None, :].expand(R, R))
+    assert torch.allclose(out[0, 0, 2], (1000 * y + 200)[:, None].expand(R, R))
+    # Plane xz (rows z, cols x): xy over y as a function of x; zy over y as a function of z (rows).
+    assert torch.allclose(out[0, 1, 1], torch.full((R, R), 14.0))
+    assert torch.allclose(out[0, 1, 2], (100 * z + 2000)[:, None].expand(R, R))
+    # Plane zy (rows y, cols z): xy over x as a function of y (rows); xz over x as a function of z (columns).
+    assert torch.allclose(out[0, 2, 1], (7 * y)[:, None].expand(R, R))
+    assert torch.allclose(out[0, 2, 2], (z + 20)[None, :].expand(R, R))
+
+
+def test_split_convolution_keeps_the_planes_apart():
+    torch.manual_seed(0)
+    conv = SplitConv(2, 3)
+    x = torch.randn(1, 3, 2, 6, 6)
+    y = conv(x)
+    x2 = x.clone()
+    x2[0, 1] += 5.0
+    y2 = conv(x2)
+    assert y.shape == (1, 3, 3, 6, 6)
+    assert torch.equal(y[0, 0], y2[0, 0]) and torch.equal(y[0, 2], y2[0, 2]) and not torch.equal(y[0, 1], y2[0, 1])
+
+
+def test_unet_starts_at_zero_and_its_delta_depends_on_the_tokens():
+    torch.manual_seed(0)
+    net = AttentionUNet(plane_channels=4, resolution=16, channels=(4, 8, 16), layers=1, heads=2)
+    planes = torch.randn(3, 4, 16, 16)
+    tokens = torch.randn(2, 5, 16)
+    delta, attn = net(net.encode(planes), tokens)
+    assert delta.shape == (2, 3, 4, 16, 16) and attn.shape == (2, 3 * 4 * 4, 5)
+    assert float(delta.detach().abs().max()) == 0.0  # the last convolution starts at zero: training starts from P_ID
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 48), atol=1e-5)
+    delta.sum().backward()
+    assert float(net.out.conv.weight.grad.abs().sum()) > 0
+    with torch.no_grad():
+        net.out.conv.weight.normal_()
+    delta, _ = net(net.encode(planes), tokens)
+    assert not torch.allclose(delta[0], delta[1])  # different tokens, different deltaplanes
+
+
+def test_orbit_moves_the_camera_on_a_sphere_about_the_pivot():
+    vm = camera.viewmat(np.eye(3), np.array([0.01, -0.02, 0.8]))
+    pivot = np.array([0.0, 0.03, 0.08], np.float32)
+    assert np.allclose(camera.orbit(vm, 0, 0, pivot), vm)
+
+    def centre(m):
+        return -(m[:3, :3].T @ m[:3, 3])
+
+    r0 = np.linalg.norm(centre(vm) - pivot)
+    for yaw, pitch in ((30, 0), (-15, 10), (0, -20)):
+        m = camera.orbit(vm, yaw, pitch, pivot)
+        assert np.allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3), atol=1e-6)
+        assert np.linalg.norm(centre(m) - pivot) == pytest.approx(r0, abs=1e-5)
+        # The pivot stays where the camera saw it (the camera orbits, it does not pan).
+        assert np.allclose(m[:3, :3] @ pivot + m[:3, 3], vm[:3, :3] @ pivot + vm[:3, 3], atol=1e-5)
+        ang = np.degrees(np.arccos(np.clip(np.dot(*(v / np.linalg.norm(v) for v in
+                                                    (centre(m) - pivot, centre(vm) - pivot))), -1, 1)))
+        assert ang == pytest.approx(np.degrees(np.arccos(np.cos(np.radians(yaw)) * np.cos(np.radians(pitch)))),
+                                    abs=1.5)
+    assert centre(camera.orbit(vm, 30, 0, pivot))[0] > centre(vm)[0] + 0.1  # +yaw: towards +x
+    assert centre(camera.orbit(vm, 0, 20, pivot))[1] < centre(vm)[1] - 0.1  # +pitch: up (-y)
+
+
+def test_head_pivot_sits_behind_the_face():
+    v = np.random.default_rng(0).normal(size=(478, 3)) * [0.07, 0.09, 0.02]
+    v[1] = [0.0, 0.0, -0.06]  # the nose tip, towards the camera (-z)
+    p = camera.head_pivot(v)
+    assert p[2] > v[:, 2].mean() + 0.03
+
+
+# ------------------------------------------------------------------------------------------ the method
+
+
+def _tiny(iterations: int):
+    from talkinghead.methods.talk3d.config import make_config
+
+    cfg = make_config("cpu-small", None)
+    cfg.data.size, cfg.data.audio_radius = 64, 2
+    cfg.schedule.iterations, cfg.schedule.val_every, cfg.schedule.checkpoint_every = iterations, 0, 0
+    cfg.plane_resolution, cfg.plane_channels, cfg.render_size, cfg.sr_channels = 16, 4, 32, (8,)
+    cfg.num_coarse, cfg.num_fine, cfg.feature_channels, cfg.unet_channels = 6, 6, 8, (4, 8)
+    cfg.decoder_hidden, cfg.attention_heads = 16, 2
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from test_methods import write_synthetic_dataset
+
+    path = tmp_path_factory.mktemp("talk3d_synth")
+    write_synthetic_dataset(path, T=24, test_frames=4)
+    return path
+
+
+def test_fresh_model_is_the_backdrop_outside_the_head_box_and_tokens_use_the_tracked_pose(synthetic):
+    from talkinghead.data import PreparedDataset
+
+    spec = get_method("talk3d")
+    cfg = _tiny(10)
+    store = FrameStore(synthetic, cfg.data, progress=False)
+    model = spec.build(cfg, store.info, dataset=PreparedDataset(synthetic, size=64)).eval()
+    cond = store.condition(0)
+    cond.backdrop = torch.full_like(cond.backdrop, 0.25)
+    cond.viewmat = cond.viewmat.clone()
+    cond.viewmat[2, 3] = 2.0  # far enough that the head box leaves the image corners empty
+    with torch.no_grad():
+        img = model.render(cond)
+        vol = model.volume(model.p_id, cond, perturb=False)
+    assert img.shape == (64, 64, 3)
+    assert float(vol["alpha"][16, 16]) > 0.05 and float(vol["alpha"][0, 0]) == 0.0  # head box vs corner
+    assert torch.allclose(img[:2, :2], torch.full((2, 2, 3), 0.25))
+    # Asked for another size (the renderer's --size), the same picture comes back at that size.
+    import dataclasses
+
+    big = dataclasses.replace(cond, K=cond.K.clone(), backdrop=torch.full((128, 128, 3), 0.25))
+    big.K[:2] *= 2
+    with torch.no_grad():
+        img2 = model.render(big)
+    assert img2.shape == (128, 128, 3)
+    down = torch.nn.functional.avg_pool2d(img2.permute(2, 0, 1)[None], 2)[0].permute(1, 2, 0)
+    assert float((down - img).abs().mean()) < 0.02
+    # A novel view moves the camera, not the tokens: t_rot reads the tracked pose.
+    moved = torch.from_numpy(camera.orbit(cond.viewmat.numpy(), 20, 0, np.zeros(3, np.float32)))
+
+    novel = dataclasses.replace(cond, viewmat=moved, tracked_viewmat=cond.viewmat)
+    with torch.no_grad():
+        assert torch.equal(model.tokens(novel), model.tokens(cond))
+        assert not torch.equal(model.render(novel), img)
+
+
+def test_talk3d_trains_through_the_shared_trainer_and_renders_novel_views(synthetic, tmp_path, monkeypatch):
+    from talkinghead.methods.render import render_split
+    from talkinghead.methods.talk3d import config as t3config
+    from talkinghead.methods.trainer import load_model, train
+
+    import dataclasses as dc
+
+    import talkinghead.methods as registry
+
+    spec = get_method("talk3d")
+    monkeypatch.setitem(registry._REGISTRY, "talk3d", dc.replace(spec, make_config=lambda p, v: _tiny(12)))
+    log = train(synthetic, "talk3d", tmp_path / "av", iterations=12, progress=False)
+    assert log["iterations"] == 12 and "off" in log["id_loss"] and "off" in log["sync_loss"]
+    assert log["stages"]["audio"][0] == 5 and log["stages"]["sr"][0] == 11
+    _, cfg, _, model, _ = load_model(tmp_path / "av")
+    assert bool(model.audio_on) and isinstance(cfg, t3config.Talk3DConfig)
+    res = render_split(tmp_path / "av", synthetic, "test", tmp_path / "v.mp4", yaw=25.0, pitch=-10.0)
+    assert res["frames"] == 4 and res["yaw"] == 25.0 and res["method"] == "talk3d"
+    with pytest.raises(UserError, match="outside"):
+        render_split(tmp_path / "av", synthetic, "test", tmp_path / "w.mp4", yaw=95.0)
+    assert not (tmp_path / "w.mp4").exists()
+    # The CLI: one error line, exit 2, for a view beyond 90 degrees and for an avatar of another method.
+    from test_methods import _cli, _one_error_line
+
+    _one_error_line(_cli("render", str(tmp_path / "av"), "--split", "test", "--pitch", "-120",
+                         "--out", str(tmp_path / "p.mp4")), "outside [-90, 90]")
+    _one_error_line(_cli("train", str(synthetic), "--method", "gaussiantalker", "--resume",
+                         "--out", str(tmp_path / "av")), "holds a 'talk3d' avatar")
+    _one_error_line(_cli("render", str(tmp_path / "av"), "--split", "test", "--data", str(tmp_path),
+                         "--out", str(tmp_path / "d.mp4")), "not a prepared dataset")
+
+
+@pytest.mark.parametrize("preset", ["cpu-small", "gpu"])
+def test_presets_build_consistent_models_and_round_trip_through_json(preset):
+    from talkinghead.methods.base import DatasetInfo, config_from_dict, config_to_dict
+    from talkinghead.methods.talk3d import Talk3D
+    from talkinghead.methods.talk3d.config import Talk3DConfig, make_config
+
+    cfg = make_config(preset, None)
+    assert config_from_dict(Talk3DConfig, config_to_dict(cfg)) == cfg
+    info = DatasetInfo(num_frames=10, fps=25.0, size=cfg.data.size, audio_dim=7, audio_names=["a"] * 7)
+    model = Talk3D(cfg, info)
+    assert model.sr.factor * cfg.render_size == cfg.data.size
+    assert model.p_id.shape == (3, cfg.plane_channels, cfg.plane_resolution, cfg.plane_resolution)
+    with pytest.raises(UserError):
+        make_config(preset, "fast")
