@@ -24,10 +24,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_same_frame(fast, ref):
-    """Equal to float32 rounding, except where rounding flips one of 3DGS's thresholds (alpha 1/255, the early
-    termination) for a pixel: a few pixels may then differ by about one skipped 1/255 contribution."""
+    """Equal to float32 rounding (the fast path projects in float64), except where rounding flips one of 3DGS's
+    thresholds (alpha 1/255, the early termination) for a pixel: a few pixels may then differ by about one
+    skipped 1/255 contribution."""
     diff = (fast - ref).abs()
-    assert diff.max() < 5e-3 and (diff > 1e-5).float().mean() < 1e-3, (diff.max(), (diff > 1e-5).float().mean())
+    assert diff.max() < 5e-3 and (diff > 1e-4).float().mean() < 1e-3, (diff.max(), (diff > 1e-4).float().mean())
 
 
 def _ssim_by_convolution(a, b):
