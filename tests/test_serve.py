@@ -128,7 +128,10 @@ def test_api_frames_move_speech_plays_and_each_bad_request_gets_one_answer(live)
         status, stats = await c.stats()
         assert status == 200 and stats["session"] == sid and stats["error"] is None
         assert stats["first_frame_ms"] is not None and stats["first_frame_ms"] > 0
-        assert stats["frames_sent"] >= stats["frames_rendered"] > 0
+        # Every frame sent was rendered or repeated (dropped when late); at most queue_frames (2) wait in the
+        # queue and one for its instant on the clock, so rendering may run that far ahead, never further.
+        assert stats["frames_rendered"] > 0
+        assert 0 <= stats["frames_rendered"] + stats["frames_dropped"] - stats["frames_sent"] <= 3, stats
         assert stats["pts_drift_ms"] < 0.02  # video pts vs the pts of the audio it was rendered from
         assert len(c.received.video) > before
         assert (await c._json("DELETE", f"/api/sessions/{sid}"))[1] == {"closed": sid}
