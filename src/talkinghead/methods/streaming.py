@@ -86,14 +86,10 @@ def dataset_extractor(data: Path | None, keep_decoder: bool = False) -> Extracto
     encoder if any); ``keep_decoder`` for live windows (see :class:`talkinghead.audio.extractor.DatasetExtractor`)."""
     from talkinghead.audio.extractor import DatasetExtractor
 
-    from . import render
+    from .render import dataset_audio
 
-    wav2vec, whisper = None, None
-    if data is not None:
-        # render.dataset_audio (wav2vec folder, Whisper choice) is how render reads a dataset's extractor once
-        # Whisper drives render; before that, only the wav2vec folder is recorded
-        audio_of = getattr(render, "dataset_audio", None)
-        wav2vec, whisper = audio_of(data) if audio_of is not None else (render.dataset_wav2vec(data), None)
+    # the same (wav2vec folder, Whisper choice) render's driving features use, checked the same way
+    wav2vec, whisper = dataset_audio(data) if data is not None else (None, None)
     return DatasetExtractor(wav2vec, keep_decoder, whisper)
 
 
