@@ -75,6 +75,15 @@ class PerceptualLoss:
             return None, found
         return cls(load_lpips(*found)), None
 
+    @classmethod
+    def optional(cls, weight: float, folder: str | None, weight_name: str) -> tuple["PerceptualLoss | None", str]:
+        """The loss when ``weight`` > 0 and its weights are found, and the note a method logs about it
+        (``"on"``, or ``"off: <why>"``; ``weight_name`` is the config field that sets ``weight``)."""
+        if weight <= 0:
+            return None, f"off: {weight_name} = 0"
+        loss, reason = cls.load(folder)
+        return loss, "on" if loss is not None else f"off: {reason}"
+
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
         x = a.permute(2, 0, 1)[None] * 2 - 1
         y = b.permute(2, 0, 1)[None] * 2 - 1

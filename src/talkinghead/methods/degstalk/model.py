@@ -178,11 +178,9 @@ class DEGSTalk(nn.Module):
     def _setup_lpips(self) -> None:
         if not self.cfg.fine_tune:
             self._lpips_note = "off: no fine-tuning stage"
-        elif self.cfg.gamma_lpips <= 0:
-            self._lpips_note = "off: gamma_lpips = 0"
         else:
-            self._lpips, reason = PerceptualLoss.load(self.cfg.lpips_weights)
-            self._lpips_note = "on" if self._lpips is not None else f"off: {reason}"
+            self._lpips, self._lpips_note = PerceptualLoss.optional(self.cfg.gamma_lpips, self.cfg.lpips_weights,
+                                                                    "gamma_lpips")
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         """Resize the fields' per-Gaussian parameters to the saved counts first (densification changed them)."""

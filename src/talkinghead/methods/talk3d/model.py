@@ -141,11 +141,8 @@ class Talk3D(nn.Module):
         return model
 
     def _setup_lpips(self) -> None:
-        if self.cfg.lambda_lpips <= 0:
-            self._lpips_note = "off: lambda_lpips = 0"
-            return
-        self._lpips, reason = PerceptualLoss.load(self.cfg.lpips_weights)
-        self._lpips_note = "on" if self._lpips is not None else f"off: {reason}"
+        self._lpips, self._lpips_note = PerceptualLoss.optional(self.cfg.lambda_lpips, self.cfg.lpips_weights,
+                                                                "lambda_lpips")
 
     def train(self, mode: bool = True):
         self._skips = None
