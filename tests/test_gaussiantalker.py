@@ -13,12 +13,12 @@ from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
 from talkinghead import methods
 from talkinghead.methods import get_method
 from talkinghead.methods.data import FrameStore
-from talkinghead.methods.gaussiantalker.attention import (SpatialAudioAttention, ViewpointEncoder,
-                                                          blink_encoding)
+from talkinghead.methods.gaussiantalker.attention import SpatialAudioAttention, ViewpointEncoder
 from talkinghead.methods.gaussiantalker.deformation import CanonicalMLP, DeformMLP
 from talkinghead.methods.surface import base_log_scales, initial_points
 from talkinghead.methods.trainer import load_model, train
 from talkinghead.nn.audio import AudioEncoder
+from talkinghead.nn.encoding import blink_encoding
 from talkinghead.nn.triplane import Triplane
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,7 +7,7 @@ Tokens, each of the attention width d:
   DeepSpeech/wav2vec features; ours are the dataset's per-frame features: by default a pretrained speech
   encoder's too (Whisper tiny.en hidden states + energy, :mod:`talkinghead.audio.whisper`), phone posteriors +
   log-mel + energy with ``prepare --audio-encoder none``; + wav2vec where present.
-* eye e_n -- :func:`blink_encoding`: sinusoidal encoding of the blink value of each eye (the paper uses
+* eye e_n -- :func:`talkinghead.nn.encoding.blink_encoding`: sinusoidal encoding of the blink value of each eye (the paper uses
   AU45), then a linear map to d (the paper only says the encoding is sized "to match the input dimensions").
 * viewpoint v_n -- :class:`ViewpointEncoder`: a small MLP of the camera pose (rotation + translation).
 * null -- one learned vector shared by all frames.
@@ -24,13 +24,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-
-def blink_encoding(blink: Tensor, num_freqs: int = 6) -> Tensor:
-    """Sinusoidal encoding [..., 2 * 2 * num_freqs] of blink values [..., 2] in [0, 1]."""
-    freqs = (2.0 ** torch.arange(num_freqs, dtype=blink.dtype, device=blink.device)) * math.pi
-    x = blink[..., None] * freqs  # [..., 2, F]
-    return torch.cat([torch.sin(x), torch.cos(x)], -1).flatten(-2)
 
 
 class ViewpointEncoder(nn.Module):

@@ -54,7 +54,9 @@ from talkinghead.nn.audio import AudioEncoder
 from talkinghead.nn.triplane import Triplane
 from talkinghead.render import num_sh_bases, rasterize
 
-from .attention import SpatialAudioAttention, ViewpointEncoder, blink_encoding
+from talkinghead.nn.encoding import blink_encoding
+
+from .attention import SpatialAudioAttention, ViewpointEncoder
 from .config import GaussianTalkerConfig
 from .deformation import CanonicalMLP, DeformMLP
 

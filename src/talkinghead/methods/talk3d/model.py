@@ -58,8 +58,8 @@ from torch import Tensor, nn
 
 from talkinghead.face.landmarks import FACE_OVAL, LEFT_EYE, NOSE, RIGHT_EYE
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
-from talkinghead.methods.gaussiantalker.attention import blink_encoding
 from talkinghead.nn.audio import AudioEncoder
+from talkinghead.nn.encoding import blink_encoding
 from talkinghead.methods.losses import PerceptualLoss
 from talkinghead.render.superres import SuperResolution
 from talkinghead.render.volume import OSGDecoder, VolumeConfig, render_triplane, scene_viewmat
