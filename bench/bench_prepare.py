@@ -3,11 +3,15 @@
     .venv/bin/python bench/bench_prepare.py                 # cnn_anchor_en_71s.mp4 at 512 (the issue's target)
     .venv/bin/python bench/bench_prepare.py --all           # also every clip in ../shared/data: frames, tracking, jitter
     .venv/bin/python bench/bench_prepare.py --all --keep /tmp/prepared --preview   # keep datasets + previews to look at
+    .venv/bin/python bench/bench_prepare.py --encoders --before /tmp/main/src   # audio encoder before/after, and
+                                                           # the same with another checkout's code as "before"
 
 Runs the real command (``python -m talkinghead.cli prepare``) in a subprocess from a cold start, so the
 figure is what a user waits for, imports included. CPU seconds are summed over every process and thread;
 on a shared machine they are the steadier figure (wall time grows with the load average, recorded too).
 Peak memory is the largest resident set of the command's processes (``wait4``'s ``ru_maxrss``).
+``--encoders`` also times prepare's audio step alone (its worker function, ``_compute_audio``, in a fresh
+interpreter: imports included) on the clip's audio and on that audio looped 3 times (memory flat in length?).
 Appends a dated entry to the "prepare" section of bench/RESULTS.md (other sections are kept).
 """
 
@@ -30,12 +34,21 @@ SECTION = "## prepare (bench/bench_prepare.py)"
 TARGET = "cnn_anchor_en_71s.mp4"
 
 
-def run_prepare(video: Path, out: Path, preview: bool, extra: tuple[str, ...] = ()) -> tuple[dict, float, float, float]:
+def _env(src: Path | None) -> dict | None:
+    """The environment that runs the code of the ``src`` folder (None: this checkout's, as installed)."""
+    if src is None:
+        return None
+    return {**os.environ, "PYTHONPATH": str(src)}
+
+
+def run_prepare(video: Path, out: Path, preview: bool, extra: tuple[str, ...] = (),
+                src: Path | None = None) -> tuple[dict, float, float, float]:
     """(meta, wall seconds, CPU seconds, peak resident memory in GB) of one cold ``prepare`` run."""
     cmd = [sys.executable, "-m", "talkinghead.cli", "prepare", str(video), "--out", str(out), "--quiet", *extra]
     with tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd + (["--preview"] if preview else []), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd + (["--preview"] if preview else []), stdout=subprocess.DEVNULL, stderr=err,
+                                env=_env(src))
         _, status, usage = os.wait4(proc.pid, 0)  # this run's own rusage (its waited-for children included)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -45,6 +58,32 @@ def run_prepare(video: Path, out: Path, preview: bool, extra: tuple[str, ...] = 
     cpu = usage.ru_utime + usage.ru_stime
     peak_gb = usage.ru_maxrss * 1024 / 1e9  # kB on Linux
     return json.loads((out / "meta.json").read_text()), wall, cpu, peak_gb
+
+
+# prepare's audio worker alone, cold: the audio on the video clock, then the worker function as prepare forks it
+_AUDIO_STEP = """
+import json, resource, sys, time
+import numpy as np
+from talkinghead import media
+from talkinghead.audio.whisper import checkpoint_identity, parse_audio_encoder
+from talkinghead.prepare.pipeline import _compute_audio
+wave = np.tile(media.read_audio(sys.argv[1]), int(sys.argv[2]))
+whisper = parse_audio_encoder(None if sys.argv[3] == "default" else sys.argv[3])
+if whisper is not None:
+    checkpoint_identity(whisper.checkpoint)  # prepare hashes the checkpoint before it forks the worker
+frames = int(len(wave) / media.AUDIO_RATE * 25.0)
+features, wall, cpu = _compute_audio(wave, 25.0, frames, None, whisper)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": len(wave) / media.AUDIO_RATE, "wall": wall, "cpu": cpu,
+                  "rss_gb": ru.ru_maxrss * 1024 / 1e9, "phones": features.phone_ids is not None}))
+"""
+
+
+def run_audio_step(video: Path, loops: int, encoder: str, src: Path | None) -> dict:
+    """prepare's audio step alone in a fresh interpreter (imports included): its wall / CPU s, peak RSS."""
+    out = subprocess.run([sys.executable, "-c", _AUDIO_STEP, str(video), str(loops), encoder], env=_env(src),
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def expected_frames(video: Path, fps: float) -> float:
@@ -71,7 +110,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print, do not append to bench/RESULTS.md")
     parser.add_argument("--encoders", action="store_true",
                         help="before/after of the audio encoder: the target with --audio-encoder none, then with "
-                             "the default Whisper (one table, cold starts)")
+                             "the default Whisper (one table, cold starts), and the audio step alone")
+    parser.add_argument("--before", type=Path, default=None, metavar="SRC",
+                        help="with --encoders: also run each row with the code of this src folder (e.g. a "
+                             "checkout of main), labelled 'before'")
     args = parser.parse_args()
     if not (DATA / TARGET).exists():
         raise SystemExit(f"shared data not found: {DATA}")
@@ -103,14 +145,29 @@ def main() -> None:
             lines += ["", f"Audio encoder before/after on {TARGET} (cold starts, one after the other):", "",
                       "| --audio-encoder | load avg before | wall s | x clip | CPU s (all processes) | audio stage s "
                       "| audio process CPU s | peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
+            codes = [("", None)] + ([("before: ", args.before)] if args.before else [])
             for enc in ("none", None):
-                before = load()
-                out = keep / f"enc_{enc or 'whisper'}"
-                m, w, c, pk = run_prepare(DATA / TARGET, out, False, ("--audio-encoder", enc) if enc else ())
-                lines.append(f"| {enc or 'default (Whisper tiny.en)'} | {before} | {w:.1f} | {w / duration:.2f} | "
-                             f"{c:.1f} | {m['timings_s']['audio']:.1f} | {m['cpu_s'].get('audio_process', 0):.1f} | "
-                             f"{pk:.2f} |")
-                shutil.rmtree(out, ignore_errors=True)
+                for label, src in codes:
+                    before = load()
+                    out = keep / f"enc_{enc or 'whisper'}"
+                    m, w, c, pk = run_prepare(DATA / TARGET, out, False, ("--audio-encoder", enc) if enc else (), src)
+                    lines.append(f"| {label}{enc or 'default (Whisper tiny.en)'} | {before} | {w:.1f} | "
+                                 f"{w / duration:.2f} | {c:.1f} | {m['timings_s']['audio']:.1f} | "
+                                 f"{m['cpu_s'].get('audio_process', 0):.1f} | {pk:.2f} |")
+                    shutil.rmtree(out, ignore_errors=True)
+            lines += ["", "prepare's audio step alone (`_compute_audio` in a fresh interpreter, imports included; "
+                      "the clip's audio and 3 times it):", "",
+                      "| code | --audio-encoder | audio s | load avg before | wall s | x real time | CPU s | "
+                      "x real time per CPU s | phones | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for enc in ("none", "default"):
+                for label, src in codes:
+                    for loops in (1, 3):
+                        before = load()
+                        r = run_audio_step(DATA / TARGET, loops, enc, src)
+                        lines.append(f"| {label.rstrip(': ') or 'this commit'} | {enc} | {r['seconds']:.1f} | {before} | "
+                                     f"{r['wall']:.1f} | {r['seconds'] / r['wall']:.1f} | {r['cpu']:.1f} | "
+                                     f"{r['seconds'] / r['cpu']:.1f} | {'yes' if r['phones'] else 'no'} | "
+                                     f"{r['rss_gb']:.2f} |")
         if args.all:
             lines += ["", f"Every clip{' (with --preview)' if args.preview else ''}; the {TARGET} row reuses the "
                       "stages of the timed run above (a second run with the same inputs), so its wall time is not "

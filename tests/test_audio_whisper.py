@@ -236,3 +236,83 @@ def test_audio_encoder_option():
     assert W.parse_audio_encoder("/x/tiny.pt").checkpoint == "/x/tiny.pt"
     with pytest.raises(UserError, match="hidden states 0..4"):
         W.WhisperChoice(layers=(5,)).check_layers(4)
+
+
+# --- the audio step with Whisper: no phone recognition --------------------------------------------------
+@pytest.fixture
+def no_pocketsphinx(monkeypatch):
+    """Phone recognition and decoder construction fail loudly: any path that still reaches them is caught."""
+    from talkinghead.audio import phones
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pocketsphinx was called with Whisper features on")
+
+    monkeypatch.setattr(phones, "recognize_phones", refuse)
+    monkeypatch.setattr(phones.PhoneDecoder, "__init__", refuse)
+
+
+def _speech_like(seconds: float = 4.0) -> np.ndarray:
+    """Bursts of the synthetic voice with near-silent gaps: speech frames and pauses to tell apart."""
+    sig = synthetic_signal()
+    gap = np.random.default_rng(3).standard_normal(RATE // 2).astype(np.float32) * 1e-4
+    return np.concatenate([sig, gap, sig * 0.5, gap])[: int(seconds * RATE)]
+
+
+def test_whisper_features_skip_phone_recognition(tiny_random, no_pocketsphinx):
+    """prepare's audio worker, render's and serve's extractor: with Whisper on, pocketsphinx is never called,
+    and the rows the methods get are the hidden states of the chosen layers + relative energy."""
+    from talkinghead.audio.extractor import DatasetExtractor
+    from talkinghead.audio.features import AudioFeatures, compute_audio_features
+    from talkinghead.prepare.pipeline import _compute_audio, _slice_audio
+
+    root, _ = tiny_random
+    choice = W.WhisperChoice(checkpoint=str(root / "hf"), layers=(1,))
+    wave = _speech_like()
+    f, seconds, cpu = _compute_audio(wave, 25.0, 100, None, choice)
+    assert f.phone_ids is None and f.phone_posteriors is None and seconds > 0 and cpu > 0
+    enc = W.load_whisper(root / "hf", device="cpu")
+    hidden = W.whisper_features(enc, wave, 25.0, 100)
+    np.testing.assert_array_equal(f.whisper, hidden)
+    m = f.stack()
+    assert m.shape == (100, 16 + 1) and f.names[-1] == "energy" and len(f.names) == m.shape[1]
+    np.testing.assert_array_equal(m[:, :16], hidden[:, 1].astype(np.float32))
+    for extract in (DatasetExtractor(whisper=choice), DatasetExtractor(whisper=choice, keep_decoder=True)):
+        np.testing.assert_array_equal(extract(wave, 25.0, 100).stack(), m)
+    assert _slice_audio(f, 60).stack().shape == (60, 17)
+
+
+def test_relative_energy_with_whisper_is_known_and_phones_do_not_change_it(tiny_random):
+    """Speech frames without phones: energy above the 95th percentile - 30 dB. Known answer on a made-up
+    energy track; and on real features the matrix is the same whether phones were computed or not (so a
+    dataset prepared before this change, which still carries phones, gives what new driving audio gives)."""
+    from talkinghead.audio.features import ENERGY_SCALE, AudioFeatures, compute_audio_features
+
+    energy = np.array([-20.0] * 10 + [-30.0] * 8 + [-90.0] * 2, np.float32)  # p95 = -20: speech above -50 dB
+    hidden = np.zeros((20, 2, 3), np.float16)
+    f = AudioFeatures(fps=25.0, mel=np.zeros((20, 80), np.float32), energy=energy, whisper=hidden,
+                      whisper_layers=(1,))
+    np.testing.assert_array_equal(f.speech_frames(), energy > -50)
+    level = np.median(energy[:18])  # -25 dB
+    np.testing.assert_allclose(f.stack()[:, -1], np.clip((energy - level) / ENERGY_SCALE, -3, 1))
+    root, _ = tiny_random
+    choice = W.WhisperChoice(checkpoint=str(root / "hf"), layers=(1, 2))
+    wave = _speech_like()
+    with_phones = compute_audio_features(wave, 25.0, 100, whisper=choice, phones=True)
+    without = compute_audio_features(wave, 25.0, 100, whisper=choice)
+    assert with_phones.phone_ids is not None and without.phone_ids is None
+    np.testing.assert_array_equal(with_phones.stack(), without.stack())
+
+
+def test_features_without_phones_save_and_load(tmp_path, tiny_random):
+    from talkinghead.audio.features import AudioFeatures, compute_audio_features
+
+    root, _ = tiny_random
+    f = compute_audio_features(_speech_like(), 25.0, 100, whisper=W.WhisperChoice(checkpoint=str(root / "ct2")))
+    f.save(tmp_path / "a.npz")
+    g = AudioFeatures.load(tmp_path / "a.npz")
+    assert g.phone_ids is None and g.phone_posteriors is None and g.encoder == f.encoder
+    np.testing.assert_array_equal(g.stack(), f.stack())
+    f.whisper = None  # neither Whisper nor phones: nothing a method could read
+    f.save(tmp_path / "b.npz")
+    with pytest.raises(UserError, match="inconsistent"):
+        AudioFeatures.load(tmp_path / "b.npz")

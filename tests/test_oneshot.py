@@ -405,3 +405,26 @@ def test_render_two_faces_is_refused_and_one_face_renders(tiny_model, datasets, 
                   progress=False)
     assert info["frames"] == 30 and (tmp_path / "o.mp4").stat().st_size > 0
     assert info["loss_inverted"] <= info["loss_encoder"] + 1e-6
+
+
+def test_clip_source_recognises_phones_of_a_whisper_dataset(tmp_path):
+    """A Whisper dataset carries no phones; the CTC targets then come from pocketsphinx on its audio.wav."""
+    from talkinghead.audio.features import AudioFeatures, phone_features
+    from talkinghead.oneshot.data import ClipSource
+
+    import soundfile
+
+    from conftest import shared_clip
+    from talkinghead.media import read_audio
+
+    path = _synthetic(tmp_path / "w", 0)
+    f = AudioFeatures.load(path / "audio_features.npz")
+    voiced = read_audio(shared_clip("may_en_5s.mp4"))[16000: 16000 + int(30 / 25 * 16000)]  # 1.2 s of speech
+    soundfile.write(str(path / "audio.wav"), voiced, 16000)
+    AudioFeatures(fps=f.fps, mel=f.mel, energy=f.energy, whisper=np.zeros((30, 2, 4), np.float16),
+                  whisper_layers=(1,), encoder={"name": "test"}).save(path / "audio_features.npz")
+    src = ClipSource(path, 32)
+    expected = phone_features(voiced, 25.0, 30)[0]
+    assert (expected != 0).sum() > 10  # speech: mostly phones, not silence
+    assert src.phone_ids.shape == (30,) and src.phone_ids.dtype == np.int64
+    np.testing.assert_array_equal(src.phone_ids, expected)

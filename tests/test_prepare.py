@@ -272,6 +272,7 @@ def test_whisper_features_by_default(dataset):
     assert enc["sha256"] == sha256(package_checkpoint()[0] / "model.bin")
     f = ds.audio_features
     assert f.whisper.shape == (ds.num_frames, 5, 384) and f.encoder == enc
+    assert f.phone_ids is None and f.phone_posteriors is None  # no phone recognition with Whisper on
     assert ds.audio_matrix.shape == (ds.num_frames, 384 * len(DEFAULT_LAYERS) + 1)
     assert ds.meta["audio_features"]["dims"] == ds.audio_matrix.shape[1] == len(f.names)
     # speech moves the features: their frame-to-frame change is larger while the speaker talks
@@ -289,6 +290,7 @@ def test_audio_encoder_none_keeps_the_offline_features(dataset, tmp_path):
     assert set(ds.meta["reused_stages"]) == {"track", "images", "masks", "geometry"}
     assert ds.meta["audio_features"]["encoder"] is None and ds.audio_features.whisper is None
     assert ds.audio_matrix.shape[1] == 40 + 80 + 1  # phone posteriors + log-mel + energy
+    assert ds.audio_features.phone_ids.shape == (ds.num_frames,)
 
 
 @pytest.mark.parametrize("case", ["missing_package", "not_found", "garbage_pt", "not_whisper_folder", "truncated_ct2"])

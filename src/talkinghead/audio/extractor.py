@@ -65,8 +65,8 @@ class DatasetExtractor:
 
     def __call__(self, wave: np.ndarray, fps: float, num_frames: int) -> AudioFeatures:
         kw = {"wav2vec_model": self.wav2vec_model}
-        if self.whisper is not None:
-            kw["whisper"] = self.whisper
+        if self.whisper is not None:  # no phone recognition with Whisper features: no decoder to keep or build
+            return compute_audio_features(wave, fps, num_frames, whisper=self.whisper, **kw)
         if self.keep_decoder:
             return compute_audio_features(wave, fps, num_frames, phone_decoder=_process_decoder(), **kw)
         dec = _SPARE.take()  # a fresh decoder, as prepare's, built while the previous request decoded

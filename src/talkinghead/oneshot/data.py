@@ -44,8 +44,13 @@ class ClipSource:
         self.label, self.actor = label, actor or self.path.name
         self.train = self.ds.split_indices("train")
         self.audio = self.ds.audio_matrix  # [T, D]
-        self.phone_ids = self.ds.audio_features.phone_ids
-        self.phone_names = list(self.ds.audio_features.phone_names)
+        features = self.ds.audio_features
+        self.phone_ids = features.phone_ids  # [T] the CTC targets of L_ctc
+        if self.phone_ids is None:  # a Whisper dataset carries no phones: recognise them from its audio.wav
+            from talkinghead.audio.features import phone_features
+
+            self.phone_ids = phone_features(self.ds.audio_wave, features.fps, features.num_frames)[0]
+        self.phone_names = list(features.phone_names)
         self.viewmats = self.ds.tracks.viewmats.astype(np.float32)
         self.K = self.ds.K.astype(np.float32)
         self.coefs: np.ndarray | None = None  # [T, K] once the space is known

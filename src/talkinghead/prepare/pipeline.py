@@ -50,7 +50,7 @@ PAPERS_TRAIN_TO_TEST = 10  # the papers hold out the last 1/11 of a clip (10:1)
 JPEG_QUALITY = 95
 PLATE_SAMPLE_BYTES = 1 << 30  # the tracking pass keeps the plate's source frames when they fit in this
 CHUNK_FRAMES = 128  # frames cropped, segmented, parsed and written at a time
-STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 3, "audio": 3, "preview": 1}
+STAGE_VERSION = {"track": 1, "images": 1, "masks": 1, "geometry": 3, "audio": 4, "preview": 1}
 
 
 @dataclass(frozen=True)
@@ -357,8 +357,9 @@ def _slice_audio(features, num_frames: int):
     from talkinghead.audio.features import AudioFeatures
 
     return AudioFeatures(fps=features.fps, mel=features.mel[:num_frames], energy=features.energy[:num_frames],
-                         phone_ids=features.phone_ids[:num_frames],
-                         phone_posteriors=features.phone_posteriors[:num_frames], phone_names=features.phone_names,
+                         phone_ids=None if features.phone_ids is None else features.phone_ids[:num_frames],
+                         phone_posteriors=None if features.phone_posteriors is None
+                         else features.phone_posteriors[:num_frames], phone_names=features.phone_names,
                          wav2vec=None if features.wav2vec is None else features.wav2vec[:num_frames],
                          whisper=None if features.whisper is None else features.whisper[:num_frames],
                          whisper_layers=features.whisper_layers, encoder=features.encoder)

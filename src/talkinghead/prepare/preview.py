@@ -4,7 +4,7 @@
   head-frame axes (x red, y green, z blue, 5 cm long) drawn from the head origin with the frame's viewmat
   and K, with the clip's audio.
 * ``preview.png``: plots over time of head rotation and translation, blink per eye, mouth opening and the
-  recognised phones.
+  recognised phones (with Whisper features, which carry none: the energy and the speech frames).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def draw_frame(image: np.ndarray, parsing: np.ndarray, landmarks: np.ndarray, vi
 
 
 def plot_sheet(path: Path, tracks: Tracks, features, fps: float) -> None:
-    """The PNG sheet of pose, blink, mouth opening and phones over time."""
+    """The PNG sheet of pose, blink, mouth opening and phones (or energy) over time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,13 +68,20 @@ def plot_sheet(path: Path, tracks: Tracks, features, fps: float) -> None:
     axes[2].set_ylabel("blink")
     axes[3].plot(t, tracks.mouth_opening, color="k", label="mouth opening")
     axes[3].set_ylabel("mouth / interocular")
-    ids = np.asarray(features.phone_ids)
-    axes[4].scatter(t, ids, s=4, c=ids, cmap="tab20")
-    names = list(features.phone_names)
-    used = sorted(set(ids.tolist()))
-    axes[4].set_yticks(used)
-    axes[4].set_yticklabels([names[i] for i in used], fontsize=6)
-    axes[4].set_ylabel("phone")
+    if features.phone_ids is not None:
+        ids = np.asarray(features.phone_ids)
+        axes[4].scatter(t, ids, s=4, c=ids, cmap="tab20")
+        names = list(features.phone_names)
+        used = sorted(set(ids.tolist()))
+        axes[4].set_yticks(used)
+        axes[4].set_yticklabels([names[i] for i in used], fontsize=6)
+        axes[4].set_ylabel("phone")
+    else:  # Whisper features carry no phones: the loudness and the speech frames stack() normalises it by
+        energy = np.asarray(features.energy)[: len(t)]
+        axes[4].plot(t[: len(energy)], energy, color="k", lw=0.8, label="energy")
+        axes[4].fill_between(t[: len(energy)], 0, 1, where=features.speech_frames()[: len(energy)], color="tab:green",
+                             alpha=0.15, transform=axes[4].get_xaxis_transform(), label="speech frames")
+        axes[4].set_ylabel("energy (dBFS)")
     axes[4].set_xlabel("time (s)")
     for ax in axes:
         ax.grid(alpha=0.3)
