@@ -86,7 +86,7 @@ def main() -> None:
         def col(key: str, digits: int) -> str:
             return " / ".join(f"{m[key]:.{digits}f}" for m, _ in res)
 
-        rows.append(f"| {name} | {col('mouth_opening_corr', 2)} | {col('vertex_error_mm', 3)} | "
+        rows.append(f"| {name} | {col('mouth_opening_corr', 3)} | {col('vertex_error_mm', 3)} | "
                     f"{col('lip_error_mm', 2)} | {np.mean([s for _, s in res]):.0f} s |")
     seeds = " / ".join(map(str, args.seeds))
     lines = [f"### {stamp()}", "",
