@@ -15,6 +15,12 @@
    (the avatars train at 128^2 but Gaussians render at any size), tracked by mediapipe at that size.
 4. Cross-driven with ``--audio`` (e.g. ../shared/data/speech_en_60s.wav): ``talkinghead render`` then
    ``talkinghead eval --pred --audio --ref`` (stability against the training video, landmark sync).
+5. ``--breakdown``: where the rendered mouth-opening r is lost. The test split rendered (raw frames at the
+   training size) with the expression from (a) the tracked expression (the avatar stage alone), (b) the tracked
+   speech coefficients with the rest at the template and the source eyes (a perfect FlameTalk: what the
+   speech-coefficient subset can show), (c) FlameTalk; for each the driven mesh's mouth opening vs the tracked
+   mesh's, mediapipe on the raw render vs on the ground-truth frame, and the same frames through H.264
+   (yuv420p, crf 18 = what ``eval`` measures, and crf 0).
 
 Usage (the avatars come from ``talkinghead train``; the datasets from ``talkinghead prepare``):
 
@@ -114,6 +120,59 @@ def rendered_stability(name: str, avatar: Path, data: Path, size: int) -> dict:
     return out
 
 
+def mouth_breakdown(avatar: Path, data: Path) -> list[dict]:
+    """Rows of the ``--breakdown`` table (module docstring, item 5)."""
+    import tempfile
+
+    import torch
+
+    from talkinghead import media
+    from talkinghead.eval.landmark_metrics import pearson
+    from talkinghead.face.landmarks import mouth_opening, track
+
+    model, ds, store = _test_split("gaussianflametalk", avatar, data)
+    from talkinghead.data import PreparedDataset
+
+    sized = PreparedDataset(data, size=model.cfg.data.size)
+    gt = mouth_opening(track((np.asarray(sized.image(i)) * 255).round().astype(np.uint8) for i in store.indices))
+    X = torch.as_tensor(ds.tracks.expression, dtype=torch.float32)
+    with torch.no_grad():
+        tracked_mesh = mouth_opening(model.avatar.mesh(X[store.indices]).numpy())
+    speech_idx = model.flametalk.speech_idx
+
+    def r_video(frames) -> float:
+        m = mouth_opening(track(frames))
+        ok = np.isfinite(m) & np.isfinite(gt)
+        return pearson(m[ok], gt[ok])
+
+    rows = []
+    for drive in ("tracked expression", "tracked speech coefficients", "FlameTalk"):
+        model._stream = type(model._stream)()  # a fresh causal history
+        frames, meshes = [], []
+        with torch.no_grad():
+            for k, i in enumerate(store.indices):
+                cond = store.condition(k)
+                speech = (None if drive == "tracked expression" else X[i][speech_idx] if drive.startswith("tracked")
+                          else model.speech_for(cond))
+                expr = model._expression(cond, speech)
+                meshes.append(model.avatar.mesh(expr).numpy())
+                img, _ = model._raster(model.avatar.gaussians(expr, model._frozen.get(model)), cond.viewmat, cond.K,
+                                       cond.backdrop)
+                frames.append((img.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+        mesh = mouth_opening(np.stack(meshes))
+        rendered = mouth_opening(track(frames))
+        ok = np.isfinite(rendered)
+        row = {"drive": drive, "mesh_r": pearson(mesh, tracked_mesh), "raw_r": r_video(frames),
+               "render_vs_mesh_r": pearson(rendered[ok], mesh[ok]), "mesh_std": float(mesh.std())}
+        with tempfile.TemporaryDirectory() as tmp:
+            for crf in (18, 0):
+                media.write_video(f"{tmp}/{crf}.mp4", frames, ds.fps, crf=crf)
+                row[f"crf{crf}_r"] = r_video(list(media.read_frames(f"{tmp}/{crf}.mp4", ds.fps)))
+        rows.append(row)
+    rows.append({"tracked_mesh_std": float(tracked_mesh.std()), "gt_vs_tracked_mesh_r": pearson(gt, tracked_mesh)})
+    return rows
+
+
 def table_text(path: Path) -> str:
     """compare's markdown without its own headings (they would break this section's structure)."""
     return "\n".join(line for line in path.read_text().strip().splitlines() if not line.startswith("#")).strip()
@@ -133,6 +192,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gft_bench"))
     ap.add_argument("--reuse", action="store_true", help="keep eval reports already in --work")
     ap.add_argument("--render-size", type=int, default=0, help="also score raw frames rendered at this size")
+    ap.add_argument("--breakdown", action="store_true", help="where the rendered mouth r is lost (docstring, 5)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     lines = [f"### {stamp()}", ""]
@@ -152,6 +212,19 @@ def main() -> int:
         f"Causal prediction at {ft['predict_fps']:.0f} frames/s.",
         "",
     ]
+
+    if args.breakdown:
+        *rows, ref = mouth_breakdown(args.avatar, args.data)
+        lines += ["Where the rendered mouth-opening r is lost (test split, raw renders at the training size, "
+                  "mediapipe on ours and on the ground-truth frames at that size; H.264 = yuv420p as `eval` "
+                  f"writes; tracked mesh vs mediapipe on the ground truth: r {ref['gt_vs_tracked_mesh_r']:.3f}, "
+                  f"tracked mesh mouth-opening std {ref['tracked_mesh_std']:.4f}):", "",
+                  "| expression driving the avatar | mesh r vs tracked mesh | rendered r, raw frames | "
+                  "rendered r, H.264 crf 18 | rendered r, H.264 crf 0 | rendered vs its own mesh r | mesh mouth std |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['drive']} | {x['mesh_r']:.3f} | {x['raw_r']:.3f} | {x['crf18_r']:.3f} | {x['crf0_r']:.3f} | "
+                  f"{x['render_vs_mesh_r']:.3f} | {x['mesh_std']:.4f} |" for x in rows]
+        lines.append("")
 
     runs = [("gaussianflametalk", args.avatar, args.data)]
     if args.gt_avatar is not None:
