@@ -15,8 +15,9 @@ Pieces and where they follow the paper:
   encoder attends over its whole 30 s window, so frame t's features already depend on up to 4 s of future
   audio; strict causality holds only for what FlameTalk adds on top. ``encoder_layers = 0`` is the paper's
   design for such features (frozen encoder + linear projection, no layers of ours): on cnn_anchor_en_71s's
-  test split, seed 0, mouth-opening r 0.661 against 0.631 with the 2 layers (bench/RESULTS.md, issue 10);
-  the default stays 2 until more seeds are measured.
+  test split, seed 0, mouth-opening r 0.661 against 0.631 with the 2 layers, and rendered by the same avatar
+  (raw 128^2 frames) 0.628 against 0.604 (bench/RESULTS.md, issue 10); the default stays 2 until seeds 1 / 2
+  are measured (seeds moved r by 0.06 with the older features).
   On top: a linear embedding and a small *causal* transformer encoder (frame t sees frames <= t, and at most
   ``context`` frames back: "for a given frame t, the transformer encoder ingests audio for frames {1..t}"),
   then the linear projection to ``C^{1:T}``. Deviation: with wav2vec features our encoder layers are trained
