@@ -262,7 +262,6 @@ def test_whisper_features_skip_phone_recognition(tiny_random, no_pocketsphinx):
     """prepare's audio worker, render's and serve's extractor: with Whisper on, pocketsphinx is never called,
     and the rows the methods get are the hidden states of the chosen layers + relative energy."""
     from talkinghead.audio.extractor import DatasetExtractor
-    from talkinghead.audio.features import AudioFeatures, compute_audio_features
     from talkinghead.prepare.pipeline import _compute_audio, _slice_audio
 
     root, _ = tiny_random
