@@ -56,11 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from talkinghead.face.landmarks import FACE_OVAL, LEFT_EYE, NOSE, RIGHT_EYE
+from talkinghead.face.landmarks import FACE_OVAL, LEFT_EYE, MOUTH_VERTICES, NOSE, RIGHT_EYE
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.nn.encoding import blink_encoding
 from talkinghead.methods.losses import PerceptualLoss
+from talkinghead.methods.replay import FrameBank
 from talkinghead.render.superres import SuperResolution
 from talkinghead.render.volume import OSGDecoder, VolumeConfig, render_triplane, scene_viewmat
 
@@ -94,7 +95,7 @@ class Talk3D(nn.Module):
     """The Method (see :mod:`talkinghead.methods.base`)."""
 
     def __init__(self, cfg: Talk3DConfig, info: DatasetInfo, box: Tensor | None = None,
-                 landmarks: Tensor | None = None):
+                 landmarks: Tensor | None = None, mouth_basis: Tensor | None = None):
         super().__init__()
         self.cfg, self.info = cfg, info
         if cfg.data.size != cfg.render_size * 2 ** len(cfg.sr_channels):
@@ -117,6 +118,15 @@ class Talk3D(nn.Module):
         self.rot_proj = nn.Sequential(nn.Linear(9, 64), nn.LeakyReLU(0.02), nn.Linear(64, d))
         self.ldm_proj = nn.Sequential(nn.Linear(2 * n_ldm, 64), nn.LeakyReLU(0.02), nn.Linear(64, d))
         self.null = nn.Parameter(torch.randn(d) * 0.1)
+        # Lip code: a_n -> the tracked displacement of the lip/jaw vertices [Vm, 3], in lip_unit (1 % of the
+        # box's half-side). The face model's basis rows of those vertices [E, Vm, 3] only train it, but are
+        # saved so that ``--resume`` (which builds without the dataset) keeps the right targets.
+        n_mouth = len(MOUTH_VERTICES)
+        self.lip_head = nn.Linear(d, 3 * n_mouth)
+        if mouth_basis is None:
+            mouth_basis = torch.zeros(info.expression_dim, n_mouth, 3)
+        self.register_buffer("mouth_basis", mouth_basis.float())
+        self._bank = FrameBank(cfg.schedule.seed)  # (audio window, expression) of the frames seen
         self.register_buffer("audio_on", torch.tensor(False))  # the U-Net is applied (audio stage reached)
         self.volume_cfg = VolumeConfig(num_coarse=cfg.num_coarse, num_fine=cfg.num_fine, chunk=cfg.chunk)
         self._opt: torch.optim.Optimizer | None = None
@@ -135,7 +145,9 @@ class Talk3D(nn.Module):
             lm = np.asarray(dataset.tracks.landmarks, np.float32)[:, list(LDM_POINTS), :2]
             lm = np.nan_to_num(lm / float(dataset.size) * 2 - 1)  # [T, L, 2] in [-1, 1] of the crop
             landmarks = torch.from_numpy(np.ascontiguousarray(lm))
-        model = cls(cfg, info, box, landmarks)
+            basis = np.asarray(dataset.face_model.basis, np.float32)[:, list(MOUTH_VERTICES)]
+            mouth_basis = torch.from_numpy(np.ascontiguousarray(basis))
+        model = cls(cfg, info, box, landmarks, mouth_basis if dataset is not None else None)
         if dataset is not None:
             model._setup_lpips()
         return model
@@ -177,6 +189,28 @@ class Talk3D(nn.Module):
                 self._skips = skips
         delta, attn = self.unet(skips, self.tokens(cond)[None])
         return p_id + delta[0], attn[0]
+
+    @property
+    def lip_unit(self) -> Tensor:
+        """The lip code's unit: 1 % of the head box's largest half-side, in head-frame metres."""
+        return 0.01 * self.scale
+
+    def lip_code(self, audio: Tensor) -> Tensor:
+        """[B, 2R+1, D] audio windows -> [B, Vm, 3] predicted lip/jaw displacement (lip_unit) from a_n."""
+        return self.lip_head(self.audio_encoder(audio)).view(audio.shape[0], len(MOUTH_VERTICES), 3)
+
+    def lip_target(self, expression: Tensor) -> Tensor:
+        """[B, E] tracked expressions -> [B, Vm, 3] their lip/jaw vertex displacement (lip_unit)."""
+        return torch.einsum("be,evc->bvc", expression, self.mouth_basis) / self.lip_unit
+
+    def lipcode_loss(self, batch: Batch) -> Tensor:
+        """Mean squared lip-code error of this frame and ``lipcode_replay`` remembered ones (equal weights)."""
+        self._bank.add(batch.cond.index, batch.cond.audio, batch.expression)
+        audio, expr = batch.cond.audio[None], batch.expression[None]
+        if self.cfg.lipcode_replay > 0:
+            ra, re = self._bank.sample(self.cfg.lipcode_replay)
+            audio, expr = torch.cat([audio, ra]), torch.cat([expr, re])
+        return (self.lip_code(audio) - self.lip_target(expr)).square().mean()
 
     def volume(self, planes: Tensor, cond: Condition, perturb: bool) -> dict[str, Tensor]:
         """The low-resolution render: features [r, r, F], alpha [r, r] (r = render_size)."""
@@ -271,6 +305,10 @@ class Talk3D(nn.Module):
             lp = self._lpips(pred, batch.image)
             loss = loss + cfg.lambda_lpips * lp
             logs["lpips"] = lp.item()
+        if stage != "sr" and cfg.lambda_lipcode > 0 and self.mouth_basis.shape[0] > 0:
+            lc = self.lipcode_loss(batch)
+            loss = loss + cfg.lambda_lipcode * lc
+            logs["lipcode"] = lc.item()
         logs["loss"] = loss.item()
         return loss, logs
 
