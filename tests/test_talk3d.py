@@ -262,3 +262,68 @@ def test_lip_code_targets_the_tracked_mouth_and_trains_the_audio_path_from_the_s
     assert all(g[n] is None for n in g if n.startswith("unet."))  # static stage: no deltaplane yet
     step_grads(1.0, 2)
     assert len(model._bank) == 2  # frames 1 and 2 (with lambda 0 frame 0 was not banked)
+
+
+def _synthetic_with_lip_tracks(path):
+    """The synthetic clip (its mouth opening is in its audio's mel bands) with tracks whose expression is that
+    opening and a face model whose one basis row moves the lip/jaw vertices down 1 cm per unit."""
+    from test_methods import write_synthetic_dataset
+
+    from talkinghead.data import FaceModel, Tracks
+    from talkinghead.face.landmarks import MOUTH_VERTICES
+
+    opening = write_synthetic_dataset(path, T=24, test_frames=4)
+    tracks, fm = Tracks.load(path / "tracks.npz"), FaceModel.load(path / "face_model.npz")
+    tracks.expression = np.stack([opening, np.zeros_like(opening)], 1).astype(np.float32)
+    basis = np.zeros_like(fm.basis)
+    basis[0, list(MOUTH_VERTICES), 1] = 0.01
+    tracks.save(path / "tracks.npz")
+    FaceModel(fm.neutral, basis, fm.triangles).save(path / "face_model.npz")
+    return opening
+
+
+def test_a_briefly_trained_deltaplane_moves_the_mouth_with_the_audio(tmp_path):
+    """40 static + 80 audio-stage steps on 20 synthetic frames whose only per-frame signal is the audio: the
+    deltaplane varies between frames, the rendered mouth's darkness follows the opening (r > 0.5), and the
+    widest frame's audio window moves the narrowest frame's mouth at least half way to the widest's."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.talk3d import Talk3D
+
+    opening = _synthetic_with_lip_tracks(tmp_path)
+    cfg = _tiny(120)
+    cfg.static_fraction, cfg.sr_fraction = 1 / 3, 0.0
+    store = FrameStore(tmp_path, cfg.data, progress=False)
+    torch.manual_seed(0)
+    model = Talk3D.build(cfg, store.info, dataset=PreparedDataset(tmp_path, size=cfg.data.size))
+    opts = model.optimizers()
+    model.train()
+    order = np.random.default_rng(0).integers(len(store), size=cfg.schedule.iterations)
+    for step, k in enumerate(order):
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss, logs = model.train_loss(store.batch(int(k)), step)
+        loss.backward()
+        for o in opts:
+            o.step()
+        model.after_step(step)
+    assert "lipcode" in logs
+    model.eval()
+    op = opening[store.indices]
+
+    def darkness(img, box):
+        x0, y0, x1, y1 = (int(v) for v in box.tolist())
+        return float(1 - img[y0 - 2:y1 + 3, x0 - 2:x1 + 3].mean())
+
+    with torch.no_grad():
+        dark, deltas = [], []
+        for k in range(len(store)):
+            b = store.batch(k)
+            dark.append(darkness(model.render(b.cond), b.mouth_box))
+            deltas.append(model.planes(b.cond, audio=True)[0] - model.p_id)
+        d = torch.stack(deltas)
+        lo, hi = int(np.argmin(op)), int(np.argmax(op))
+        b = store.batch(lo)
+        swapped = model.render(store.condition(lo, audio=store.condition(hi).audio))
+    assert float(d.std(0).square().mean().sqrt() / d.square().mean().sqrt()) > 0.01
+    assert np.corrcoef(dark, op)[0, 1] > 0.5
+    assert dark[hi] > dark[lo] and darkness(swapped, b.mouth_box) - dark[lo] > 0.5 * (dark[hi] - dark[lo])
