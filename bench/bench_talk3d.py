@@ -11,10 +11,16 @@ Not a test. Steps (the 2 cores are shared: wall times come with the children's C
    tracked camera (0, 0); per view and method: the fraction of frames where mediapipe finds a face (on frames
    upscaled 4x to 512^2), the landmark-sync confidence of the rendered mouth against the split's audio
    (``talkinghead.eval.sync``, as eval's cross-driven column) and the Pearson r of the mouth opening with the
-   ground truth's (tracked on the real frontal frames); a PNG sheet of one test frame at every view.
+   ground truth's (tracked on the real frontal frames); a PNG sheet of one test frame at every view;
+4. silence-driven: the tracked view again with the test split's audio replaced by silence (a zero wave through
+   the dataset's own extractor, same poses and backdrops): its mouth r should fall to ~0 if the mouth follows
+   the audio and not the other tokens;
+5. Talk3D's audio path (sec. 3.3): how much the deltaplane varies between test frames (rms of its per-cell std
+   over the frames / its rms), the bottleneck's mean cross-attention on each token, and the lip code's
+   held-out mouth-opening r (the audio token's prediction of the tracked inner-lip gap).
 
-    .venv/bin/python bench/bench_talk3d.py [--data /work/data/cnn_anchor_en_71s] [--avatar DIR] [--gt-avatar DIR]
-        [--work /tmp/bench_talk3d] [--no-write]
+    .venv/bin/python bench/bench_talk3d.py [--data /work/scratch/whisper/cnn] [--avatar DIR] [--gt-avatar DIR]
+        [--work /tmp/bench_talk3d] [--frames N] [--no-write]
 
 Appends an entry to bench/RESULTS.md under "## Talk3D".
 """
@@ -33,6 +39,7 @@ import numpy as np
 from benchlib import CLI, append_entry, run_timed, stamp
 
 VIEWS = ((0.0, 0.0), (-30.0, -20.0), (-15.0, -10.0), (15.0, 10.0), (30.0, 20.0))
+SILENCE = "+0,+0 silence"  # the tracked view, driven by silence
 
 
 def children_cpu() -> float:
@@ -75,8 +82,20 @@ def track_frames(frames: list[np.ndarray], side: int = 512) -> np.ndarray:
     return track([cv2.resize(f, (side, side), interpolation=cv2.INTER_CUBIC) for f in frames])
 
 
+def silent_windows(data: Path, info, radius: int, indices: np.ndarray):
+    """Audio windows [T_split, 2R+1, D] of silence: a zero wave through the dataset's own extractor."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.data import audio_windows
+    from talkinghead.methods.render import driving_features
+
+    n = PreparedDataset(data).num_frames
+    silent = driving_features(np.zeros(int(n / info.fps * 16000) + 1, np.float32), info.fps, data)[:n]
+    return audio_windows(silent, radius)[indices]
+
+
 def novel_views(avatar: Path, data: Path, frames: int | None) -> tuple[dict, dict]:
-    """Per view: face-found fraction, landmark sync, mouth r; and one rendered frame per view (for the sheet)."""
+    """Per view (and the tracked view driven by silence): face-found fraction, landmark sync, mouth r, mouth
+    std; and one rendered frame per view (for the sheet)."""
     import dataclasses
 
     import torch
@@ -98,14 +117,18 @@ def novel_views(avatar: Path, data: Path, frames: int | None) -> tuple[dict, dic
     gt_mouth = np.asarray(ds.tracks.mouth_opening)[store.indices[:n]]
     audio = ds.split_audio("test")
     art = articulation_signal(compute_audio_features(audio, ds.fps, len(store)))[:n]
+    quiet = silent_windows(data, info, cfg.data.audio_radius, store.indices)
     out, sheet = {}, {}
-    for yaw, pitch in VIEWS:
+    for yaw, pitch, silence in [(y, p, False) for y, p in VIEWS] + [(0.0, 0.0, True)]:
         make = novel_view(store.condition, data, yaw, pitch)
         imgs, secs = [], 0.0
         with torch.no_grad():
             for k in range(n):
+                cond = make(k)
+                if silence:
+                    cond = dataclasses.replace(cond, audio=quiet[k])
                 t = time.perf_counter()
-                img = model.render(make(k))
+                img = model.render(cond)
                 secs += time.perf_counter() - t
                 imgs.append((img.clamp(0, 1) * 255 + 0.5).byte().numpy())
         track = track_frames(imgs)
@@ -117,11 +140,46 @@ def novel_views(avatar: Path, data: Path, frames: int | None) -> tuple[dict, dic
         except ValueError as exc:
             sync = f"n/a ({exc})"
         r = landmark_metrics.pearson(mouth[ok], gt_mouth[ok]) if ok.sum() > 8 else float("nan")
-        out[f"{yaw:+.0f},{pitch:+.0f}"] = {"face_found": float(found.mean()), "sync": sync, "mouth_r": r,
-                                           "fps": n / max(secs, 1e-9)}
-        sheet[(yaw, pitch)] = imgs[min(20, n - 1)]
-        print(avatar.name, yaw, pitch, out[f"{yaw:+.0f},{pitch:+.0f}"], flush=True)
+        key = SILENCE if silence else f"{yaw:+.0f},{pitch:+.0f}"
+        out[key] = {"face_found": float(found.mean()), "sync": sync, "mouth_r": r, "fps": n / max(secs, 1e-9),
+                    "mouth_std": float(np.nanstd(mouth)) if found.any() else float("nan")}
+        if not silence:
+            sheet[(yaw, pitch)] = imgs[min(20, n - 1)]
+        print(avatar.name, key, out[key], flush=True)
     return out, sheet
+
+
+def audio_path(avatar: Path, data: Path) -> dict:
+    """Talk3D's audio path on the test split: deltaplane variation between frames, attention, lip code r."""
+    import dataclasses
+
+    import torch
+
+    from talkinghead.eval import landmark_metrics
+    from talkinghead.face.landmarks import LOWER_LIP_INNER, MOUTH_VERTICES, UPPER_LIP_INNER
+    from talkinghead.methods.data import FrameStore, open_dataset
+    from talkinghead.methods.trainer import load_model
+
+    torch.set_num_threads(1)
+    _, cfg, info, model, _ = load_model(avatar, device=torch.device("cpu"))
+    model.eval()
+    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test",
+                       with_targets=False, progress=False)
+    gt_mouth = np.asarray(open_dataset(data).tracks.mouth_opening)[store.indices]
+    deltas, attn = [], []
+    with torch.no_grad():
+        for k in range(len(store)):
+            planes, a = model.planes(store.condition(k), audio=True)
+            deltas.append(planes - model.p_id)
+            attn.append(a.mean(0))
+        d = torch.stack(deltas)  # [T, 3, C, R, R]
+        code = model.lip_code(torch.stack([store.condition(k).audio for k in range(len(store))]))
+    u, lo = MOUTH_VERTICES.index(UPPER_LIP_INNER), MOUTH_VERTICES.index(LOWER_LIP_INNER)
+    gap = (code[:, lo, 1] - code[:, u, 1]).numpy()  # predicted change of the inner-lip gap (head y)
+    rms = d.square().mean().sqrt()
+    return {"delta_rms": float(rms), "delta_frame_std_rel": float(d.std(0).square().mean().sqrt() / rms.clamp(min=1e-12)),
+            "attention": dict(zip(("audio", "eye", "rot", "ldm", "null"), torch.stack(attn).mean(0).tolist())),
+            "lip_code_r": float(landmark_metrics.pearson(gap, gt_mouth))}
 
 
 def write_sheet(path: Path, sheets: dict[str, dict], gt: np.ndarray) -> None:
@@ -149,7 +207,7 @@ def write_sheet(path: Path, sheets: dict[str, dict], gt: np.ndarray) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path("/work/data/cnn_anchor_en_71s"))
+    ap.add_argument("--data", type=Path, default=Path("/work/scratch/whisper/cnn"))
     ap.add_argument("--avatar", type=Path, default=None, help="a trained talk3d avatar (else trained here)")
     ap.add_argument("--gt-avatar", type=Path, default=None, help="a trained gaussiantalker avatar (else trained)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_talk3d"))
@@ -174,13 +232,15 @@ def main() -> None:
     views, sheets = {}, {}
     for m, a in avatars.items():
         views[m], sheets[m] = novel_views(a, args.data, args.frames)
+    path_t3 = audio_path(avatars["talk3d"], args.data)
+    print("talk3d audio path:", path_t3, flush=True)
     from talkinghead.methods.data import open_dataset
 
     ds = open_dataset(args.data, size=128)
     gt = (np.asarray(ds.image(int(ds.split_indices("test")[20]))) * 255).astype(np.uint8)
     sheet = args.work / "novel_views.png"
     write_sheet(sheet, sheets, gt)
-    (args.work / "novel_views.json").write_text(json.dumps(views, indent=1))
+    (args.work / "novel_views.json").write_text(json.dumps({"views": views, "talk3d_audio_path": path_t3}, indent=1))
     print(table.read_text())
     print(json.dumps({"costs": costs, "views": views}, indent=1))
     if args.no_write:
@@ -198,16 +258,23 @@ def main() -> None:
               "Novel views (camera orbited about the head pivot; face found = mediapipe on 512^2 upscales; "
               "sync = landmark-sync confidence vs the split's audio; r = mouth opening vs the real frontal "
               "frames'):", "",
-              "| view (yaw, pitch) | " + " | ".join(f"{m} face found | {m} sync | {m} r" for m in views) + " |",
-              "|---|" + "---|---|---|" * len(views)]
+              "| view (yaw, pitch) | " + " | ".join(f"{m} face found | {m} sync | {m} r | {m} mouth std"
+                                                    for m in views) + " |",
+              "|---|" + "---|---|---|---|" * len(views)]
     for key in views[next(iter(views))]:
         cells = []
         for m in views:
             v = views[m][key]
             s = v["sync"] if isinstance(v["sync"], str) else f"{v['sync']:.3f}"
-            cells += [f"{v['face_found']:.2f}", s, f"{v['mouth_r']:.2f}"]
+            cells += [f"{v['face_found']:.2f}", s, f"{v['mouth_r']:.2f}", f"{v['mouth_std']:.4f}"]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines += ["", f"Sheet: `{sheet}` (not committed)."]
+    att = ", ".join(f"{k} {v:.3f}" for k, v in path_t3["attention"].items())
+    lines += ["", f"Rows: {len(VIEWS)} camera views with the split's audio, then `{SILENCE}` (tracked camera, "
+              "silent audio). Mouth std: of the rendered mouth opening (interocular units).", "",
+              f"Talk3D's audio path on the test split: deltaplane rms {path_t3['delta_rms']:.4f}, its variation "
+              f"between frames {path_t3['delta_frame_std_rel']:.3f} of that; bottleneck cross-attention {att}; "
+              f"lip code (a_n -> tracked inner-lip gap) r {path_t3['lip_code_r']:.3f}.", "",
+              f"Sheet: `{sheet}` (not committed)."]
     append_entry("## Talk3D", "\n".join(lines))
 
 

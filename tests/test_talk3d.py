@@ -107,6 +107,7 @@ def _tiny(iterations: int):
     cfg.plane_resolution, cfg.plane_channels, cfg.render_size, cfg.sr_channels = 16, 4, 32, (8,)
     cfg.num_coarse, cfg.num_fine, cfg.feature_channels, cfg.unet_channels = 6, 6, 8, (4, 8)
     cfg.decoder_hidden, cfg.attention_heads = 16, 2
+    cfg.static_fraction, cfg.sr_fraction = 0.45, 0.1
     return cfg
 
 
@@ -201,3 +202,128 @@ def test_presets_build_consistent_models_and_round_trip_through_json(preset):
     assert model.p_id.shape == (3, cfg.plane_channels, cfg.plane_resolution, cfg.plane_resolution)
     with pytest.raises(UserError):
         make_config(preset, "fast")
+
+
+def test_frame_bank_remembers_each_frame_once_and_samples_whole_rows():
+    from talkinghead.methods.replay import FrameBank
+
+    bank = FrameBank(seed=0)
+    with pytest.raises(ValueError, match="empty"):
+        bank.sample(2)
+    w = torch.ones(2, requires_grad=True)
+    bank.add(3, w * torch.tensor([1.0, 2.0]), torch.tensor(3.0))
+    bank.add(3, torch.tensor([9.0, 9.0]), torch.tensor(9.0))  # frame 3 is already held: ignored
+    bank.add(5, torch.tensor([4.0, 5.0]), torch.tensor(6.0))
+    assert len(bank) == 2
+    a, b = bank.sample(64)
+    assert a.shape == (64, 2) and b.shape == (64,) and not a.requires_grad
+    assert {(tuple(x.tolist()), float(y)) for x, y in zip(a, b)} == {((1.0, 2.0), 3.0), ((4.0, 5.0), 6.0)}
+    with pytest.raises(ValueError, match="2 tensors"):
+        bank.add(7, torch.zeros(2))
+
+
+def test_lip_code_targets_the_tracked_mouth_and_trains_the_audio_path_from_the_static_stage(synthetic):
+    """The lip code's target is the lip/jaw vertices' displacement through the face model (known answer); in the
+    static stage its loss is the only one that reaches the audio encoder (the U-Net is not applied yet), with
+    the frame and the replayed ones; lambda_lipcode 0 leaves the audio encoder untouched."""
+    import dataclasses
+
+    from talkinghead.face.landmarks import MOUTH_VERTICES
+    from talkinghead.methods.talk3d import Talk3D
+
+    cfg = _tiny(10)
+    store = FrameStore(synthetic, cfg.data, progress=False)
+    torch.manual_seed(0)
+    E, Vm = 2, len(MOUTH_VERTICES)
+    basis = torch.randn(E, Vm, 3) * 1e-3
+    box = torch.tensor([[-0.1, -0.2, -0.1], [0.1, 0.2, 0.1]])  # largest half-side 0.2 m: lip unit 2 mm
+    info = dataclasses.replace(store.info, expression_dim=E)
+    model = Talk3D(cfg, info, box=box, mouth_basis=basis)
+    assert float(model.lip_unit) == pytest.approx(2e-3)
+    assert torch.allclose(model.lip_target(torch.tensor([[0.0, 3.0]])), 3 * basis[1][None] / 2e-3)
+    assert "mouth_basis" in model.state_dict()  # --resume rebuilds without the dataset
+    model.optimizers()
+    model.train()
+
+    def step_grads(lam: float, k: int) -> tuple[dict, dict]:
+        model.cfg.lambda_lipcode = lam
+        model.zero_grad(set_to_none=True)
+        b = store.batch(k)
+        b.expression = torch.tensor([0.5 * k, -1.0])
+        loss, logs = model.train_loss(b, 0)
+        loss.backward()
+        return logs, {n: p.grad for n, p in model.named_parameters()}
+
+    logs, g = step_grads(0.0, 0)
+    assert "lipcode" not in logs and all(g[n] is None for n in g if n.startswith(("audio_encoder", "lip_head")))
+    logs, g = step_grads(1.0, 1)
+    assert logs["lipcode"] > 0 and len(model._bank) == 1
+    assert all(g[n] is not None and g[n].abs().sum() > 0 for n in g if n.startswith(("audio_encoder", "lip_head")))
+    assert all(g[n] is None for n in g if n.startswith("unet."))  # static stage: no deltaplane yet
+    step_grads(1.0, 2)
+    assert len(model._bank) == 2  # frames 1 and 2 (with lambda 0 frame 0 was not banked)
+
+
+def _synthetic_with_lip_tracks(path):
+    """The synthetic clip (its mouth opening is in its audio's mel bands) with tracks whose expression is that
+    opening and a face model whose one basis row moves the lip/jaw vertices down 1 cm per unit."""
+    from test_methods import write_synthetic_dataset
+
+    from talkinghead.data import FaceModel, Tracks
+    from talkinghead.face.landmarks import MOUTH_VERTICES
+
+    opening = write_synthetic_dataset(path, T=24, test_frames=4)
+    tracks, fm = Tracks.load(path / "tracks.npz"), FaceModel.load(path / "face_model.npz")
+    tracks.expression = np.stack([opening, np.zeros_like(opening)], 1).astype(np.float32)
+    basis = np.zeros_like(fm.basis)
+    basis[0, list(MOUTH_VERTICES), 1] = 0.01
+    tracks.save(path / "tracks.npz")
+    FaceModel(fm.neutral, basis, fm.triangles).save(path / "face_model.npz")
+    return opening
+
+
+def test_a_briefly_trained_deltaplane_moves_the_mouth_with_the_audio(tmp_path):
+    """40 static + 80 audio-stage steps on 20 synthetic frames whose only per-frame signal is the audio: the
+    deltaplane varies between frames, the rendered mouth's darkness follows the opening (r > 0.5), and the
+    widest frame's audio window moves the narrowest frame's mouth at least half way to the widest's."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.talk3d import Talk3D
+
+    opening = _synthetic_with_lip_tracks(tmp_path)
+    cfg = _tiny(120)
+    cfg.static_fraction, cfg.sr_fraction = 1 / 3, 0.0
+    store = FrameStore(tmp_path, cfg.data, progress=False)
+    torch.manual_seed(0)
+    model = Talk3D.build(cfg, store.info, dataset=PreparedDataset(tmp_path, size=cfg.data.size))
+    opts = model.optimizers()
+    model.train()
+    order = np.random.default_rng(0).integers(len(store), size=cfg.schedule.iterations)
+    for step, k in enumerate(order):
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss, logs = model.train_loss(store.batch(int(k)), step)
+        loss.backward()
+        for o in opts:
+            o.step()
+        model.after_step(step)
+    assert "lipcode" in logs
+    model.eval()
+    op = opening[store.indices]
+
+    def darkness(img, box):
+        x0, y0, x1, y1 = (int(v) for v in box.tolist())
+        return float(1 - img[y0 - 2:y1 + 3, x0 - 2:x1 + 3].mean())
+
+    with torch.no_grad():
+        dark, deltas = [], []
+        for k in range(len(store)):
+            b = store.batch(k)
+            dark.append(darkness(model.render(b.cond), b.mouth_box))
+            deltas.append(model.planes(b.cond, audio=True)[0] - model.p_id)
+        d = torch.stack(deltas)
+        lo, hi = int(np.argmin(op)), int(np.argmax(op))
+        b = store.batch(lo)
+        swapped = model.render(store.condition(lo, audio=store.condition(hi).audio))
+    assert float(d.std(0).square().mean().sqrt() / d.square().mean().sqrt()) > 0.01
+    assert np.corrcoef(dark, op)[0, 1] > 0.5
+    assert dark[hi] > dark[lo] and darkness(swapped, b.mouth_box) - dark[lo] > 0.5 * (dark[hi] - dark[lo])

@@ -33,6 +33,9 @@ NOSE = (1, 2, 4, 5, 6, 19, 94, 168, 195, 197)
 CHIN = 152
 FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
              148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
+# Lips and chin/jaw line: the vertices whose tracked motion is the speech-driven part of the face (GaussianTalker's
+# geometry loss, Talk3D's lip code supervise them).
+MOUTH_VERTICES = tuple(sorted(set(LIPS_OUTER + LIPS_INNER + (152, 148, 176, 149, 150, 377, 400, 378, 379))))
 
 
 def interocular(lm: np.ndarray) -> np.ndarray:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER, NUM_LANDMARKS
+from talkinghead.face.landmarks import MOUTH_VERTICES, NUM_LANDMARKS
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
 from talkinghead.methods.losses import PerceptualLoss, dssim
 from talkinghead.methods.surface import base_log_scales, initial_points
@@ -59,10 +59,6 @@ from talkinghead.nn.encoding import blink_encoding
 from .attention import SpatialAudioAttention, ViewpointEncoder
 from .config import GaussianTalkerConfig
 from .deformation import CanonicalMLP, DeformMLP
-
-
-# Mesh vertices (= mediapipe landmarks) whose tracked motion supervises the deformation: lips and chin/jaw line.
-MOUTH_VERTICES = tuple(sorted(set(LIPS_OUTER + LIPS_INNER + (152, 148, 176, 149, 150, 377, 400, 378, 379))))
 
 
 class GaussianTalker(nn.Module):

@@ -38,6 +38,10 @@ class Talk3DConfig:
     lambda_raw: float = 0.5  # L1 of the raw volume RGB at render_size (EG3D's dual discrimination, as a loss)
     lambda_mask: float = 0.1  # accumulated alpha vs the head mask (our compositing needs a clean alpha)
     lambda_lpips: float = 0.1  # only where LPIPS weights exist locally
+    # The audio token a_n predicts the tracked lip/jaw displacement (our stand-in for L_sync, see model.py),
+    # on the frame and ``lipcode_replay`` remembered training frames per step; 0 turns it off.
+    lambda_lipcode: float = 1.0
+    lipcode_replay: int = 32
     lpips_weights: str | None = None
     lr_planes: float = 1e-2
     lr_render: float = 2e-3  # decoder + super-resolution
@@ -49,12 +53,14 @@ def make_config(preset: str, variant: str | None) -> Talk3DConfig:
     if variant is not None:
         raise UserError(f"talk3d has no variant {variant!r}")
     if preset == "cpu-small":
-        # Sized for a shared 2-core CPU (~30 min): 32^2 volume render (24 + 24 samples) + SR x4 to 128^2 (the
-        # paper's ratio, 128 -> 512), 3 x 16 x 64^2 planes, a three-level U-Net (16 -> 32 -> 64, bottleneck
-        # 16^2), one attention layer.
+        # Sized for a shared 2-core CPU (~25 CPU-min, ~0.4 s per iteration): 32^2 volume render (24 + 24
+        # samples) + SR x4 to 128^2 (the paper's ratio, 128 -> 512), 3 x 16 x 64^2 planes, a three-level U-Net
+        # (16 -> 32 -> 64, bottleneck 16^2), one attention layer. Most of the schedule is the audio stage: the
+        # mouth is what it has to learn, one frame per step (1600 training frames on the cnn clip).
         return Talk3DConfig(data=DataConfig(size=128, audio_radius=4, mouth_crop=0),
-                            schedule=Schedule(iterations=2000, val_every=500, checkpoint_every=250),
-                            render_size=32, num_coarse=24, num_fine=24, sr_channels=(64, 32))
+                            schedule=Schedule(iterations=3600, val_every=900, checkpoint_every=300),
+                            render_size=32, num_coarse=24, num_fine=24, sr_channels=(64, 32),
+                            static_fraction=0.3, sr_fraction=0.05)
     if preset == "gpu":
         # The paper's sizes: 128^2 volume render with 48 + 48 samples, SR x4 to 512^2 (EG3D's 256 / 128 channels),
         # 3 x 32 x 256^2 planes, the public code's U-Net 32 -> 64 -> 128 -> 256 (bottleneck 32^2).

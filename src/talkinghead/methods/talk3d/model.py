@@ -1,20 +1,42 @@
 """Talk3D (Ko et al.): a triplane NeRF head edited per frame by an audio-guided attention U-Net.
 
-Rendering of frame n (eq. 3): ``I_n = R(P_ID + Delta P_n, pi_n)`` where ``Delta P_n = F(P_ID, t_n)`` (sec. 3.3,
-:mod:`.unet`) and R is EG3D's renderer -- triplane volume rendering to a low-resolution feature image and a
-super-resolution CNN (:mod:`talkinghead.render.volume`, :mod:`talkinghead.render.superres`).
+Paper: ``../shared/papers/002_ffd699ecb6e7bf46.txt``. Rendering of frame n (eq. 3): ``I_n = R(P_ID + Delta P_n,
+pi_n)`` where ``Delta P_n = F(P_ID, t_n)`` (sec. 3.3, eqs. 4-5, :mod:`.unet`) and R is EG3D's renderer (sec. 2.1)
+-- triplane volume rendering to a low-resolution feature image and a super-resolution CNN
+(:mod:`talkinghead.render.volume`, :mod:`talkinghead.render.superres`).
 
-What we have to do differently (no pretrained weights exist offline):
+Where each part follows the paper:
+
+* P_ID (eq. 2-3): a learned triplane [3, C, R, R], fixed (detached) once the audio stage starts, as the
+  personalised generator's output is fixed while the paper trains the U-Net.
+* F (sec. 3.3): split convolutions + roll-out, N_A self/cross-attention layers at the bottleneck over
+  ``flatten(E + E_pos)`` (eq. 4), tokens t_n = {a_n, t_eye, t_rot, t_ldm, t_null} (eq. 5, :meth:`Talk3D.tokens`),
+  decoder with skips to Delta P_n, added to P_ID (eq. 3); its last convolution starts at zero.
+* R (sec. 2.1): the OSG decoder (64 hidden, softplus) -> density + F features, stratified + importance
+  samples, alpha compositing, super-resolution x4 (the paper's 128 -> 512 ratio).
+* Losses (sec. 3.4): L_rec = L1 (+ lambda_lpips LPIPS), the extra reconstruction loss on the lip region, and
+  the final super-resolution-only stage ("a few epochs to update the super-resolution module").
+
+What we have to do differently (no pretrained weights exist offline, and a 2-core CPU):
 
 * **No EG3D generator, no VIVE3D personalisation (sec. 3.2).** The paper gets P_ID by inverting frames into an
   FFHQ-trained EG3D and fine-tuning it (pivotal tuning). We have neither EG3D's weights nor an inversion target,
   so a *static stage* optimises P_ID (3 x C x R^2), the OSG decoder and the super-resolution directly on the
   person's frames -- a person-specific NeRF with no generative 3-D prior. This is exactly what the paper argues
-  against: unseen views are not constrained by a prior; the novel-view figures measure what that costs.
+  against: unseen views are not constrained by a prior; the novel-view figures measure what that costs. Nor is
+  there a discriminator: EG3D's dual discrimination of the raw and the super-resolved image becomes an L1 of
+  the raw volume RGB at the low resolution (``lambda_raw``).
+* **Sizes** (cpu-small; the gpu preset has the paper's): a 32^2 volume render (paper 128^2) with 24 + 24
+  samples per ray (48 + 48), 3 x 16 x 64^2 planes (EG3D: 3 x 32 x 256^2), a 16 -> 32 -> 64 U-Net with a 16^2
+  bottleneck (public code: 32 -> 256, 32^2) and N_A = 1, 16 feature channels (32), SR channels 64, 32
+  (EG3D 256, 128), no style modulation in the SR (no latent w). At 128^2 the lips are ~19 x 7 pixels, i.e.
+  ~5 x 2 pixels of the volume render; the mouth's detail is the super-resolution's job, from the rendered
+  features, as in EG3D.
 * **Camera**: EG3D's pose comes from its own cropping and a fixed-radius camera; ours is the dataset's tracked
   head pose in the project's convention. The head box (EG3D's ``box_warp``) is built from the face mesh
   (:func:`head_box`), and the scene is rendered in box units (centre at 0, largest half-side 1) so that
-  densities have EG3D's scale whatever the metric size of the head.
+  densities have EG3D's scale whatever the metric size of the head. The ray range is the box, not EG3D's fixed
+  [ray_start, ray_end].
 * **Head over our backdrop.** EG3D (and Talk3D) render the whole crop -- background and torso included --
   which is why the paper needs the t_rot / t_ldm tokens to explain torso and background motion. Our datasets
   separate them: a background plate + a per-frame torso image (the backdrop, as the other methods use), so the
@@ -23,28 +45,43 @@ What we have to do differently (no pretrained weights exist offline):
   methods fair and lets a novel view move the head without tearing the background. We still feed t_rot and
   t_ldm as the paper does (they carry pose-correlated appearance); an alpha loss against the head mask
   (``lambda_mask``) is ours, needed because the paper never composites.
-* **Losses (sec. 3.4)**: L1 + LPIPS (LPIPS only with local weights, else logged off), the mouth-region L1 on the
-  lips' box (the paper: a BiSeNet lip segment; we have the tracked lip landmarks), an L1 of the raw volume RGB
-  at the low resolution (EG3D's dual discrimination sees both images; we have no discriminator). The ID loss
-  (ArcFace/CurricularFace) and the SyncNet loss are off: no face-recognition loading code or weights exist in
-  :mod:`talkinghead.eval`, and SyncNet needs 5 consecutive rendered frames per step while the trainer renders
-  one -- both are reported as off in ``train_log.json``.
-* **Audio**: a window of the dataset's per-frame features (phone posteriors + log-mel + energy, or wav2vec where
-  prepared with it; the paper: wav2vec) through an audio net + attention over the window (the AD-NeRF /
-  ER-NeRF audio attention net the public code reuses), :class:`~talkinghead.nn.audio.
-  AudioEncoder`.
-* **Stages**: static (P_ID + decoder + SR), audio (U-Net + tokens; decoder and SR keep training at a lower rate,
-  P_ID frozen as the paper's generator output is), and the paper's short final super-resolution stage.
-
-Measured (bench/RESULTS.md "## Talk3D", cnn clip, cpu-small trimmed to 1200 iterations, 376 s CPU): face PSNR
-25.5 against 29.0 for a half-trained GaussianTalker, mouth-opening r -0.04 (the short audio stage did not learn
-the lips), and at (yaw, pitch) = (+30, +20) mediapipe finds no face -- without EG3D's prior the unseen sides of
-the head are not constrained, the opposite of the paper's Table 1.
+* **Losses (sec. 3.4)**: LPIPS only with local weights (else logged off); the lip-region L1 is on the lips'
+  landmark box grown by a quarter each side (the paper: a BiSeNet lip segment; we have the tracked lip
+  landmarks). The ID loss (ArcFace/CurricularFace) is off: no face-recognition loading code or weights exist in
+  :mod:`talkinghead.eval`. The SyncNet loss is off too (no SyncNet weights, and it needs 5 consecutive
+  rendered frames per step while the trainer renders one); both are reported as off in ``train_log.json``.
+* **Lip code, our stand-in for L_sync.** L_sync is the paper's only loss that ties the audio to the lips.
+  Without it the audio path did not learn: on the cnn clip (1200 iterations, the earlier schedule) the
+  deltaplane varied by 0.7 % of its rms between test frames, the bottleneck's cross-attention stayed uniform
+  (0.20 on each of the five tokens), swapping a closed-mouth frame's audio for a wide-open one's changed its
+  mouth by < 1e-4, and the rendered mouth-opening r was -0.04: one rendered frame per step gives the U-Net a
+  weak, noisy audio -> lips signal (GaussianTalker here had the same problem, see its module). So a linear
+  head on the audio token predicts the frame's tracked lip/jaw displacement (the face model's
+  :data:`~talkinghead.face.landmarks.MOUTH_VERTICES`, ``expression @ basis``, in 1 % of the head box,
+  :meth:`Talk3D.lip_code`) with a squared error (``lambda_lipcode``) on the frame and ``lipcode_replay``
+  training frames remembered so far (:class:`~talkinghead.methods.replay.FrameBank`; no rendering, ~1 ms).
+  It trains only the audio encoder and the head, from the first step (the static stage does not use a_n), so
+  the audio stage starts with an a_n that already encodes the lips (held-out inner-lip gap r ~0.6 from the
+  Whisper features after 250 steps alone) and the U-Net only has to map it to the deltaplane. Training only:
+  rendering is driven by the audio alone; the tracked expression is never an input.
+* **Audio**: a window of the dataset's per-frame features (Whisper encoder states + energy by default, or
+  phone posteriors + log-mel + energy, or wav2vec where prepared with it; the paper: wav2vec) through an audio
+  net + attention over the window (the AD-NeRF / ER-NeRF audio attention net the public code reuses),
+  :class:`~talkinghead.nn.audio.AudioEncoder`.
+* **Stages**: static (P_ID + decoder + SR; stands in for sec. 3.2), audio (U-Net + tokens; decoder and SR
+  keep training at a quarter of their rate, P_ID frozen as the paper's generator output is), and the paper's
+  short final super-resolution stage.
 
 Tokens t_n (eq. 5): audio a_n; eye t_eye (sinusoidal encoding of the tracked blink, the paper: AU45); head
 rotation t_rot (the tracked rotation, :attr:`Condition.pose`, so a novel view keeps the frame's tokens); non-lip
 landmarks t_ldm (brows, eyes, nose, upper face outline of the source frame, looked up by ``cond.index`` in a
 buffer stored with the avatar -- the lips and jaw are left out as the paper does); and a learned null token.
+
+Measured (bench/RESULTS.md "## Talk3D"): the earlier schedule (1200 iterations, no lip code) gave face PSNR 25.5
+against 29.0 for a half-trained GaussianTalker and mouth-opening r -0.04, with a deltaplane that did not vary
+between frames (above); at (yaw, pitch) = (+30, +20) mediapipe found no face -- without EG3D's prior the unseen
+sides of the head are not constrained, the opposite of the paper's Table 1. The cpu-small schedule with the lip
+code (3600 iterations, 70 % of them audio stage) has not been trained on real data yet.
 """
 
 from __future__ import annotations
@@ -56,11 +93,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from talkinghead.face.landmarks import FACE_OVAL, LEFT_EYE, NOSE, RIGHT_EYE
+from talkinghead.face.landmarks import FACE_OVAL, LEFT_EYE, MOUTH_VERTICES, NOSE, RIGHT_EYE
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.nn.encoding import blink_encoding
 from talkinghead.methods.losses import PerceptualLoss
+from talkinghead.methods.replay import FrameBank
 from talkinghead.render.superres import SuperResolution
 from talkinghead.render.volume import OSGDecoder, VolumeConfig, render_triplane, scene_viewmat
 
@@ -94,7 +132,7 @@ class Talk3D(nn.Module):
     """The Method (see :mod:`talkinghead.methods.base`)."""
 
     def __init__(self, cfg: Talk3DConfig, info: DatasetInfo, box: Tensor | None = None,
-                 landmarks: Tensor | None = None):
+                 landmarks: Tensor | None = None, mouth_basis: Tensor | None = None):
         super().__init__()
         self.cfg, self.info = cfg, info
         if cfg.data.size != cfg.render_size * 2 ** len(cfg.sr_channels):
@@ -117,6 +155,15 @@ class Talk3D(nn.Module):
         self.rot_proj = nn.Sequential(nn.Linear(9, 64), nn.LeakyReLU(0.02), nn.Linear(64, d))
         self.ldm_proj = nn.Sequential(nn.Linear(2 * n_ldm, 64), nn.LeakyReLU(0.02), nn.Linear(64, d))
         self.null = nn.Parameter(torch.randn(d) * 0.1)
+        # Lip code: a_n -> the tracked displacement of the lip/jaw vertices [Vm, 3], in lip_unit (1 % of the
+        # box's half-side). The face model's basis rows of those vertices [E, Vm, 3] only train it, but are
+        # saved so that ``--resume`` (which builds without the dataset) keeps the right targets.
+        n_mouth = len(MOUTH_VERTICES)
+        self.lip_head = nn.Linear(d, 3 * n_mouth)
+        if mouth_basis is None:
+            mouth_basis = torch.zeros(info.expression_dim, n_mouth, 3)
+        self.register_buffer("mouth_basis", mouth_basis.float())
+        self._bank = FrameBank(cfg.schedule.seed)  # (audio window, expression) of the frames seen
         self.register_buffer("audio_on", torch.tensor(False))  # the U-Net is applied (audio stage reached)
         self.volume_cfg = VolumeConfig(num_coarse=cfg.num_coarse, num_fine=cfg.num_fine, chunk=cfg.chunk)
         self._opt: torch.optim.Optimizer | None = None
@@ -135,7 +182,9 @@ class Talk3D(nn.Module):
             lm = np.asarray(dataset.tracks.landmarks, np.float32)[:, list(LDM_POINTS), :2]
             lm = np.nan_to_num(lm / float(dataset.size) * 2 - 1)  # [T, L, 2] in [-1, 1] of the crop
             landmarks = torch.from_numpy(np.ascontiguousarray(lm))
-        model = cls(cfg, info, box, landmarks)
+            basis = np.asarray(dataset.face_model.basis, np.float32)[:, list(MOUTH_VERTICES)]
+            mouth_basis = torch.from_numpy(np.ascontiguousarray(basis))
+        model = cls(cfg, info, box, landmarks, mouth_basis if dataset is not None else None)
         if dataset is not None:
             model._setup_lpips()
         return model
@@ -177,6 +226,28 @@ class Talk3D(nn.Module):
                 self._skips = skips
         delta, attn = self.unet(skips, self.tokens(cond)[None])
         return p_id + delta[0], attn[0]
+
+    @property
+    def lip_unit(self) -> Tensor:
+        """The lip code's unit: 1 % of the head box's largest half-side, in head-frame metres."""
+        return 0.01 * self.scale
+
+    def lip_code(self, audio: Tensor) -> Tensor:
+        """[B, 2R+1, D] audio windows -> [B, Vm, 3] predicted lip/jaw displacement (lip_unit) from a_n."""
+        return self.lip_head(self.audio_encoder(audio)).view(audio.shape[0], len(MOUTH_VERTICES), 3)
+
+    def lip_target(self, expression: Tensor) -> Tensor:
+        """[B, E] tracked expressions -> [B, Vm, 3] their lip/jaw vertex displacement (lip_unit)."""
+        return torch.einsum("be,evc->bvc", expression, self.mouth_basis) / self.lip_unit
+
+    def lipcode_loss(self, batch: Batch) -> Tensor:
+        """Mean squared lip-code error of this frame and ``lipcode_replay`` remembered ones (equal weights)."""
+        self._bank.add(batch.cond.index, batch.cond.audio, batch.expression)
+        audio, expr = batch.cond.audio[None], batch.expression[None]
+        if self.cfg.lipcode_replay > 0:
+            ra, re = self._bank.sample(self.cfg.lipcode_replay)
+            audio, expr = torch.cat([audio, ra]), torch.cat([expr, re])
+        return (self.lip_code(audio) - self.lip_target(expr)).square().mean()
 
     def volume(self, planes: Tensor, cond: Condition, perturb: bool) -> dict[str, Tensor]:
         """The low-resolution render: features [r, r, F], alpha [r, r] (r = render_size)."""
@@ -271,6 +342,10 @@ class Talk3D(nn.Module):
             lp = self._lpips(pred, batch.image)
             loss = loss + cfg.lambda_lpips * lp
             logs["lpips"] = lp.item()
+        if stage != "sr" and cfg.lambda_lipcode > 0 and self.mouth_basis.shape[0] > 0:
+            lc = self.lipcode_loss(batch)
+            loss = loss + cfg.lambda_lipcode * lc
+            logs["lipcode"] = lc.item()
         logs["loss"] = loss.item()
         return loss, logs
 
