@@ -48,14 +48,15 @@ import numpy as np
 import torch
 
 from talkinghead.audio.features import ENERGY_FLOOR_DB, ENERGY_RANGE, ENERGY_SCALE
-from talkinghead.audio.phones import SILENCE_DB
 from talkinghead.audio.whisper import CONTEXT_S, CORE_S, RATE, ROW_S, WINDOW_S, WhisperEncoder
 
 N_FFT, MEL_HOP = 400, 160  # Whisper's STFT
 ROW = int(ROW_S * RATE)  # 320 samples per encoder row
 CONV_REACH = 2 * MEL_HOP + N_FFT // 2  # 520: samples past a row's instant its convolutions read
 ROWS = int(WINDOW_S / ROW_S)  # 1500 positions
-LEVEL_SPAN_DB = 30.0  # live speech frames: within 30 dB of the loudest frame heard (and above SILENCE_DB)
+LEVEL_SPAN_DB = 30.0  # live speech frames: within 30 dB of the loudest frame heard ...
+SPEECH_FLOOR_DB = -45.0  # ... and above -45 dBFS (room noise reaches -55..-50: it must not set the level)
+PRIOR_LEVEL_DB = -25.0  # the level before any speech was heard (speech is -35..-15 dBFS RMS)
 
 
 class WhisperStream:
@@ -277,10 +278,11 @@ class LiveWhisperFeatures:
     Energy is offline's (RMS in dBFS of the samples within ``i / fps`` +- half a frame; needs half a frame of
     look-ahead, inside the stream's). Its reference level offline is the median energy of the frames the phone
     recogniser calls speech, over the whole utterance. Live, without running pocketsphinx: the median over the
-    last ``history_s`` of the frames within 30 dB of the loudest frame heard and above -55 dBFS (all frames
-    when fewer than 3), at the time a row is emitted. Measured against offline's level on the four prepared
-    clips (cnn, hdtf, lowres, may): 0.0-0.3 dB over the whole clips, up to 1.4 dB over the first 5 s and 3.3 dB
-    over the first 2 s (0.17 in the column's units of 20 dB).
+    last ``history_s`` of the frames within 30 dB of the loudest frame heard and above -45 dBFS, at the time a
+    row is emitted; -25 dBFS until 3 such frames were heard (a mic opens on room noise: offline, noise frames
+    sit far below the level; taking noise for speech would open the mouth). Measured against offline's level
+    on the four prepared clips (cnn, hdtf, lowres, may): within 1.9 dB over the whole clips, 2.5 dB over the
+    first 5 s, 3.1 dB over the first 2 s, 5.5 dB over the first second (0.28 in the column's units of 20 dB).
     """
 
     def __init__(self, encoder: WhisperEncoder, layers: tuple[int, ...], fps: float, lookahead: int = 1,
@@ -317,8 +319,8 @@ class LiveWhisperFeatures:
 
     def _level(self) -> float:
         e = self.energy
-        speech = e > max(SILENCE_DB, float(e.max()) - LEVEL_SPAN_DB)
-        return float(np.median(e[speech] if speech.sum() >= 3 else e))
+        speech = e > max(SPEECH_FLOOR_DB, float(e.max()) - LEVEL_SPAN_DB)
+        return float(np.median(e[speech])) if speech.sum() >= 3 else PRIOR_LEVEL_DB
 
     def _rows(self, states: np.ndarray) -> np.ndarray:
         k = states.shape[0]
