@@ -147,3 +147,52 @@ def test_the_live_stream_of_a_whisper_dataset_is_incremental(tiny_random):  # no
     assert W.shared_whisper(choice.checkpoint) is fs.states.enc  # one encoder per process
     # wav2vec columns are not computed incrementally: the windowed extractor takes those datasets
     assert isinstance(live_feature_stream(FPS, choice, "/some/wav2vec", extract=lambda *a: None), FeatureStream)
+
+
+def test_a_whisper_avatar_is_driven_live_by_the_incremental_stream(tiny_random, tmp_path):  # noqa: F811
+    """A tiny GaussianTalker on a dataset with (tiny random) Whisper features: its live stream is the incremental
+    one with the process's shared encoder, its rows have the avatar's columns, and speech moves the frame."""
+    import dataclasses
+    import json
+
+    from test_gaussiantalker import _tiny_config
+    from test_methods import write_synthetic_dataset
+    from test_streaming import speechlike
+
+    from talkinghead import methods
+    from talkinghead.audio.features import compute_audio_features
+    from talkinghead.media import read_audio
+    from talkinghead.methods import get_method
+    from talkinghead.methods.streaming import DrivenAvatar
+    from talkinghead.methods.trainer import train
+
+    root, _ = tiny_random
+    data = tmp_path / "data"
+    data.mkdir()
+    write_synthetic_dataset(data)
+    meta = json.loads((data / "meta.json").read_text())
+    choice = W.WhisperChoice(checkpoint=str(root / "hf"), layers=(1,))
+    feats = compute_audio_features(read_audio(data / "audio.wav"), FPS, meta["num_frames"], whisper=choice)
+    feats.save(data / "audio_features.npz")
+    meta["audio_features"] = {"dims": len(feats.names), "encoder": feats.encoder, "names": feats.names}
+    (data / "meta.json").write_text(json.dumps(meta))
+    saved = dict(methods._REGISTRY)
+    try:
+        gt = get_method("gaussiantalker")
+        methods._REGISTRY["gaussiantalker"] = dataclasses.replace(gt, make_config=lambda p, v: _tiny_config(5, v))
+        train(data, "gaussiantalker", tmp_path / "gt", preset="cpu-small", variant="fast", progress=False)
+    finally:
+        methods._REGISTRY.clear()
+        methods._REGISTRY.update(saved)
+    av = DrivenAvatar(tmp_path / "gt")
+    lf = av.live_features()
+    assert isinstance(lf, LiveWhisperFeatures) and lf.states.enc is W.shared_whisper(choice.checkpoint)
+    silent, _ = _stream(lf, np.zeros(RATE, np.float32))
+    assert silent.shape == (25, av.info.audio_dim)
+    assert np.all(silent[:, -1] == -3.0)  # digital silence: 60 dB (the clip) below the prior speech level
+    speech, _ = _stream(av.live_features(), speechlike(1.0))
+    with torch.no_grad():
+        s = av.open_stream()
+        idle = s.render(av.condition(12, silent, 0))
+        spoken = s.render(av.condition(12, speech, 0))
+    assert (idle - spoken).abs().max() > 0  # the rows reach the picture (5 iterations: barely trained)

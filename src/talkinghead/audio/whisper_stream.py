@@ -83,7 +83,7 @@ class WhisperStream:
         self.filters = torch.as_tensor(encoder.extractor.mel_filters, dtype=torch.float32, device=self.device)  # [201, 80]
         self.hann = torch.hann_window(N_FFT, device=self.device)
         self.conv1, self.conv2, self.pos = m.conv1, m.conv2, m.embed_positions.weight  # pos: [1500, D]
-        self.blocks = list(m.layers[: min(self.depth, encoder.num_layers)])
+        self.blocks = list(m.layers[: self.depth])
         self.final_norm = m.layer_norm if self.depth == encoder.num_layers else None
         self.wave = np.zeros(0, np.float32)  # samples from self.wave0 (stream index) on
         self.wave0 = 0
