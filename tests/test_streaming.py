@@ -193,3 +193,23 @@ def test_session_streams_render_what_the_offline_renderer_does_also_interleaved(
         torch.testing.assert_close(got_b[j], want[j])
     assert a.lookahead == (av.radius if name == "gt" else 0)
     assert open_frame_stream(model, av.radius).lookahead == a.lookahead
+
+
+def test_the_idle_row_is_the_training_clips_pauses(tmp_path):
+    """The median row of the quietest 5 % (at least 10) of the training frames: a dataset whose frames get
+    quieter one by one idles on the median of its last training frames."""
+    from test_methods import write_synthetic_dataset
+
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.streaming import pause_row
+
+    write_synthetic_dataset(tmp_path)
+    f = AudioFeatures.load(tmp_path / "audio_features.npz")
+    T = f.num_frames
+    f.energy = np.linspace(-60, -20, T).astype(np.float32)[::-1].copy()  # the last frames are the quietest
+    f.save(tmp_path / "audio_features.npz")
+    ds = PreparedDataset(tmp_path)
+    train = ds.split_indices("train")
+    quiet = train[-max(10, int(0.05 * len(train))):]
+    np.testing.assert_allclose(pause_row(tmp_path), np.median(ds.audio_matrix[quiet], axis=0), atol=1e-6)
+    assert pause_row(tmp_path)[-1] < np.median(ds.audio_matrix[train, -1])  # quieter than the clip's middle

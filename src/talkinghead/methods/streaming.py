@@ -22,7 +22,8 @@ One interface, the same for every method; the live server (:mod:`talkinghead.ser
   frame the method reads (GaussianTalker: the window radius R; GaussianFlameTalk: FlameTalk's
   ``audio_lookahead``, 0 = causal). A later method plugs in by providing ``open_stream()`` or nothing.
 * :class:`DrivenAvatar` -- an avatar loaded once and shared by sessions: its model, the training poses /
-  backdrops / blinks the frames replay (ping-pong, as ``render``), the silence row that drives idle frames,
+  backdrops / blinks the frames replay (ping-pong, as ``render``), the pause row that drives idle frames
+  (:func:`pause_row`),
   and :meth:`DrivenAvatar.condition` building frame n's Condition from the rows known so far (rows past the
   known ones, which the method's look-ahead never reads, repeat the last known row).
 
@@ -204,6 +205,23 @@ class FeatureStream:
         return rows.astype(np.float32)
 
 
+PAUSE_SHARE = 0.05  # the idle row: the quietest 5 % of the training frames (at least 10)
+
+
+def pause_row(data: Path) -> np.ndarray:
+    """The idle row [D]: the median driving row of the training clip's pauses (its quietest ``PAUSE_SHARE`` of
+    the training frames by energy, at least 10), i.e. what the avatar saw between words. Not the features of
+    an utterance of digital silence: ``AudioFeatures.stack()`` normalises energy (and log-mel) against the
+    utterance's own speech, which silence lacks, so its rows read as speech level (energy column 0 instead of
+    -1.2 in the cnn clip's pauses) and both cnn avatars idled with the mouth half open."""
+    from .data import open_dataset
+
+    ds = open_dataset(data)
+    idx = ds.split_indices("train")
+    quiet = idx[np.argsort(ds.audio_features.energy[idx], kind="stable")[: max(10, int(PAUSE_SHARE * len(idx)))]]
+    return np.median(ds.audio_matrix[quiet], axis=0).astype(np.float32)
+
+
 def live_feature_stream(fps: float, whisper, wav2vec_model, extract: Extractor, **params):
     """LiveWhisperFeatures for a ``whisper`` (WhisperChoice) dataset without wav2vec columns, else a
     FeatureStream over ``extract``; ``params`` override the defaults WHISPER_LIVE / PHONE_LIVE."""
@@ -234,13 +252,14 @@ class DrivenAvatar:
         self.name = self.path.name
         self.extract = dataset_extractor(self.data)  # utterances known in full: offline-equal
         self.live_extract = dataset_extractor(self.data, keep_decoder=True)  # live windows (not Whisper datasets)
-        # Idle frames are driven by the features of silence (what the avatar saw between words).
-        self.silence = utterance_features(np.zeros(AUDIO_RATE, np.float32), self.fps, self.extract)[0]
-        if self.silence.shape[0] != self.info.audio_dim:
+        # the extractor gives the avatar's columns (and the Whisper encoder is loaded before sessions start)
+        probe = utterance_features(np.zeros(AUDIO_RATE, np.float32), self.fps, self.extract)
+        if probe.shape[1] != self.info.audio_dim:
             from talkinghead.errors import UserError
 
-            raise UserError(f"{avatar}: driving features have {self.silence.shape[0]} dims but the avatar was "
+            raise UserError(f"{avatar}: driving features have {probe.shape[1]} dims but the avatar was "
                             f"trained on {self.info.audio_dim}")
+        self.silence = pause_row(self.data)  # drives idle frames
         self.device = next(iter(self.model.parameters())).device if hasattr(self.model, "parameters") else "cpu"
         with torch.no_grad():  # first render builds the method's lazy caches before sessions share it
             self.open_stream().render(self.condition(0, np.repeat(self.silence[None], 1, 0), 0))
@@ -276,4 +295,5 @@ class DrivenAvatar:
 
 
 __all__ = ["CHUNK_MS", "WHISPER_LIVE", "PHONE_LIVE", "FrameStream", "open_frame_stream", "FeatureStream",
-           "live_feature_stream", "DrivenAvatar", "utterance_features", "dataset_extractor", "num_frames_of"]
+           "live_feature_stream", "pause_row", "DrivenAvatar", "utterance_features", "dataset_extractor",
+           "num_frames_of"]

@@ -23,8 +23,8 @@ drives frame n:
   (``delay`` = the features' ``delay_frames`` + the method's look-ahead + 2 frames of margin), so that the row of
   a frame is normally there when the frame is due; the mic's sound is sent with the frames (the avatar
   speaks with your voice, in sync);
-* otherwise **idle**: the features of silence, with the training video's poses, blinks and eyes looping
-  (ping-pong) -- the avatar keeps moving.
+* otherwise **idle**: the training clip's pause row (:func:`~talkinghead.methods.streaming.pause_row`), with
+  the training video's poses, blinks and eyes looping (ping-pong) -- the avatar keeps moving.
 
 **Falling behind.** When a frame is already due when the producer reaches it (rendering slower than the
 frame rate), it is not rendered: the previous image is sent again with the frame's own audio (``dropped``
