@@ -82,41 +82,67 @@ def bench_features(seconds: float) -> dict:
     return out
 
 
-def bench_whisper_stream(seconds: float, lookahead: int = 3, hop: int = 5) -> dict:
-    """Whisper rows (talkinghead.audio.whisper) a live stream can have vs the offline ones, per hidden state:
-    every ``hop`` frames the window holding the audio so far (+ ``lookahead`` frames) is encoded, either
-    anchored at the stream's start as the offline path places frames (first 30 s), or sliding (the last
-    ``context`` frames + new, as FeatureStream does for the phone features)."""
-    from talkinghead.audio.whisper import encode_window, load_whisper, whisper_features
+def bench_whisper_stream(seconds: float) -> dict:
+    """Live Whisper rows (talkinghead.audio.whisper_stream) vs the offline ones on ``seconds`` of speech_en_60s
+    (40 ms chunks): hidden state 2 (the default) per look-ahead and hop, by window (cores of 22 s), the row
+    delay the look-ahead costs, CPU per audio second; and the whole live row (+ relative energy) at the
+    serve defaults (WHISPER_LIVE) against the offline driving features."""
+    from talkinghead.audio.extractor import DatasetExtractor
+    from talkinghead.audio.whisper import WhisperChoice, shared_whisper, whisper_features
+    from talkinghead.audio.whisper_stream import LiveWhisperFeatures, WhisperStream
     from talkinghead.media import read_audio
+    from talkinghead.methods.streaming import WHISPER_LIVE, num_frames_of
 
-    enc = load_whisper()
     fps = 25.0
+    t = time.process_time()
+    enc = shared_whisper()
+    load_s = time.process_time() - t
+    t = time.process_time()
+    assert shared_whisper() is enc
+    again_s = time.process_time() - t
     wave = read_audio(LONG_SPEECH)[: int(seconds * 16000)]
-    n = int(np.ceil(seconds * fps))
-    off = whisper_features(enc, wave, fps, n).astype(np.float32)  # [T, L + 1, D]
-    out = {"encoder": enc.name, "audio_s": seconds, "lookahead_frames": lookahead, "hop_frames": hop}
-    for mode, context in (("anchored", None), ("sliding_ctx20", 20)):
-        live = np.zeros_like(off)
-        t = time.perf_counter()
-        calls = 0
-        for ready in range(hop, n + hop, hop):
-            ready = min(ready, n)
-            lo = ready - hop
-            a = 0 if context is None else max(0, lo - context)
-            s0, s1 = int(a * 16000 / fps), int(min(len(wave), (ready + lookahead) * 16000 / fps))
-            times = np.arange(lo, ready) / fps - s0 / 16000
-            live[lo:ready] = encode_window(enc, wave[s0:s1], times)
-            calls += 1
-        dt = time.perf_counter() - t
-        err = {}
-        for l in range(off.shape[1]):
-            d = np.linalg.norm(live[:, l] - off[:, l], axis=1) / np.maximum(np.linalg.norm(off[:, l], axis=1), 1e-6)
-            a_, b_ = live[:, l] - live[:, l].mean(0), off[:, l] - off[:, l].mean(0)
-            corr = float((a_ * b_).sum() / np.sqrt((a_ ** 2).sum() * (b_ ** 2).sum()))
-            err[f"state{l}"] = {"rel_err_median": round(float(np.median(d)), 3), "centred_corr": round(corr, 3)}
-        out[mode] = {"per_state": err, "encode_s_per_call": round(dt / calls, 3),
-                     "encode_s_per_audio_s": round(dt / seconds, 2)}
+    n = num_frames_of(len(wave), fps)
+    t = time.process_time()
+    off = whisper_features(enc, wave, fps, n).astype(np.float32)[:, 2]  # [T, D]
+    offline_s = time.process_time() - t
+
+    def feed(stream):
+        rows = [stream.push(wave[i:i + 640]) for i in range(0, len(wave), 640)]
+        return np.concatenate(rows + [stream.flush()])
+
+    def compare(live, ref):
+        d = np.linalg.norm(live - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-6)
+        a, b = live - live.mean(0), ref - ref.mean(0)
+        corr = float((a * b).sum() / np.sqrt((a ** 2).sum() * (b ** 2).sum()))
+        return d, round(corr, 4)
+
+    out = {"encoder": enc.name, "audio_s": seconds, "load_cpu_s": round(load_s, 2), "shared_again_cpu_s": round(again_s, 4),
+           "offline_cpu_s_per_audio_s": round(offline_s / seconds, 3), "sweep_state2": []}
+    cores = [(0, 22.0), (22.0, 44.0), (44.0, seconds)]
+    for la, hop in ((0, 2), (1, 2), (2, 2), (3, 2), (5, 2), (8, 2), (12, 2), (25, 2), (5, 1), (5, 5)):
+        ws = WhisperStream(enc, (2,), fps, la, hop)
+        live = feed(ws)[:, 0]
+        d, corr = compare(live, off)
+        by_core = {f"{a:g}-{b:g}s": round(float(np.median(d[int(a * fps): int(b * fps)])), 4) for a, b in cores if b > a}
+        out["sweep_state2"].append({"lookahead": la, "hop": hop, "row_delay_frames": ws.delay_frames,
+                                    "row_delay_ms": round(ws.delay_frames / fps * 1000), "rel_err_median": round(float(np.median(d)), 4),
+                                    "rel_err_p95": round(float(np.percentile(d, 95)), 4), "centred_corr": corr,
+                                    "rel_err_median_by_core": by_core, "cpu_s_per_audio_s": round(ws.compute_s / seconds, 3)})
+        print("whisper stream", out["sweep_state2"][-1], flush=True)
+    # the serve default, the whole row as an avatar reads it, vs the offline driving features
+    t = time.process_time()
+    offline_rows = DatasetExtractor(whisper=WhisperChoice())(wave, fps, n).stack()
+    rows_s = time.process_time() - t
+    lf = LiveWhisperFeatures(enc, (2,), fps, **WHISPER_LIVE)
+    live = feed(lf)
+    d, corr = compare(live[:, :-1], offline_rows[:, :-1])
+    e = np.abs(live[:, -1] - offline_rows[:, -1])
+    out["serve_default"] = {**WHISPER_LIVE, "row_delay_ms": round(lf.delay_frames / fps * 1000),
+                            "state2_rel_err_median": round(float(np.median(d)), 4), "state2_centred_corr": corr,
+                            "energy_column_mae_after_2s": round(float(e[50:].mean()), 4),
+                            "energy_column_max_after_2s": round(float(e[50:].max()), 4),
+                            "cpu_s_per_audio_s": round(lf.compute_s / seconds, 3),
+                            "offline_rows_cpu_s_per_audio_s (pocketsphinx + whisper)": round(rows_s / seconds, 3)}
     return out
 
 
@@ -466,7 +492,7 @@ def main() -> None:
         res["features"] = bench_features(20.0)
         print("features", json.dumps(res["features"]), flush=True)
     if "whisper" not in skip:
-        res["whisper_stream"] = bench_whisper_stream(12.0)
+        res["whisper_stream"] = bench_whisper_stream(60.0)
         print("whisper", json.dumps(res["whisper_stream"]), flush=True)
     avatars = [DrivenAvatar(p) for p in args.avatar]
     if "render" not in skip:

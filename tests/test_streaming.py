@@ -124,8 +124,8 @@ def test_feature_stream_gives_a_local_extractors_offline_rows_with_its_stated_lo
     wave = speechlike(2.3)
     n = num_frames_of(len(wave), FPS)
     offline = _local_extractor(wave, FPS, n)
-    for la, hop, ctx in ((0, 1, 2), (3, 5, 4), (2, 3, None)):  # None: anchored windows (cores of 0.8 s here)
-        fs = FeatureStream(FPS, _local_extractor, lookahead=la, hop=hop, context=ctx, core_s=0.8, core_context_s=0.2)
+    for la, hop, ctx in ((0, 1, 2), (3, 5, 4), (2, 3, 1)):
+        fs = FeatureStream(FPS, _local_extractor, lookahead=la, hop=hop, context=ctx)
         rows, trace = _stream(wave, fs, 320)  # 20 ms chunks
         assert rows.shape == (n, offline.stack().shape[1])
         raw = _concat(fs.raw)
@@ -136,8 +136,7 @@ def test_feature_stream_gives_a_local_extractors_offline_rows_with_its_stated_lo
             covered = int(np.floor(samples * FPS / AUDIO_RATE + 1e-9))
             if samples < len(wave):
                 assert max(0, covered - la - hop + 1) <= out <= max(0, covered - la)
-        if ctx is None:  # every window began at an anchor: 0, then 0.8 k - 0.2 s
-            assert fs.offset in {0} | {int(round((k * 0.8 - 0.2) * AUDIO_RATE)) for k in range(1, 4)}
+                assert out >= covered - fs.delay_frames
 
 
 def test_utterance_features_equal_the_offline_driving_features():
@@ -194,3 +193,23 @@ def test_session_streams_render_what_the_offline_renderer_does_also_interleaved(
         torch.testing.assert_close(got_b[j], want[j])
     assert a.lookahead == (av.radius if name == "gt" else 0)
     assert open_frame_stream(model, av.radius).lookahead == a.lookahead
+
+
+def test_the_idle_row_is_the_training_clips_pauses(tmp_path):
+    """The median row of the quietest 5 % (at least 10) of the training frames: a dataset whose frames get
+    quieter one by one idles on the median of its last training frames."""
+    from test_methods import write_synthetic_dataset
+
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.streaming import pause_row
+
+    write_synthetic_dataset(tmp_path)
+    f = AudioFeatures.load(tmp_path / "audio_features.npz")
+    T = f.num_frames
+    f.energy = np.linspace(-60, -20, T).astype(np.float32)[::-1].copy()  # the last frames are the quietest
+    f.save(tmp_path / "audio_features.npz")
+    ds = PreparedDataset(tmp_path)
+    train = ds.split_indices("train")
+    quiet = train[-max(10, int(0.05 * len(train))):]
+    np.testing.assert_allclose(pause_row(tmp_path), np.median(ds.audio_matrix[quiet], axis=0), atol=1e-6)
+    assert pause_row(tmp_path)[-1] < np.median(ds.audio_matrix[train, -1])  # quieter than the clip's middle

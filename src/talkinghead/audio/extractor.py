@@ -76,8 +76,15 @@ class DatasetExtractor:
             dec.close()
 
 
-def warm_up() -> bool:
-    """Import and build everything a worker process needs (called once per worker at server start)."""
+def warm_up(whispers: tuple = ()) -> bool:
+    """Import and build everything a worker process needs (called once per worker at server start): the
+    decoders, and the Whisper encoders of ``whispers`` (WhisperChoice), loaded once per process
+    (:func:`talkinghead.audio.whisper.shared_whisper`)."""
     DatasetExtractor(keep_decoder=True)(np.zeros(1600, np.float32), 25.0, 2)
     DatasetExtractor()(np.zeros(1600, np.float32), 25.0, 2)
+    if whispers:
+        from talkinghead.audio.whisper import shared_whisper
+
+        for w in whispers:
+            shared_whisper(w.checkpoint)
     return True

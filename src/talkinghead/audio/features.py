@@ -312,9 +312,9 @@ def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, pro
     out = AudioFeatures(fps=float(fps), mel=mel.reshape(num_frames, N_MELS), energy=energy,
                         phone_ids=ids, phone_posteriors=posteriors, wav2vec=w2v)
     if whisper is not None:
-        from talkinghead.audio.whisper import load_whisper, whisper_features
+        from talkinghead.audio.whisper import shared_whisper, whisper_features
 
-        encoder = load_whisper(whisper.checkpoint)
+        encoder = shared_whisper(whisper.checkpoint)
         out.whisper = whisper_features(encoder, wave, fps, num_frames)
         out.whisper_layers = whisper.check_layers(encoder.num_layers)
         out.encoder = {"name": encoder.name, "sha256": encoder.sha256, "layers": list(out.whisper_layers),

@@ -2,29 +2,34 @@
 
 One interface, the same for every method; the live server (:mod:`talkinghead.serve`) uses nothing else:
 
-* :class:`FeatureStream` -- driving features computed incrementally from 20-40 ms chunks of a live stream
-  (the microphone). It is extractor-agnostic: every ``hop`` frames it re-runs the dataset's own extractor
-  (:func:`talkinghead.methods.render.driving_features`' one, :func:`~talkinghead.audio.features.
-  compute_audio_features`) over a short window (``context`` frames already emitted + the new frames +
-  ``lookahead`` frames of audio after them) and emits the new rows; the per-utterance normalisation of
-  ``AudioFeatures.stack()`` is applied to the rows emitted so far plus the new ones (causal: a row never
-  sees statistics of audio after its look-ahead). Rows are final once emitted. A frame's row is out
-  ``lookahead`` frames after its audio instant at the earliest, ``lookahead + hop`` at the latest.
-  For audio known in full (an upload, a TTS utterance) :func:`utterance_features` is the offline extractor
-  itself: those features *equal* the offline ones (tested); the live rows differ, measured in
-  ``bench/bench_serve.py`` and bounded by ``tests/test_streaming.py``.
+* **live features** (:meth:`DrivenAvatar.live_features`): driving features computed incrementally from
+  20-40 ms chunks of a live stream (the microphone); ``push(samples)`` returns the rows that became final,
+  ``flush()`` the rest, ``delay_frames`` says how many frames after a frame's instant its row is out at most.
+  For a dataset with Whisper features (the default): :class:`talkinghead.audio.whisper_stream.
+  LiveWhisperFeatures`, each encoder row computed once with a look-ahead of ``WHISPER_LIVE`` (in this
+  process: the encoder is shared). Otherwise :class:`FeatureStream`, extractor-agnostic: every ``hop``
+  frames it re-runs the dataset's own extractor (:func:`~talkinghead.audio.features.compute_audio_features`)
+  over a short window (``context`` frames already emitted + the new frames + ``lookahead`` frames of audio
+  after them) and emits the new rows; the per-utterance normalisation of ``AudioFeatures.stack()`` is
+  applied to the rows emitted so far plus the new ones (causal: a row never sees statistics of audio after
+  its look-ahead). Rows are final once emitted. For audio known in full (an upload, a TTS utterance)
+  :func:`utterance_features` is the offline extractor itself: those features *equal* the offline ones
+  (tested); the live rows differ, measured in ``bench/bench_serve.py`` and bounded by the tests
+  (``tests/test_streaming.py``, ``tests/test_whisper_stream.py``).
 * :func:`open_frame_stream` -- a method's per-session render state: ``model.open_stream()`` when the method
   keeps state across frames (GaussianFlameTalk's causal FlameTalk history), otherwise a stateless wrapper
   of ``model.render`` (GaussianTalker). Each stream states its ``lookahead``: audio rows past the rendered
   frame the method reads (GaussianTalker: the window radius R; GaussianFlameTalk: FlameTalk's
   ``audio_lookahead``, 0 = causal). A later method plugs in by providing ``open_stream()`` or nothing.
 * :class:`DrivenAvatar` -- an avatar loaded once and shared by sessions: its model, the training poses /
-  backdrops / blinks the frames replay (ping-pong, as ``render``), the silence row that drives idle frames,
+  backdrops / blinks the frames replay (ping-pong, as ``render``), the pause row that drives idle frames
+  (:func:`pause_row`),
   and :meth:`DrivenAvatar.condition` building frame n's Condition from the rows known so far (rows past the
   known ones, which the method's look-ahead never reads, repeat the last known row).
 
-Back-pressure is the caller's: a FeatureStream holds at most ``context + hop + lookahead`` frames of audio
-(anchored: one window, ``core + core_context`` frames) plus the pending chunk, and the server renders one frame at a time into a bounded queue.
+Back-pressure is the caller's: a FeatureStream holds at most ``context + hop + lookahead`` frames of audio plus
+the pending chunk (LiveWhisperFeatures: at most one 30 s window), and the server renders one frame at a time
+into a bounded queue.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ from talkinghead.media import AUDIO_RATE
 from .base import Condition
 
 CHUNK_MS = (20, 40)  # chunk lengths the live path is designed for (any length works)
+# Live look-ahead and hop in frames. Whisper (bench/RESULTS.md, "talkinghead serve"): at 25 fps a row is out at
+# most 7 frames (280 ms) after its instant, median relative error of hidden state 2 vs offline 0.105 (0.128 at
+# look-ahead 3, 0.087 at 12); pocketsphinx windows: as measured last session.
+WHISPER_LIVE = dict(lookahead=5, hop=2)
+PHONE_LIVE = dict(lookahead=3, hop=5, context=20)
 
 
 class FrameStream(Protocol):
@@ -119,22 +129,17 @@ def _rows(f: AudioFeatures, a: int, b: int) -> AudioFeatures:
 
 
 class FeatureStream:
-    """Incremental driving features of a live 16 kHz stream (see the module docstring).
+    """Incremental driving features of a live 16 kHz stream by windows of an extractor (module docstring).
 
     ``push(samples)`` returns the rows [k, D] that became final (k >= 0); ``flush()`` the rest at the end of
     the stream (the audio after the last sample counts as silence, as offline). Row i describes the instant
     i / fps with sample 0 at row 0. ``history_s`` bounds the rows whose statistics normalise new rows.
     """
 
-    def __init__(self, fps: float, extract: Extractor, lookahead: int = 3, hop: int = 5, context: int | None = 20,
-                 history_s: float = 60.0, core_s: float = 22.0, core_context_s: float = 4.0):
-        """``context=None``: *anchored* windows, placed as an offline extractor with fixed windows places its
-        frames (Whisper: 30 s windows whose cores ``[k * core_s, (k + 1) * core_s)`` start ``core_context_s``
-        into them, the first at 0): a frame keeps its position in its window, which a position-embedding
-        encoder needs (bench_serve.py: Whisper state 2, relative error 0.10 anchored vs 0.46 sliding)."""
-        if lookahead < 0 or hop < 1 or (context is not None and context < 0):
-            raise ValueError("need lookahead >= 0, hop >= 1, context >= 0 or None")
-        self.core, self.core_context = int(round(core_s * fps)), int(round(core_context_s * fps))
+    def __init__(self, fps: float, extract: Extractor, lookahead: int = 3, hop: int = 5, context: int = 20,
+                 history_s: float = 60.0):
+        if lookahead < 0 or hop < 1 or context < 0:
+            raise ValueError("need lookahead >= 0, hop >= 1, context >= 0")
         self.fps, self.extract = float(fps), extract
         self.lookahead, self.hop, self.context = lookahead, hop, context
         self.history = max(1, int(history_s * fps))
@@ -147,12 +152,14 @@ class FeatureStream:
         self.compute_s = 0.0  # time spent in the extractor (for the stats)
         self.lock = threading.Lock()
 
+    @property
+    def delay_frames(self) -> int:
+        """Frames past a frame's instant until its row is out, at most."""
+        return self.lookahead + self.hop
+
     def _window_start(self, first: int) -> int:
         """First frame of the window that computes rows from ``first`` on."""
-        if self.context is not None:
-            return max(0, first - self.context)
-        k = first // self.core  # anchored: the window of the core holding `first` (a hop never spans two cores)
-        return max(0, k * self.core - self.core_context)
+        return max(0, first - self.context)
 
     def _sample(self, frame: int) -> int:
         return int(round(frame * AUDIO_RATE / self.fps))
@@ -164,10 +171,7 @@ class FeatureStream:
             self.total += len(x)
             covered = int(np.floor(self.total * self.fps / AUDIO_RATE + 1e-9))  # frames whose instant is in
             ready = covered - self.lookahead  # rows 0..ready-1 have their look-ahead of audio
-            if self.context is None:  # anchored: one window per core
-                ready = min(ready, (self.emitted // self.core + 1) * self.core)
-            at_core_end = self.context is None and ready % self.core == 0  # the core's last rows: emit them now
-            if ready <= self.emitted or (ready - self.emitted < self.hop and not at_core_end):
+            if ready - self.emitted < self.hop:
                 return np.zeros((0, 0), np.float32)
             return self._emit(ready, ready + self.lookahead)
 
@@ -201,6 +205,35 @@ class FeatureStream:
         return rows.astype(np.float32)
 
 
+PAUSE_SHARE = 0.05  # the idle row: the quietest 5 % of the training frames (at least 10)
+
+
+def pause_row(data: Path) -> np.ndarray:
+    """The idle row [D]: the median driving row of the training clip's pauses (its quietest ``PAUSE_SHARE`` of
+    the training frames by energy, at least 10), i.e. what the avatar saw between words. Not the features of
+    an utterance of digital silence: ``AudioFeatures.stack()`` normalises energy (and log-mel) against the
+    utterance's own speech, which silence lacks, so its rows read as speech level (energy column 0 instead of
+    -1.2 in the cnn clip's pauses) and both cnn avatars idled with the mouth half open."""
+    from .data import open_dataset
+
+    ds = open_dataset(data)
+    idx = ds.split_indices("train")
+    quiet = idx[np.argsort(ds.audio_features.energy[idx], kind="stable")[: max(10, int(PAUSE_SHARE * len(idx)))]]
+    return np.median(ds.audio_matrix[quiet], axis=0).astype(np.float32)
+
+
+def live_feature_stream(fps: float, whisper, wav2vec_model, extract: Extractor, **params):
+    """LiveWhisperFeatures for a ``whisper`` (WhisperChoice) dataset without wav2vec columns, else a
+    FeatureStream over ``extract``; ``params`` override the defaults WHISPER_LIVE / PHONE_LIVE."""
+    if whisper is not None and wav2vec_model is None:
+        from talkinghead.audio.whisper import shared_whisper
+        from talkinghead.audio.whisper_stream import LiveWhisperFeatures
+
+        encoder = shared_whisper(whisper.checkpoint)
+        return LiveWhisperFeatures(encoder, whisper.check_layers(encoder.num_layers), fps, **{**WHISPER_LIVE, **params})
+    return FeatureStream(fps, extract, **{**PHONE_LIVE, **params})
+
+
 class DrivenAvatar:
     """An avatar loaded once for streaming (shared by sessions; see the module docstring)."""
 
@@ -218,14 +251,15 @@ class DrivenAvatar:
         self.radius = int(self.cfg.data.audio_radius)
         self.name = self.path.name
         self.extract = dataset_extractor(self.data)  # utterances known in full: offline-equal
-        self.live_extract = dataset_extractor(self.data, keep_decoder=True)  # live windows
-        # Idle frames are driven by the features of silence (what the avatar saw between words).
-        self.silence = utterance_features(np.zeros(AUDIO_RATE, np.float32), self.fps, self.extract)[0]
-        if self.silence.shape[0] != self.info.audio_dim:
+        self.live_extract = dataset_extractor(self.data, keep_decoder=True)  # live windows (not Whisper datasets)
+        # the extractor gives the avatar's columns (and the Whisper encoder is loaded before sessions start)
+        probe = utterance_features(np.zeros(AUDIO_RATE, np.float32), self.fps, self.extract)
+        if probe.shape[1] != self.info.audio_dim:
             from talkinghead.errors import UserError
 
-            raise UserError(f"{avatar}: driving features have {self.silence.shape[0]} dims but the avatar was "
+            raise UserError(f"{avatar}: driving features have {probe.shape[1]} dims but the avatar was "
                             f"trained on {self.info.audio_dim}")
+        self.silence = pause_row(self.data)  # drives idle frames
         self.device = next(iter(self.model.parameters())).device if hasattr(self.model, "parameters") else "cpu"
         with torch.no_grad():  # first render builds the method's lazy caches before sessions share it
             self.open_stream().render(self.condition(0, np.repeat(self.silence[None], 1, 0), 0))
@@ -241,6 +275,13 @@ class DrivenAvatar:
     def open_stream(self) -> FrameStream:
         return open_frame_stream(self.model, self.radius)
 
+    def live_features(self, extract: Extractor | None = None, **params):
+        """A new live feature stream (module docstring): Whisper rows computed incrementally when the dataset's
+        features are Whisper's alone, else windows of ``extract`` (default: :attr:`live_extract`; the server
+        runs it in a worker process). ``params`` override WHISPER_LIVE / PHONE_LIVE."""
+        return live_feature_stream(self.fps, self.extract.whisper, self.extract.wav2vec_model,
+                                   extract or self.live_extract, **params)
+
     def condition(self, n: int, rows: np.ndarray, pose_step: int) -> Condition:
         """Condition of the frame whose audio row is ``rows[n]`` (rows [N, D], normalised, N > n; rows past
         the end repeat the last one), with pose/backdrop/blink of training frame pingpong(pose_step)."""
@@ -253,5 +294,6 @@ class DrivenAvatar:
         return cond.to(self.device)
 
 
-__all__ = ["CHUNK_MS", "FrameStream", "open_frame_stream", "FeatureStream", "DrivenAvatar", "utterance_features",
-           "dataset_extractor", "num_frames_of"]
+__all__ = ["CHUNK_MS", "WHISPER_LIVE", "PHONE_LIVE", "FrameStream", "open_frame_stream", "FeatureStream",
+           "live_feature_stream", "pause_row", "DrivenAvatar", "utterance_features", "dataset_extractor",
+           "num_frames_of"]

@@ -79,15 +79,16 @@ def _track_classes():
     return AvatarVideo, AvatarAudio
 
 
-def start_feature_workers(count: int):
-    """A pool of ``count`` spawned processes with the extractors imported and a decoder built in each."""
+def start_feature_workers(count: int, whispers: tuple = ()):
+    """A pool of ``count`` spawned processes with the extractors imported, a decoder built and the Whisper
+    encoders of ``whispers`` loaded in each."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from talkinghead.audio.extractor import warm_up
 
     pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
-    for f in [pool.submit(warm_up) for _ in range(count)]:
+    for f in [pool.submit(warm_up, whispers) for _ in range(count)]:
         f.result()
     return pool
 
@@ -129,7 +130,8 @@ class Server:
     def start_workers(self, count: int = 2, pool=None) -> None:
         """Feature extraction in ``count`` worker processes (pocketsphinx holds the GIL while decoding: in this
         process it would stall the media clock and every session's renderer); ``pool``: use this one."""
-        self.workers = pool if pool is not None else start_feature_workers(count)
+        whispers = tuple({a.extract.whisper for a in self.avatars.values() if a.extract.whisper is not None})
+        self.workers = pool if pool is not None else start_feature_workers(count, whispers)
         self._own_workers = pool is None
 
     def _remote(self, extract):

@@ -16,14 +16,15 @@ drives frame n:
 * an **utterance** (upload or text) when one is queued: its features are computed in full when it arrives
   (equal to the offline ``render``'s, :func:`talkinghead.methods.streaming.utterance_features`), and its
   frames follow one another from the next free frame on;
-* the **microphone** when the client sends one: chunks go through a
-  :class:`~talkinghead.methods.streaming.FeatureStream`; mic sample j is timeline sample
+* the **microphone** when the client sends one: chunks go through the avatar's live features
+  (:meth:`~talkinghead.methods.streaming.DrivenAvatar.live_features`; with Whisper computed in the thread
+  that receives the mic, the encoder shared by all sessions); mic sample j is timeline sample
   ``live_start + j`` where ``live_start`` is placed ``delay`` frames after the first chunk's arrival
-  (``delay`` = feature look-ahead + hop + the method's look-ahead + 2 frames of margin), so that the row of
+  (``delay`` = the features' ``delay_frames`` + the method's look-ahead + 2 frames of margin), so that the row of
   a frame is normally there when the frame is due; the mic's sound is sent with the frames (the avatar
   speaks with your voice, in sync);
-* otherwise **idle**: the features of silence, with the training video's poses, blinks and eyes looping
-  (ping-pong) -- the avatar keeps moving.
+* otherwise **idle**: the training clip's pause row (:func:`~talkinghead.methods.streaming.pause_row`), with
+  the training video's poses, blinks and eyes looping (ping-pong) -- the avatar keeps moving.
 
 **Falling behind.** When a frame is already due when the producer reaches it (rendering slower than the
 frame rate), it is not rendered: the previous image is sent again with the frame's own audio (``dropped``
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 
 from talkinghead.media import AUDIO_RATE
-from talkinghead.methods.streaming import DrivenAvatar, FeatureStream
+from talkinghead.methods.streaming import DrivenAvatar
 
 VIDEO_CLOCK = 90000
 AUDIO_FRAME = 320  # 20 ms at 16 kHz
@@ -120,7 +121,7 @@ class _Frame:
 class _Live:
     """The microphone's stream: features + the samples to echo, indexed from live_start."""
 
-    features: FeatureStream
+    features: object  # the avatar's live feature stream (DrivenAvatar.live_features)
     start_frame: int  # timeline frame of mic sample 0
     rows: list = field(default_factory=list)  # row arrays as emitted
     nrows: int = 0
@@ -142,9 +143,10 @@ def _percentiles(values, ps=(50, 95)) -> dict:
 class Session:
     """One client's live avatar (see the module docstring). Created by the app, closed by it or by itself."""
 
-    def __init__(self, avatar: DrivenAvatar, queue_frames: int = 2, mic_lookahead: int = 3, mic_hop: int = 5,
-                 mic_context: int = 20, realtime: bool = True, extract=None, live_extract=None,
-                 drop_late: bool = True):
+    def __init__(self, avatar: DrivenAvatar, queue_frames: int = 2, mic_params: dict | None = None,
+                 realtime: bool = True, extract=None, live_extract=None, drop_late: bool = True):
+        """``mic_params``: look-ahead / hop (/ context) of the live features, overriding the avatar's defaults
+        (:meth:`DrivenAvatar.live_features`)."""
         self.id = uuid.uuid4().hex[:12]
         self.avatar = avatar
         # feature extractors (the server's run them in worker processes: pocketsphinx holds the GIL)
@@ -159,7 +161,7 @@ class Session:
         self.drop_late = drop_late  # False: every frame is rendered, the clock waits (benches of the content)
         self.slots = threading.Semaphore(queue_frames)
         self.queue_frames = queue_frames
-        self.mic_params = (mic_lookahead, mic_hop, mic_context)
+        self.mic_params = dict(mic_params or {})
         self.utterances: collections.deque[Utterance] = collections.deque()
         self.lock = threading.Lock()
         self.live: _Live | None = None
@@ -229,11 +231,11 @@ class Session:
         if self.closed or not parts:
             return
         if self.live is None:
-            la, hop, ctx = self.mic_params
-            delay = la + hop + self.stream.lookahead + 2
+            features = self.avatar.live_features(self.live_extract, **self.mic_params)
+            delay = features.delay_frames + self.stream.lookahead + 2
             with self.lock:
                 start = self._next_frame + delay
-            self.live = _Live(FeatureStream(self.fps, self.live_extract, la, hop, ctx), start)
+            self.live = _Live(features, start)
         live = self.live
         with self.lock:  # the sound is on the timeline at once; its rows follow when computed
             for x, arrival in parts:
