@@ -36,18 +36,19 @@ def test_hair_plate_keeps_the_hair_and_the_face_border_band_over_the_backdrop():
     labels[3:5, 4:6] = 4  # inner mouth inside it
     labels[7, 2:] = 1  # torso
     image, backdrop = torch.ones(8, 8, 3), torch.zeros(8, 8, 3)
-    face = (labels >= 3).float()
     no_band = hair_plate(image, labels, backdrop, erode_px=0)[..., 0]
-    outside = face == 0
-    assert no_band[outside].equal((labels == 2).float()[outside])  # torso, background: the backdrop
+    assert no_band.equal((labels == 2).float())  # torso, face, mouth, background: the backdrop
     band = hair_plate(image, labels, backdrop, erode_px=1)[..., 0]
+    face = (labels >= 3).float()
     cut = erode(face, 1)
-    ring = face - cut
-    kept = cut == 0
-    assert band[kept].equal(((labels == 2).float() + ring).clamp(0, 1)[kept])
-    # The cut-out is filled from around it: between the backdrop's 0 and the image's 1, not the backdrop.
-    inside = band[cut == 1]
-    assert (inside > 0.05).all() and (inside < 1).all()
+    assert band.equal(((labels == 2).float() + face - cut).clamp(0, 1))
+    assert band[3:5, 4:6].sum() == 0 and band[2:6, 3:7].sum() == 0  # the face's inside is cut out
+    # fill_px: the cut-out's outer band is filled from around it (between the backdrop's 0 and the image's 1),
+    # its inside stays backdrop, everything outside the cut-out is as before.
+    filled = hair_plate(image, labels, backdrop, erode_px=1, fill_px=1)[..., 0]
+    rim = (cut - erode(cut, 1)).bool()
+    assert filled[~rim].equal(band[~rim])
+    assert (filled[rim] > 0.05).all() and (filled[rim] < 1).all() and erode(cut, 1).sum() > 0
 
 
 def test_fill_holes_keeps_known_pixels_and_fills_from_the_surroundings():
@@ -124,7 +125,7 @@ def test_variants_switch_one_component_each_and_configs_round_trip():
     changed = {v: {k for k, val in config_to_dict(make_config("cpu-small", v)).items()
                    if val != config_to_dict(base)[k]} for v in VARIANTS}
     assert changed == {"no-embedding": {"embedding_dim"}, "no-expression": {"expression"},
-                       "direct-fusion": {"train_dilate", "plate_erode", "fine_tune"},
+                       "direct-fusion": {"train_dilate", "plate_erode", "plate_fill", "fine_tune"},
                        "no-hair": {"hair_plate", "num_hair", "max_face"}}
     for preset in ("cpu-small", "gpu"):
         cfg = make_config(preset, "no-hair")

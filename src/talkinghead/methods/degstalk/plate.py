@@ -8,12 +8,14 @@ All from a frame's parsing labels (docs/dataset.md: 0 background, 1 torso = neck
   back"), plus the face's outer border band of ``erode_px`` (the face + mouth region eroded by that much is
   what is cut out). Face and mouth Gaussians are splatted over it, so where they are opaque they win; the
   band gives the hair line real pixels on both sides of the parsing boundary, where the labels are least
-  sure, instead of a hole filled with background. The cut-out itself is filled from the plate around it
-  (:func:`fill_holes`) rather than left as backdrop: wherever the face field does not cover the cut-out the
-  plate shows through, and the backdrop there is the background behind the head (on hdtf_radio2_8s a grey
-  window strip by the ear where the parsing calls a strip of the cheek edge face in some frames and hair in
-  others, so the face field learnt to be transparent there); filled, such pixels show the neighbouring hair
-  and skin. Deviation: the paper's C_hair is zero inside the face region.
+  sure, instead of a hole filled with background. The cut-out's outer band of ``fill_px`` is filled from
+  the plate around it (:func:`fill_holes`) rather than left as backdrop: wherever the face field does not
+  cover the cut-out the plate shows through, and the backdrop there is the background behind the head (on
+  hdtf_radio2_8s a grey window strip by the ear where the parsing calls a strip of the cheek edge face in
+  some frames and hair in others, so the face field learnt to be transparent there); filled, such pixels
+  show the neighbouring hair and skin. Only a band: a whole filled cut-out lets the face field go
+  transparent inside the face too (eyebrows), where the backdrop keeps it opaque. Deviation: the paper's
+  C_hair is zero inside the face region.
 * :func:`region_masks` -- the training targets' masks, dilated by ``dilate_px`` (the paper dilates the face
   and mouth regions during training "to better capture their features"): the face field is trained on the
   face + mouth region (or the whole head when there is no plate: w/o H), the mouth field on the inner mouth.
@@ -65,15 +67,19 @@ def fill_holes(image: Tensor, known: Tensor) -> Tensor:
     return est[0].permute(1, 2, 0)
 
 
-def hair_plate(image: Tensor, labels: Tensor, backdrop: Tensor, erode_px: int) -> Tensor:
+def hair_plate(image: Tensor, labels: Tensor, backdrop: Tensor, erode_px: int, fill_px: int = 0) -> Tensor:
     """C_hair [H, W, 3]: hair of ``image`` [H, W, 3] (+ the face's border band) over ``backdrop`` [H, W, 3],
-    the face's cut-out filled from around it (:func:`fill_holes`).
+    the outer ``fill_px`` of the face's cut-out filled from around it (:func:`fill_holes`; 0: none).
 
     labels: [H, W] uint8 parsing of ``image``."""
     face = (labels >= FACE).float()
     cut = erode(face, erode_px) if erode_px > 0 else face
     keep = ((labels == HAIR).float() + face - cut).clamp(0, 1)[..., None]
-    return fill_holes(image * keep + backdrop * (1 - keep), 1 - cut)
+    plate = image * keep + backdrop * (1 - keep)
+    if fill_px <= 0:
+        return plate
+    band = (cut - erode(cut, fill_px))[..., None]
+    return plate * (1 - band) + fill_holes(plate, 1 - cut) * band
 
 
 def region_masks(labels: Tensor, dilate_px: int, with_hair: bool) -> tuple[Tensor, Tensor]:
