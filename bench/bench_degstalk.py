@@ -52,13 +52,13 @@ RUNS = [
 
 
 def train(data: Path, avatar: Path, method: str, variant: str | None, iterations: int | None) -> None:
-    """Train into ``avatar`` (nice'd), writing ``avatar.time`` = "wall user sys" of the command."""
+    """Train into ``avatar``, writing ``avatar.time`` = "wall user sys" of the command."""
     cmd = [*CLI, "train", str(data), "--method", method, "--out", str(avatar), "--preset", "cpu-small"]
     cmd += (["--iterations", str(iterations)] if iterations else []) + (["--variant", variant] if variant else [])
     print("+", " ".join(cmd), flush=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    subprocess.run(["nice", "-n", "10", *cmd], check=True)
+    subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     Path(f"{avatar}.time").write_text(f"{wall:.2f} {after.ru_utime - before.ru_utime:.2f} "
@@ -77,7 +77,7 @@ def cpu_figures(avatar: Path) -> tuple[float, float] | None:
 def evaluate(avatar: Path, data: Path, report: Path) -> None:
     if (report / "metrics.json").is_file():
         return
-    cmd = ["nice", "-n", "10", *CLI, "eval", str(avatar), "--data", str(data), "--out", str(report), "--quiet"]
+    cmd = [*CLI, "eval", str(avatar), "--data", str(data), "--out", str(report), "--quiet"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -201,7 +201,7 @@ def main() -> None:
     entry = [f"### {stamp()}", "",
              "All runs `--preset cpu-small` (128²)"
              + (f", {args.iterations} iterations" if args.iterations else ", the preset's length")
-             + "; one job at a time under `nice -n 10` on the shared 2 cores. " + args.note, ""]
+             + "; one job at a time in a CPU slot (`/work/wt/heavy`, nice 5) on the shared 2 cores. " + args.note, ""]
     entry += ["| data | run | avatar | iterations | train loop (min) | command wall (min) | command CPU (min) | "
               "render FPS (eval, wall) | render frames / CPU s |", "|---|---|---|---|---|---|---|---|---|", *speed, ""]
     entry += parts
