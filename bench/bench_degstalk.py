@@ -1,22 +1,23 @@
-"""DEGSTalk against GaussianTalker and GaussianFlameTalk (+ DEGSTalk's ablations) on the same test splits.
+"""DEGSTalk against GaussianTalker and GaussianFlameTalk (+ DEGSTalk's Table II ablations) on the same test splits.
 
-Not a test. For each prepared dataset and each run (method, variant, iterations):
+Not a test. For each prepared dataset and each run (method, variant):
 
-1. ``talkinghead train DATA --method M [--variant V] --iterations N --preset cpu-small`` (skipped when the avatar
-   folder already holds ``model.safetensors``): wall time, and the CPU seconds (user + sys) of the command,
-   from ``AVATAR.time`` (``wall user sys``, as ``/usr/bin/time -f "%e %U %S"`` writes it) -- the cores are shared,
+1. ``talkinghead train DATA --method M [--variant V] --preset cpu-small [--iterations N]`` (skipped when the
+   avatar folder already holds ``model.safetensors``, or when ``--reuse`` names another avatar): wall time, and
+   the CPU seconds (user + sys) of the command, from ``AVATAR.time`` (``wall user sys``) -- the cores are shared,
    so CPU seconds are the steadier figure;
 2. ``talkinghead eval AVATAR --data DATA --out REPORT`` (the test split rendered at 128^2, self-driven; render
-   FPS, PSNR/SSIM full and face, LMD, mouth-opening r, stability, the hairline / neck seam-band errors);
+   FPS, PSNR/SSIM full and face, LMD, mouth-opening r, stability, landmark sync, the hairline / neck seam-band
+   errors);
 3. render frames per CPU second at 128^2 (one thread, in this process: eval's FPS is wall-clock on shared cores);
 4. one ``talkinghead compare`` table per dataset;
 5. a PNG sheet per dataset: ground truth and every run's prediction at four test frames.
 
-Runs whose avatar is missing are listed as not run unless ``--train-missing`` trains them here (the session that
-wrote this trained them one at a time beforehand with the same commands).
+Runs whose avatar is missing are listed as not run unless ``--train-missing`` trains them here, one at a time.
 
-    PYTHONPATH=src .venv/bin/python bench/bench_degstalk.py [--work /work/scratch/degstalk/runs]
-        [--datasets cnn,hdtf,lowres] [--no-write]
+    PYTHONPATH=src .venv/bin/python bench/bench_degstalk.py [--work DIR] [--datasets cnn,lowres]
+        [--data cnn=/work/scratch/whisper/cnn] [--reuse cnn/gaussiantalker=AVATAR] [--runs a,b]
+        [--iterations N] [--train-missing] [--no-write]
 
 Appends an entry to bench/RESULTS.md under "## DEGSTalk (bench/bench_degstalk.py)".
 """
@@ -36,26 +37,28 @@ import numpy as np
 from benchlib import CLI, append_entry, stamp
 
 SECTION = "## DEGSTalk (bench/bench_degstalk.py)"
-DATA_ROOT = Path("/work/data")
-DATASETS = {"cnn": "cnn_anchor_en_71s", "hdtf": "hdtf_radio2_8s", "lowres": "lowres_woman_11s_200x278_29.97fps"}
-# (run name, method, variant, iterations on cnn, iterations on the 8-11 s clips)
+DATASETS = {"cnn": "/work/data/cnn_anchor_en_71s", "hdtf": "/work/data/hdtf_radio2_8s",
+            "lowres": "/work/data/lowres_woman_11s_200x278_29.97fps"}
+# (run name, method, variant)
 RUNS = [
-    ("degstalk", "degstalk", None, 4000, 600),
-    ("gaussiantalker", "gaussiantalker", None, 4000, 600),
-    ("gaussianflametalk", "gaussianflametalk", None, 3000, 600),
-    ("degstalk-no-embedding", "degstalk", "no-embedding", None, 600),
-    ("degstalk-no-hair", "degstalk", "no-hair", None, 600),
+    ("degstalk", "degstalk", None),
+    ("gaussiantalker", "gaussiantalker", None),
+    ("gaussianflametalk", "gaussianflametalk", None),
+    ("degstalk-no-embedding", "degstalk", "no-embedding"),
+    ("degstalk-no-expression", "degstalk", "no-expression"),
+    ("degstalk-direct-fusion", "degstalk", "direct-fusion"),
+    ("degstalk-no-hair", "degstalk", "no-hair"),
 ]
 
 
-def train(data: Path, avatar: Path, method: str, variant: str | None, iterations: int) -> None:
-    """Train into ``avatar`` (nice'd), writing ``avatar.time`` = "wall user sys" of the command."""
-    cmd = [*CLI, "train", str(data), "--method", method, "--out", str(avatar), "--preset", "cpu-small",
-           "--iterations", str(iterations)] + (["--variant", variant] if variant else [])
+def train(data: Path, avatar: Path, method: str, variant: str | None, iterations: int | None) -> None:
+    """Train into ``avatar``, writing ``avatar.time`` = "wall user sys" of the command."""
+    cmd = [*CLI, "train", str(data), "--method", method, "--out", str(avatar), "--preset", "cpu-small"]
+    cmd += (["--iterations", str(iterations)] if iterations else []) + (["--variant", variant] if variant else [])
     print("+", " ".join(cmd), flush=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    subprocess.run(["nice", "-n", "10", *cmd], check=True)
+    subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     Path(f"{avatar}.time").write_text(f"{wall:.2f} {after.ru_utime - before.ru_utime:.2f} "
@@ -74,7 +77,7 @@ def cpu_figures(avatar: Path) -> tuple[float, float] | None:
 def evaluate(avatar: Path, data: Path, report: Path) -> None:
     if (report / "metrics.json").is_file():
         return
-    cmd = ["nice", "-n", "10", *CLI, "eval", str(avatar), "--data", str(data), "--out", str(report), "--quiet"]
+    cmd = [*CLI, "eval", str(avatar), "--data", str(data), "--out", str(report), "--quiet"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -138,31 +141,47 @@ def sheet(data: Path, runs: list[tuple[str, Path]], out: Path, columns: int = 4)
     plt.close(fig)
 
 
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: {what} wants KEY=PATH, got {item!r}")
+        out[key] = value
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/work/scratch/degstalk/runs"))
-    ap.add_argument("--data-root", type=Path, default=DATA_ROOT)
     ap.add_argument("--datasets", default="cnn,hdtf,lowres")
+    ap.add_argument("--data", action="append", default=[], metavar="KEY=PATH",
+                    help="prepared dataset of KEY (default: the /work/data ones in DATASETS)")
+    ap.add_argument("--reuse", action="append", default=[], metavar="KEY/RUN=AVATAR",
+                    help="take this already trained avatar for RUN on KEY instead of WORK/KEY_RUN")
     ap.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="run names to include")
+    ap.add_argument("--iterations", type=int, help="override every run's preset length")
     ap.add_argument("--train-missing", action="store_true", help="train runs whose avatar is missing (else skip)")
     ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--note", default="", help="a line for the entry (what differs in this run)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    wanted = set(args.runs.split(","))
+    paths = {**DATASETS, **_pairs(args.data, "--data")}
+    reuse = _pairs(args.reuse, "--reuse")
+    wanted = args.runs.split(",")
     parts, skipped, speed = [], [], []
     for key in args.datasets.split(","):
-        data = args.data_root / DATASETS[key]
+        data = Path(paths[key])
         reports, shown = [], []
-        for name, method, variant, it_long, it_short in RUNS:
-            iterations = it_long if key == "cnn" else it_short
-            if name not in wanted or iterations is None:
+        for name, method, variant in sorted(RUNS, key=lambda r: wanted.index(r[0]) if r[0] in wanted else 99):
+            if name not in wanted:
                 continue
-            avatar = args.work / f"{key}_{name}"
+            avatar = Path(reuse.get(f"{key}/{name}", args.work / f"{key}_{name}"))
             if not (avatar / "model.safetensors").is_file():
-                if not args.train_missing:
+                if not args.train_missing or f"{key}/{name}" in reuse:
                     skipped.append(f"{key}/{name}")
                     continue
-                train(data, avatar, method, variant, iterations)
+                train(data, avatar, method, variant, args.iterations)
             report = args.work / "reports" / key / name
             evaluate(avatar, data, report)
             reports.append(report)
@@ -170,23 +189,24 @@ def main() -> None:
             log = json.loads((avatar / "train_log.json").read_text())
             m = json.loads((report / "metrics.json").read_text())["metrics"]
             cpu = cpu_figures(avatar)
-            speed.append(f"| {key} | {name} | {log['iterations']} | {log['train_time_s'] / 60:.1f} | "
+            speed.append(f"| {key} | {name} | `{avatar}` | {log['iterations']} | {log['train_time_s'] / 60:.1f} | "
                          + (f"{cpu[0] / 60:.1f} | {cpu[1] / 60:.1f}" if cpu else "– | –")
                          + f" | {m['render_fps']:.1f} | {cpu_fps(avatar, data):.1f} |")
         if not reports:
             continue
         table = compare(reports, args.work / f"compare_{key}.md")
         sheet(data, shown, args.work / f"sheet_{key}.png")
-        parts.append(f"#### {DATASETS[key]} (test split, self-driven, 128²)\n\n{table.strip()}\n\n"
+        parts.append(f"#### {key}: `{data}` (test split, self-driven, 128²)\n\n{table.strip()}\n\n"
                      f"Sheet: `{args.work / f'sheet_{key}.png'}`")
     entry = [f"### {stamp()}", "",
-             "All runs `--preset cpu-small` (128²), one job at a time under `nice -n 10` on the shared 2 cores; "
-             "iterations as listed (the 8-11 s clips trimmed to 600 for every method).", ""]
-    entry += ["| data | run | iterations | train loop (min) | command wall (min) | command CPU (min) | "
-              "render FPS (eval, wall) | render frames / CPU s |", "|---|---|---|---|---|---|---|---|", *speed, ""]
+             "All runs `--preset cpu-small` (128²)"
+             + (f", {args.iterations} iterations" if args.iterations else ", the preset's length")
+             + "; one job at a time in a CPU slot (`/work/wt/heavy`, nice 5) on the shared 2 cores. " + args.note, ""]
+    entry += ["| data | run | avatar | iterations | train loop (min) | command wall (min) | command CPU (min) | "
+              "render FPS (eval, wall) | render frames / CPU s |", "|---|---|---|---|---|---|---|---|---|", *speed, ""]
     entry += parts
     if skipped:
-        entry += ["", "Not run (trimmed for time): " + ", ".join(skipped) + "."]
+        entry += ["", "Not run: " + ", ".join(skipped) + "."]
     text = "\n".join(entry)
     print(text)
     if not args.no_write:

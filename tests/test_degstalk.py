@@ -15,7 +15,7 @@ from talkinghead.methods.data import FrameStore, open_dataset
 from talkinghead.methods.degstalk.config import VARIANTS, DEGSTalkConfig, make_config
 from talkinghead.methods.degstalk.expression import jaw_functional, upper_face_projection, upper_face_vertices
 from talkinghead.methods.degstalk.model import DEGSTalk, _mouth_window
-from talkinghead.methods.degstalk.plate import dilate, erode, hair_plate, region_masks
+from talkinghead.methods.degstalk.plate import dilate, erode, fill_holes, hair_plate, region_masks
 from talkinghead.methods.trainer import load_model, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,9 +40,31 @@ def test_hair_plate_keeps_the_hair_and_the_face_border_band_over_the_backdrop():
     assert no_band.equal((labels == 2).float())  # torso, face, mouth, background: the backdrop
     band = hair_plate(image, labels, backdrop, erode_px=1)[..., 0]
     face = (labels >= 3).float()
-    ring = face - erode(face, 1)
-    assert band.equal(((labels == 2).float() + ring).clamp(0, 1))
+    cut = erode(face, 1)
+    assert band.equal(((labels == 2).float() + face - cut).clamp(0, 1))
     assert band[3:5, 4:6].sum() == 0 and band[2:6, 3:7].sum() == 0  # the face's inside is cut out
+    # fill_px: the cut-out's outer band is filled from around it (between the backdrop's 0 and the image's 1),
+    # its inside stays backdrop, everything outside the cut-out is as before.
+    filled = hair_plate(image, labels, backdrop, erode_px=1, fill_px=1)[..., 0]
+    rim = (cut - erode(cut, 1)).bool()
+    assert filled[~rim].equal(band[~rim])
+    assert (filled[rim] > 0.05).all() and (filled[rim] < 1).all() and erode(cut, 1).sum() > 0
+
+
+def test_fill_holes_keeps_known_pixels_and_fills_from_the_surroundings():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(13, 10, 3, generator=g)
+    known = torch.ones(13, 10)
+    known[3:9, 2:7] = 0
+    out = fill_holes(image, known)
+    assert out[known == 1].equal(image[known == 1])
+    lo, hi = image[known == 1].min(0).values, image[known == 1].max(0).values
+    assert ((out >= lo - 1e-6) & (out <= hi + 1e-6)).all()
+    # A hole inside one colour is filled with exactly that colour, wherever it sits.
+    flat = torch.tensor([0.2, 0.5, 0.9]).expand(13, 10, 3).clone()
+    flat[known == 0] = 7.0
+    torch.testing.assert_close(fill_holes(flat, known), torch.tensor([0.2, 0.5, 0.9]).expand(13, 10, 3))
+    assert fill_holes(image, torch.zeros(13, 10)).equal(image)
 
 
 def test_region_masks_dilate_the_face_and_mouth_and_take_the_hair_only_without_a_plate():
@@ -103,7 +125,7 @@ def test_variants_switch_one_component_each_and_configs_round_trip():
     changed = {v: {k for k, val in config_to_dict(make_config("cpu-small", v)).items()
                    if val != config_to_dict(base)[k]} for v in VARIANTS}
     assert changed == {"no-embedding": {"embedding_dim"}, "no-expression": {"expression"},
-                       "direct-fusion": {"train_dilate", "plate_erode", "fine_tune"},
+                       "direct-fusion": {"train_dilate", "plate_erode", "plate_fill", "fine_tune"},
                        "no-hair": {"hair_plate", "num_hair", "max_face"}}
     for preset in ("cpu-small", "gpu"):
         cfg = make_config(preset, "no-hair")

@@ -11,7 +11,7 @@ from talkinghead.methods.base import DataConfig, Schedule
 VARIANTS = {
     "no-embedding": "w/o E: no per-Gaussian embedding z",
     "no-expression": "w/o F: no implicit expression coefficients f_e",
-    "direct-fusion": "w/o R: face, mouth and hair fused directly (no dilated masks, no fused fine-tuning)",
+    "direct-fusion": "w/o R: face, mouth and hair fused directly (no dilated masks, plate fill or fused fine-tuning)",
     "no-hair": "w/o H: no hair-preserving rendering (the face field renders the hair, over the torso)",
 }
 
@@ -44,6 +44,7 @@ class DEGSTalkConfig:
     hair_plate: bool = True  # C_hair from the frame's own plate; False = w/o H
     train_dilate: float = 0.016  # face / mouth target masks dilated by this fraction of the image side (2 px at 128)
     plate_erode: float = 0.008  # the plate keeps the face's border band this wide (1 px at 128), see plate.py
+    plate_fill: float = 0.03  # the cut-out's outer band this wide is filled from around it (4 px at 128); 0: off
     fine_tune: bool = True  # stage 3 on the fused image; False = w/o R (with no dilation)
 
     # Training (sec. II-D): static init | motion learning | colour fine-tuning.
@@ -96,7 +97,7 @@ def make_config(preset: str, variant: str | None) -> DEGSTalkConfig:
     elif variant == "no-expression":
         cfg.expression = False
     elif variant == "direct-fusion":
-        cfg.train_dilate, cfg.plate_erode, cfg.fine_tune = 0.0, 0.0, False
+        cfg.train_dilate, cfg.plate_erode, cfg.plate_fill, cfg.fine_tune = 0.0, 0.0, 0.0, False
     elif variant == "no-hair":
         cfg.hair_plate = False
         cfg.num_hair = cfg.num_face * 5 // 6  # as many head-shell points as GaussianTalker gives the hair

@@ -23,7 +23,8 @@ Pieces and where they follow the paper:
   C = C_face + (1 - O_face) (C_mouth + (1 - O_mouth) C_hair): the face field splatted over the mouth field
   splatted over the hair plate (rasterizer colours are premultiplied by their opacity, so this is eq. 7 with
   C_face x O_face the face layer and the mouth layer seen through (1 - O_face)). C_hair is the source frame's
-  own hair (ears and earrings included) over its torso backdrop: at render time with new audio the source
+  own hair (ears and earrings included) over its torso backdrop, the face cut-out's outer band filled from
+  around it (deviation, see :mod:`.plate`: the paper's plate is empty there): at render time with new audio the source
   frames replay the training sequence as the torso does (:class:`talkinghead.methods.base.SourceFrame`);
 * three stages (sec. II-D): static initialization (canonical fields only, L1 + lambda D-SSIM on each region's
   masked ground truth, densification on), motion learning (deformation on, + beta L_jaw, eq. 8), colour
@@ -219,7 +220,8 @@ class DEGSTalk(nn.Module):
         if not self.cfg.hair_plate:
             return cond.backdrop
         src = self._source(cond)
-        return hair_plate(src.image, src.labels, cond.backdrop, pixels(self.cfg.plate_erode, cond.width))
+        return hair_plate(src.image, src.labels, cond.backdrop, pixels(self.cfg.plate_erode, cond.width),
+                          pixels(self.cfg.plate_fill, cond.width))
 
     def conditions(self, cond: Condition) -> tuple[Tensor, Tensor, Tensor]:
         """(face condition [C_f], mouth condition [C_m], predicted inner-lip gap in mm []) of a frame:

@@ -8,7 +8,14 @@ All from a frame's parsing labels (docs/dataset.md: 0 background, 1 torso = neck
   back"), plus the face's outer border band of ``erode_px`` (the face + mouth region eroded by that much is
   what is cut out). Face and mouth Gaussians are splatted over it, so where they are opaque they win; the
   band gives the hair line real pixels on both sides of the parsing boundary, where the labels are least
-  sure, instead of a hole filled with background.
+  sure, instead of a hole filled with background. The cut-out's outer band of ``fill_px`` is filled from
+  the plate around it (:func:`fill_holes`) rather than left as backdrop: wherever the face field does not
+  cover the cut-out the plate shows through, and the backdrop there is the background behind the head (on
+  hdtf_radio2_8s a grey window strip by the ear where the parsing calls a strip of the cheek edge face in
+  some frames and hair in others, so the face field learnt to be transparent there); filled, such pixels
+  show the neighbouring hair and skin. Only a band: a whole filled cut-out lets the face field go
+  transparent inside the face too (eyebrows), where the backdrop keeps it opaque. Deviation: the paper's
+  C_hair is zero inside the face region.
 * :func:`region_masks` -- the training targets' masks, dilated by ``dilate_px`` (the paper dilates the face
   and mouth regions during training "to better capture their features"): the face field is trained on the
   face + mouth region (or the whole head when there is no plate: w/o H), the mouth field on the inner mouth.
@@ -36,14 +43,43 @@ def erode(mask: Tensor, px: int) -> Tensor:
     return 1.0 - dilate(1.0 - mask, px)
 
 
-def hair_plate(image: Tensor, labels: Tensor, backdrop: Tensor, erode_px: int) -> Tensor:
-    """C_hair [H, W, 3]: hair of ``image`` [H, W, 3] (+ the face's border band) over ``backdrop`` [H, W, 3].
+def fill_holes(image: Tensor, known: Tensor) -> Tensor:
+    """``image`` [H, W, C] with the pixels where ``known`` [H, W] is 0 filled from the known ones around them.
+
+    Push-pull: a pyramid of known-weighted 2x2 means (every level halves the side) down to one pixel, then
+    from the coarsest level up, each level's own mean where it has known pixels (weighted by how much of the
+    cell is known) over the coarser level's estimate. Known pixels come back unchanged; a hole surrounded by
+    one colour is filled with exactly that colour. All-unknown input comes back as it is."""
+    if known.all() or not known.any():
+        return image
+    x = (image * known[..., None]).permute(2, 0, 1)[None]  # [1, C, H, W] weighted colours
+    w = known[None, None].to(image.dtype)  # [1, 1, H, W] weights
+    levels = [(x, w)]
+    while min(x.shape[-2:]) > 1:
+        x, w = F.avg_pool2d(x, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)
+        levels.append((x, w))
+    est = levels[-1][0] / levels[-1][1].clamp(min=1e-12)
+    for x, w in reversed(levels[:-1]):
+        up = F.interpolate(est, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        mean = x / w.clamp(min=1e-12)
+        a = w.clamp(0, 1)
+        est = mean * a + up * (1 - a)
+    return est[0].permute(1, 2, 0)
+
+
+def hair_plate(image: Tensor, labels: Tensor, backdrop: Tensor, erode_px: int, fill_px: int = 0) -> Tensor:
+    """C_hair [H, W, 3]: hair of ``image`` [H, W, 3] (+ the face's border band) over ``backdrop`` [H, W, 3],
+    the outer ``fill_px`` of the face's cut-out filled from around it (:func:`fill_holes`; 0: none).
 
     labels: [H, W] uint8 parsing of ``image``."""
     face = (labels >= FACE).float()
-    keep = (labels == HAIR).float() + face - erode(face, erode_px) if erode_px > 0 else (labels == HAIR).float()
-    keep = keep.clamp(0, 1)[..., None]
-    return image * keep + backdrop * (1 - keep)
+    cut = erode(face, erode_px) if erode_px > 0 else face
+    keep = ((labels == HAIR).float() + face - cut).clamp(0, 1)[..., None]
+    plate = image * keep + backdrop * (1 - keep)
+    if fill_px <= 0:
+        return plate
+    band = (cut - erode(cut, fill_px))[..., None]
+    return plate * (1 - band) + fill_holes(plate, 1 - cut) * band
 
 
 def region_masks(labels: Tensor, dilate_px: int, with_hair: bool) -> tuple[Tensor, Tensor]:
