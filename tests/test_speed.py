@@ -1,6 +1,7 @@
 """Issue 16's fast paths against their plain references: the same functions, to float rounding.
 
 * D-SSIM by banded matrix products vs the two 1-D convolutions per moment it replaces;
+* the Numba triplane lookup vs ``F.grid_sample`` (values, gradients of planes and points, the planes' edges);
 * the folded cross-attention vs ``nn.MultiheadAttention`` with the same weights (values, weights, gradients);
 * GaussianTalker's batched geometry replay vs one frame at a time (the same replayed frames);
 * :class:`RenderCache`: kept while nothing changes, rebuilt after an optimiser step, a load or a move;
@@ -55,6 +56,40 @@ def test_ssim_by_matrix_products_equals_the_convolution_form(shape):
     (g_fast,), (g_ref,) = torch.autograd.grad(fast, a), torch.autograd.grad(ref, a)
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-12)
     assert ssim(b, b).item() == pytest.approx(1.0)
+
+
+def test_numba_triplane_equals_grid_sample_with_gradients():
+    from talkinghead.nn import triplane_numba
+    from talkinghead.nn.triplane import Triplane
+
+    if not triplane_numba.available():
+        pytest.skip("numba not installed")
+    torch.manual_seed(0)
+    plane = Triplane((5, 8), 3, torch.tensor([[-1.0, -2.0, 0.0], [1.0, 2.0, 3.0]]))
+    with torch.no_grad():
+        for p in plane.planes:
+            p.normal_()  # signed values: a wrong corner or sign shows
+    lo, hi = plane.bounds
+    xyz = lo + (hi - lo) * torch.rand(200, 3)
+    xyz[:4] = hi  # u = 1 exactly: grid_sample's zero-padded neighbour
+    xyz[4:8] = lo
+    xyz[8:12] = hi + 0.5  # outside: clamped to the faces
+    xyz[12, 0] = lo[0] + (hi - lo)[0] * 0.5  # on a texel line (u = 0 on a 5-texel axis)
+    xyz.requires_grad_(True)
+    grad = torch.randn(200, plane.out_dim)
+    results = []
+    for fast in (False, True):
+        plane.fast = fast
+        out = plane(xyz)
+        g_xyz, *g_planes = torch.autograd.grad(out, [xyz, *plane.planes], grad)
+        results.append((out, g_xyz, g_planes))
+    (ref, ref_xyz, ref_planes), (out, out_xyz, out_planes) = results
+    assert out.grad_fn is not None and ref.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_xyz, ref_xyz, rtol=1e-4, atol=1e-5)
+    for a, b in zip(out_planes, ref_planes):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ref_xyz[8:12].abs().max() == 0  # clamped points get no gradient, either way
 
 
 def test_folded_cross_attention_equals_multihead_attention_and_batches_frames():
