@@ -128,6 +128,9 @@ class Condition:
     # (``render --yaw/--pitch``); None when they are the same. Pose-conditioned inputs read :attr:`pose`.
     tracked_viewmat: Tensor | None = None
     source: SourceFrame | None = None  # only with DataConfig.source_frames
+    # px^2 screen-space low-pass a Gaussian method rasterizes with (``rasterize(eps2d=)``): 3DGS's 0.3 at the
+    # training size; the renderer widens it above (:func:`talkinghead.methods.render.render_condition`).
+    eps2d: float = 0.3
 
     def to(self, device: torch.device | str) -> "Condition":
         tracked = None if self.tracked_viewmat is None else self.tracked_viewmat.to(device)
