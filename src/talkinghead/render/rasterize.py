@@ -130,8 +130,14 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
                              eps2d) for v, k in zip(viewmats, Ks)]
         info = {key: torch.stack([o[3][key] for o in outs]) for key in ("means2d", "radii", "depths")}
         return (*(torch.stack([o[i] for o in outs]) for i in range(3)), info)
-    projs = [project(means, quats, scales, opacities, v, k, width, height, near, far, eps2d)
-             for v, k in zip(viewmats, Ks)]
+    if kernel == "numba" and not Ks.requires_grad:
+        from .raster_numba import project_numba  # the same projection, compiled forward and backward
+
+        projs = [project_numba(means, quats, scales, opacities, v, k, width, height, near, far, eps2d)
+                 for v, k in zip(viewmats, Ks)]
+    else:
+        projs = [project(means, quats, scales, opacities, v, k, width, height, near, far, eps2d)
+                 for v, k in zip(viewmats, Ks)]
     # retain_grad() only sees gradients on a tensor the loss was computed from, so the compositor reads
     # slices of the very [C, N, 2] tensor that info returns.
     means2d = torch.stack([p.means2d for p in projs])
