@@ -234,6 +234,50 @@ def _compile():
         return means2d, conics, depths, radii, visible
 
     @numba.njit(cache=True, nogil=True)
+    def draw(order, means2d, conics, opac, colors, depths, width, height):  # pragma: no cover - compiled
+        """Inference's compositing: :func:`forward` over the Gaussians ``order`` (front to back) of the
+        projected arrays, features = (colors [N, D], depth); returns (out [P, D + 1], T [P]). The pixel alpha is
+        1 - T (the weights telescope: sum_i alpha_i T_i = 1 - T_final), so no column of ones is summed and
+        no gather of the visible rows is made."""
+        D = colors.shape[1]
+        out = np.zeros((width * height, D + 1))
+        T = np.ones(width * height)
+        done = np.zeros(width * height, np.bool_)
+        for k in range(order.shape[0]):
+            g = order[k]
+            u, v = means2d[g, 0], means2d[g, 1]
+            a, b, c, o = conics[g, 0], conics[g, 1], conics[g, 2], opac[g]
+            y0, y1, det, thr = rows(u, v, a, b, c, o, height)
+            log_o = math.log(o)
+            z = depths[g]
+            for y in range(y0, y1):
+                x0, x1, dy = span(u, v, a, b, det, thr, y, width)
+                B = b * dy
+                C = 0.5 * c * dy * dy - log_o
+                for x in range(x0, x1):
+                    p = y * width + x
+                    if done[p]:
+                        continue
+                    dx = x + 0.5 - u
+                    q = (0.5 * a * dx + B) * dx + C
+                    if q > Q_MAX:
+                        continue
+                    raw = math.exp(-q)
+                    if raw < ALPHA_MIN:
+                        continue
+                    alpha = min(raw, ALPHA_MAX)
+                    t_after = T[p] * (1.0 - alpha)
+                    if t_after < T_MIN:
+                        done[p] = True
+                        continue
+                    w = alpha * T[p]
+                    for f in range(D):
+                        out[p, f] += w * colors[g, f]
+                    out[p, D] += w * z
+                    T[p] = t_after
+        return out, T
+
+    @numba.njit(cache=True, nogil=True)
     def project_backward(means, quats, scales, opac, viewmat, K, width, height, near, far, eps2d, g_m2d, g_con,
                          g_dep):  # pragma: no cover - compiled
         """Gradients of project's (means2d, conics, depths) w.r.t. means, quats, scales and viewmat [4, 4]:
@@ -392,7 +436,7 @@ def _compile():
                 out[i, ch] = max(s + 0.5, 0.0)
         return out
 
-    _kernels = (forward, backward, project, sh_colors, project_backward)
+    _kernels = (forward, backward, project, sh_colors, project_backward, draw)
     return _kernels
 
 
@@ -466,23 +510,21 @@ def render_numba(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor
 
     Returns image [H, W, D], alpha [H, W, 1], depth [H, W, 1] and info (means2d [N, 2], radii [N, 2],
     depths [N]), as tensors of the inputs' dtype."""
-    fwd, _, proj, sh, _ = _compile()
+    _, _, proj, sh, _, draw = _compile()
     m = _np(means)
     means2d, conics, depths, radii, visible = proj(m, _np(quats), _np(scales), _np(opacities), _np(viewmat), _np(K),
                                                    width, height, near, far, eps2d)
     idx = np.nonzero(visible)[0]
     idx = idx[np.argsort(depths[idx], kind="stable")]  # front to back, ties in index order (as torch's stable sort)
-    c = _np(colors)[idx]
+    c = _np(colors)
     if sh_degree is not None:
         vm = _np(viewmat)
         campos = -vm[:3, :3].T @ vm[:3, 3]
-        c = sh(np.ascontiguousarray(c), m[idx] - campos, sh_degree)
+        c = sh(c, m - campos, sh_degree)  # every Gaussian's: a gather of the visible ones costs more than the few
     D = c.shape[1]
-    feats = np.concatenate([c, depths[idx, None], np.ones((len(idx), 1))], 1)
-    out, _, _ = fwd(np.ascontiguousarray(means2d[idx]), np.ascontiguousarray(conics[idx]),
-                    _np(opacities)[idx], feats, width, height)
-    out = torch.from_numpy(out.reshape(height, width, D + 2)).to(means.dtype)
-    alpha = out[..., D + 1:]
+    out, T = draw(idx, means2d, conics, _np(opacities), np.ascontiguousarray(c), depths, width, height)
+    out = torch.from_numpy(out.reshape(height, width, D + 1)).to(means.dtype)
+    alpha = torch.from_numpy(1.0 - T.reshape(height, width, 1)).to(means.dtype)
     info = {"means2d": torch.from_numpy(means2d).to(means.dtype), "radii": torch.from_numpy(radii),
             "depths": torch.from_numpy(depths).to(means.dtype)}
-    return out[..., :D], alpha, out[..., D:D + 1] / alpha.clamp(min=1e-10), info
+    return out[..., :D], alpha, out[..., D:] / alpha.clamp(min=1e-10), info
