@@ -60,11 +60,11 @@ class Schedule:
     clip_iterations: tuple[int, ...] = ()
 
     def for_clip(self, seconds: float) -> int:
-        """Iterations for a training clip of ``seconds``: the knots' interpolation rounded to 50, or
-        ``iterations`` when the preset sets no knots."""
+        """Iterations for a training clip of ``seconds``: the knots' interpolation, or ``iterations`` when the
+        preset sets no knots."""
         if not self.clip_seconds:
             return self.iterations
-        return int(round(float(np.interp(seconds, self.clip_seconds, self.clip_iterations)) / 50.0)) * 50
+        return int(round(float(np.interp(seconds, self.clip_seconds, self.clip_iterations))))
 
 
 def adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
