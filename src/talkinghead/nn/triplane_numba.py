@@ -9,8 +9,8 @@ product of their features, the gradients of the planes and of the coordinates) c
 Semantics are grid_sample's with ``mode="bilinear", align_corners=True, padding_mode="zeros"``: a coordinate
 u in [-1, 1] maps to the pixel position (u + 1) / 2 (R - 1); the four neighbouring texels are weighted
 bilinearly, and a neighbour outside the plane contributes zero (it only happens at u = 1 exactly, with weight
-0). Interpolation and the coordinates' gradient sums run in float64 (the planes' in float32, as grid_sample's), results in the planes' dtype, so the two paths agree to float rounding
-(``tests/test_speed.py``).
+0). Interpolation and the coordinates' gradient sums run in float64 (the planes' gradients sum in float32, as
+grid_sample's), results come in the planes' dtype: the two paths agree to float rounding (``tests/test_speed.py``).
 """
 
 from __future__ import annotations

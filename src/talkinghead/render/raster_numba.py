@@ -472,8 +472,8 @@ class _ProjectNumba(torch.autograd.Function):
         radii, visible = torch.from_numpy(radii), torch.from_numpy(visible)
         ctx.mark_non_differentiable(radii, visible)
         like = means
-        return (torch.from_numpy(means2d).to(like), torch.from_numpy(conics).to(like), torch.from_numpy(depths).to(like),
-                radii, visible)
+        return (torch.from_numpy(means2d).to(like), torch.from_numpy(conics).to(like),
+                torch.from_numpy(depths).to(like), radii, visible)
 
     @staticmethod
     def backward(ctx, g_means2d, g_conics, g_depths, _radii, _visible):
