@@ -15,6 +15,9 @@ Parts (each timed in isolation: its inputs detached, its backward driven by a fi
 * GaussianFlameTalk, avatar stage: data, rigging (mesh -> bound Gaussians), raster, losses, optimiser step.
 * Render, one frame (``model.render(cond)`` under ``no_grad``, eval mode) at 128^2 over the test split, with its
   parts at 128^2, and 256^2 / 512^2 totals (the same avatar, intrinsics scaled).
+* Render only, for the trained avatars of ``--extra`` (default: a DEGSTalk and a Talk3D avatar of the cnn clip,
+  when they exist; a tree without the method reports none): frames at the training size over the test split
+  and 256^2 / 512^2, every size's Conditions from :class:`talkinghead.methods.data.Conditions`.
 
     .venv/bin/python bench/bench_speed.py --before 4db0c50 [--avatars GT_DIR GFT_DIR] [--repeats 15] [--no-write]
 
@@ -39,6 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = Path("/work/data/cnn_anchor_en_71s")
 METHODS = ("gaussiantalker", "gaussianflametalk")
+EXTRA = ("/work/scratch/degstalk/runs/cnn_degstalk", "/work/scratch/talk3d/try300b")
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -272,6 +276,34 @@ def render_parts(method: str, model, test, repeats: int) -> dict:
     return res
 
 
+def extra_render(avatar: str, repeats: int) -> dict:
+    """Render-only figures of a trained avatar (any method) over its dataset's test split: CPU ms per frame at
+    the training size (every test frame) and at 256^2 / 512^2 (``repeats`` frames)."""
+    import torch
+
+    from talkinghead.methods.data import Conditions, open_dataset
+    from talkinghead.methods.render import render_condition
+    from talkinghead.methods.trainer import load_model
+
+    _, cfg, _, model, meta = load_model(Path(avatar))
+    ds = open_dataset(meta["data"])
+    test = ds.split_indices("test")
+    res = {"method": meta["method"]}
+    with torch.no_grad():
+        for size in (cfg.data.size, 256, 512):
+            make = Conditions(meta["data"], size, cfg.data.audio_radius,
+                              source_frames=getattr(cfg.data, "source_frames", False))
+            frames = test if size == cfg.data.size else test[len(test) // 2:][:max(3, repeats // 3)]
+            conds = [make(i) for i in frames]
+            for c in conds[:2]:
+                render_condition(model, c, cfg.data.size)
+            t = time.process_time()
+            for c in conds:
+                render_condition(model, c, cfg.data.size)
+            res[f"frame {size}"] = (time.process_time() - t) * 1000 / len(conds)
+    return res
+
+
 def worker(args) -> None:
     import torch
 
@@ -284,6 +316,13 @@ def worker(args) -> None:
         out[method] = {"train": parts(model, cfg, store, args.repeats),
                        "render": render_parts(method, model, test, args.repeats)}
         print(method, json.dumps(out[method]), flush=True)
+    from talkinghead.methods import available_methods
+
+    for avatar in args.extra:
+        method = json.loads((Path(avatar) / "config.json").read_text())["method"]
+        if method in available_methods():  # the "before" tree may predate the method
+            out.setdefault("extra", {})[avatar] = extra_render(avatar, args.repeats)
+            print(avatar, json.dumps(out["extra"][avatar]), flush=True)
     out["load_end"] = os.getloadavg()
     Path(args.worker).write_text(json.dumps(out, indent=1))
 
@@ -300,7 +339,8 @@ def export_tree(ref: str, dest: Path) -> Path:
 
 
 def run_tree(src: Path, args, out: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), "--repeats", str(args.repeats)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), "--repeats", str(args.repeats),
+           "--extra", *args.extra]
     if args.avatars:
         cmd += ["--avatars", *args.avatars]
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
@@ -331,6 +371,8 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="git ref of the 'before' tree")
     ap.add_argument("--avatars", nargs=2, default=None, metavar=("GAUSSIANTALKER", "GAUSSIANFLAMETALK"))
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--extra", nargs="*", default=[a for a in EXTRA if (Path(a) / "model.safetensors").exists()],
+                    metavar="AVATAR", help="trained avatars of other methods, render figures only")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -360,6 +402,17 @@ def main() -> None:
         fb, fa = before[method]["render"]["frame 128"], after[method]["render"]["frame 128"]
         lines += [f"**{method}**: {1000 / tb:.2f} -> {1000 / ta:.2f} it/s (CPU), render 128^2 "
                   f"{1000 / fb:.1f} -> {1000 / fa:.1f} FPS (CPU, one thread).", ""]
+    extra = after.get("extra", {})
+    if extra:
+        lines += ["Other methods, render only (trained avatars; CPU ms per frame, FPS of CPU time in brackets; "
+                  "'--': the before tree has no such method):", "",
+                  "| avatar | method | size | before (ms) | after (ms) |", "|---|---|---|---|---|"]
+        for avatar, a in extra.items():
+            b = before.get("extra", {}).get(avatar, {}) if before is not after else {}
+            for key in (k for k in a if k.startswith("frame")):
+                bb = f"{b[key]:.1f} ({1000 / b[key]:.1f})" if key in b else "--"
+                lines.append(f"| {avatar} | {a['method']} | {key[6:]}^2 | {bb} | {a[key]:.1f} ({1000 / a[key]:.1f}) |")
+        lines.append("")
     text = "\n".join(lines)
     print(text)
     (Path(tempfile.gettempdir()) / "bench_speed.json").write_text(json.dumps(res, indent=1))

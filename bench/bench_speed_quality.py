@@ -46,11 +46,11 @@ print(log["train_time_s"], "s loop")
 
 
 def timed(cmd: list[str], env: dict) -> dict:
-    """Run ``cmd`` (niced) and return its wall seconds and the CPU seconds its process tree used."""
+    """Run ``cmd`` and return its wall seconds and the CPU seconds its process tree used."""
     print("+", " ".join(cmd[:3]), "...", cmd[-4:], flush=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    subprocess.run(["nice", "-n", "10"] + cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=env)  # the slot wrapper already runs niced
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": round(time.perf_counter() - t, 1), "cpu_s": round(cpu, 1), "load": load()}

@@ -119,6 +119,7 @@ def _tiny_config(iterations: int, variant=None):
     cfg = make_config("cpu-small", variant)
     cfg.data.size, cfg.data.audio_radius, cfg.data.mouth_crop = 64, 2, 32
     cfg.schedule.iterations, cfg.schedule.val_every, cfg.schedule.checkpoint_every = iterations, 0, 0
+    cfg.schedule.clip_seconds = cfg.schedule.clip_iterations = ()  # exactly `iterations`, whatever the clip
     cfg.num_gaussians, cfg.triplane_resolutions, cfg.triplane_channels, cfg.hidden = 1500, (16, 32), 8, 32
     cfg.canonical_fraction = 0.25
     return cfg

@@ -306,3 +306,22 @@ def test_bad_inputs_give_one_error_line_and_leave_nothing(dataset, tmp_path):
                     "cannot write")
     _one_error_line(_cli("train", str(dataset), "--out", str(blocker / "av")), "cannot write")
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*.mp4"))
+
+
+def test_schedule_follows_the_training_clip_length_when_the_preset_sets_knots(dataset, tmp_path):
+    sched = Schedule(iterations=4000, clip_seconds=(10.0, 60.0), clip_iterations=(1500, 4000))
+    assert [sched.for_clip(s) for s in (5.0, 10.0, 35.0, 60.0, 71.0)] == [1500, 1500, 2750, 4000, 4000]
+    assert Schedule(iterations=123).for_clip(5.0) == 123  # no knots: the preset's count
+
+    def clip_config(preset, variant):
+        return ToyConfig(schedule=Schedule(iterations=30, val_every=0, clip_seconds=(1.0, 2.0),
+                                           clip_iterations=(10, 20)))
+
+    register_method(MethodSpec(name="toy-clip", description="test method", config_type=ToyConfig,
+                               make_config=clip_config, build=Toy.build, presets=("cpu-small",)))
+    seconds = len(PreparedDataset(dataset).split_indices("train")) / FPS  # 32 frames: 1.28 s
+    log = train(dataset, "toy-clip", tmp_path / "clip", preset="cpu-small", progress=False)
+    assert log["iterations"] == round(10 + (seconds - 1.0) * 10) == 13
+    assert json.loads((tmp_path / "clip" / "config.json").read_text())["config"]["schedule"]["iterations"] == 13
+    log = train(dataset, "toy-clip", tmp_path / "explicit", preset="cpu-small", iterations=4, progress=False)
+    assert log["iterations"] == 4  # --iterations wins

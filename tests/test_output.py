@@ -17,6 +17,7 @@ import torch
 
 from talkinghead import media
 from talkinghead.fileio import sha256
+from talkinghead.methods.base import Condition
 from talkinghead.methods.data import Conditions, FrameStore
 from talkinghead.methods.render import pingpong, render_audio, render_split
 from talkinghead.methods.trainer import load_model, train
@@ -317,19 +318,35 @@ def test_a_gaussian_method_renders_the_same_picture_at_twice_the_size(full_datas
 
 def test_low_pass_sets_the_screen_space_dilation_of_every_gaussian():
     """A near-point Gaussian's splat has the low-pass as its 2D variance: its summed alpha (an area: the same
-    profile, cut at the same alpha) grows 4x from 4.8 to 19.2 px^2; leaving the block restores 3DGS's 0.3."""
-    import sys
+    profile, cut at the same alpha) grows 4x from 4.8 to 19.2 px^2, on both CPU compositors; the default is
+    3DGS's 0.3, and low_pass(s) is 0.3 s^2 above the training size."""
+    from talkinghead.render import EPS2D, low_pass, rasterize
 
-    from talkinghead.render import low_pass, rasterize
-
-    R = sys.modules["talkinghead.render.rasterize"]
     args = (torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), 1e-6),
             torch.tensor([0.02]), torch.ones(1, 3), torch.eye(4), torch.tensor([[50.0, 0, 32], [0, 50, 32], [0, 0, 1]]),
             64, 64)
-    sums = []
-    for eps in (4.8, 19.2):
-        with low_pass(eps):
-            assert R._EPS2D.get() == eps
-            sums.append(float(rasterize(*args, backend="torch")[1].sum()))
-    assert R._EPS2D.get() == 0.3
-    np.testing.assert_allclose(sums[1] / sums[0], 4.0, rtol=0.05)
+    for backend in ("torch", "numba"):
+        sums = [float(rasterize(*args, backend=backend, eps2d=eps)[1].sum()) for eps in (4.8, 19.2)]
+        np.testing.assert_allclose(sums[1] / sums[0], 4.0, rtol=0.05)
+        default = float(rasterize(*args, backend=backend)[1].sum())
+        assert default == float(rasterize(*args, backend=backend, eps2d=EPS2D)[1].sum()) < sums[0]
+    assert EPS2D == 0.3 and low_pass(0.5) == low_pass(1.0) == 0.3 and low_pass(4.0) == pytest.approx(4.8)
+
+
+def test_render_condition_passes_the_scaled_low_pass_in_the_condition():
+    """The renderer's only low-pass channel is the Condition: 0.3 px^2 at the training size, 0.3 * 4^2 at 4x."""
+    from talkinghead.methods.render import render_condition
+
+    seen = []
+
+    class Spy:
+        def render(self, cond):
+            seen.append(cond.eps2d)
+            return cond.backdrop
+
+    for side in (64, 256):
+        cond = Condition(viewmat=torch.eye(4), K=torch.eye(3), backdrop=torch.zeros(side, side, 3),
+                         audio=torch.zeros(3, 2), blink=torch.zeros(2))
+        render_condition(Spy(), cond, 64)
+        assert cond.eps2d == 0.3  # the caller's Condition is left as it was
+    assert seen == [0.3, pytest.approx(4.8)]

@@ -1,6 +1,8 @@
 """Issue 16's fast paths against their plain references: the same functions, to float rounding.
 
 * D-SSIM by banded matrix products vs the two 1-D convolutions per moment it replaces;
+* the compiled projection (forward + hand-written backward) vs :func:`talkinghead.render.projection.project`;
+* the Numba triplane lookup vs ``F.grid_sample`` (values, gradients of planes and points, the planes' edges);
 * the folded cross-attention vs ``nn.MultiheadAttention`` with the same weights (values, weights, gradients);
 * GaussianTalker's batched geometry replay vs one frame at a time (the same replayed frames);
 * :class:`RenderCache`: kept while nothing changes, rebuilt after an optimiser step, a load or a move;
@@ -55,6 +57,80 @@ def test_ssim_by_matrix_products_equals_the_convolution_form(shape):
     (g_fast,), (g_ref,) = torch.autograd.grad(fast, a), torch.autograd.grad(ref, a)
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-12)
     assert ssim(b, b).item() == pytest.approx(1.0)
+
+
+def test_numba_projection_equals_the_torch_projection_with_gradients():
+    from talkinghead.render import raster_numba
+    from talkinghead.render.projection import project
+
+    if not raster_numba.available():
+        pytest.skip("numba not installed")
+    gen = torch.Generator().manual_seed(0)
+    n = 300
+    means = torch.randn(n, 3, generator=gen, dtype=torch.float64) * torch.tensor([0.3, 0.3, 0.2], dtype=torch.float64)
+    means[:10, 2] = -3.0  # behind the camera
+    means[10:20, 0] = 1.45  # large ones beside the image: the Jacobian's x / z (y / z) clamped, still drawn
+    means[20:30, 1] = -1.4
+    quats = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+    scales = torch.rand(n, 3, generator=gen, dtype=torch.float64) * 0.05 + 0.005
+    scales[10:30] = 0.3
+    opac = torch.rand(n, generator=gen, dtype=torch.float64)
+    opac[30:35] = 1e-3  # below 1/255: culled
+    angle = torch.tensor(0.3, dtype=torch.float64)
+    viewmat = torch.eye(4, dtype=torch.float64)
+    viewmat[0, 0], viewmat[0, 2], viewmat[2, 0], viewmat[2, 2] = angle.cos(), angle.sin(), -angle.sin(), angle.cos()
+    viewmat[:3, 3] = torch.tensor([0.05, -0.02, 2.0], dtype=torch.float64)
+    K = torch.tensor([[120.0, 0, 60], [0, 110, 50], [0, 0, 1]], dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (means, quats, scales, viewmat)]
+    outs = {}
+    for name, fn in (("torch", project), ("numba", raster_numba.project_numba)):
+        pr = fn(*leaves[:3], opac, leaves[3], K, 120, 100, 0.01, 1e10, 0.3)
+        assert pr.visible[:10].sum() == 0 and pr.visible[30:35].sum() == 0 and pr.visible.sum() > 200
+        w = torch.randn(n, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * pr.visible[:, None]
+        loss = (torch.cat([pr.means2d, pr.conics, pr.depths[:, None]], 1) * w).sum()
+        outs[name] = (pr, torch.autograd.grad(loss, leaves))
+    (ref, ref_g), (fast, fast_g) = outs["torch"], outs["numba"]
+    for key in ("means2d", "conics", "depths"):
+        v = ref.visible
+        torch.testing.assert_close(getattr(fast, key)[v], getattr(ref, key)[v], rtol=1e-10, atol=1e-10)
+    assert torch.equal(fast.visible, ref.visible) and torch.equal(fast.radii, ref.radii)
+    for name, a, b in zip(("means", "quats", "scales", "viewmat"), fast_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=name)
+    assert ref.visible[10:30].sum() >= 10 and (ref_g[2][10:30].abs().sum(1) > 0).sum() >= 10  # clamped, drawn
+
+
+def test_numba_triplane_equals_grid_sample_with_gradients():
+    from talkinghead.nn import triplane_numba
+    from talkinghead.nn.triplane import Triplane
+
+    if not triplane_numba.available():
+        pytest.skip("numba not installed")
+    torch.manual_seed(0)
+    plane = Triplane((5, 8), 3, torch.tensor([[-1.0, -2.0, 0.0], [1.0, 2.0, 3.0]]))
+    with torch.no_grad():
+        for p in plane.planes:
+            p.normal_()  # signed values: a wrong corner or sign shows
+    lo, hi = plane.bounds
+    xyz = lo + (hi - lo) * torch.rand(200, 3)
+    xyz[:4] = hi  # u = 1 exactly: grid_sample's zero-padded neighbour
+    xyz[4:8] = lo
+    xyz[8:12] = hi + 0.5  # outside: clamped to the faces
+    xyz[12, 0] = lo[0] + (hi - lo)[0] * 0.5  # on a texel line (u = 0 on a 5-texel axis)
+    xyz.requires_grad_(True)
+    grad = torch.randn(200, plane.out_dim)
+    results = []
+    for fast in (False, True):
+        plane.fast = fast
+        out = plane(xyz)
+        g_xyz, *g_planes = torch.autograd.grad(out, [xyz, *plane.planes], grad)
+        results.append((out, g_xyz, g_planes))
+    (ref, ref_xyz, ref_planes), (out, out_xyz, out_planes) = results
+    assert out.grad_fn is not None and ref.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_xyz, ref_xyz, rtol=1e-4, atol=1e-5)
+    for a, b in zip(out_planes, ref_planes):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ref_xyz[8:12].abs().max() == 0  # clamped points get no gradient, either way
 
 
 def test_folded_cross_attention_equals_multihead_attention_and_batches_frames():

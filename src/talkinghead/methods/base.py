@@ -29,6 +29,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +53,18 @@ class Schedule:
     val_every: int = 500  # write validation PNGs + loss curve every this many iterations (0: only at the end)
     checkpoint_every: int = 500  # save a resumable checkpoint every this many iterations
     seed: int = 0
+    # Iterations by the length of the training clip, when a preset sets them: knots (seconds of training
+    # frames, iterations), linear between knots and held beyond the ends. The trainer applies them to a fresh
+    # run without ``--iterations`` (:meth:`for_clip`); the avatar's config records the result in ``iterations``.
+    clip_seconds: tuple[float, ...] = ()
+    clip_iterations: tuple[int, ...] = ()
+
+    def for_clip(self, seconds: float) -> int:
+        """Iterations for a training clip of ``seconds``: the knots' interpolation, or ``iterations`` when the
+        preset sets no knots."""
+        if not self.clip_seconds:
+            return self.iterations
+        return int(round(float(np.interp(seconds, self.clip_seconds, self.clip_iterations))))
 
 
 def adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
@@ -128,6 +141,9 @@ class Condition:
     # (``render --yaw/--pitch``); None when they are the same. Pose-conditioned inputs read :attr:`pose`.
     tracked_viewmat: Tensor | None = None
     source: SourceFrame | None = None  # only with DataConfig.source_frames
+    # px^2 screen-space low-pass a Gaussian method rasterizes with (``rasterize(eps2d=)``): 3DGS's 0.3 at the
+    # training size; the renderer widens it above (:func:`talkinghead.methods.render.render_condition`).
+    eps2d: float = 0.3
 
     def to(self, device: torch.device | str) -> "Condition":
         tracked = None if self.tracked_viewmat is None else self.tracked_viewmat.to(device)

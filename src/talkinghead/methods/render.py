@@ -167,13 +167,12 @@ class _Frames:
 
 def render_condition(model, cond: Condition, train_size: int) -> torch.Tensor:
     """``model.render(cond)`` at the Condition's size for a model trained at ``train_size``: above it, the Gaussian
-    rasterizer's screen-space low-pass grows with the square of the scale so every Gaussian keeps its trained
-    footprint (:func:`talkinghead.render.rasterize.low_pass`; methods that rasterize nothing ignore it)."""
+    rasterizer's screen-space low-pass (``cond.eps2d``) grows with the square of the scale so every Gaussian keeps
+    its trained footprint (:func:`talkinghead.render.rasterize.low_pass`; methods that rasterize nothing ignore
+    it)."""
     from talkinghead.render import low_pass
 
-    scale = max(1.0, cond.width / max(1, int(train_size)))
-    with low_pass(0.3 * scale * scale):
-        return model.render(cond)
+    return model.render(dataclasses.replace(cond, eps2d=low_pass(cond.width / max(1, int(train_size)))))
 
 
 def _run(model, frames: _Frames, out: Path, fps: float, audio: np.ndarray, desc: str, output: Output,

@@ -253,6 +253,8 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
     else:
         cfg = spec.make_config(preset, variant)
         meta = None
+        ds = open_dataset(data)
+        cfg.schedule.iterations = cfg.schedule.for_clip(len(ds.split_indices("train")) / ds.fps)
     if iterations is not None:
         cfg.schedule.iterations = int(iterations)
     device = default_device()

@@ -14,13 +14,14 @@ stratified + importance sampling, EG3D triplane sampling, OSG decoder, compositi
 
 from .model import GaussianModel
 from .projection import quat_to_rotmat
-from .rasterize import gsplat_available, low_pass, rasterize
+from .rasterize import EPS2D, gsplat_available, low_pass, rasterize
 from .sh import eval_sh, num_sh_bases, rgb_to_sh, sh_to_rgb
 from .strategy import DensityStrategy
 
 __all__ = [
     "rasterize",
     "low_pass",
+    "EPS2D",
     "gsplat_available",
     "eval_sh",
     "num_sh_bases",

@@ -234,6 +234,183 @@ def _compile():
         return means2d, conics, depths, radii, visible
 
     @numba.njit(cache=True, nogil=True)
+    def draw(order, means2d, conics, opac, colors, depths, width, height):  # pragma: no cover - compiled
+        """Inference's compositing: :func:`forward` over the Gaussians ``order`` (front to back) of the
+        projected arrays, features = (colors [N, D], depth); returns (out [P, D + 1], T [P]). The pixel alpha is
+        1 - T (the weights telescope: sum_i alpha_i T_i = 1 - T_final), so no column of ones is summed and
+        no gather of the visible rows is made."""
+        D = colors.shape[1]
+        out = np.zeros((width * height, D + 1))
+        T = np.ones(width * height)
+        done = np.zeros(width * height, np.bool_)
+        for k in range(order.shape[0]):
+            g = order[k]
+            u, v = means2d[g, 0], means2d[g, 1]
+            a, b, c, o = conics[g, 0], conics[g, 1], conics[g, 2], opac[g]
+            y0, y1, det, thr = rows(u, v, a, b, c, o, height)
+            log_o = math.log(o)
+            z = depths[g]
+            for y in range(y0, y1):
+                x0, x1, dy = span(u, v, a, b, det, thr, y, width)
+                B = b * dy
+                C = 0.5 * c * dy * dy - log_o
+                for x in range(x0, x1):
+                    p = y * width + x
+                    if done[p]:
+                        continue
+                    dx = x + 0.5 - u
+                    q = (0.5 * a * dx + B) * dx + C
+                    if q > Q_MAX:
+                        continue
+                    raw = math.exp(-q)
+                    if raw < ALPHA_MIN:
+                        continue
+                    alpha = min(raw, ALPHA_MAX)
+                    t_after = T[p] * (1.0 - alpha)
+                    if t_after < T_MIN:
+                        done[p] = True
+                        continue
+                    w = alpha * T[p]
+                    for f in range(D):
+                        out[p, f] += w * colors[g, f]
+                    out[p, D] += w * z
+                    T[p] = t_after
+        return out, T
+
+    @numba.njit(cache=True, nogil=True)
+    def project_backward(means, quats, scales, opac, viewmat, K, width, height, near, far, eps2d, g_m2d, g_con,
+                         g_dep):  # pragma: no cover - compiled
+        """Gradients of project's (means2d, conics, depths) w.r.t. means, quats, scales and viewmat [4, 4]:
+        projection.project's autograd graph by hand, Gaussian by Gaussian (recomputing its forward)."""
+        n = means.shape[0]
+        g_means = np.zeros((n, 3))
+        g_quats = np.zeros((n, 4))
+        g_scales = np.zeros((n, 3))
+        g_view = np.zeros((4, 4))
+        fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+        lim_x = 0.3 * 0.5 * width / fx
+        lim_y = 0.3 * 0.5 * height / fy
+        lo_x, hi_x = -(cx / fx + lim_x), (width - cx) / fx + lim_x
+        lo_y, hi_y = -(cy / fy + lim_y), (height - cy) / fy + lim_y
+        Rq = np.empty((3, 3))
+        RS = np.empty((3, 3))
+        W = np.empty((3, 3))
+        gW = np.empty((3, 3))
+        r0 = np.empty(3)
+        r1 = np.empty(3)
+        p = np.empty(3)
+        gp = np.empty(3)
+        for i in range(n):
+            gu, gv = g_m2d[i, 0], g_m2d[i, 1]
+            gA, gB, gC = g_con[i, 0], g_con[i, 1], g_con[i, 2]
+            if gu == 0.0 and gv == 0.0 and gA == 0.0 and gB == 0.0 and gC == 0.0 and g_dep[i] == 0.0:
+                continue  # culled or not drawn: nothing flows back
+            for r in range(3):
+                p[r] = (viewmat[r, 0] * means[i, 0] + viewmat[r, 1] * means[i, 1] + viewmat[r, 2] * means[i, 2]
+                        + viewmat[r, 3])
+            x, y, z = p[0], p[1], p[2]
+            in_depth = near < z < far
+            zs = z if in_depth else 1.0
+            qx_ = x / zs
+            qy_ = y / zs
+            kx = min(max(qx_, lo_x), hi_x)
+            ky = min(max(qy_, lo_y), hi_y)
+            tx, ty = zs * kx, zs * ky
+            qw, qx, qy, qz = quats[i, 0], quats[i, 1], quats[i, 2], quats[i, 3]
+            norm = max(math.sqrt(qw * qw + qx * qx + qy * qy + qz * qz), 1e-12)
+            qw, qx, qy, qz = qw / norm, qx / norm, qy / norm, qz / norm
+            Rq[0, 0], Rq[0, 1], Rq[0, 2] = 1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy)
+            Rq[1, 0], Rq[1, 1], Rq[1, 2] = 2 * (qx * qy + qw * qz), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qw * qx)
+            Rq[2, 0], Rq[2, 1], Rq[2, 2] = 2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx * qx + qy * qy)
+            for k in range(3):
+                for c in range(3):
+                    RS[k, c] = Rq[k, c] * scales[i, c]
+            for r in range(3):
+                for c in range(3):
+                    W[r, c] = viewmat[r, 0] * RS[0, c] + viewmat[r, 1] * RS[1, c] + viewmat[r, 2] * RS[2, c]
+            j00, j02 = fx / zs, -fx * tx / (zs * zs)
+            j11, j12 = fy / zs, -fy * ty / (zs * zs)
+            for k in range(3):
+                r0[k] = j00 * W[0, k] + j02 * W[2, k]
+                r1[k] = j11 * W[1, k] + j12 * W[2, k]
+            a = eps2d + r0[0] * r0[0] + r0[1] * r0[1] + r0[2] * r0[2]
+            b = r0[0] * r1[0] + r0[1] * r1[1] + r0[2] * r1[2]
+            c_ = eps2d + r1[0] * r1[0] + r1[1] * r1[1] + r1[2] * r1[2]
+            det = a * c_ - b * b
+            if in_depth and det > 0 and opac[i] >= ALPHA_MIN:  # conics = (c, -b, a) / det
+                inv = 1.0 / det
+                inv2 = inv * inv
+                ga = -gA * c_ * c_ * inv2 + gB * b * c_ * inv2 + gC * (inv - a * c_ * inv2)
+                gb = 2.0 * gA * b * c_ * inv2 - gB * (inv + 2.0 * b * b * inv2) + 2.0 * gC * a * b * inv2
+                gc = gA * (inv - a * c_ * inv2) + gB * a * b * inv2 - gC * a * a * inv2
+            else:  # conics = (c, -b, a)
+                ga, gb, gc = gC, -gB, gA
+            g_j00 = g_j02 = g_j11 = g_j12 = 0.0
+            for k in range(3):
+                g0 = 2.0 * ga * r0[k] + gb * r1[k]  # d/d r0[k]
+                g1 = 2.0 * gc * r1[k] + gb * r0[k]
+                gW[0, k] = j00 * g0
+                gW[1, k] = j11 * g1
+                gW[2, k] = j02 * g0 + j12 * g1
+                g_j00 += g0 * W[0, k]
+                g_j02 += g0 * W[2, k]
+                g_j11 += g1 * W[1, k]
+                g_j12 += g1 * W[2, k]
+            z2 = zs * zs
+            g_zs = (-fx / z2 * g_j00 + 2.0 * fx * tx / (z2 * zs) * g_j02 - fy / z2 * g_j11
+                    + 2.0 * fy * ty / (z2 * zs) * g_j12)
+            g_tx = -fx / z2 * g_j02
+            g_ty = -fy / z2 * g_j12
+            # means2d = (fx x / zs + cx, fy y / zs + cy)
+            g_x = fx / zs * gu
+            g_y = fy / zs * gv
+            g_zs += -fx * x / z2 * gu - fy * y / z2 * gv
+            # t = zs * clamp(p / zs): p itself inside the limits, zs times a constant outside
+            if lo_x < qx_ < hi_x:
+                g_x += g_tx
+            else:
+                g_zs += kx * g_tx
+            if lo_y < qy_ < hi_y:
+                g_y += g_ty
+            else:
+                g_zs += ky * g_ty
+            gp[0], gp[1], gp[2] = g_x, g_y, g_dep[i] + (g_zs if in_depth else 0.0)
+            for r in range(3):  # p = R m + t
+                for c in range(3):
+                    g_means[i, c] += viewmat[r, c] * gp[r]
+                    g_view[r, c] += gp[r] * means[i, c]
+                g_view[r, 3] += gp[r]
+            for r in range(3):  # W = R RS
+                for k in range(3):
+                    g_view[r, k] += gW[r, 0] * RS[k, 0] + gW[r, 1] * RS[k, 1] + gW[r, 2] * RS[k, 2]
+            G00 = G01 = G02 = G10 = G11 = G12 = G20 = G21 = G22 = 0.0
+            for c in range(3):
+                m0 = viewmat[0, 0] * gW[0, c] + viewmat[1, 0] * gW[1, c] + viewmat[2, 0] * gW[2, c]  # (R^T gW)[k, c]
+                m1 = viewmat[0, 1] * gW[0, c] + viewmat[1, 1] * gW[1, c] + viewmat[2, 1] * gW[2, c]
+                m2 = viewmat[0, 2] * gW[0, c] + viewmat[1, 2] * gW[1, c] + viewmat[2, 2] * gW[2, c]
+                g_scales[i, c] = m0 * Rq[0, c] + m1 * Rq[1, c] + m2 * Rq[2, c]
+                s_c = scales[i, c]
+                if c == 0:
+                    G00, G10, G20 = m0 * s_c, m1 * s_c, m2 * s_c
+                elif c == 1:
+                    G01, G11, G21 = m0 * s_c, m1 * s_c, m2 * s_c
+                else:
+                    G02, G12, G22 = m0 * s_c, m1 * s_c, m2 * s_c
+            gw = 2.0 * (-qz * G01 + qy * G02 + qz * G10 - qx * G12 - qy * G20 + qx * G21)
+            gx = 2.0 * (qy * G01 + qz * G02 + qy * G10 - 2.0 * qx * G11 - qw * G12 + qz * G20 + qw * G21
+                        - 2.0 * qx * G22)
+            gy = 2.0 * (-2.0 * qy * G00 + qx * G01 + qw * G02 + qx * G10 + qz * G12 - qw * G20 + qz * G21
+                        - 2.0 * qy * G22)
+            gz = 2.0 * (-2.0 * qz * G00 - qw * G01 + qx * G02 + qw * G10 - 2.0 * qz * G11 + qy * G12 + qx * G20
+                        + qy * G21)
+            dot = qw * gw + qx * gx + qy * gy + qz * gz  # through q / |q|
+            g_quats[i, 0] = (gw - qw * dot) / norm
+            g_quats[i, 1] = (gx - qx * dot) / norm
+            g_quats[i, 2] = (gy - qy * dot) / norm
+            g_quats[i, 3] = (gz - qz * dot) / norm
+        return g_means, g_quats, g_scales, g_view
+
+    @numba.njit(cache=True, nogil=True)
     def sh_colors(coeffs, dirs, degree):  # pragma: no cover - compiled
         """max(eval_sh(degree, coeffs, dirs) + 0.5, 0): [n, 3] from coeffs [n, K, 3], dirs [n, 3]."""
         n = coeffs.shape[0]
@@ -259,7 +436,7 @@ def _compile():
                 out[i, ch] = max(s + 0.5, 0.0)
         return out
 
-    _kernels = (forward, backward, project, sh_colors)
+    _kernels = (forward, backward, project, sh_colors, project_backward, draw)
     return _kernels
 
 
@@ -285,6 +462,40 @@ class _CompositeNumba(torch.autograd.Function):
         return tuple(torch.from_numpy(g).to(like.dtype).to(like.device) for g in grads) + (None, None)
 
 
+class _ProjectNumba(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means, quats, scales, viewmat, opacities, K, width, height, near, far, eps2d):
+        proj = _compile()[2]
+        inputs = (_np(means), _np(quats), _np(scales), _np(opacities), _np(viewmat), _np(K))
+        means2d, conics, depths, radii, visible = proj(*inputs, width, height, near, far, eps2d)
+        ctx.state = (inputs, width, height, near, far, eps2d)
+        radii, visible = torch.from_numpy(radii), torch.from_numpy(visible)
+        ctx.mark_non_differentiable(radii, visible)
+        like = means
+        return (torch.from_numpy(means2d).to(like), torch.from_numpy(conics).to(like),
+                torch.from_numpy(depths).to(like), radii, visible)
+
+    @staticmethod
+    def backward(ctx, g_means2d, g_conics, g_depths, _radii, _visible):
+        bwd = _compile()[4]
+        inputs, width, height, near, far, eps2d = ctx.state
+        grads = bwd(*inputs, width, height, near, far, eps2d, _np(g_means2d), _np(g_conics), _np(g_depths))
+        g_means, g_quats, g_scales, g_view = (torch.from_numpy(g).to(g_means2d) for g in grads)
+        return (g_means, g_quats, g_scales, g_view if ctx.needs_input_grad[3] else None) + (None,) * 7
+
+
+def project_numba(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmat: Tensor, K: Tensor,
+                  width: int, height: int, near: float, far: float, eps2d: float):
+    """:func:`.projection.project` (same outputs, as a :class:`.projection.Projected`) with its forward and
+    backward compiled: differentiable in means, quats, scales and viewmat; K and opacities are constants here
+    (opacity only culls). One launch each way instead of ~60 tensor operations and their autograd nodes."""
+    from .projection import Projected
+
+    means2d, conics, depths, radii, visible = _ProjectNumba.apply(
+        means, quats, scales, viewmat, opacities.detach(), K.detach(), width, height, near, far, eps2d)
+    return Projected(means2d, conics, depths, radii, visible)
+
+
 def composite_numba(means2d: Tensor, conics: Tensor, opacities: Tensor, feats: Tensor, width: int,
                     height: int) -> Tensor:
     """[height * width, F] composited features of Gaussians sorted front to back (see
@@ -299,23 +510,21 @@ def render_numba(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor
 
     Returns image [H, W, D], alpha [H, W, 1], depth [H, W, 1] and info (means2d [N, 2], radii [N, 2],
     depths [N]), as tensors of the inputs' dtype."""
-    fwd, _, proj, sh = _compile()
+    _, _, proj, sh, _, draw = _compile()
     m = _np(means)
     means2d, conics, depths, radii, visible = proj(m, _np(quats), _np(scales), _np(opacities), _np(viewmat), _np(K),
                                                    width, height, near, far, eps2d)
     idx = np.nonzero(visible)[0]
     idx = idx[np.argsort(depths[idx], kind="stable")]  # front to back, ties in index order (as torch's stable sort)
-    c = _np(colors)[idx]
+    c = _np(colors)
     if sh_degree is not None:
         vm = _np(viewmat)
         campos = -vm[:3, :3].T @ vm[:3, 3]
-        c = sh(np.ascontiguousarray(c), m[idx] - campos, sh_degree)
+        c = sh(c, m - campos, sh_degree)  # every Gaussian's: a gather of the visible ones costs more than the few
     D = c.shape[1]
-    feats = np.concatenate([c, depths[idx, None], np.ones((len(idx), 1))], 1)
-    out, _, _ = fwd(np.ascontiguousarray(means2d[idx]), np.ascontiguousarray(conics[idx]),
-                    _np(opacities)[idx], feats, width, height)
-    out = torch.from_numpy(out.reshape(height, width, D + 2)).to(means.dtype)
-    alpha = out[..., D + 1:]
+    out, T = draw(idx, means2d, conics, _np(opacities), np.ascontiguousarray(c), depths, width, height)
+    out = torch.from_numpy(out.reshape(height, width, D + 1)).to(means.dtype)
+    alpha = torch.from_numpy(1.0 - T.reshape(height, width, 1)).to(means.dtype)
     info = {"means2d": torch.from_numpy(means2d).to(means.dtype), "radii": torch.from_numpy(radii),
             "depths": torch.from_numpy(depths).to(means.dtype)}
-    return out[..., :D], alpha, out[..., D:D + 1] / alpha.clamp(min=1e-10), info
+    return out[..., :D], alpha, out[..., D:] / alpha.clamp(min=1e-10), info

@@ -14,11 +14,9 @@ need not have one.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import importlib.util
-from contextlib import contextmanager
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -30,24 +28,19 @@ from .sh import eval_sh
 
 Backend = Literal["auto", "torch", "numba", "gsplat"]
 
-# The screen-space low-pass (px^2 added to every projected 2D covariance; 3DGS and gsplat: 0.3).
-_EPS2D: contextvars.ContextVar[float] = contextvars.ContextVar("eps2d", default=0.3)
+# The screen-space low-pass: px^2 added to every projected 2D covariance (3DGS and gsplat: 0.3).
+EPS2D = 0.3
 
 
-@contextmanager
-def low_pass(eps2d: float) -> Iterator[None]:
-    """Within the block, every :func:`rasterize` call dilates the projected Gaussians by ``eps2d`` px^2
-    instead of 3DGS's 0.3.
+def low_pass(scale: float) -> float:
+    """The ``eps2d`` for rendering at ``scale`` times the training size: 0.3 * scale^2 px^2 (at least 0.3).
 
-    The renderer uses it to render at ``s`` times the training size: 0.3 * s^2 keeps each Gaussian's footprint
-    what it was trained with. With the fixed 0.3 px^2 the Gaussians of a 128^2 avatar rendered at 512^2 are
-    thinner than trained and the face degrades (the effect Mip-Splatting, Yu et al. 2024, describes; we only
-    rescale the existing dilation, without its 3D filter). Measured in bench/RESULTS.md (issue 13)."""
-    token = _EPS2D.set(float(eps2d))
-    try:
-        yield
-    finally:
-        _EPS2D.reset(token)
+    It keeps each Gaussian's footprint what it was trained with. With the fixed 0.3 px^2 the Gaussians of a
+    128^2 avatar rendered at 512^2 are thinner than trained and the face degrades (the effect Mip-Splatting,
+    Yu et al. 2024, describes; we only rescale the existing dilation, without its 3D filter). Measured in
+    bench/RESULTS.md (issue 13)."""
+    scale = max(1.0, float(scale))
+    return EPS2D * scale * scale
 
 
 def gsplat_available() -> bool:
@@ -70,6 +63,7 @@ def rasterize(
     backend: Backend = "auto",
     near_plane: float = 0.01,
     far_plane: float = 1e10,
+    eps2d: float = EPS2D,  # px^2 screen-space low-pass (:func:`low_pass` for renders above the training size)
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
     """Render 3D Gaussians from one camera, or from C cameras at once.
 
@@ -105,7 +99,8 @@ def rasterize(
     else:
         raise ValueError(f"unknown backend {backend!r} (auto, torch, numba or gsplat)")
     image, alpha, depth, info = run(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near_plane, far_plane
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near_plane, far_plane,
+        float(eps2d),
     )
     if background is not None:
         bg = background.to(image)
@@ -126,8 +121,7 @@ def _colors(colors: Tensor, means: Tensor, viewmat: Tensor, sh_degree: int | Non
 
 
 def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far,
-                     kernel="torch"):
-    eps2d = _EPS2D.get()
+                     eps2d, kernel="torch"):
     if kernel == "numba" and not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (means, quats, scales, opacities, colors))):
         from .raster_numba import render_numba  # inference: projection, sort and colours compiled too
@@ -136,8 +130,14 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
                              eps2d) for v, k in zip(viewmats, Ks)]
         info = {key: torch.stack([o[3][key] for o in outs]) for key in ("means2d", "radii", "depths")}
         return (*(torch.stack([o[i] for o in outs]) for i in range(3)), info)
-    projs = [project(means, quats, scales, opacities, v, k, width, height, near, far, eps2d)
-             for v, k in zip(viewmats, Ks)]
+    if kernel == "numba" and not Ks.requires_grad:
+        from .raster_numba import project_numba  # the same projection, compiled forward and backward
+
+        projs = [project_numba(means, quats, scales, opacities, v, k, width, height, near, far, eps2d)
+                 for v, k in zip(viewmats, Ks)]
+    else:
+        projs = [project(means, quats, scales, opacities, v, k, width, height, near, far, eps2d)
+                 for v, k in zip(viewmats, Ks)]
     # retain_grad() only sees gradients on a tensor the loss was computed from, so the compositor reads
     # slices of the very [C, N, 2] tensor that info returns.
     means2d = torch.stack([p.means2d for p in projs])
@@ -162,12 +162,13 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
     return torch.stack(images), torch.stack(alphas), torch.stack(depths), info
 
 
-def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far):
+def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far,
+                      eps2d):
     from gsplat import rasterization  # CUDA-only dependency, imported on use
 
     render, alpha, meta = rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-        near_plane=near, far_plane=far, eps2d=_EPS2D.get(), sh_degree=sh_degree,
+        near_plane=near, far_plane=far, eps2d=eps2d, sh_degree=sh_degree,
         packed=False, rasterize_mode="classic", render_mode="RGB+ED",
     )  # fmt: skip
     radii = meta["radii"]

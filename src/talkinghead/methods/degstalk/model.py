@@ -246,7 +246,7 @@ class DEGSTalk(nn.Module):
     def _raster(self, g: dict[str, Tensor], cond: Condition, background: Tensor):
         return rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], cond.viewmat, cond.K,
                          cond.width, cond.height, background=background, sh_degree=self.cfg.sh_degree,
-                         backend=self.cfg.backend)
+                         backend=self.cfg.backend, eps2d=cond.eps2d)
 
     def fields(self, cond: Condition, deform: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None]:
         """(face Gaussians, mouth Gaussians, predicted gap in mm or None) for a frame."""
@@ -318,7 +318,8 @@ class DEGSTalk(nn.Module):
         bg_m = (img * (1 - m_mouth))[ys, xs]
         pred_m, _, _, info_m = rasterize(mouth["means"], mouth["quats"], mouth["scales"], mouth["opacities"],
                                          mouth["sh"], cond.viewmat, Kc, bg_m.shape[1], bg_m.shape[0],
-                                         background=bg_m, sh_degree=c.sh_degree, backend=c.backend)
+                                         background=bg_m, sh_degree=c.sh_degree, backend=c.backend,
+                                         eps2d=cond.eps2d)
         l1_f, ds_f = (pred_f - target_f).abs().mean(), dssim(pred_f, target_f)
         l1_m, ds_m = (pred_m - img[ys, xs]).abs().mean(), dssim(pred_m, img[ys, xs])
         loss = l1_f + c.lambda_dssim * ds_f + l1_m + c.lambda_dssim * ds_m

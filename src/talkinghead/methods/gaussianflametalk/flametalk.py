@@ -69,6 +69,7 @@ takes eyes from the reference.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -144,6 +145,7 @@ def eye_components(neutral: np.ndarray, basis: np.ndarray, radius: float = 0.25,
 
 # --- the network ----------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16)  # rebuilt per streamed frame otherwise; callers never modify it
 def periodic_positional_encoding(length: int, d_model: int, period: int) -> Tensor:
     """FaceFormer's PPE [length, d]: the sinusoidal encoding of ``t mod period``."""
     pos = torch.arange(period, dtype=torch.float32)[:, None]
@@ -154,6 +156,7 @@ def periodic_positional_encoding(length: int, d_model: int, period: int) -> Tens
     return pe.repeat(length // period + 1, 1)[:length]
 
 
+@functools.lru_cache(maxsize=16)  # rebuilt per streamed frame otherwise; callers never modify it
 def biased_causal_mask(length: int, heads: int, period: int, context: int) -> Tensor:
     """FaceFormer's biased causal mask [heads, L, L] (additive): ALiBi slopes times the period index of
     the distance ``-slope_h * floor((i - j) / period)`` for ``i - context < j <= i``, -inf elsewhere."""
@@ -166,6 +169,7 @@ def biased_causal_mask(length: int, heads: int, period: int, context: int) -> Te
     return bias.masked_fill(~allowed[None], float("-inf"))
 
 
+@functools.lru_cache(maxsize=16)  # rebuilt per streamed frame otherwise; callers never modify it
 def causal_window_mask(length: int, context: int, lookahead: int = 0) -> Tensor:
     """Bool [L, L], True where attention is *blocked*: more than ``lookahead`` frames ahead, or ``context``
     or more frames back."""
@@ -174,6 +178,7 @@ def causal_window_mask(length: int, context: int, lookahead: int = 0) -> Tensor:
     return (j > i + lookahead) | (j <= i - context)
 
 
+@functools.lru_cache(maxsize=16)  # rebuilt per streamed frame otherwise; callers never modify it
 def alignment_mask(length: int) -> Tensor:
     """FaceFormer's binary alignment mask [L, L] for equal audio and motion rates: True (blocked) off the
     diagonal, so motion frame t reads audio frame t only."""

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from talkinghead.errors import UserError
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
 from talkinghead.methods.losses import dssim
-from talkinghead.render import rasterize
+from talkinghead.render import EPS2D, rasterize
 
 from .avatar import RiggedAvatar
 from .config import GaussianFlameTalkConfig
@@ -169,10 +169,11 @@ class GaussianFlameTalk(nn.Module):
     def _is_train_frame(self, index: int) -> bool:
         return 0 <= index < self.avatar.trained_frames.shape[0] and bool(self.avatar.trained_frames[index])
 
-    def _raster(self, g: dict[str, Tensor], viewmat: Tensor, K: Tensor, backdrop: Tensor) -> tuple[Tensor, Tensor]:
+    def _raster(self, g: dict[str, Tensor], viewmat: Tensor, K: Tensor, backdrop: Tensor,
+                eps2d: float = EPS2D) -> tuple[Tensor, Tensor]:
         img, alpha, _, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], viewmat, K,
                                      backdrop.shape[1], backdrop.shape[0], background=backdrop,
-                                     sh_degree=self.cfg.sh_degree, backend=self.cfg.backend)
+                                     sh_degree=self.cfg.sh_degree, backend=self.cfg.backend, eps2d=eps2d)
         return img, alpha
 
     def speech_for(self, cond: Condition, stream: "_Stream | None" = None) -> Tensor:
@@ -202,7 +203,8 @@ class GaussianFlameTalk(nn.Module):
         viewmat = cond.viewmat
         if self._is_train_frame(cond.index):
             viewmat = self.avatar.frame_viewmat(cond.index, viewmat, delta=self._corrections()[0])
-        img, _ = self._raster(self.avatar.gaussians(expr, self._frozen.get(self)), viewmat, cond.K, cond.backdrop)
+        img, _ = self._raster(self.avatar.gaussians(expr, self._frozen.get(self)), viewmat, cond.K, cond.backdrop,
+                              cond.eps2d)
         return img.clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ training
@@ -232,7 +234,7 @@ class GaussianFlameTalk(nn.Module):
         expr = a.frame_expression(i)
         viewmat = a.frame_viewmat(i, cond.viewmat)
         g = a.gaussians(expr)
-        pred, alpha = self._raster(g, viewmat, cond.K, cond.backdrop)
+        pred, alpha = self._raster(g, viewmat, cond.K, cond.backdrop, cond.eps2d)
         l1 = (pred - batch.image).abs().mean()
         ds = dssim(pred, batch.image)
         alpha_l1 = (alpha[..., 0] - batch.head_mask).abs().mean()
@@ -243,7 +245,7 @@ class GaussianFlameTalk(nn.Module):
         logs = {"l1": l1.item(), "dssim": ds.item(), "alpha": alpha_l1.item()}
         if batch.mouth is not None and c.lambda_lip > 0:
             m = batch.mouth
-            crop, _ = self._raster(g, viewmat, m.K, m.backdrop)
+            crop, _ = self._raster(g, viewmat, m.K, m.backdrop, cond.eps2d)
             lip = (crop - m.image).abs().mean()
             loss = loss + c.lambda_lip * lip
             logs["lip"] = lip.item()

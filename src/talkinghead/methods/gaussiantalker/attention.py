@@ -55,7 +55,7 @@ class CrossAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def cross_attention(self, q: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """q: [..., N, d] normalised queries, tokens: [..., M, d] -> (output [..., N, d], weights [..., N, H, M])."""
+        """q: [..., N, d] normalised queries, tokens: [..., M, d] -> (output [..., N, d], weights [..., N, M, H])."""
         attn = self.attn
         h = attn.num_heads
         d = q.shape[-1]
@@ -65,11 +65,13 @@ class CrossAttentionBlock(nn.Module):
         k = F.linear(tokens, w_k, b_k).unflatten(-1, (h, dh))  # [..., M, H, dh]
         v = F.linear(tokens, w_v, b_v).unflatten(-1, (h, dh))
         scale = 1.0 / math.sqrt(dh)
-        fold_q = torch.einsum("...mhe,hei->...ihm", k, w_q.view(h, dh, d)) * scale  # [..., d, H, M]
-        bias_q = torch.einsum("...mhe,he->...hm", k, b_q.view(h, dh)) * scale  # [..., H, M]
+        # Scores laid out [..., N, M, H] (token-major), softmax over the tokens' axis -2: torch's softmax over a
+        # last axis of 4 costs ~2 ms per 5000 x 16 scores on a CPU, over axis -2 with 4 heads inside ~0.5 ms.
+        fold_q = torch.einsum("...mhe,hei->...imh", k, w_q.view(h, dh, d)) * scale  # [..., d, M, H]
+        bias_q = torch.einsum("...mhe,he->...mh", k, b_q.view(h, dh)) * scale  # [..., M, H]
         scores = (q @ fold_q.flatten(-2)).unflatten(-1, bias_q.shape[-2:]) + bias_q.unsqueeze(-3)
-        w = torch.softmax(scores, dim=-1)  # [..., N, H, M]
-        fold_o = torch.einsum("...mhe,ohe->...hmo", v, attn.out_proj.weight.view(d, h, dh))  # [..., H, M, d]
+        w = torch.softmax(scores, dim=-2)  # [..., N, M, H]
+        fold_o = torch.einsum("...mhe,ohe->...mho", v, attn.out_proj.weight.view(d, h, dh))  # [..., M, H, d]
         out = w.flatten(-2) @ fold_o.flatten(-3, -2) + attn.out_proj.bias
         return out, w
 
@@ -78,7 +80,7 @@ class CrossAttentionBlock(nn.Module):
         a, w = self.cross_attention(self.norm_q(z), tokens)
         z = z + a
         z = z + self.ffn(self.norm_f(z))
-        return z, w.mean(-2)
+        return z, w.mean(-1)
 
 
 class SpatialAudioAttention(nn.Module):

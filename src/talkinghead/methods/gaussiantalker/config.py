@@ -1,4 +1,11 @@
-"""GaussianTalker's configuration, its presets (cpu-small, gpu) and variants (fast = GaussianTalker*)."""
+"""GaussianTalker's configuration, its presets (cpu-small, gpu) and variants (fast = GaussianTalker*).
+
+cpu-small's iteration count follows the length of the training clip (:attr:`Schedule.clip_seconds`): 2000
+iterations up to 10 s of training frames, 4000 from 60 s (the count the 71 s cnn clip was tuned with), linear
+between. Measured (bench/RESULTS.md, "Speed", issue 16): trained on the first 10 s of cnn_anchor_en_71s and
+tested on its usual test split, 1000 iterations gave face PSNR 26.83 dB / mouth r 0.46, 2000 gave 27.17 /
+0.43 (one seed) -- 1000 loses a third of a dB, 2000 is half the 71 s clip's time. ``--iterations`` overrides.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +59,8 @@ def make_config(preset: str, variant: str | None) -> GaussianTalkerConfig:
     if preset == "cpu-small":
         cfg = GaussianTalkerConfig(
             data=DataConfig(size=128, audio_radius=3, mouth_crop=64),
-            schedule=Schedule(iterations=4000, val_every=500, checkpoint_every=500),
+            schedule=Schedule(iterations=4000, val_every=500, checkpoint_every=500,
+                              clip_seconds=(10.0, 60.0), clip_iterations=(2000, 4000)),
         )
     elif preset == "gpu":
         # The paper's setting: 512^2 frames, degree-3 SH, a finer triplane, tens of thousands of iterations.

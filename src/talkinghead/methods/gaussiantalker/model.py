@@ -52,7 +52,7 @@ from talkinghead.methods.losses import PerceptualLoss, dssim
 from talkinghead.methods.surface import base_log_scales, initial_points
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.nn.triplane import Triplane
-from talkinghead.render import num_sh_bases, rasterize
+from talkinghead.render import EPS2D, num_sh_bases, rasterize
 
 from talkinghead.nn.encoding import blink_encoding
 
@@ -199,17 +199,18 @@ class GaussianTalker(nn.Module):
                    opacities=torch.sigmoid(logit), sh=sh, features=f)
         return out
 
-    def _raster(self, g: dict[str, Tensor], viewmat: Tensor, K: Tensor, backdrop: Tensor) -> Tensor:
+    def _raster(self, g: dict[str, Tensor], viewmat: Tensor, K: Tensor, backdrop: Tensor,
+                eps2d: float = EPS2D) -> Tensor:
         img, _, _, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], viewmat, K,
                                  backdrop.shape[1], backdrop.shape[0], background=backdrop,
-                                 sh_degree=self.cfg.sh_degree, backend=self.cfg.backend)
+                                 sh_degree=self.cfg.sh_degree, backend=self.cfg.backend, eps2d=eps2d)
         return img
 
     # ------------------------------------------------------------------------------------------ Method
 
     def render(self, cond: Condition) -> Tensor:
         g = self.gaussians(cond, deform=bool(self.deform_on))
-        return self._raster(g, cond.viewmat, cond.K, cond.backdrop).clamp(0, 1)
+        return self._raster(g, cond.viewmat, cond.K, cond.backdrop, cond.eps2d).clamp(0, 1)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         mlp = [p for name, p in self.named_parameters() if not name.startswith(("means", "triplane."))]
@@ -232,7 +233,7 @@ class GaussianTalker(nn.Module):
             self._geo_seen.add(batch.cond.index)
             self._geo_bank.append((batch.cond.audio, batch.cond.blink, batch.cond.viewmat, batch.expression))
         g = self.gaussians(batch.cond, deform)
-        pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop)
+        pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop, batch.cond.eps2d)
         l1 = (pred - batch.image).abs().mean()
         ds = dssim(pred, batch.image)
         loss = l1 + cfg.lambda_dssim * ds
@@ -254,7 +255,7 @@ class GaussianTalker(nn.Module):
             logs["geo"] = geo.item()
         if deform and batch.mouth is not None and cfg.lambda_lip > 0:
             m = batch.mouth
-            crop = self._raster(g, batch.cond.viewmat, m.K, m.backdrop)
+            crop = self._raster(g, batch.cond.viewmat, m.K, m.backdrop, batch.cond.eps2d)
             lip = (crop - m.image).abs().mean()
             loss = loss + cfg.lambda_lip * lip
             logs["lip"] = lip.item()
