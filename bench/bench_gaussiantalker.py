@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--avatar", type=Path, default=None)
     ap.add_argument("--variant", default=None)
     ap.add_argument("--iterations", type=int, default=None, help="override the preset's (a shorter run)")
+    ap.add_argument("--seed", type=int, default=None, help="training seed (default: the preset's)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gaussiantalker"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -170,6 +171,8 @@ def main() -> None:
             cmd += ["--variant", args.variant]
         if args.iterations:
             cmd += ["--iterations", str(args.iterations)]
+        if args.seed is not None:
+            cmd += ["--seed", str(args.seed)]
         log["train_wall_s"] = run_timed(cmd)
     log["train_log"] = json.loads((avatar / "train_log.json").read_text())
     log["load_after_train"] = load()
@@ -190,7 +193,7 @@ def write_results(log: dict, args) -> None:
         "",
         f"Clip `{args.video.name}`, preset cpu-small ({tl['size']}x{tl['size']}), variant "
         f"{tl.get('variant') or 'L=2 (GaussianTalker)'}, {tl.get('num_gaussians')} Gaussians, {tl['iterations']} iterations "
-        f"({tl.get('canonical_iterations')} canonical), {tl['train_frames']} training frames, LPIPS {tl.get('lpips', '?')[:3]}.",
+        f"({tl.get('canonical_iterations')} canonical, seed {tl.get('seed', 0)}), {tl['train_frames']} training frames, LPIPS {tl.get('lpips', '?')[:3]}.",
         "",
         "| figure | value |",
         "|---|---|",

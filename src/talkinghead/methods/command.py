@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default=None, choices=("cpu-small", "gpu"),
                    help="training size/length (default: gpu with CUDA, else cpu-small)")
     p.add_argument("--iterations", type=int, default=None, help="override the preset's iteration count")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed of the initialisation and the frame order (default: the preset's, 0)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in AVATAR")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: measured ~4x faster than 2 when other jobs share the cores)")
@@ -112,7 +114,7 @@ def _train(args) -> int:
         variant = args.stage
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu-small")
     log = train(args.data, args.method, args.out, preset=preset, variant=variant, resume=args.resume,
-                iterations=args.iterations)
+                iterations=args.iterations, seed=args.seed)
     print(f"trained {log['method']} in {log['train_time_s']:.0f} s ({log['iterations']} iterations): {args.out}")
     print(json.dumps({k: log[k] for k in ("val_psnr", "train_time_s", "wall_time_s")}))
     return 0

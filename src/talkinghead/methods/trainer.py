@@ -232,8 +232,11 @@ def save_loss_curve(out: Path, history: dict[str, dict[str, list]]) -> None:
 
 
 def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant: str | None = None,
-          resume: bool = False, iterations: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train ``method`` on the prepared dataset ``data`` into the avatar folder ``out``; returns train_log."""
+          resume: bool = False, iterations: int | None = None, progress: bool = True,
+          seed: int | None = None) -> dict[str, Any]:
+    """Train ``method`` on the prepared dataset ``data`` into the avatar folder ``out``; returns train_log.
+
+    ``iterations`` and ``seed`` override the preset's (a resumed run keeps the seed it started with)."""
     t_start = time.perf_counter()
     data, out = Path(data), Path(out)
     spec = get_method(method)
@@ -257,6 +260,8 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
         cfg.schedule.iterations = cfg.schedule.for_clip(len(ds.split_indices("train")) / ds.fps)
     if iterations is not None:
         cfg.schedule.iterations = int(iterations)
+    if seed is not None and meta is None:
+        cfg.schedule.seed = int(seed)
     device = default_device()
     if preset == "gpu" and device.type != "cuda":
         raise UserError("the gpu preset needs a CUDA GPU (none found); use --preset cpu-small")
@@ -327,6 +332,7 @@ def train(data: Path, method: str, out: Path, preset: str = "cpu-small", variant
         "variant": variant,
         "preset": preset,
         "iterations": total,
+        "seed": cfg.schedule.seed,
         "resumed_from": start,
         "train_time_s": round(elapsed, 2),
         "load_time_s": round(load_s, 2),
