@@ -386,8 +386,9 @@ def load_whisper(checkpoint: str | os.PathLike | None = None, device: str | None
 
 def shared_whisper(checkpoint: str | os.PathLike | None = None) -> WhisperEncoder:
     """The encoder of ``checkpoint`` loaded once per process and shared by every caller (prepare's, render's,
-    each server session's and feature worker's): building it costs ~5.6 CPU-s (tiny.en), the features of a
-    5 s upload ~1 s. Keyed by the weights' identity (path, sha256), so a checkpoint rewritten in place is
+    each server session's and feature worker's): a first load costs ~6 CPU-s, nearly all of it importing
+    torch (~1.8) and transformers' whisper modules (~4.2, which pull in transformers' model-loading machinery);
+    building tiny.en from its checkpoint ~0.1 (2026-12-01, 2-core EPYC); the features of a 5 s upload ~1 s. Keyed by the weights' identity (path, sha256), so a checkpoint rewritten in place is
     loaded anew. Inference only: callers never train or modify it."""
     digest = checkpoint_identity(checkpoint)[1]
     with _SHARED_LOCK:  # two sessions asking at once build it once
