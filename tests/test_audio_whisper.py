@@ -179,11 +179,43 @@ def test_the_encoder_built_without_initialisation_equals_the_plainly_built_one(t
         assert torch.equal(ours[key], theirs[key]), key
     assert all(not p.requires_grad for p in enc.model.parameters())
     assert enc.model.conv1.weight.numpy().flags.writeable
+    assert __import__("gc").isenabled()  # the load pauses the collector and gives it back
     mel = enc.extractor(synthetic_signal(), sampling_rate=RATE, return_tensors="pt", padding="max_length")
     with torch.inference_mode():
         a = enc.model(mel["input_features"], output_hidden_states=True).hidden_states
         b = ref(mel["input_features"], output_hidden_states=True).hidden_states
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_gc_paused_restores_the_collector_and_cycles_made_inside_are_still_collected():
+    import gc
+    import weakref
+
+    from talkinghead.startup import gc_paused
+
+    class Node:
+        pass
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a reference cycle: only the collector frees it
+        ref = weakref.ref(a)
+        del a, b
+    assert gc.isenabled() and ref() is not None
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
 
 
 def _ct2_file(path: Path, variables: dict) -> None:

