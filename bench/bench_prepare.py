@@ -66,12 +66,15 @@ def run_prepare(video: Path, out: Path, preview: bool, extra: tuple[str, ...] = 
 # A tree from before Whisper became the default has no --audio-encoder and a 4-argument worker: it runs its own
 # default (the phone + log-mel + energy features). argv: clip, loops, encoder, [.npy for the Whisper features]
 _AUDIO_STEP = """
-import inspect, json, resource, sys, time
+import gc, inspect, json, resource, sys, time
 import numpy as np
 from talkinghead import media
 from talkinghead.prepare.pipeline import _compute_audio
 wave = np.tile(media.read_audio(sys.argv[1]), int(sys.argv[2]))
 frames = int(len(wave) / media.AUDIO_RATE * 25.0)
+collecting = [0.0, 0.0]  # CPU s inside the cyclic garbage collector during the step, start of the current one
+gc.callbacks.append(lambda phase, info: collecting.__setitem__(*(
+    (1, time.process_time()) if phase == "start" else (0, collecting[0] + time.process_time() - collecting[1]))))
 if len(inspect.signature(_compute_audio).parameters) == 4:
     features, wall, cpu = _compute_audio(wave, 25.0, frames, None)
 else:
@@ -84,7 +87,7 @@ ru = resource.getrusage(resource.RUSAGE_SELF)
 hidden = getattr(features, "whisper", None)
 if len(sys.argv) > 4 and hidden is not None:
     np.save(sys.argv[4], hidden)
-print(json.dumps({"seconds": len(wave) / media.AUDIO_RATE, "wall": wall, "cpu": cpu,
+print(json.dumps({"seconds": len(wave) / media.AUDIO_RATE, "wall": wall, "cpu": cpu, "gc_cpu": collecting[0],
                   "rss_gb": ru.ru_maxrss * 1024 / 1e9, "phones": features.phone_ids is not None,
                   "whisper": hidden is not None}))
 """

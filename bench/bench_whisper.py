@@ -122,13 +122,13 @@ def audio_step(clip: Path, before: Path | None, no_write: bool) -> None:
                 feats[(loops, label)] = np.load(save) if r["whisper"] else None
                 rows.append(f"| {label} | {r['seconds']:.1f} | {held} | {r['wall']:.2f} | "
                             f"{r['seconds'] / r['wall']:.1f} | {r['cpu']:.2f} | {r['seconds'] / r['cpu']:.1f} | "
-                            f"{r['rss_gb']:.3f} |")
+                            f"{r['gc_cpu']:.2f} | {r['rss_gb']:.3f} |")
     lines = [f"### {stamp()}", "",
              f"prepare's audio step alone (`pipeline._compute_audio` in a fresh interpreter, imports included, "
              f"`bench/bench_whisper.py --audio-step`), default Whisper tiny.en, `{clip.name}` and its audio looped "
              "3 times:", "",
              "| code | audio s | load avg before | wall s | x real time (wall) | CPU s | x real time per CPU s "
-             "| peak RSS GB |", "|---|---|---|---|---|---|---|---|", *rows]
+             "| of it in garbage collections, CPU s | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|", *rows]
     if before:
         for loops in (1, 3):
             a, b = feats[(loops, codes[0][0])], feats[(loops, codes[1][0])]
