@@ -23,8 +23,9 @@ def gc_paused() -> Iterator[None]:
     try:
         yield
     finally:
-        # what the block built is long-lived: straight into the oldest generation (where surviving two
-        # collections would put it, without the young collections re-scanning all of it first)
+        # what the block built is long-lived: everything in the young generations (mostly that) goes straight
+        # to the oldest one, where surviving two collections would put it, without the young collections
+        # re-scanning all of it first
         gc.freeze()
         gc.unfreeze()
         if was_enabled:

@@ -351,7 +351,8 @@ def load_whisper(checkpoint: str | os.PathLike | None = None, device: str | None
         return _load(checkpoint, name, digest, path, fmt, device)
 
 
-def _load(checkpoint, name: str, digest: str, path: Path, fmt: str, device: str | None) -> WhisperEncoder:
+def _load(checkpoint: str | os.PathLike | None, name: str, digest: str, path: Path, fmt: str,
+          device: str | None) -> WhisperEncoder:
     try:
         import torch
         from transformers.models.whisper.configuration_whisper import WhisperConfig
@@ -392,10 +393,11 @@ def _load(checkpoint, name: str, digest: str, path: Path, fmt: str, device: str 
 
 def shared_whisper(checkpoint: str | os.PathLike | None = None) -> WhisperEncoder:
     """The encoder of ``checkpoint`` loaded once per process and shared by every caller (prepare's, render's,
-    each server session's and feature worker's): a first load costs ~6 CPU-s, nearly all of it importing
-    torch (~1.8) and transformers' whisper modules (~4.2, which pull in transformers' model-loading machinery);
-    building tiny.en from its checkpoint ~0.1 (2026-12-01, 2-core EPYC); the features of a 5 s upload ~1 s. Keyed by the weights' identity (path, sha256), so a checkpoint rewritten in place is
-    loaded anew. Inference only: callers never train or modify it."""
+    each server session's and feature worker's): a first load costs ~5 CPU-s, nearly all of it importing
+    torch (~1.8) and transformers' whisper modules (~3, which pull in transformers' model-loading machinery);
+    building tiny.en from its checkpoint ~0.1 (2-core EPYC, bench/RESULTS.md issue 10, session 5); the
+    features of a 5 s upload ~1 s. Keyed by the weights' identity (path, sha256), so a checkpoint rewritten in
+    place is loaded anew. Inference only: callers never train or modify it."""
     digest = checkpoint_identity(checkpoint)[1]
     with _SHARED_LOCK:  # two sessions asking at once build it once
         return _shared(None if checkpoint is None else str(checkpoint), digest)
