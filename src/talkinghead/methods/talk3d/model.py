@@ -86,6 +86,7 @@ code (3600 iterations, 70 % of them audio stage) has not been trained on real da
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import FACE_OVAL, LEFT_EYE, MOUTH_VERTICES, NOSE, RIGHT_EYE
-from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
+from talkinghead.methods.base import Batch, Condition, DatasetInfo, MouthCrop, adam, decay_learning_rates
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.nn.encoding import blink_encoding
 from talkinghead.methods.losses import PerceptualLoss
@@ -160,6 +161,7 @@ class Talk3D(nn.Module):
         # saved so that ``--resume`` (which builds without the dataset) keeps the right targets.
         n_mouth = len(MOUTH_VERTICES)
         self.lip_head = nn.Linear(d, 3 * n_mouth)
+        self.lip_proj = nn.Linear(3 * n_mouth, d)  # lip code -> its part of the audio token a_n
         if mouth_basis is None:
             mouth_basis = torch.zeros(info.expression_dim, n_mouth, 3)
         self.register_buffer("mouth_basis", mouth_basis.float())
@@ -199,13 +201,21 @@ class Talk3D(nn.Module):
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         self._skips = None
+        if "lip_proj.weight" not in state:  # an avatar from before the lip token: a zero projection is that model
+            state = {**state, "lip_proj.weight": torch.zeros_like(self.lip_proj.weight),
+                     "lip_proj.bias": torch.zeros_like(self.lip_proj.bias)}
         return super().load_state_dict(state, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------------------------------ pieces
 
-    def tokens(self, cond: Condition) -> Tensor:
-        """[5, d] t_n = {audio, eye, rotation, non-lip landmarks, null} (eq. 5)."""
+    def tokens(self, cond: Condition, lip: Tensor | None = None) -> Tensor:
+        """[5, d] t_n = {audio, eye, rotation, non-lip landmarks, null} (eq. 5).
+
+        a_n = the audio net's output + a projection of the lip code: ``lip`` [Vm, 3] (a tracked lip code, only
+        while training, teacher forcing) or, by default, the lip code the audio net predicts."""
         a = self.audio_encoder(cond.audio)
+        code = self.lip_head(a) if lip is None else lip.reshape(-1)
+        a = a + self.lip_proj(code)
         e = self.eye_proj(blink_encoding(cond.blink))
         r = self.rot_proj(cond.pose[:3, :3].reshape(9))
         i = min(max(cond.index, 0), self.landmarks.shape[0] - 1)
@@ -213,8 +223,11 @@ class Talk3D(nn.Module):
         l = self.ldm_proj(lm.reshape(-1))
         return torch.stack([a, e, r, l, self.null])
 
-    def planes(self, cond: Condition, audio: bool, freeze_id: bool = False) -> tuple[Tensor, Tensor | None]:
-        """P_ID (+ Delta P_n when ``audio``): [3, C, R, R], and the bottleneck's attention [3 R_b^2, 5]."""
+    def planes(self, cond: Condition, audio: bool, freeze_id: bool = False,
+               lip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """P_ID (+ Delta P_n when ``audio``): [3, C, R, R], and the bottleneck's attention [3 R_b^2, 5].
+
+        ``lip`` [Vm, 3]: a tracked lip code for the audio token (:meth:`tokens`), training only."""
         p_id = self.p_id.detach() if freeze_id else self.p_id
         if not audio:
             return p_id, None
@@ -224,7 +237,7 @@ class Talk3D(nn.Module):
             skips = self.unet.encode(p_id)
             if not self.training:
                 self._skips = skips
-        delta, attn = self.unet(skips, self.tokens(cond)[None])
+        delta, attn = self.unet(skips, self.tokens(cond, lip)[None])
         return p_id + delta[0], attn[0]
 
     @property
@@ -249,13 +262,22 @@ class Talk3D(nn.Module):
             audio, expr = torch.cat([audio, ra]), torch.cat([expr, re])
         return (self.lip_code(audio) - self.lip_target(expr)).square().mean()
 
-    def volume(self, planes: Tensor, cond: Condition, perturb: bool) -> dict[str, Tensor]:
-        """The low-resolution render: features [r, r, F], alpha [r, r] (r = render_size)."""
-        r = self.cfg.render_size
-        K = cond.K.clone()
-        K[:2] *= r / cond.width  # continuous pixel coordinates scale exactly (centres at +0.5)
+    def volume(self, planes: Tensor, cond: Condition, perturb: bool, crop: MouthCrop | None = None) -> dict[str, Tensor]:
+        """The low-resolution render: features [r, r, F], alpha [r, r] (r = render_size); with ``crop``, the
+        crop camera's [h / s, w / s] (s = the super-resolution factor), so that the SR makes the crop's size."""
+        if crop is None:
+            w = h = self.cfg.render_size
+            K = cond.K.clone()
+            K[:2] *= w / cond.width  # continuous pixel coordinates scale exactly (centres at +0.5)
+        else:
+            s = self.sr.factor
+            h, w = crop.image.shape[0] // s, crop.image.shape[1] // s
+            if (h * s, w * s) != tuple(crop.image.shape[:2]):
+                raise ValueError(f"the mouth crop {tuple(crop.image.shape[:2])} is not a multiple of the SR factor {s}")
+            K = crop.K.clone()
+            K[:2] /= s
         vm = scene_viewmat(cond.viewmat, self.centre, self.scale)
-        return render_triplane(planes, self.decoder, self.box, vm, K, r, r, self.volume_cfg, perturb=perturb,
+        return render_triplane(planes, self.decoder, self.box, vm, K, w, h, self.volume_cfg, perturb=perturb,
                                generator=self._gen if perturb else None)
 
     def upsample(self, vol: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -302,6 +324,15 @@ class Talk3D(nn.Module):
         n = self.cfg.schedule.iterations
         return int(round(self.cfg.static_fraction * n)), n - int(round(self.cfg.sr_fraction * n))
 
+    def teacher_probability(self, step: int) -> float:
+        """Scheduled sampling of the lip token: ``lip_teacher`` at the start of the audio stage, falling linearly
+        to 0 at its end, so that the U-Net first learns the mouth from the tracked lip code and ends trained on
+        the audio's prediction, which is what rendering feeds it."""
+        a, s = self.stage_bounds()
+        if not a <= step < s:
+            return 0.0
+        return self.cfg.lip_teacher * (s - step) / max(1, s - a)
+
     def stage(self, step: int) -> str:
         a, s = self.stage_bounds()
         return "static" if step < a else ("audio" if step < s else "sr")
@@ -312,17 +343,24 @@ class Talk3D(nn.Module):
         audio = stage != "static"
         if audio and not bool(self.audio_on):
             self.audio_on.fill_(True)
-        if stage == "sr":
-            with torch.no_grad():
-                planes, _ = self.planes(cond, audio=True, freeze_id=True)
-                vol = self.volume(planes, cond, perturb=True)
-        else:
-            planes, _ = self.planes(cond, audio=audio, freeze_id=audio)
+        lip = None
+        if stage == "audio" and self.mouth_basis.shape[0] > 0 and cfg.lip_teacher > 0:
+            if float(torch.rand((), generator=self._gen)) < self.teacher_probability(step):
+                lip = self.lip_target(batch.expression[None])[0]  # teacher forcing (see the module docstring)
+        crop = batch.mouth if cfg.lambda_lip > 0 else None
+        with torch.no_grad() if stage == "sr" else contextlib.nullcontext():
+            planes, _ = self.planes(cond, audio=audio, freeze_id=audio, lip=lip)
             vol = self.volume(planes, cond, perturb=True)
+            vol_crop = self.volume(planes, cond, perturb=True, crop=crop) if crop is not None else None
         rgb, alpha = self.upsample(vol)
         pred = self.over(rgb, alpha, cond.backdrop)
         l1 = (pred - batch.image).abs().mean()
         loss, logs = l1, {"l1": l1.item()}
+        if vol_crop is not None:
+            c_rgb, c_alpha = self.upsample(vol_crop)
+            lp = (self.over(c_rgb, c_alpha, crop.backdrop) - crop.image).abs().mean()
+            loss = loss + cfg.lambda_lip * lp
+            logs["lip"] = lp.item()
         x0, y0, x1, y1 = batch.mouth_box.tolist()
         gw, gh = 0.25 * (x1 - x0), 0.25 * (y1 - y0)  # the lips' box grown by a quarter each side
         xs = slice(max(0, int(x0 - gw)), int(np.ceil(x1 + gw)))
