@@ -45,9 +45,14 @@ What we have to do differently (no pretrained weights exist offline, and a 2-cor
   methods fair and lets a novel view move the head without tearing the background. We still feed t_rot and
   t_ldm as the paper does (they carry pose-correlated appearance); an alpha loss against the head mask
   (``lambda_mask``) is ours, needed because the paper never composites.
-* **Losses (sec. 3.4)**: LPIPS only with local weights (else logged off); the lip-region L1 is on the lips'
-  landmark box grown by a quarter each side (the paper: a BiSeNet lip segment; we have the tracked lip
-  landmarks). The ID loss (ArcFace/CurricularFace) is off: no face-recognition loading code or weights exist in
+* **Losses (sec. 3.4)**: LPIPS only with local weights (else logged off). The paper's extra reconstruction
+  loss on the lip segment is two L1 terms here (we have the tracked lip landmarks, not BiSeNet): on the lips'
+  landmark box of the frame, grown by a quarter each side (``lambda_mouth``), and on a *mouth crop*
+  (``lambda_lip``, ``data.mouth_crop`` pixels wide, cut from the full-size frame as GaussianTalker's lip loss):
+  the crop is a camera of its own (same viewmat, the crop's intrinsics), volume-rendered on the frame's own
+  rays at 1/4 of the crop's size (16 x 12 rays for a 64 x 48 crop, ~20 % of the frame's 32^2) and
+  super-resolved by the same SR, so the mouth is supervised 2-3x finer than in the 128^2 frame and with the
+  full weight of a loss of its own. The ID loss (ArcFace/CurricularFace) is off: no face-recognition loading code or weights exist in
   :mod:`talkinghead.eval`. The SyncNet loss is off too (no SyncNet weights, and it needs 5 consecutive
   rendered frames per step while the trainer renders one); both are reported as off in ``train_log.json``.
 * **Lip code, our stand-in for L_sync.** L_sync is the paper's only loss that ties the audio to the lips.
@@ -62,8 +67,20 @@ What we have to do differently (no pretrained weights exist offline, and a 2-cor
   training frames remembered so far (:class:`~talkinghead.methods.replay.FrameBank`; no rendering, ~1 ms).
   It trains only the audio encoder and the head, from the first step (the static stage does not use a_n), so
   the audio stage starts with an a_n that already encodes the lips (held-out inner-lip gap r ~0.6 from the
-  Whisper features after 250 steps alone) and the U-Net only has to map it to the deltaplane. Training only:
-  rendering is driven by the audio alone; the tracked expression is never an input.
+  Whisper features after 250 steps alone) and the U-Net only has to map it to the deltaplane.
+* **Lip token (ours).** The lip code trained the audio token, but the U-Net was not made to use it: after the
+  full cpu-small schedule (session 4 avatar, cnn Whisper) only a_n changed the rendered mouth (swapping the
+  eye, rotation or landmark token for a closed-mouth frame's changed the lips' box by <= 2e-4), and a_n by
+  0.003-0.005 (mean abs, test / train frames) where the real frames differ by 0.09; the audio-dependent part of
+  the deltaplane sat on the lips' cells of the xy plane (2x its size elsewhere) but showed in the image as the
+  chin's outline moving, not the lips parting; the photometric losses' gradient on the audio net was 1/56 of the
+  lip code's. So a_n is the audio net's output *plus* a linear projection of a lip code (``lip_proj``): at
+  render the code the audio predicts (:meth:`lip_code`), while training, with a probability that falls from
+  ``lip_teacher`` to 0 over the audio stage (scheduled sampling, :meth:`teacher_probability`), the frame's
+  tracked one -- so the U-Net first learns the mouth from a clean lip signal and ends trained on the audio's
+  prediction, which is what rendering feeds it. Training only: rendering is driven by the audio alone; the
+  tracked expression is never a render input. An avatar from before the lip token loads with a zero
+  projection, which is exactly that model.
 * **Audio**: a window of the dataset's per-frame features (Whisper encoder states + energy by default, or
   phone posteriors + log-mel + energy, or wav2vec where prepared with it; the paper: wav2vec) through an audio
   net + attention over the window (the AD-NeRF / ER-NeRF audio attention net the public code reuses),
