@@ -430,3 +430,34 @@ def test_lip_token_teacher_forcing_and_old_avatars(synthetic):
     assert float(model.lip_proj.weight.detach().abs().sum() + model.lip_proj.bias.detach().abs().sum()) == 0.0
     with torch.no_grad():
         assert torch.equal(model.tokens(cond)[0], model.audio_encoder(cond.audio))
+
+
+def test_audio_region_keeps_the_audio_token_to_the_mouth_cells(synthetic):
+    """region_cells (known answer): a point at a cell's centre selects that cell of each plane it projects onto,
+    within the radius; in the U-Net only the selected cells attend to a_n (weight exactly 0 elsewhere, > 0 there);
+    a state dict from before the region loads with every cell selected (the paper's unrestricted attention)."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.talk3d.unet import region_cells
+
+    side = 4
+    c = (torch.arange(side) + 0.5) / side * 2 - 1  # cell centres
+    pt = torch.tensor([[c[1], c[2], c[3]]])  # x = col 1, y = row 2, z = 3 (xy: row y col x; xz: row z col x; zy: row y col z)
+    cells = region_cells(side, pt, 0.5).reshape(3, side, side)
+    expect = torch.zeros(3, side, side, dtype=torch.bool)
+    expect[0, 2, 1] = expect[1, 3, 1] = expect[2, 2, 3] = True
+    assert torch.equal(cells, expect)
+    assert int(region_cells(side, pt, 1.01).reshape(3, side, side)[0].sum()) == 5  # the cell and its 4 neighbours
+
+    cfg = _tiny(10)
+    cfg.audio_region = 1.5
+    store = FrameStore(synthetic, cfg.data, progress=False)
+    model = get_method("talk3d").build(cfg, store.info, dataset=PreparedDataset(synthetic, size=64)).eval()
+    sel = model.audio_cells
+    assert 0 < int(sel.sum()) < sel.numel()
+    with torch.no_grad():
+        _, attn = model.planes(store.condition(0), audio=True)  # [3 R_b^2, 5]
+    assert float(attn[~sel, 0].abs().max()) == 0.0 and float(attn[sel, 0].min()) > 0
+    assert torch.allclose(attn.sum(1), torch.ones(attn.shape[0]))
+    old = {k: v for k, v in model.state_dict().items() if k != "audio_cells"}
+    model.load_state_dict(old)
+    assert bool(model.audio_cells.all())

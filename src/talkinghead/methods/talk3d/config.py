@@ -30,6 +30,9 @@ class Talk3DConfig:
     unet_channels: tuple[int, ...] = (16, 32, 64)  # one level per entry; the bottleneck is plane_res / 2^(n-1)
     attention_layers: int = 1  # N_A (SA + CA per layer)
     attention_heads: int = 4
+    # Only the bottleneck cells within this many cells of the lips and jaw (neutral face, projected on each plane)
+    # attend to the audio token a_n; 0: every cell does (the paper). See model.py ("Audio region").
+    audio_region: float = 1.5
 
     # Training (sec. 3.4) and its stages.
     static_fraction: float = 0.45  # P_ID + decoder + super-resolution on the frames (stands in for EG3D + VIVE3D)

@@ -81,6 +81,17 @@ What we have to do differently (no pretrained weights exist offline, and a 2-cor
   prediction, which is what rendering feeds it. Training only: rendering is driven by the audio alone; the
   tracked expression is never a render input. An avatar from before the lip token loads with a zero
   projection, which is exactly that model.
+* **Audio region (ours; the paper lets every bottleneck cell attend to every token).** With the lip token
+  (and the mouth crop) the full cpu-small run did worse: the U-Net learned to ignore a_n -- its mean
+  cross-attention fell to 0.15, the deltaplane's variation between test frames to 1.9 % of its rms (0.37 before),
+  and even the tracked lip code fed as a teacher changed the lips' box by <= 2e-4; a_n's large, at first
+  meaningless variation hit every cell, and shutting it out was the photometric loss's cheapest way down. So
+  only the bottleneck cells within ``audio_region`` cells of the neutral face's lip and jaw vertices (projected on
+  each plane, :func:`~.unet.region_cells`; 102 of 768 cells on the cnn clip) may attend to a_n (a cross-attention
+  mask, :attr:`audio_cells`); the other tokens reach every cell, and the decoder's convolutions carry the edit
+  around the mouth. In fine-tune probes (300 audio-stage steps, 400 cnn frames) it raised the audio's effect on
+  the lips' box 3.5x over the same losses without it and 5.7x on the failed run's avatar (bench/RESULTS.md,
+  session 5); it has not had a full training run yet. Avatars from before it load with every cell selected.
 * **Audio**: a window of the dataset's per-frame features (Whisper encoder states + energy by default, or
   phone posteriors + log-mel + energy, or wav2vec where prepared with it; the paper: wav2vec) through an audio
   net + attention over the window (the AD-NeRF / ER-NeRF audio attention net the public code reuses),
@@ -97,8 +108,10 @@ buffer stored with the avatar -- the lips and jaw are left out as the paper does
 Measured (bench/RESULTS.md "## Talk3D"): the earlier schedule (1200 iterations, no lip code) gave face PSNR 25.5
 against 29.0 for a half-trained GaussianTalker and mouth-opening r -0.04, with a deltaplane that did not vary
 between frames (above); at (yaw, pitch) = (+30, +20) mediapipe found no face -- without EG3D's prior the unseen
-sides of the head are not constrained, the opposite of the paper's Table 1. The cpu-small schedule with the lip
-code (3600 iterations, 70 % of them audio stage) has not been trained on real data yet.
+sides of the head are not constrained, the opposite of the paper's Table 1. With the lip code (3600 iterations,
+session 4): face PSNR 26.5, mouth-opening r 0.01; with the lip token and the mouth crop (session 5, no audio
+region): face PSNR 26.4, r 0.20, but driven by silence its mouth moved as with the audio (first 40 test frames:
+r -0.64 vs -0.63) -- the mouth does not follow the audio yet.
 """
 
 from __future__ import annotations
@@ -118,10 +131,10 @@ from talkinghead.nn.encoding import blink_encoding
 from talkinghead.methods.losses import PerceptualLoss
 from talkinghead.methods.replay import FrameBank
 from talkinghead.render.superres import SuperResolution
-from talkinghead.render.volume import OSGDecoder, VolumeConfig, render_triplane, scene_viewmat
+from talkinghead.render.volume import OSGDecoder, VolumeConfig, normalize_points, render_triplane, scene_viewmat
 
 from .config import Talk3DConfig
-from .unet import AttentionUNet
+from .unet import AttentionUNet, region_cells
 
 # Landmarks of t_ldm: brows, eyes, nose and the upper half of the face outline (forehead to temples).
 BROWS = (70, 63, 105, 66, 107, 300, 293, 334, 296, 336)
@@ -150,7 +163,8 @@ class Talk3D(nn.Module):
     """The Method (see :mod:`talkinghead.methods.base`)."""
 
     def __init__(self, cfg: Talk3DConfig, info: DatasetInfo, box: Tensor | None = None,
-                 landmarks: Tensor | None = None, mouth_basis: Tensor | None = None):
+                 landmarks: Tensor | None = None, mouth_basis: Tensor | None = None,
+                 audio_cells: Tensor | None = None):
         super().__init__()
         self.cfg, self.info = cfg, info
         if cfg.data.size != cfg.render_size * 2 ** len(cfg.sr_channels):
@@ -179,6 +193,9 @@ class Talk3D(nn.Module):
         n_mouth = len(MOUTH_VERTICES)
         self.lip_head = nn.Linear(d, 3 * n_mouth)
         self.lip_proj = nn.Linear(3 * n_mouth, d)  # lip code -> its part of the audio token a_n
+        # The bottleneck cells that may attend to a_n [3 R_b^2] (bool): those near the lips and jaw (cfg.audio_region).
+        n_cells = 3 * self.unet.side ** 2
+        self.register_buffer("audio_cells", torch.ones(n_cells, dtype=torch.bool) if audio_cells is None else audio_cells)
         if mouth_basis is None:
             mouth_basis = torch.zeros(info.expression_dim, n_mouth, 3)
         self.register_buffer("mouth_basis", mouth_basis.float())
@@ -195,17 +212,24 @@ class Talk3D(nn.Module):
 
     @classmethod
     def build(cls, cfg: Talk3DConfig, info: DatasetInfo, dataset=None) -> "Talk3D":
-        box = landmarks = None
-        if dataset is not None:
-            box = torch.from_numpy(head_box(dataset.face_model.neutral, cfg.box_scale))
-            lm = np.asarray(dataset.tracks.landmarks, np.float32)[:, list(LDM_POINTS), :2]
-            lm = np.nan_to_num(lm / float(dataset.size) * 2 - 1)  # [T, L, 2] in [-1, 1] of the crop
-            landmarks = torch.from_numpy(np.ascontiguousarray(lm))
-            basis = np.asarray(dataset.face_model.basis, np.float32)[:, list(MOUTH_VERTICES)]
-            mouth_basis = torch.from_numpy(np.ascontiguousarray(basis))
-        model = cls(cfg, info, box, landmarks, mouth_basis if dataset is not None else None)
-        if dataset is not None:
-            model._setup_lpips()
+        if dataset is None:  # --resume / render: every buffer comes from the saved state
+            return cls(cfg, info)
+        box = torch.from_numpy(head_box(dataset.face_model.neutral, cfg.box_scale))
+        lm = np.asarray(dataset.tracks.landmarks, np.float32)[:, list(LDM_POINTS), :2]
+        lm = np.nan_to_num(lm / float(dataset.size) * 2 - 1)  # [T, L, 2] in [-1, 1] of the crop
+        landmarks = torch.from_numpy(np.ascontiguousarray(lm))
+        basis = np.asarray(dataset.face_model.basis, np.float32)[:, list(MOUTH_VERTICES)]
+        mouth_basis = torch.from_numpy(np.ascontiguousarray(basis))
+        cells = None
+        if cfg.audio_region > 0:
+            # the lips and jaw of the neutral face, in the normalised box coordinates the planes span
+            mouth = torch.from_numpy(np.asarray(dataset.face_model.neutral, np.float32)[list(MOUTH_VERTICES)])
+            centre, half = (box[0] + box[1]) / 2, ((box[1] - box[0]) / 2).max()
+            xyz = normalize_points((mouth - centre) / half, (box - centre) / half)
+            side = cfg.plane_resolution // 2 ** (len(cfg.unet_channels) - 1)
+            cells = region_cells(side, xyz, cfg.audio_region)
+        model = cls(cfg, info, box, landmarks, mouth_basis, cells)
+        model._setup_lpips()
         return model
 
     def _setup_lpips(self) -> None:
@@ -221,6 +245,8 @@ class Talk3D(nn.Module):
         if "lip_proj.weight" not in state:  # an avatar from before the lip token: a zero projection is that model
             state = {**state, "lip_proj.weight": torch.zeros_like(self.lip_proj.weight),
                      "lip_proj.bias": torch.zeros_like(self.lip_proj.bias)}
+        if "audio_cells" not in state:  # ... and from before the audio region: every cell sees a_n
+            state = {**state, "audio_cells": torch.ones_like(self.audio_cells)}
         return super().load_state_dict(state, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------------------------------ pieces
@@ -254,7 +280,9 @@ class Talk3D(nn.Module):
             skips = self.unet.encode(p_id)
             if not self.training:
                 self._skips = skips
-        delta, attn = self.unet(skips, self.tokens(cond, lip)[None])
+        mask = torch.zeros(self.audio_cells.shape[0], 5, dtype=torch.bool, device=self.audio_cells.device)
+        mask[:, 0] = ~self.audio_cells
+        delta, attn = self.unet(skips, self.tokens(cond, lip)[None], mask)
         return p_id + delta[0], attn[0]
 
     @property
