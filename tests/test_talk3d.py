@@ -103,6 +103,8 @@ def _tiny(iterations: int):
 
     cfg = make_config("cpu-small", None)
     cfg.data.size, cfg.data.audio_radius = 64, 2
+    # No mouth crop: the synthetic frames are 64^2 at full size, so a 64-pixel crop would be the whole frame.
+    cfg.data.mouth_crop = 0
     cfg.schedule.iterations, cfg.schedule.val_every, cfg.schedule.checkpoint_every = iterations, 0, 0
     cfg.plane_resolution, cfg.plane_channels, cfg.render_size, cfg.sr_channels = 16, 4, 32, (8,)
     cfg.num_coarse, cfg.num_fine, cfg.feature_channels, cfg.unet_channels = 6, 6, 8, (4, 8)
@@ -283,14 +285,15 @@ def _synthetic_with_lip_tracks(path):
 
 
 def test_a_briefly_trained_deltaplane_moves_the_mouth_with_the_audio(tmp_path):
-    """40 static + 80 audio-stage steps on 20 synthetic frames whose only per-frame signal is the audio: the
-    deltaplane varies between frames, the rendered mouth's darkness follows the opening (r > 0.5), and the
-    widest frame's audio window moves the narrowest frame's mouth at least half way to the widest's."""
+    """80 static + 160 audio-stage steps on 20 synthetic frames whose only per-frame signal is the audio (the lip
+    token taught by the tracked lip code at first, then by the audio's prediction): the deltaplane varies between
+    frames, the rendered mouth's darkness follows the opening (r > 0.5), and the widest frame's audio window
+    moves the narrowest frame's mouth at least half way to the widest's."""
     from talkinghead.data import PreparedDataset
     from talkinghead.methods.talk3d import Talk3D
 
     opening = _synthetic_with_lip_tracks(tmp_path)
-    cfg = _tiny(120)
+    cfg = _tiny(240)
     cfg.static_fraction, cfg.sr_fraction = 1 / 3, 0.0
     store = FrameStore(tmp_path, cfg.data, progress=False)
     torch.manual_seed(0)
@@ -327,3 +330,134 @@ def test_a_briefly_trained_deltaplane_moves_the_mouth_with_the_audio(tmp_path):
     assert float(d.std(0).square().mean().sqrt() / d.square().mean().sqrt()) > 0.01
     assert np.corrcoef(dark, op)[0, 1] > 0.5
     assert dark[hi] > dark[lo] and darkness(swapped, b.mouth_box) - dark[lo] > 0.5 * (dark[hi] - dark[lo])
+
+
+def test_mouth_crop_is_rendered_on_the_frames_rays_and_its_loss_trains_the_renderer(synthetic):
+    """The crop camera's volume render (at 1/sr-factor of the crop) is exactly the frame's volume render at the
+    pixels the crop covers (same rays); a crop that is not a multiple of the SR factor is refused; the crop's L1
+    is logged and reaches P_ID and the super-resolution in the static stage."""
+    import dataclasses
+
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.base import MouthCrop
+
+    cfg = _tiny(10)
+    store = FrameStore(synthetic, cfg.data, progress=False)
+    torch.manual_seed(0)
+    model = get_method("talk3d").build(cfg, store.info, dataset=PreparedDataset(synthetic, size=64)).eval()
+    b = store.batch(0)
+    s, r = model.sr.factor, cfg.render_size  # 2, 32
+    dx, dy, h, w = 7, 11, 8, 12  # the crop: volume pixels [dy, dy + h) x [dx, dx + w)
+    Kr = b.cond.K.clone()
+    Kr[:2] *= r / b.cond.width
+    Kc = Kr.clone()
+    Kc[0, 2] -= dx
+    Kc[1, 2] -= dy
+    Kc[:2] *= s
+    crop = MouthCrop(K=Kc, image=torch.rand(h * s, w * s, 3), backdrop=torch.rand(h * s, w * s, 3))
+    with torch.no_grad():
+        full = model.volume(model.p_id, b.cond, perturb=False)
+        part = model.volume(model.p_id, b.cond, perturb=False, crop=crop)
+    assert part["features"].shape == (h, w, cfg.feature_channels)
+    assert float(part["alpha"].max()) > 0.05  # the crop sees the head
+    assert torch.allclose(part["features"], full["features"][dy:dy + h, dx:dx + w], atol=1e-5)
+    assert torch.allclose(part["alpha"], full["alpha"][dy:dy + h, dx:dx + w], atol=1e-5)
+    odd = dataclasses.replace(crop, image=torch.rand(h * s + 1, w * s, 3))
+    with pytest.raises(ValueError, match="multiple of the SR factor"):
+        model.volume(model.p_id, b.cond, perturb=False, crop=odd)
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss, logs = model.train_loss(dataclasses.replace(b, mouth=crop), 0)
+    loss.backward()
+    assert logs["lip"] > 0
+    with_crop = (model.p_id.grad.clone(), model.sr.blocks[0].to_rgb.weight.grad.clone())
+    model.zero_grad(set_to_none=True)
+    model.cfg.lambda_lip = 0.0
+    loss, logs = model.train_loss(b, 0)
+    loss.backward()
+    assert "lip" not in logs
+    assert not torch.allclose(with_crop[0], model.p_id.grad)
+    assert not torch.allclose(with_crop[1], model.sr.blocks[0].to_rgb.weight.grad)
+
+
+def test_lip_token_teacher_forcing_and_old_avatars(synthetic):
+    """a_n = audio net + lip_proj(lip code): the audio's predicted code at render, the given (tracked) one when
+    teacher-forced; the teacher probability is lip_teacher at the start of the audio stage, falls linearly and is
+    0 outside it; a forced step leaves the lip head out of the photometric graph, an unforced one does not; a
+    state dict from before the lip token loads with a zero projection (that model exactly)."""
+    import dataclasses
+
+    from talkinghead.face.landmarks import MOUTH_VERTICES
+    from talkinghead.methods.talk3d import Talk3D
+
+    cfg = _tiny(100)
+    cfg.lambda_lipcode = 0.0
+    store = FrameStore(synthetic, cfg.data, progress=False)
+    torch.manual_seed(0)
+    info = dataclasses.replace(store.info, expression_dim=2)
+    model = Talk3D(cfg, info, mouth_basis=torch.randn(2, len(MOUTH_VERTICES), 3) * 1e-3)
+    cond = store.condition(0)
+    with torch.no_grad():
+        enc = model.audio_encoder(cond.audio)
+        lip = torch.randn(len(MOUTH_VERTICES), 3)
+        assert torch.allclose(model.tokens(cond)[0], enc + model.lip_proj(model.lip_head(enc)), atol=1e-6)
+        assert torch.allclose(model.tokens(cond, lip)[0], enc + model.lip_proj(lip.reshape(-1)), atol=1e-6)
+        assert torch.equal(model.tokens(cond, lip)[1:], model.tokens(cond)[1:])
+    a, s = model.stage_bounds()  # 45, 90
+    assert model.teacher_probability(a - 1) == 0.0 and model.teacher_probability(s) == 0.0
+    assert model.teacher_probability(a) == pytest.approx(1.0)
+    assert model.teacher_probability((a + s) // 2) == pytest.approx(0.5, abs=0.03)
+
+    model.optimizers()
+    model.train()
+    torch.nn.init.normal_(model.unet.out.conv.weight, std=0.05)  # a trained U-Net (its zero start passes no gradient)
+
+    def lip_head_grad(teacher: float):
+        model.cfg.lip_teacher = teacher
+        model.zero_grad(set_to_none=True)
+        loss, _ = model.train_loss(store.batch(1), a)
+        loss.backward()
+        return model.lip_head.weight.grad
+
+    assert lip_head_grad(1.0) is None  # forced: the tracked code replaces the prediction
+    g = lip_head_grad(0.0)
+    assert g is not None and float(g.abs().sum()) > 0
+
+    model.eval()
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("lip_proj.")}
+    model.load_state_dict(old)
+    assert float(model.lip_proj.weight.detach().abs().sum() + model.lip_proj.bias.detach().abs().sum()) == 0.0
+    with torch.no_grad():
+        assert torch.equal(model.tokens(cond)[0], model.audio_encoder(cond.audio))
+
+
+def test_audio_region_keeps_the_audio_token_to_the_mouth_cells(synthetic):
+    """region_cells (known answer): a point at a cell's centre selects that cell of each plane it projects onto,
+    within the radius; in the U-Net only the selected cells attend to a_n (weight exactly 0 elsewhere, > 0 there);
+    a state dict from before the region loads with every cell selected (the paper's unrestricted attention)."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.talk3d.unet import region_cells
+
+    side = 4
+    c = (torch.arange(side) + 0.5) / side * 2 - 1  # cell centres
+    pt = torch.tensor([[c[1], c[2], c[3]]])  # x = col 1, y = row 2, z = 3 (xy: row y col x; xz: row z col x; zy: row y col z)
+    cells = region_cells(side, pt, 0.5).reshape(3, side, side)
+    expect = torch.zeros(3, side, side, dtype=torch.bool)
+    expect[0, 2, 1] = expect[1, 3, 1] = expect[2, 2, 3] = True
+    assert torch.equal(cells, expect)
+    assert int(region_cells(side, pt, 1.01).reshape(3, side, side)[0].sum()) == 5  # the cell and its 4 neighbours
+
+    cfg = _tiny(10)
+    cfg.audio_region = 1.5
+    store = FrameStore(synthetic, cfg.data, progress=False)
+    model = get_method("talk3d").build(cfg, store.info, dataset=PreparedDataset(synthetic, size=64)).eval()
+    sel = model.audio_cells
+    assert 0 < int(sel.sum()) < sel.numel()
+    with torch.no_grad():
+        _, attn = model.planes(store.condition(0), audio=True)  # [3 R_b^2, 5]
+    assert float(attn[~sel, 0].abs().max()) == 0.0 and float(attn[sel, 0].min()) > 0
+    assert torch.allclose(attn.sum(1), torch.ones(attn.shape[0]))
+    old = {k: v for k, v in model.state_dict().items() if k != "audio_cells"}
+    model.load_state_dict(old)
+    assert bool(model.audio_cells.all())

@@ -30,11 +30,17 @@ class Talk3DConfig:
     unet_channels: tuple[int, ...] = (16, 32, 64)  # one level per entry; the bottleneck is plane_res / 2^(n-1)
     attention_layers: int = 1  # N_A (SA + CA per layer)
     attention_heads: int = 4
+    # Only the bottleneck cells within this many cells of the lips and jaw (neutral face, projected on each plane)
+    # attend to the audio token a_n; 0: every cell does (the paper). See model.py ("Audio region").
+    audio_region: float = 1.5
 
     # Training (sec. 3.4) and its stages.
     static_fraction: float = 0.45  # P_ID + decoder + super-resolution on the frames (stands in for EG3D + VIVE3D)
     sr_fraction: float = 0.1  # final stage: super-resolution only ("a few epochs to update the SR module")
     lambda_mouth: float = 1.0  # L1 on the lips' box (the paper: BiSeNet lip segment)
+    # L1 of the mouth crop (data.mouth_crop pixels wide, from the full-size frame), volume-rendered as its own
+    # camera at 1/sr-factor of the crop's size and super-resolved like the frame: the lips seen 2-3x finer.
+    lambda_lip: float = 2.0
     lambda_raw: float = 0.5  # L1 of the raw volume RGB at render_size (EG3D's dual discrimination, as a loss)
     lambda_mask: float = 0.1  # accumulated alpha vs the head mask (our compositing needs a clean alpha)
     lambda_lpips: float = 0.1  # only where LPIPS weights exist locally
@@ -42,6 +48,11 @@ class Talk3DConfig:
     # on the frame and ``lipcode_replay`` remembered training frames per step; 0 turns it off.
     lambda_lipcode: float = 1.0
     lipcode_replay: int = 32
+    # The lip code also drives the U-Net: a_n = audio net + a projection of the lip code. While training, a step
+    # projects the frame's tracked lip code instead of the audio's prediction (teacher forcing) with probability
+    # lip_teacher at the start of the audio stage, falling linearly to 0 at its end (model.teacher_probability);
+    # rendering always uses the prediction from the audio.
+    lip_teacher: float = 1.0
     lpips_weights: str | None = None
     lr_planes: float = 1e-2
     lr_render: float = 2e-3  # decoder + super-resolution
@@ -57,14 +68,14 @@ def make_config(preset: str, variant: str | None) -> Talk3DConfig:
         # samples) + SR x4 to 128^2 (the paper's ratio, 128 -> 512), 3 x 16 x 64^2 planes, a three-level U-Net
         # (16 -> 32 -> 64, bottleneck 16^2), one attention layer. Most of the schedule is the audio stage: the
         # mouth is what it has to learn, one frame per step (1600 training frames on the cnn clip).
-        return Talk3DConfig(data=DataConfig(size=128, audio_radius=4, mouth_crop=0),
+        return Talk3DConfig(data=DataConfig(size=128, audio_radius=4, mouth_crop=64),
                             schedule=Schedule(iterations=3600, val_every=900, checkpoint_every=300),
                             render_size=32, num_coarse=24, num_fine=24, sr_channels=(64, 32),
                             static_fraction=0.3, sr_fraction=0.05)
     if preset == "gpu":
         # The paper's sizes: 128^2 volume render with 48 + 48 samples, SR x4 to 512^2 (EG3D's 256 / 128 channels),
         # 3 x 32 x 256^2 planes, the public code's U-Net 32 -> 64 -> 128 -> 256 (bottleneck 32^2).
-        return Talk3DConfig(data=DataConfig(size=512, audio_radius=8, mouth_crop=0),
+        return Talk3DConfig(data=DataConfig(size=512, audio_radius=8, mouth_crop=128),
                             schedule=Schedule(iterations=60000, val_every=5000, checkpoint_every=5000),
                             plane_resolution=256, plane_channels=32, render_size=128, num_coarse=48, num_fine=48,
                             feature_channels=32, sr_channels=(256, 128), chunk=65536,

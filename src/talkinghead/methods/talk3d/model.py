@@ -45,9 +45,14 @@ What we have to do differently (no pretrained weights exist offline, and a 2-cor
   methods fair and lets a novel view move the head without tearing the background. We still feed t_rot and
   t_ldm as the paper does (they carry pose-correlated appearance); an alpha loss against the head mask
   (``lambda_mask``) is ours, needed because the paper never composites.
-* **Losses (sec. 3.4)**: LPIPS only with local weights (else logged off); the lip-region L1 is on the lips'
-  landmark box grown by a quarter each side (the paper: a BiSeNet lip segment; we have the tracked lip
-  landmarks). The ID loss (ArcFace/CurricularFace) is off: no face-recognition loading code or weights exist in
+* **Losses (sec. 3.4)**: LPIPS only with local weights (else logged off). The paper's extra reconstruction
+  loss on the lip segment is two L1 terms here (we have the tracked lip landmarks, not BiSeNet): on the lips'
+  landmark box of the frame, grown by a quarter each side (``lambda_mouth``), and on a *mouth crop*
+  (``lambda_lip``, ``data.mouth_crop`` pixels wide, cut from the full-size frame as GaussianTalker's lip loss):
+  the crop is a camera of its own (same viewmat, the crop's intrinsics), volume-rendered on the frame's own
+  rays at 1/4 of the crop's size (16 x 12 rays for a 64 x 48 crop, ~20 % of the frame's 32^2) and
+  super-resolved by the same SR, so the mouth is supervised 2-3x finer than in the 128^2 frame and with the
+  full weight of a loss of its own. The ID loss (ArcFace/CurricularFace) is off: no face-recognition loading code or weights exist in
   :mod:`talkinghead.eval`. The SyncNet loss is off too (no SyncNet weights, and it needs 5 consecutive
   rendered frames per step while the trainer renders one); both are reported as off in ``train_log.json``.
 * **Lip code, our stand-in for L_sync.** L_sync is the paper's only loss that ties the audio to the lips.
@@ -62,8 +67,31 @@ What we have to do differently (no pretrained weights exist offline, and a 2-cor
   training frames remembered so far (:class:`~talkinghead.methods.replay.FrameBank`; no rendering, ~1 ms).
   It trains only the audio encoder and the head, from the first step (the static stage does not use a_n), so
   the audio stage starts with an a_n that already encodes the lips (held-out inner-lip gap r ~0.6 from the
-  Whisper features after 250 steps alone) and the U-Net only has to map it to the deltaplane. Training only:
-  rendering is driven by the audio alone; the tracked expression is never an input.
+  Whisper features after 250 steps alone) and the U-Net only has to map it to the deltaplane.
+* **Lip token (ours).** The lip code trained the audio token, but the U-Net was not made to use it: after the
+  full cpu-small schedule (session 4 avatar, cnn Whisper) only a_n changed the rendered mouth (swapping the
+  eye, rotation or landmark token for a closed-mouth frame's changed the lips' box by <= 2e-4), and a_n by
+  0.003-0.005 (mean abs, test / train frames) where the real frames differ by 0.09; the audio-dependent part of
+  the deltaplane sat on the lips' cells of the xy plane (2x its size elsewhere) but showed in the image as the
+  chin's outline moving, not the lips parting; the photometric losses' gradient on the audio net was 1/56 of the
+  lip code's. So a_n is the audio net's output *plus* a linear projection of a lip code (``lip_proj``): at
+  render the code the audio predicts (:meth:`lip_code`), while training, with a probability that falls from
+  ``lip_teacher`` to 0 over the audio stage (scheduled sampling, :meth:`teacher_probability`), the frame's
+  tracked one -- so the U-Net first learns the mouth from a clean lip signal and ends trained on the audio's
+  prediction, which is what rendering feeds it. Training only: rendering is driven by the audio alone; the
+  tracked expression is never a render input. An avatar from before the lip token loads with a zero
+  projection, which is exactly that model.
+* **Audio region (ours; the paper lets every bottleneck cell attend to every token).** With the lip token
+  (and the mouth crop) the full cpu-small run did worse: the U-Net learned to ignore a_n -- its mean
+  cross-attention fell to 0.15, the deltaplane's variation between test frames to 1.9 % of its rms (0.37 before),
+  and even the tracked lip code fed as a teacher changed the lips' box by <= 2e-4; a_n's large, at first
+  meaningless variation hit every cell, and shutting it out was the photometric loss's cheapest way down. So
+  only the bottleneck cells within ``audio_region`` cells of the neutral face's lip and jaw vertices (projected on
+  each plane, :func:`~.unet.region_cells`; 102 of 768 cells on the cnn clip) may attend to a_n (a cross-attention
+  mask, :attr:`audio_cells`); the other tokens reach every cell, and the decoder's convolutions carry the edit
+  around the mouth. In fine-tune probes (300 audio-stage steps, 400 cnn frames) it raised the audio's effect on
+  the lips' box 3.5x over the same losses without it and 5.7x on the failed run's avatar (bench/RESULTS.md,
+  session 5); it has not had a full training run yet. Avatars from before it load with every cell selected.
 * **Audio**: a window of the dataset's per-frame features (Whisper encoder states + energy by default, or
   phone posteriors + log-mel + energy, or wav2vec where prepared with it; the paper: wav2vec) through an audio
   net + attention over the window (the AD-NeRF / ER-NeRF audio attention net the public code reuses),
@@ -80,12 +108,15 @@ buffer stored with the avatar -- the lips and jaw are left out as the paper does
 Measured (bench/RESULTS.md "## Talk3D"): the earlier schedule (1200 iterations, no lip code) gave face PSNR 25.5
 against 29.0 for a half-trained GaussianTalker and mouth-opening r -0.04, with a deltaplane that did not vary
 between frames (above); at (yaw, pitch) = (+30, +20) mediapipe found no face -- without EG3D's prior the unseen
-sides of the head are not constrained, the opposite of the paper's Table 1. The cpu-small schedule with the lip
-code (3600 iterations, 70 % of them audio stage) has not been trained on real data yet.
+sides of the head are not constrained, the opposite of the paper's Table 1. With the lip code (3600 iterations,
+session 4): face PSNR 26.5, mouth-opening r 0.01; with the lip token and the mouth crop (session 5, no audio
+region): face PSNR 26.4, r 0.20, but driven by silence its mouth moved as with the audio (first 40 test frames:
+r -0.64 vs -0.63) -- the mouth does not follow the audio yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -94,16 +125,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import FACE_OVAL, LEFT_EYE, MOUTH_VERTICES, NOSE, RIGHT_EYE
-from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
+from talkinghead.methods.base import Batch, Condition, DatasetInfo, MouthCrop, adam, decay_learning_rates
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.nn.encoding import blink_encoding
 from talkinghead.methods.losses import PerceptualLoss
 from talkinghead.methods.replay import FrameBank
 from talkinghead.render.superres import SuperResolution
-from talkinghead.render.volume import OSGDecoder, VolumeConfig, render_triplane, scene_viewmat
+from talkinghead.render.volume import OSGDecoder, VolumeConfig, normalize_points, render_triplane, scene_viewmat
 
 from .config import Talk3DConfig
-from .unet import AttentionUNet
+from .unet import AttentionUNet, region_cells
 
 # Landmarks of t_ldm: brows, eyes, nose and the upper half of the face outline (forehead to temples).
 BROWS = (70, 63, 105, 66, 107, 300, 293, 334, 296, 336)
@@ -132,7 +163,8 @@ class Talk3D(nn.Module):
     """The Method (see :mod:`talkinghead.methods.base`)."""
 
     def __init__(self, cfg: Talk3DConfig, info: DatasetInfo, box: Tensor | None = None,
-                 landmarks: Tensor | None = None, mouth_basis: Tensor | None = None):
+                 landmarks: Tensor | None = None, mouth_basis: Tensor | None = None,
+                 audio_cells: Tensor | None = None):
         super().__init__()
         self.cfg, self.info = cfg, info
         if cfg.data.size != cfg.render_size * 2 ** len(cfg.sr_channels):
@@ -160,6 +192,10 @@ class Talk3D(nn.Module):
         # saved so that ``--resume`` (which builds without the dataset) keeps the right targets.
         n_mouth = len(MOUTH_VERTICES)
         self.lip_head = nn.Linear(d, 3 * n_mouth)
+        self.lip_proj = nn.Linear(3 * n_mouth, d)  # lip code -> its part of the audio token a_n
+        # The bottleneck cells that may attend to a_n [3 R_b^2] (bool): those near the lips and jaw (cfg.audio_region).
+        n_cells = 3 * self.unet.side ** 2
+        self.register_buffer("audio_cells", torch.ones(n_cells, dtype=torch.bool) if audio_cells is None else audio_cells)
         if mouth_basis is None:
             mouth_basis = torch.zeros(info.expression_dim, n_mouth, 3)
         self.register_buffer("mouth_basis", mouth_basis.float())
@@ -176,17 +212,24 @@ class Talk3D(nn.Module):
 
     @classmethod
     def build(cls, cfg: Talk3DConfig, info: DatasetInfo, dataset=None) -> "Talk3D":
-        box = landmarks = None
-        if dataset is not None:
-            box = torch.from_numpy(head_box(dataset.face_model.neutral, cfg.box_scale))
-            lm = np.asarray(dataset.tracks.landmarks, np.float32)[:, list(LDM_POINTS), :2]
-            lm = np.nan_to_num(lm / float(dataset.size) * 2 - 1)  # [T, L, 2] in [-1, 1] of the crop
-            landmarks = torch.from_numpy(np.ascontiguousarray(lm))
-            basis = np.asarray(dataset.face_model.basis, np.float32)[:, list(MOUTH_VERTICES)]
-            mouth_basis = torch.from_numpy(np.ascontiguousarray(basis))
-        model = cls(cfg, info, box, landmarks, mouth_basis if dataset is not None else None)
-        if dataset is not None:
-            model._setup_lpips()
+        if dataset is None:  # --resume / render: every buffer comes from the saved state
+            return cls(cfg, info)
+        box = torch.from_numpy(head_box(dataset.face_model.neutral, cfg.box_scale))
+        lm = np.asarray(dataset.tracks.landmarks, np.float32)[:, list(LDM_POINTS), :2]
+        lm = np.nan_to_num(lm / float(dataset.size) * 2 - 1)  # [T, L, 2] in [-1, 1] of the crop
+        landmarks = torch.from_numpy(np.ascontiguousarray(lm))
+        basis = np.asarray(dataset.face_model.basis, np.float32)[:, list(MOUTH_VERTICES)]
+        mouth_basis = torch.from_numpy(np.ascontiguousarray(basis))
+        cells = None
+        if cfg.audio_region > 0:
+            # the lips and jaw of the neutral face, in the normalised box coordinates the planes span
+            mouth = torch.from_numpy(np.asarray(dataset.face_model.neutral, np.float32)[list(MOUTH_VERTICES)])
+            centre, half = (box[0] + box[1]) / 2, ((box[1] - box[0]) / 2).max()
+            xyz = normalize_points((mouth - centre) / half, (box - centre) / half)
+            side = cfg.plane_resolution // 2 ** (len(cfg.unet_channels) - 1)
+            cells = region_cells(side, xyz, cfg.audio_region)
+        model = cls(cfg, info, box, landmarks, mouth_basis, cells)
+        model._setup_lpips()
         return model
 
     def _setup_lpips(self) -> None:
@@ -199,13 +242,23 @@ class Talk3D(nn.Module):
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         self._skips = None
+        if "lip_proj.weight" not in state:  # an avatar from before the lip token: a zero projection is that model
+            state = {**state, "lip_proj.weight": torch.zeros_like(self.lip_proj.weight),
+                     "lip_proj.bias": torch.zeros_like(self.lip_proj.bias)}
+        if "audio_cells" not in state:  # ... and from before the audio region: every cell sees a_n
+            state = {**state, "audio_cells": torch.ones_like(self.audio_cells)}
         return super().load_state_dict(state, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------------------------------ pieces
 
-    def tokens(self, cond: Condition) -> Tensor:
-        """[5, d] t_n = {audio, eye, rotation, non-lip landmarks, null} (eq. 5)."""
+    def tokens(self, cond: Condition, lip: Tensor | None = None) -> Tensor:
+        """[5, d] t_n = {audio, eye, rotation, non-lip landmarks, null} (eq. 5).
+
+        a_n = the audio net's output + a projection of the lip code: ``lip`` [Vm, 3] (a tracked lip code, only
+        while training, teacher forcing) or, by default, the lip code the audio net predicts."""
         a = self.audio_encoder(cond.audio)
+        code = self.lip_head(a) if lip is None else lip.reshape(-1)
+        a = a + self.lip_proj(code)
         e = self.eye_proj(blink_encoding(cond.blink))
         r = self.rot_proj(cond.pose[:3, :3].reshape(9))
         i = min(max(cond.index, 0), self.landmarks.shape[0] - 1)
@@ -213,8 +266,11 @@ class Talk3D(nn.Module):
         l = self.ldm_proj(lm.reshape(-1))
         return torch.stack([a, e, r, l, self.null])
 
-    def planes(self, cond: Condition, audio: bool, freeze_id: bool = False) -> tuple[Tensor, Tensor | None]:
-        """P_ID (+ Delta P_n when ``audio``): [3, C, R, R], and the bottleneck's attention [3 R_b^2, 5]."""
+    def planes(self, cond: Condition, audio: bool, freeze_id: bool = False,
+               lip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """P_ID (+ Delta P_n when ``audio``): [3, C, R, R], and the bottleneck's attention [3 R_b^2, 5].
+
+        ``lip`` [Vm, 3]: a tracked lip code for the audio token (:meth:`tokens`), training only."""
         p_id = self.p_id.detach() if freeze_id else self.p_id
         if not audio:
             return p_id, None
@@ -224,7 +280,9 @@ class Talk3D(nn.Module):
             skips = self.unet.encode(p_id)
             if not self.training:
                 self._skips = skips
-        delta, attn = self.unet(skips, self.tokens(cond)[None])
+        mask = torch.zeros(self.audio_cells.shape[0], 5, dtype=torch.bool, device=self.audio_cells.device)
+        mask[:, 0] = ~self.audio_cells
+        delta, attn = self.unet(skips, self.tokens(cond, lip)[None], mask)
         return p_id + delta[0], attn[0]
 
     @property
@@ -249,13 +307,22 @@ class Talk3D(nn.Module):
             audio, expr = torch.cat([audio, ra]), torch.cat([expr, re])
         return (self.lip_code(audio) - self.lip_target(expr)).square().mean()
 
-    def volume(self, planes: Tensor, cond: Condition, perturb: bool) -> dict[str, Tensor]:
-        """The low-resolution render: features [r, r, F], alpha [r, r] (r = render_size)."""
-        r = self.cfg.render_size
-        K = cond.K.clone()
-        K[:2] *= r / cond.width  # continuous pixel coordinates scale exactly (centres at +0.5)
+    def volume(self, planes: Tensor, cond: Condition, perturb: bool, crop: MouthCrop | None = None) -> dict[str, Tensor]:
+        """The low-resolution render: features [r, r, F], alpha [r, r] (r = render_size); with ``crop``, the
+        crop camera's [h / s, w / s] (s = the super-resolution factor), so that the SR makes the crop's size."""
+        if crop is None:
+            w = h = self.cfg.render_size
+            K = cond.K.clone()
+            K[:2] *= w / cond.width  # continuous pixel coordinates scale exactly (centres at +0.5)
+        else:
+            s = self.sr.factor
+            h, w = crop.image.shape[0] // s, crop.image.shape[1] // s
+            if (h * s, w * s) != tuple(crop.image.shape[:2]):
+                raise ValueError(f"the mouth crop {tuple(crop.image.shape[:2])} is not a multiple of the SR factor {s}")
+            K = crop.K.clone()
+            K[:2] /= s
         vm = scene_viewmat(cond.viewmat, self.centre, self.scale)
-        return render_triplane(planes, self.decoder, self.box, vm, K, r, r, self.volume_cfg, perturb=perturb,
+        return render_triplane(planes, self.decoder, self.box, vm, K, w, h, self.volume_cfg, perturb=perturb,
                                generator=self._gen if perturb else None)
 
     def upsample(self, vol: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -302,6 +369,15 @@ class Talk3D(nn.Module):
         n = self.cfg.schedule.iterations
         return int(round(self.cfg.static_fraction * n)), n - int(round(self.cfg.sr_fraction * n))
 
+    def teacher_probability(self, step: int) -> float:
+        """Scheduled sampling of the lip token: ``lip_teacher`` at the start of the audio stage, falling linearly
+        to 0 at its end, so that the U-Net first learns the mouth from the tracked lip code and ends trained on
+        the audio's prediction, which is what rendering feeds it."""
+        a, s = self.stage_bounds()
+        if not a <= step < s:
+            return 0.0
+        return self.cfg.lip_teacher * (s - step) / max(1, s - a)
+
     def stage(self, step: int) -> str:
         a, s = self.stage_bounds()
         return "static" if step < a else ("audio" if step < s else "sr")
@@ -312,17 +388,24 @@ class Talk3D(nn.Module):
         audio = stage != "static"
         if audio and not bool(self.audio_on):
             self.audio_on.fill_(True)
-        if stage == "sr":
-            with torch.no_grad():
-                planes, _ = self.planes(cond, audio=True, freeze_id=True)
-                vol = self.volume(planes, cond, perturb=True)
-        else:
-            planes, _ = self.planes(cond, audio=audio, freeze_id=audio)
+        lip = None
+        if stage == "audio" and self.mouth_basis.shape[0] > 0 and cfg.lip_teacher > 0:
+            if float(torch.rand((), generator=self._gen)) < self.teacher_probability(step):
+                lip = self.lip_target(batch.expression[None])[0]  # teacher forcing (see the module docstring)
+        crop = batch.mouth if cfg.lambda_lip > 0 else None
+        with torch.no_grad() if stage == "sr" else contextlib.nullcontext():
+            planes, _ = self.planes(cond, audio=audio, freeze_id=audio, lip=lip)
             vol = self.volume(planes, cond, perturb=True)
+            vol_crop = self.volume(planes, cond, perturb=True, crop=crop) if crop is not None else None
         rgb, alpha = self.upsample(vol)
         pred = self.over(rgb, alpha, cond.backdrop)
         l1 = (pred - batch.image).abs().mean()
         loss, logs = l1, {"l1": l1.item()}
+        if vol_crop is not None:
+            c_rgb, c_alpha = self.upsample(vol_crop)
+            lp = (self.over(c_rgb, c_alpha, crop.backdrop) - crop.image).abs().mean()
+            loss = loss + cfg.lambda_lip * lp
+            logs["lip"] = lp.item()
         x0, y0, x1, y1 = batch.mouth_box.tolist()
         gw, gh = 0.25 * (x1 - x0), 0.25 * (y1 - y0)  # the lips' box grown by a quarter each side
         xs = slice(max(0, int(x0 - gw)), int(np.ceil(x1 + gw)))

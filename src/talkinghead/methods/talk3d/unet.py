@@ -14,7 +14,9 @@ Shapes: B batch, C channels, R plane side; a triplane batch is ``[B, 3, C, R, R]
 * Bottleneck (eq. 4-5): the three planes' cells are flattened into 3 R_b^2 tokens, a 3-D positional encoding
   added (each cell's centre in the head box, its off-plane coordinate 0, plus a learned per-plane embedding);
   N_A layers of self-attention (F_SA) then cross-attention (F_CA) to the condition tokens t_n, each with a
-  feed-forward (pre-norm transformer layers; our choice, the paper does not spell the layer out).
+  feed-forward (pre-norm transformer layers; our choice, the paper does not spell the layer out). An optional
+  mask [3 R_b^2, M] keeps tokens from cells (Talk3D's method keeps the audio token to the cells near the mouth,
+  :func:`region_cells`; see its model module).
 * Decoder: upsampling, skip concatenation, split blocks back to R; the last split convolution starts at zero,
   so Delta P = 0 at the start of the audio stage and training starts from the static head (eq. 3).
 """
@@ -80,10 +82,9 @@ def _resample(x: Tensor, scale: float) -> Tensor:
     return y.reshape(B, P, C, y.shape[-2], y.shape[-1])
 
 
-def positional_encoding_3d(side: int, dim: int) -> Tensor:
-    """[3 * side^2, dim] sinusoidal encoding of each bottleneck cell's 3-D position in [-1, 1]^3.
-
-    Cell (row, col) of plane p sits at its plane's two coordinates (PLANE_AXES), the third axis at 0."""
+def cell_positions(side: int) -> Tensor:
+    """[3 * side^2, 3] the centre of each bottleneck cell in [-1, 1]^3: its plane's two coordinates
+    (PLANE_AXES; column = first axis, row = second), the third axis at 0. Plane-major, row-major."""
     from talkinghead.render.volume import PLANE_AXES
 
     c = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1
@@ -93,7 +94,27 @@ def positional_encoding_3d(side: int, dim: int) -> Tensor:
         p = torch.zeros(side, side, 3)
         p[..., a], p[..., b] = cols, rows
         pos.append(p.reshape(-1, 3))
-    pos = torch.cat(pos)  # [3 S^2, 3]
+    return torch.cat(pos)
+
+
+def region_cells(side: int, points: Tensor, radius: float) -> Tensor:
+    """[3 * side^2] bool: the bottleneck cells within ``radius`` cells of one of ``points`` [P, 3] (normalised
+    box coordinates) projected onto the cell's plane."""
+    from talkinghead.render.volume import PLANE_AXES
+
+    pos = cell_positions(side).reshape(3, side * side, 3)
+    near = []
+    for k, (a, b) in enumerate(PLANE_AXES):
+        d = torch.cdist(pos[k][:, [a, b]], points[:, [a, b]].float())  # [S^2, P]
+        near.append((d.min(1).values <= radius * 2 / side) if points.shape[0] else torch.zeros(side * side, dtype=torch.bool))
+    return torch.cat(near)
+
+
+def positional_encoding_3d(side: int, dim: int) -> Tensor:
+    """[3 * side^2, dim] sinusoidal encoding of each bottleneck cell's 3-D position in [-1, 1]^3.
+
+    Cell (row, col) of plane p sits at its plane's two coordinates (PLANE_AXES), the third axis at 0."""
+    pos = cell_positions(side)  # [3 S^2, 3]
     nf = max(1, dim // 6)
     freqs = 2.0 ** torch.arange(nf, dtype=torch.float32) * math.pi
     ang = pos[..., None] * freqs  # [N, 3, nf]
@@ -111,11 +132,13 @@ class AttentionLayer(nn.Module):
         self.ca = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, e: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """e [B, N, d], tokens [B, M, d] -> (e [B, N, d], cross-attention weights [B, N, M])."""
+    def forward(self, e: Tensor, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """e [B, N, d], tokens [B, M, d] -> (e [B, N, d], cross-attention weights [B, N, M]).
+
+        ``mask`` [N, M] bool: True where cell n may not attend to token m."""
         h = self.n1(e)
         e = e + self.sa(h, h, h, need_weights=False)[0]
-        a, w = self.ca(self.n2(e), tokens, tokens, need_weights=True)
+        a, w = self.ca(self.n2(e), tokens, tokens, attn_mask=mask, need_weights=True)
         e = e + a
         return e + self.ffn(self.n3(e)), w
 
@@ -153,8 +176,10 @@ class AttentionUNet(nn.Module):
             skips.append(x)
         return skips
 
-    def forward(self, skips: list[Tensor], tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Encoder outputs (``encode``) + tokens [B, M, d] -> (Delta P [B, 3, C, R, R], attention [B, 3 R_b^2, M])."""
+    def forward(self, skips: list[Tensor], tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Encoder outputs (``encode``) + tokens [B, M, d] -> (Delta P [B, 3, C, R, R], attention [B, 3 R_b^2, M]).
+
+        ``mask`` [3 R_b^2, M] bool: True where a bottleneck cell may not attend to a token."""
         B = tokens.shape[0]
         E = skips[-1].expand(B, -1, -1, -1, -1)
         S = self.side
@@ -162,7 +187,7 @@ class AttentionUNet(nn.Module):
         e = e + self.pos + self.plane_embed.repeat_interleave(S * S, 0)
         w = None
         for layer in self.attn:
-            e, w = layer(e, tokens)
+            e, w = layer(e, tokens, mask)
         x = e.reshape(B, 3, S, S, self.dim).permute(0, 1, 4, 2, 3)
         for block, skip in zip(self.dec, reversed(skips[:-1])):
             x = _resample(x, 2.0)
