@@ -249,6 +249,28 @@ async def _mic_latency(base: str, avatar: str, speech: np.ndarray) -> dict:
             "frames_sent": stats["frames_sent"], "send_skew_ms": stats["send_skew_ms"]}
 
 
+async def _typed_text(base: str, server, avatar: str) -> dict:
+    """First frame after typed text (Piper synthesis + features), after one warm-up sentence that loads the voice."""
+    from talkinghead.serve.client import Client
+
+    c = Client(base, keep_images=False)
+    await c.connect(avatar)
+    await c.wait_frames(5, 60)
+    status, warm = await c.say("Hello.")
+    assert status == 200, warm
+    await asyncio.sleep(warm["duration_s"] + 2.0)
+    text = "Hello, I am the avatar of this server, and I say what you type."
+    t = time.monotonic()
+    status, body = await c.say(text)
+    answer_s = time.monotonic() - t
+    assert status == 200, body
+    await asyncio.sleep(body["duration_s"] + 1.5)
+    firsts = list(server.sessions[c.session].first_frame_ms)
+    await c.close()
+    return {"text": text, "duration_s": body["duration_s"], "http_answer_ms": round(answer_s * 1000, 1),
+            "first_frame_ms": firsts[-1], "warm_up_first_frame_ms": firsts[0]}
+
+
 async def _faults(base: str, server, avatar: str, speech: np.ndarray) -> dict:
     from talkinghead.serve.client import Client
 
@@ -502,7 +524,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=16.0, help="length of each concurrency run")
     ap.add_argument("--max-sessions", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: drift,features,whisper,render,"
-                                                "sessions,mic,sync,faults,browser")
+                                                "sessions,mic,text,sync,faults,browser")
     args = ap.parse_args()
     import torch
 
@@ -541,6 +563,7 @@ def main() -> None:
         done("render_only", bench_render(avatars))
     server = Server(avatars, max_sessions=args.max_sessions)
     server.start_workers(2)
+    server.tts.warm()  # as `talkinghead serve` does
     thread = ServerThread(server).start()
     speech = read_audio(SPEECH)
     try:
@@ -555,6 +578,8 @@ def main() -> None:
             done("sessions")
         if "mic" not in skip:
             done("mic", {av.name: thread.call(_mic_latency(thread.base, av.name, speech), timeout=600) for av in avatars})
+        if "text" not in skip:
+            done("typed_text", thread.call(_typed_text(thread.base, server, avatars[0].name), timeout=300))
         if "sync" not in skip:
             done("sync", bench_sync(thread.base, server, args.avatar[0], avatars[0].name, thread, args.out))
         if "faults" not in skip:

@@ -292,3 +292,21 @@ def test_an_utterance_starts_before_its_later_parts_rows_are_computed():
         later.shutdown()
     assert before == list(range(1, 9)) and after == list(range(9, 26))
     assert av.unready_reads == 0
+
+
+def test_the_voice_is_loaded_ahead_of_the_first_typed_utterance():
+    import threading
+
+    from talkinghead.serve.speech import TextToSpeech
+
+    tts = TextToSpeech()
+    if tts.available():
+        pytest.skip(tts.available())
+    tts.warm()
+    for t in threading.enumerate():
+        if t.name == "tts-warm":
+            t.join(120)
+    voice = tts._voice
+    assert voice is not None
+    wave = tts.synthesize("Ready.")
+    assert tts._voice is voice and wave.dtype == np.float32 and 0.2 < wave.size / AUDIO_RATE < 3

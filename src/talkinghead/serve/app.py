@@ -356,6 +356,7 @@ def run(avatars: list[Path], host: str, port: int, max_sessions: int, limits: Up
         raise UserError(f"two avatars share a folder name ({', '.join(names)}); the page lists them by name")
     server = Server(loaded, max_sessions=max_sessions, limits=limits)
     server.start_workers()
+    server.tts.warm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     print(f"talkinghead serve: http://{host}:{port}/  ({len(loaded)} avatar(s), up to {max_sessions} sessions)",
           flush=True)
