@@ -233,12 +233,19 @@ class _ValueAvatar:
     def __init__(self):
         self.silence = np.zeros(1, np.float32)
         self.unready_reads = 0
+        self.nice: list[int] = []  # the niceness of the thread each frame was rendered in
 
     def open_stream(self):
+        nice = self.nice
+
         class Stream:
             lookahead = 2
 
             def render(self, value):
+                import os
+                import threading
+
+                nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
                 return torch.full((4, 4, 3), value / 255.0)
 
             def reset(self):
@@ -256,7 +263,8 @@ class _ValueAvatar:
 def test_an_utterance_starts_before_its_later_parts_rows_are_computed():
     """The first frame of an upload does not wait for the whole utterance's features: with the second part's
     rows held back, the first part's frames are sent (all those whose window stays inside it); released, the
-    rest follow, every frame with its own row and no frame reading a row before it was computed."""
+    rest follow, every frame with its own row and no frame reading a row before it was computed. Frames are
+    rendered in a thread RENDER_NICE nicer than the caller's."""
     from concurrent.futures import ThreadPoolExecutor
 
     from talkinghead.serve.session import Session
@@ -292,6 +300,12 @@ def test_an_utterance_starts_before_its_later_parts_rows_are_computed():
         later.shutdown()
     assert before == list(range(1, 9)) and after == list(range(9, 26))
     assert av.unready_reads == 0
+    import os
+
+    if hasattr(os, "getpriority"):  # the renderer yields to sending and to the features (Linux: per thread)
+        from talkinghead.serve.session import RENDER_NICE
+
+        assert set(av.nice) == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDER_NICE)}
 
 
 def test_the_voice_is_loaded_ahead_of_the_first_typed_utterance():

@@ -30,7 +30,9 @@ drives frame n:
 
 **Falling behind.** When a frame is already due when the producer reaches it (rendering slower than the
 frame rate), it is not rendered: the previous image is sent again with the frame's own audio (``dropped``
-in the stats). Sound stays continuous and the lips never lag more than one render.
+in the stats). Sound stays continuous and the lips never lag more than one render. The producer runs
+``RENDER_NICE`` nicer than the rest of the server, so that sending, the mic's features and an upload's
+features come first when the cores are busy.
 
 **Stats** (:meth:`Session.stats`): rendered fps, render ms, dropped frames, latency (mic chunk arrival ->
 its frame leaving the server) p50 / p95, first frame after an upload, and the A/V figures: ``pts_drift_ms``
@@ -56,6 +58,21 @@ from talkinghead.methods.streaming import DrivenAvatar
 
 VIDEO_CLOCK = 90000
 AUDIO_FRAME = 320  # 20 ms at 16 kHz
+# Niceness the producer threads add (Linux: per thread). On a busy machine the renderers then yield to what
+# is waited on: the event loop sending frames on their instants, the mic features, an upload's features in the
+# worker processes (its first frame), at the cost of a repeated image while those run.
+RENDER_NICE = 5
+
+
+def _lower_priority(by: int) -> None:
+    """Make the calling thread ``by`` nicer (Linux threads have their own niceness; elsewhere: nothing)."""
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except (AttributeError, OSError):
+        pass
 
 
 class MediaClock:
@@ -343,6 +360,7 @@ class Session:
 
     def _produce(self) -> None:
         torch.set_num_threads(1)
+        _lower_priority(RENDER_NICE)
         av = self.avatar
         idle_rows = av.silence[None]
         last_image: np.ndarray | None = None
