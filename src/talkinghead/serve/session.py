@@ -263,8 +263,10 @@ class Session:
                 logging.getLogger("talkinghead.serve").exception("session %s: utterance features failed", self.id)
                 u.failed = True
 
-        if len(parts) > 1:
-            later.submit(rest) if later is not None else rest()
+        if len(parts) > 1 and later is not None:
+            later.submit(rest)
+        elif len(parts) > 1:
+            rest()
         return u
 
     def _utterance_rows_ready(self, u: Utterance, frame: int) -> bool:
