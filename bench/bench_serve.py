@@ -313,7 +313,7 @@ async def _faults(base: str, server, avatar: str, speech: np.ndarray) -> dict:
     gc.collect()
     out["client vanishes mid-utterance"] = {"session_ended_after_s": round(gone, 1),
                                             "session_object_freed": ref() is None,
-                                            "bystander_frames_in_next_2s": len(bystander.received.video) - n}
+                                            "bystander_frames_in_next_3s": len(bystander.received.video) - n}
     await bystander.close()
     out["sessions_left"] = len(server.sessions)
     return out
