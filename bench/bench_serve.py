@@ -118,8 +118,8 @@ def bench_whisper_stream(seconds: float) -> dict:
 
     out = {"encoder": enc.name, "audio_s": seconds, "load_cpu_s": round(load_s, 2), "shared_again_cpu_s": round(again_s, 4),
            "offline_cpu_s_per_audio_s": round(offline_s / seconds, 3), "sweep_state2": []}
-    cores = [(0, 22.0), (22.0, 44.0), (44.0, seconds)]
-    for la, hop in ((0, 2), (1, 2), (2, 2), (3, 2), (5, 2), (8, 2), (12, 2), (25, 2), (5, 1), (5, 5)):
+    cores = [(a, min(a + 22.0, seconds)) for a in np.arange(0.0, seconds, 22.0)]
+    for la, hop in ((0, 2), (2, 2), (5, 2), (12, 2), (5, 5)):
         ws = WhisperStream(enc, (2,), fps, la, hop)
         live = feed(ws)[:, 0]
         d, corr = compare(live, off)
@@ -142,7 +142,35 @@ def bench_whisper_stream(seconds: float) -> dict:
                             "energy_column_mae_after_2s": round(float(e[50:].mean()), 4),
                             "energy_column_max_after_2s": round(float(e[50:].max()), 4),
                             "cpu_s_per_audio_s": round(lf.compute_s / seconds, 3),
-                            "offline_rows_cpu_s_per_audio_s (pocketsphinx + whisper)": round(rows_s / seconds, 3)}
+                            "offline_rows_cpu_s_per_audio_s (every whisper state)": round(rows_s / seconds, 3)}
+    return out
+
+
+def bench_utterance() -> dict:
+    """An upload's features as the server computes them (part by part, the encoder only as deep as the avatar
+    reads: talkinghead.methods.streaming.utterance_rows) against the offline extractor (what render runs), on
+    the 5.6 s WAV and on 60 s: CPU seconds before the first frame can go out, in all, and equality."""
+    from talkinghead.audio.extractor import DatasetExtractor
+    from talkinghead.audio.whisper import WhisperChoice, shared_whisper
+    from talkinghead.media import read_audio
+    from talkinghead.methods.streaming import utterance_features, utterance_parts, utterance_rows
+
+    shared_whisper()
+    extract = DatasetExtractor(whisper=WhisperChoice())
+    out = {}
+    for name, wave in (("speech_en_imagine_6s", read_audio(SPEECH)), ("speech_en_60s", read_audio(LONG_SPEECH)[: 60 * 16000])):
+        t = time.process_time()
+        off = utterance_features(wave, 25.0, extract)
+        off_s = time.process_time() - t
+        parts, got, cpu = utterance_parts(wave, 25.0, extract), [], []
+        for k in range(len(parts)):
+            t = time.process_time()
+            got.append(utterance_rows(wave, 25.0, extract, k))
+            cpu.append(time.process_time() - t)
+        out[name] = {"audio_s": round(len(wave) / 16000, 3), "parts": len(parts),
+                     "offline_extract_cpu_s": round(off_s, 3), "first_part_cpu_s": round(cpu[0], 3),
+                     "all_parts_cpu_s": round(sum(cpu), 3),
+                     "max_abs_diff_vs_offline": float(np.abs(np.concatenate(got) - off).max())}
     return out
 
 
@@ -171,7 +199,9 @@ def bench_render(avatars: list) -> dict:
 # ------------------------------------------------------------------------------------------ C. live sessions
 
 
-async def _sessions(base: str, avatar: str, k: int, seconds: float, speech: np.ndarray) -> dict:
+async def _sessions(base: str, server, avatar: str, k: int, seconds: float, speech: np.ndarray) -> dict:
+    """k clients at once; each uploads the 5.6 s WAV twice, at t = 0 and t = seconds / 2 (> 5.6 s: the second
+    upload does not queue behind the first), so first_frames_ms holds two first frames after an upload."""
     from talkinghead.serve.client import Client
 
     clients = [Client(base, keep_images=False) for _ in range(k)]
@@ -191,16 +221,17 @@ async def _sessions(base: str, avatar: str, k: int, seconds: float, speech: np.n
     await asyncio.sleep(seconds / 2)
     wall = time.monotonic() - t0
     last = [(await c.stats())[1] for c in clients]
+    firsts = [list(server.sessions[c.session].first_frame_ms) for c in clients]
     recv = [len(c.received.video) for c in clients]
     for c in clients:
         await c.close()
     per = []
-    for a, b, n in zip(first, last, recv):
+    for a, b, n, ff in zip(first, last, recv, firsts):
         sent = b["frames_sent"] - a["frames_sent"]
         rendered = b["frames_rendered"] - a["frames_rendered"]
         per.append({"sent_fps": round(sent / wall, 1), "rendered_fps": round(rendered / wall, 1),
                     "dropped_share": round(1 - rendered / max(sent, 1), 3), "received_frames": n,
-                    "first_frame_ms": b["first_frame_ms"], "render_ms": b["render_ms"], "send_skew_ms": b["send_skew_ms"],
+                    "first_frames_ms": ff, "render_ms": b["render_ms"], "send_skew_ms": b["send_skew_ms"],
                     "clock_rebases": b["clock_rebases"] - a["clock_rebases"]})
     held = all(p["dropped_share"] < 0.05 and p["sent_fps"] >= 24 for p in per)
     return {"sessions": k, "held_25fps": held, "per_session": per}
@@ -216,6 +247,28 @@ async def _mic_latency(base: str, avatar: str, speech: np.ndarray) -> dict:
     await c.close()
     return {"latency_ms": stats["latency_ms"], "render_ms": stats["render_ms"], "frames_dropped": stats["frames_dropped"],
             "frames_sent": stats["frames_sent"], "send_skew_ms": stats["send_skew_ms"]}
+
+
+async def _typed_text(base: str, server, avatar: str) -> dict:
+    """First frame after typed text (Piper synthesis + features), after one warm-up sentence that loads the voice."""
+    from talkinghead.serve.client import Client
+
+    c = Client(base, keep_images=False)
+    await c.connect(avatar)
+    await c.wait_frames(5, 60)
+    status, warm = await c.say("Hello.")
+    assert status == 200, warm
+    await asyncio.sleep(warm["duration_s"] + 2.0)
+    text = "Hello, I am the avatar of this server, and I say what you type."
+    t = time.monotonic()
+    status, body = await c.say(text)
+    answer_s = time.monotonic() - t
+    assert status == 200, body
+    await asyncio.sleep(body["duration_s"] + 1.5)
+    firsts = list(server.sessions[c.session].first_frame_ms)
+    await c.close()
+    return {"text": text, "duration_s": body["duration_s"], "http_answer_ms": round(answer_s * 1000, 1),
+            "first_frame_ms": firsts[-1], "warm_up_first_frame_ms": firsts[0]}
 
 
 async def _faults(base: str, server, avatar: str, speech: np.ndarray) -> dict:
@@ -260,7 +313,7 @@ async def _faults(base: str, server, avatar: str, speech: np.ndarray) -> dict:
     gc.collect()
     out["client vanishes mid-utterance"] = {"session_ended_after_s": round(gone, 1),
                                             "session_object_freed": ref() is None,
-                                            "bystander_frames_in_next_2s": len(bystander.received.video) - n}
+                                            "bystander_frames_in_next_3s": len(bystander.received.video) - n}
     await bystander.close()
     out["sessions_left"] = len(server.sessions)
     return out
@@ -471,7 +524,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=16.0, help="length of each concurrency run")
     ap.add_argument("--max-sessions", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: drift,features,whisper,render,"
-                                                "sessions,mic,sync,faults,browser")
+                                                "sessions,mic,text,sync,faults,browser")
     args = ap.parse_args()
     import torch
 
@@ -483,69 +536,99 @@ def main() -> None:
 
     skip = set(filter(None, args.skip.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"stamp": stamp()}
+    res: dict = {"stamp": stamp(), "part_s": {}}
     cpu0 = time.process_time()
-    if "drift" not in skip:
-        res["drift_virtual_clock"] = asyncio.run(_drift(10.0))
-        print("drift", res["drift_virtual_clock"], flush=True)
-    if "features" not in skip:
-        res["features"] = bench_features(20.0)
-        print("features", json.dumps(res["features"]), flush=True)
-    if "whisper" not in skip:
-        res["whisper_stream"] = bench_whisper_stream(60.0)
-        print("whisper", json.dumps(res["whisper_stream"]), flush=True)
-    avatars = [DrivenAvatar(p) for p in args.avatar]
-    if "render" not in skip:
-        res["render_only"] = bench_render(avatars)
-        print("render", res["render_only"], flush=True)
-    server = Server(avatars, max_sessions=args.max_sessions)
-    server.start_workers(2)
-    thread = ServerThread(server).start()
-    speech = read_audio(SPEECH)
+    clock = [time.perf_counter(), time.process_time()]
+
+    def done(part: str, value=None) -> None:
+        """Record a part's result and its wall / main-process CPU seconds; the JSON is rewritten after each."""
+        if value is not None:
+            res[part] = value
+            print(part, json.dumps(value, default=str), flush=True)
+        now = [time.perf_counter(), time.process_time()]
+        res["part_s"][part] = {"wall": round(now[0] - clock[0], 1), "cpu_main": round(now[1] - clock[1], 1)}
+        clock[:] = now
+        (args.out / "bench_serve.json").write_text(json.dumps(res, indent=1, default=str))
+
     try:
-        if "sessions" not in skip:
-            res["sessions"] = {}
-            for av in avatars:
-                runs = []
-                for k in range(1, args.max_sessions + 1):
-                    runs.append(thread.call(_sessions(thread.base, av.name, k, args.seconds, speech), timeout=900))
-                    print(av.name, runs[-1], flush=True)
-                    if not runs[-1]["held_25fps"] and k >= 2:
-                        break
-                res["sessions"][av.name] = runs
-        if "mic" not in skip:
-            res["mic"] = {av.name: thread.call(_mic_latency(thread.base, av.name, speech), timeout=600) for av in avatars}
-            print("mic", res["mic"], flush=True)
-        if "sync" not in skip:
-            res["sync"] = bench_sync(thread.base, server, args.avatar[0], avatars[0].name, thread, args.out)
-            print("sync", res["sync"], flush=True)
-        if "faults" not in skip:
-            res["faults"] = thread.call(_faults(thread.base, server, avatars[0].name, speech), timeout=600)
-            print("faults", res["faults"], flush=True)
-        if "browser" not in skip:
-            from test_serve_browser import browser_missing, drive_page, thumb_motion
+        if "drift" not in skip:
+            done("drift_virtual_clock", asyncio.run(_drift(10.0)))
+        if "features" not in skip:
+            done("features", bench_features(12.0))
+        if "whisper" not in skip:
+            done("whisper_stream", bench_whisper_stream(40.0))
+            done("utterance_features", bench_utterance())
+        avatars = [DrivenAvatar(p) for p in args.avatar]
+        done("load_avatars")
+        if "render" not in skip:
+            done("render_only", bench_render(avatars))
+        server = Server(avatars, max_sessions=args.max_sessions)
+        server.start_workers(2)
+        server.tts.warm()  # as `talkinghead serve` does
+        thread = ServerThread(server).start()
+        speech = read_audio(SPEECH)
+        try:
+            if "sessions" not in skip:
+                res["sessions"] = {}
+                for av in avatars:
+                    runs = []
+                    for k in range(1, args.max_sessions + 1):
+                        runs.append(thread.call(_sessions(thread.base, server, av.name, k, args.seconds, speech), timeout=900))
+                        print(av.name, runs[-1], flush=True)
+                    res["sessions"][av.name] = runs
+                done("sessions")
+            if "mic" not in skip:
+                done("mic", {av.name: thread.call(_mic_latency(thread.base, av.name, speech), timeout=600) for av in avatars})
+            if "text" not in skip:
+                done("typed_text", thread.call(_typed_text(thread.base, server, avatars[0].name), timeout=300))
+            if "sync" not in skip:
+                done("sync", bench_sync(thread.base, server, args.avatar[0], avatars[0].name, thread, args.out))
+            if "faults" not in skip:
+                done("faults", thread.call(_faults(thread.base, server, avatars[0].name, speech), timeout=600))
+            if "browser" not in skip:
+                from test_serve_browser import browser_missing, drive_page, thumb_motion
 
-            why = browser_missing()
-            if why:
-                res["browser"] = {"skipped": why}
-            else:
-                import soundfile
+                why = browser_missing()
+                if why:
+                    res["browser"] = {"skipped": why}
+                else:
+                    import soundfile
 
-                mic = args.out / "mic.wav"
-                soundfile.write(str(mic), speech[: 4 * 16000], 16000, subtype="PCM_16")
-                up = args.out / "upload.wav"
-                soundfile.write(str(up), speech, 16000, subtype="PCM_16")
-                page = drive_page(thread.base, avatars[0].name, mic, up, screenshot=args.out / "page.png", seconds=8)
-                res["browser"] = {"status": page["status"], "upload_status": page.get("upload_status"),
-                                  "video_samples": len(page["samples"]), "thumb_motion": round(thumb_motion(page["samples"]), 2),
-                                  "page_stats": page.get("stats"), "screenshot": str(args.out / "page.png")}
-            print("browser", res["browser"], flush=True)
-    finally:
-        thread.stop()
-        server.workers.shutdown(wait=True, cancel_futures=True)
+                    mic = args.out / "mic.wav"
+                    soundfile.write(str(mic), speech[: 4 * 16000], 16000, subtype="PCM_16")
+                    up = args.out / "upload.wav"
+                    soundfile.write(str(up), speech, 16000, subtype="PCM_16")
+                    page = drive_page(thread.base, avatars[0].name, mic, up, screenshot=args.out / "page.png", seconds=8)
+                    res["browser"] = {"status": page["status"], "upload_status": page.get("upload_status"),
+                                      "video_samples": len(page["samples"]), "thumb_motion": round(thumb_motion(page["samples"]), 2),
+                                      "page_stats": page.get("stats"), "screenshot": str(args.out / "page.png")}
+                done("browser", res["browser"])
+        finally:
+            res["cpu_s_feature_workers"] = _proc_cpu_s(list(getattr(server.workers, "_processes", {}) or {}))
+            thread.stop()
+            server.workers.shutdown(wait=True, cancel_futures=True)
+    except KeyboardInterrupt:  # the --both slot's time limit (timeout -s INT): keep what was measured
+        res["interrupted"] = "stopped by SIGINT after the parts listed in part_s"
     res["cpu_s_main_process"] = round(time.process_time() - cpu0, 1)
+    from benchlib import load
+
+    res["load_average_at_end"] = load()
     (args.out / "bench_serve.json").write_text(json.dumps(res, indent=1, default=str))
     append_entry("## talkinghead serve (bench/bench_serve.py)", _entry(res))
+
+
+def _proc_cpu_s(pids: list) -> float | None:
+    """User + system CPU seconds of the live processes ``pids`` (Linux /proc), None where unreadable."""
+    import os
+
+    total = 0.0
+    try:
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(total, 1)
 
 
 def _entry(res: dict) -> str:

@@ -398,6 +398,48 @@ def test_whisper_features_skip_phone_recognition(tiny_random, no_pocketsphinx):
     assert _slice_audio(f, 60).stack().shape == (60, 17)
 
 
+def test_a_shallower_run_gives_the_same_states_and_the_servers_parts_the_same_rows(tiny_random, no_pocketsphinx):
+    """encode_window(depth=d) stops after layer d: states 0..d bit for bit the whole encoder's. The live server's
+    rows of an utterance known in full, part by part (one part per Whisper window, each encoded only as deep as
+    stack() reads), are exactly the offline driving rows (compute_audio_features(...).stack(), what render uses)
+    of a 68 s utterance: three windows."""
+    from talkinghead.audio.extractor import DatasetExtractor
+    from talkinghead.audio.features import compute_audio_features
+    from talkinghead.methods.streaming import num_frames_of, utterance_parts, utterance_rows
+
+    root, _ = tiny_random
+    enc = W.load_whisper(root / "hf", device="cpu")
+    wave = _speech_like()
+    times = np.arange(100) / 25.0
+    full = W.encode_window(enc, wave, times)
+    one = W.encode_window(enc, wave, times, depth=1)
+    assert full.shape[1] == 3 and one.shape[1] == 2
+    np.testing.assert_array_equal(one, full[:, :2])
+    np.testing.assert_array_equal(W.encode_window(enc, wave, times, depth=2), full)  # depth L: the whole encoder
+
+    choice = W.WhisperChoice(checkpoint=str(root / "hf"), layers=(1,))
+    extract = DatasetExtractor(whisper=choice)
+    long = np.concatenate([_speech_like() * (0.5 + 0.1 * k) for k in range(18)])[: 68 * RATE]  # level varies
+    n = num_frames_of(len(long), 25.0)
+    parts = utterance_parts(long, 25.0, extract)
+    assert len(parts) == 3 and parts[0] == (0, 22 * 25) and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    want = compute_audio_features(long, 25.0, n, whisper=choice).stack()
+    got = np.concatenate([utterance_rows(long, 25.0, extract, k) for k in range(len(parts))])
+    np.testing.assert_array_equal(got, want)
+    short = _speech_like(3.0)  # up to 30 s: one window, one part
+    assert utterance_parts(short, 25.0, extract) == [(0, 75)]
+    np.testing.assert_array_equal(utterance_rows(short, 25.0, extract, 0),
+                                  compute_audio_features(short, 25.0, 75, whisper=choice).stack())
+
+
+def test_tiny_en_run_to_state_2_is_the_whole_encoders_state_2(tiny_en):
+    """The serve default (state 2 of tiny.en's 4 layers): half the encoder, the same numbers."""
+    wave = synthetic_signal()
+    times = np.arange(75) / 25.0
+    np.testing.assert_array_equal(W.encode_window(tiny_en, wave, times, depth=2), W.encode_window(tiny_en, wave, times)[:, :3])
+
+
 def test_relative_energy_with_whisper_is_known_and_phones_do_not_change_it(tiny_random):
     """Speech frames without phones: energy above the 95th percentile - 30 dB. Known answer on a made-up
     energy track; and on real features the matrix is the same whether phones were computed or not (so a

@@ -15,6 +15,7 @@ import weakref
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 pytest.importorskip("aiortc", reason="talkinghead serve needs aiortc (pip install -r requirements.txt)")
 pytest.importorskip("aiohttp", reason="talkinghead serve needs aiohttp (pip install -r requirements.txt)")
@@ -203,3 +204,123 @@ def test_the_microphone_drives_the_avatar_with_its_latency_in_the_stats(live, cl
         await c.close()
 
     _run(scenario())
+
+
+class _Gated:
+    """An utterance extractor in two parts whose second part waits for ``gate``: row i holds i + 1."""
+
+    def __init__(self, split: int):
+        import threading
+
+        self.split, self.gate = split, threading.Event()
+
+    def parts(self, wave, fps, n):
+        return [(0, self.split), (self.split, n)]
+
+    def rows(self, wave, fps, n, part):
+        a, b = self.parts(wave, fps, n)[part]
+        if part == 1:
+            assert self.gate.wait(60)
+        return (np.arange(a, b, dtype=np.float32) + 1)[:, None]
+
+
+class _ValueAvatar:
+    """Just enough of DrivenAvatar for a Session: frame = the row's value as the pixel value; condition() notes
+    any frame whose window (radius rows each side) read a row not computed yet (0)."""
+
+    name, method, fps, radius, size = "value", "stub", 25.0, 2, 4
+
+    def __init__(self):
+        self.silence = np.zeros(1, np.float32)
+        self.unready_reads = 0
+        self.nice: list[int] = []  # the niceness of the thread each frame was rendered in
+
+    def open_stream(self):
+        nice = self.nice
+
+        class Stream:
+            lookahead = 2
+
+            def render(self, value):
+                import os
+                import threading
+
+                nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+                return torch.full((4, 4, 3), value / 255.0)
+
+            def reset(self):
+                pass
+
+        return Stream()
+
+    def condition(self, row, rows, n):
+        if rows.shape[0] > 1:  # an utterance (idle: the one pause row)
+            window = rows[np.clip(np.arange(row - self.radius, row + self.radius + 1), 0, len(rows) - 1)]
+            self.unready_reads += int((window == 0).any())
+        return float(rows[row, 0])
+
+
+def test_an_utterance_starts_before_its_later_parts_rows_are_computed():
+    """The first frame of an upload does not wait for the whole utterance's features: with the second part's
+    rows held back, the first part's frames are sent (all those whose window stays inside it); released, the
+    rest follow, every frame with its own row and no frame reading a row before it was computed. Frames are
+    rendered in a thread RENDER_NICE nicer than the caller's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from talkinghead.serve.session import Session
+
+    av, ext = _ValueAvatar(), _Gated(split=10)
+    s = Session(av, realtime=False, extract=ext, live_extract=ext)
+    later = ThreadPoolExecutor(1)
+
+    async def values_until(stop: int) -> list[int]:
+        got = []
+        while not got or got[-1] != stop:
+            _, img = await asyncio.wait_for(s.next_video(), 60)
+            if img[0, 0, 0] or got:
+                got.append(int(img[0, 0, 0]))
+        return got
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        s.start(loop)
+        u = await asyncio.wait_for(loop.run_in_executor(None, s.say, speechlike(1.0), time.monotonic(), later), 60)
+        assert u.ready == 10 and len(u.rows) == 25
+        before = await values_until(10 - av.radius)  # frames 0..7: their windows end inside part 0
+        assert not ext.gate.is_set() and u.ready == 10
+        ext.gate.set()
+        after = await values_until(25)
+        return before, after
+
+    try:
+        before, after = _run(scenario())
+    finally:
+        ext.gate.set()
+        s.close()
+        later.shutdown()
+    assert before == list(range(1, 9)) and after == list(range(9, 26))
+    assert av.unready_reads == 0
+    import os
+
+    if hasattr(os, "getpriority"):  # the renderer yields to sending and to the features (Linux: per thread)
+        from talkinghead.serve.session import RENDER_NICE
+
+        assert set(av.nice) == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDER_NICE)}
+
+
+def test_the_voice_is_loaded_ahead_of_the_first_typed_utterance():
+    import threading
+
+    from talkinghead.serve.speech import TextToSpeech
+
+    tts = TextToSpeech()
+    if tts.available():
+        pytest.skip(tts.available())
+    tts.warm()
+    for t in threading.enumerate():
+        if t.name == "tts-warm":
+            t.join(120)
+    voice = tts._voice
+    assert voice is not None
+    wave = tts.synthesize("Ready.")
+    assert tts._voice is voice and wave.dtype == np.float32 and 0.2 < wave.size / AUDIO_RATE < 3

@@ -75,6 +75,31 @@ class DatasetExtractor:
         finally:
             dec.close()
 
+    # ---- an utterance known in full, part by part (the live server's uploads and typed text)
+
+    def parts(self, wave: np.ndarray, fps: float, num_frames: int) -> list[tuple[int, int]]:
+        """Frame ranges [a, b), in order, covering the utterance, whose rows :meth:`rows` computes one at a time:
+        Whisper's windows (one per 22 s after the first 30 s) with Whisper features alone, else one part."""
+        if self.whisper is None or self.wav2vec_model is not None:
+            return [(0, num_frames)]
+        from talkinghead.audio.features import frames_audio
+        from talkinghead.audio.whisper import whisper_windows
+
+        plan = whisper_windows(len(frames_audio(wave, fps, num_frames)), fps, num_frames)
+        return [(int(sel[0]), int(sel[-1]) + 1) for _, sel in plan]
+
+    def rows(self, wave: np.ndarray, fps: float, num_frames: int, part: int) -> np.ndarray:
+        """The driving rows of part ``part`` of :meth:`parts`: float32 [b - a, D], exactly
+        ``self(wave, fps, num_frames).stack()[a:b]``, with the encoder run only through the deepest hidden
+        state ``stack()`` reads and only over that part's window (relative energy is cheap: always the whole
+        utterance's, as offline)."""
+        a, b = self.parts(wave, fps, num_frames)[part]
+        if self.whisper is None or self.wav2vec_model is not None:
+            return np.asarray(self(wave, fps, num_frames).stack()[a:b], np.float32)
+        feats = compute_audio_features(wave, fps, num_frames, whisper=self.whisper, whisper_depth=max(self.whisper.layers),
+                                       whisper_windows=(part,))
+        return np.asarray(feats.stack()[a:b], np.float32)
+
 
 def warm_up(whispers: tuple = ()) -> bool:
     """Import and build everything a worker process needs (called once per worker at server start): the

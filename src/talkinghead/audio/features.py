@@ -263,11 +263,19 @@ def phone_features(wave: np.ndarray, fps: float, num_frames: int,
     return _phones.phone_labels(recognition.segments, fps, num_frames), posteriors.astype(np.float32)
 
 
+def frames_audio(wave: np.ndarray, fps: float, num_frames: int) -> np.ndarray:
+    """The samples :func:`compute_audio_features` reads for ``num_frames`` frames: float32 [S'] (audio past
+    the last frame is not needed)."""
+    wave = np.asarray(wave, np.float32).reshape(-1)
+    return wave[: int(np.ceil((num_frames / fps + 1.0 / fps) * AUDIO_RATE))]
+
+
 def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, progress: bool = False,
                            wav2vec_model: str | os.PathLike | None = None,
                            whisper: "WhisperChoice | None" = None,
                            phone_decoder: "_phones.PhoneDecoder | None" = None,
-                           phones: bool | None = None) -> AudioFeatures:
+                           phones: bool | None = None, whisper_depth: int | None = None,
+                           whisper_windows: tuple[int, ...] | None = None) -> AudioFeatures:
     """Features of ``wave`` (float32 [S] at 16 kHz, sample 0 at frame 0) for ``num_frames`` frames at ``fps``.
 
     ``wav2vec_model``: a local wav2vec 2.0 / HuBERT folder (transformers format); its features are added.
@@ -276,14 +284,16 @@ def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, pro
     ``phones``: run phone recognition (default: only without Whisper, the one case :meth:`AudioFeatures.stack`
     uses phones). ``phone_decoder``: a kept pocketsphinx decoder (the live server's; see
     :class:`~talkinghead.audio.phones.PhoneDecoder`) instead of a fresh one per call.
+    ``whisper_depth`` / ``whisper_windows``: only Whisper's states 0..depth / only these of its windows
+    (:func:`talkinghead.audio.whisper.whisper_features`; the live server's utterances, which need only the
+    states :meth:`AudioFeatures.stack` reads, window by window).
     """
     from tqdm import tqdm
 
     if fps <= 0 or num_frames < 0:
         raise ValueError(f"need fps > 0 and num_frames >= 0, got {fps}, {num_frames}")
-    wave = np.asarray(wave, np.float32).reshape(-1)
+    wave = frames_audio(wave, fps, num_frames)
     duration = num_frames / fps
-    wave = wave[: int(np.ceil((duration + 1.0 / fps) * AUDIO_RATE))]  # audio past the last frame is not needed
     phones = whisper is None if phones is None else phones
     steps = (["phones"] if phones else []) + ["mel"] + (["wav2vec"] if wav2vec_model is not None else []) \
         + (["whisper"] if whisper else [])
@@ -315,7 +325,7 @@ def compute_audio_features(wave: np.ndarray, fps: float, num_frames: int, *, pro
         from talkinghead.audio.whisper import shared_whisper, whisper_features
 
         encoder = shared_whisper(whisper.checkpoint)
-        out.whisper = whisper_features(encoder, wave, fps, num_frames)
+        out.whisper = whisper_features(encoder, wave, fps, num_frames, depth=whisper_depth, windows=whisper_windows)
         out.whisper_layers = whisper.check_layers(encoder.num_layers)
         out.encoder = {"name": encoder.name, "sha256": encoder.sha256, "layers": list(out.whisper_layers),
                        "checkpoint": encoder.checkpoint}

@@ -412,13 +412,16 @@ def _shared(checkpoint: str | None, digest: str) -> WhisperEncoder:
 
 
 # --- encoding ------------------------------------------------------------------------------------------
-def encode_window(encoder: WhisperEncoder, wave: np.ndarray, times_s: np.ndarray) -> np.ndarray:
+def encode_window(encoder: WhisperEncoder, wave: np.ndarray, times_s: np.ndarray, depth: int | None = None) -> np.ndarray:
     """Every hidden state of one window at the instants ``times_s``: float32 [len(times_s), L + 1, D].
 
     ``wave``: float32 [S] at 16 kHz, at most 30 s, its sample 0 at time 0 of ``times_s``; padded with zeros to
     30 s as Whisper pads. Rows are read only over real audio (times past the last real row hold it) and
     linearly interpolated from 50 Hz. This is the whole per-window computation of :func:`whisper_features`;
     a streaming caller uses it directly (see the module docstring for how its rows differ from the offline ones).
+    ``depth`` < L: only the first ``depth`` layers run and states 0..depth come back ([.., depth + 1, D]),
+    bit for bit those of the whole encoder (the same modules on the same inputs, stopped after layer
+    ``depth``): half the work of tiny.en when an avatar reads state 2.
     """
     import torch
 
@@ -426,10 +429,14 @@ def encode_window(encoder: WhisperEncoder, wave: np.ndarray, times_s: np.ndarray
     if len(wave) > WINDOW_S * RATE:
         raise ValueError(f"a Whisper window holds at most {WINDOW_S:g} s, got {len(wave) / RATE:.2f} s")
     mel = encoder.extractor(wave, sampling_rate=RATE, return_tensors="np", padding="max_length")["input_features"]
+    x = torch.from_numpy(mel).to(encoder.device)
     with torch.inference_mode():
-        out = encoder.model(torch.from_numpy(mel).to(encoder.device), output_hidden_states=True)
-    states = out.hidden_states  # L + 1: the first layer's input, then each layer's output
-    hidden = torch.stack(list(states[:-1]) + [out.last_hidden_state], dim=2)[0]  # [1500, L + 1, D]
+        if depth is None or depth >= encoder.num_layers:
+            out = encoder.model(x, output_hidden_states=True)
+            states = out.hidden_states  # L + 1: the first layer's input, then each layer's output
+            hidden = torch.stack(list(states[:-1]) + [out.last_hidden_state], dim=2)[0]  # [1500, L + 1, D]
+        else:
+            hidden = torch.stack(_states_upto(encoder.model, x, depth), dim=2)[0]  # [1500, depth + 1, D]
     real = min(hidden.shape[0], len(wave) // int(ROW_S * RATE) + 1)  # rows centred on real audio
     pos = np.clip(np.asarray(times_s, np.float64) / ROW_S, 0.0, real - 1)
     i0 = np.floor(pos).astype(np.int64)
@@ -439,30 +446,75 @@ def encode_window(encoder: WhisperEncoder, wave: np.ndarray, times_s: np.ndarray
     return rows.float().cpu().numpy()
 
 
+class _Enough(Exception):
+    """Raised by the hook of the last layer :func:`_states_upto` needs: the rest of the forward is skipped."""
+
+
+def _states_upto(model, mel, depth: int) -> list:
+    """Hidden states 0..depth ([1, 1500, D] each) of the transformers encoder ``model`` on ``mel``, read by hooks
+    from its own forward (state 0 = the first layer's input) and stopped once layer ``depth`` has run."""
+    states: list = []
+
+    def first_input(module, args, kwargs):
+        states.append(args[0] if args else kwargs["hidden_states"])
+
+    def output(module, args, out):
+        states.append(out[0] if isinstance(out, tuple) else out)
+        if len(states) == depth + 1:
+            raise _Enough
+
+    hooks = [model.layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+    hooks += [layer.register_forward_hook(output) for layer in model.layers[:depth]]
+    try:
+        model(mel)
+    except _Enough:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(states) != depth + 1:  # a transformers version whose encoder no longer runs its layers as modules
+        raise RuntimeError(f"read {len(states)} of {depth + 1} Whisper hidden states")
+    return states
+
+
+def whisper_windows(samples: int, fps: float, num_frames: int) -> list[tuple[int, np.ndarray]]:
+    """The windows :func:`whisper_features` encodes for ``samples`` of audio and ``num_frames`` frames: (first
+    sample, the frames read from it: consecutive indices [k]) per window, in order (module docstring)."""
+    times = np.arange(num_frames) / fps
+    # the audio must reach the last frame's instant (+ one row): zeros past its end, as prepare pads
+    duration = max(samples, int(np.ceil((num_frames / fps + ROW_S) * RATE))) / RATE
+    if duration <= WINDOW_S:
+        return [(0, np.arange(num_frames))]
+    out = []
+    cores = int(np.ceil((duration - CONTEXT_S) / CORE_S))
+    for k in range(cores):
+        lo, hi = k * CORE_S, (k + 1) * CORE_S if k < cores - 1 else np.inf
+        sel = np.flatnonzero((times >= lo) & (times < hi))
+        if len(sel):
+            out.append((int(round(max(0.0, lo - CONTEXT_S) * RATE)), sel))
+    return out
+
+
 def whisper_features(encoder: WhisperEncoder, wave: np.ndarray, fps: float, num_frames: int,
-                     progress: bool = False) -> np.ndarray:
+                     progress: bool = False, depth: int | None = None,
+                     windows: tuple[int, ...] | None = None) -> np.ndarray:
     """Every hidden state at the video frames of ``wave`` (float32 [S], 16 kHz, sample 0 at frame 0):
-    float16 [num_frames, L + 1, D]. Windows of 30 s, each read only on its core (module docstring)."""
+    float16 [num_frames, L + 1, D]. Windows of 30 s, each read only on its core (module docstring).
+    ``depth``: states 0..depth only (:func:`encode_window`); ``windows``: only these windows of
+    :func:`whisper_windows` are encoded, the other frames' rows are left zero."""
     from tqdm import tqdm
 
     wave = np.asarray(wave, np.float32).reshape(-1)
-    times = np.arange(num_frames) / fps
-    # the audio must reach the last frame's instant (+ one row): zeros past its end, as prepare pads
     need = int(np.ceil((num_frames / fps + ROW_S) * RATE))
     if len(wave) < need:
         wave = np.pad(wave, (0, need - len(wave)))
-    out = np.empty((num_frames, encoder.num_layers + 1, encoder.width), np.float16)
-    duration = len(wave) / RATE
-    cores = 1 if duration <= WINDOW_S else int(np.ceil((duration - CONTEXT_S) / CORE_S))
-    for k in tqdm(range(cores), desc="whisper", unit="window", disable=not progress or cores < 2):
-        if cores == 1:
-            start, sel = 0.0, np.arange(num_frames)
-        else:
-            lo, hi = k * CORE_S, (k + 1) * CORE_S if k < cores - 1 else np.inf
-            sel = np.flatnonzero((times >= lo) & (times < hi))
-            start = max(0.0, lo - CONTEXT_S)
-        if len(sel) == 0:
+    times = np.arange(num_frames) / fps
+    states = encoder.num_layers + 1 if depth is None else min(depth, encoder.num_layers) + 1
+    out = np.zeros((num_frames, states, encoder.width), np.float16)
+    plan = whisper_windows(len(wave), fps, num_frames)
+    for k in tqdm(range(len(plan)), desc="whisper", unit="window", disable=not progress or len(plan) < 2):
+        if windows is not None and k not in windows:
             continue
-        a = int(round(start * RATE))
-        out[sel] = encode_window(encoder, wave[a:a + int(WINDOW_S * RATE)], times[sel] - a / RATE)
+        a, sel = plan[k]
+        out[sel] = encode_window(encoder, wave[a:a + int(WINDOW_S * RATE)], times[sel] - a / RATE, depth)
     return out

@@ -14,7 +14,9 @@ One interface, the same for every method; the live server (:mod:`talkinghead.ser
   applied to the rows emitted so far plus the new ones (causal: a row never sees statistics of audio after
   its look-ahead). Rows are final once emitted. For audio known in full (an upload, a TTS utterance)
   :func:`utterance_features` is the offline extractor itself: those features *equal* the offline ones
-  (tested); the live rows differ, measured in ``bench/bench_serve.py`` and bounded by the tests
+  (tested); :func:`utterance_parts` / :func:`utterance_rows` give the same rows part by part (Whisper's
+  30 s windows, the encoder run only as deep as the avatar reads), so the server starts an utterance after
+  its first window instead of after all of them; the live rows differ, measured in ``bench/bench_serve.py`` and bounded by the tests
   (``tests/test_streaming.py``, ``tests/test_whisper_stream.py``).
 * :func:`open_frame_stream` -- a method's per-session render state: ``model.open_stream()`` when the method
   keeps state across frames (GaussianFlameTalk's causal FlameTalk history), otherwise a stateless wrapper
@@ -111,6 +113,23 @@ def num_frames_of(samples: int, fps: float) -> int:
 def utterance_features(wave: np.ndarray, fps: float, extract: Extractor) -> np.ndarray:
     """Rows [T, D] of an utterance known in full: exactly :func:`talkinghead.methods.render.driving_features`."""
     return np.asarray(extract(wave, fps, num_frames_of(len(wave), fps)).stack(), np.float32)
+
+
+def utterance_parts(wave: np.ndarray, fps: float, extract: Extractor) -> list[tuple[int, int]]:
+    """Frame ranges [a, b) of an utterance known in full whose rows :func:`utterance_rows` gives one at a time
+    (``extract.parts``: Whisper's windows; one part for an extractor without it)."""
+    n = num_frames_of(len(wave), fps)
+    parts = getattr(extract, "parts", None)
+    return parts(wave, fps, n) if parts is not None else [(0, n)]
+
+
+def utterance_rows(wave: np.ndarray, fps: float, extract: Extractor, part: int) -> np.ndarray:
+    """Rows [b - a, D] of part ``part`` of :func:`utterance_parts`: exactly ``utterance_features(...)[a:b]``
+    (tested), sooner: only that part's Whisper window, only as deep as the rows read."""
+    rows = getattr(extract, "rows", None)
+    if rows is None:
+        return utterance_features(wave, fps, extract)
+    return rows(wave, fps, num_frames_of(len(wave), fps), part)
 
 
 _PER_FRAME = ("mel", "energy", "phone_ids", "phone_posteriors", "wav2vec", "whisper")  # AudioFeatures' [T, ...]
@@ -295,5 +314,6 @@ class DrivenAvatar:
 
 
 __all__ = ["CHUNK_MS", "WHISPER_LIVE", "PHONE_LIVE", "FrameStream", "open_frame_stream", "FeatureStream",
-           "live_feature_stream", "pause_row", "DrivenAvatar", "utterance_features", "dataset_extractor",
+           "live_feature_stream", "pause_row", "DrivenAvatar", "utterance_features", "utterance_parts",
+           "utterance_rows", "dataset_extractor",
            "num_frames_of"]

@@ -102,6 +102,15 @@ class _InWorker:
     def __call__(self, wave, fps, num_frames):
         return self.pool.submit(self.extract, wave, fps, num_frames).result()
 
+    def parts(self, wave, fps, num_frames):  # cheap: computed here
+        parts = getattr(self.extract, "parts", None)
+        return parts(wave, fps, num_frames) if parts is not None else [(0, num_frames)]
+
+    def rows(self, wave, fps, num_frames, part):
+        if getattr(self.extract, "rows", None) is None:
+            return np.asarray(self(wave, fps, num_frames).stack(), np.float32)
+        return self.pool.submit(self.extract.rows, wave, fps, num_frames, part).result()
+
 
 class Server:
     """Avatars loaded once, shared by every session; at most ``max_sessions`` sessions at a time."""
@@ -330,7 +339,7 @@ class Server:
             return _error(exc.status, str(exc))
         if session.closed:
             return _error(404, f"session {session.id!r} ended")
-        u = await loop.run_in_executor(self.pool, session.say, wave, received)
+        u = await loop.run_in_executor(self.pool, session.say, wave, received, self.pool)
         return web.json_response({"utterance": u.id, "duration_s": round(len(wave) / AUDIO_RATE, 3)})
 
 
@@ -347,6 +356,7 @@ def run(avatars: list[Path], host: str, port: int, max_sessions: int, limits: Up
         raise UserError(f"two avatars share a folder name ({', '.join(names)}); the page lists them by name")
     server = Server(loaded, max_sessions=max_sessions, limits=limits)
     server.start_workers()
+    server.tts.warm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     print(f"talkinghead serve: http://{host}:{port}/  ({len(loaded)} avatar(s), up to {max_sessions} sessions)",
           flush=True)

@@ -13,9 +13,11 @@ tracks -- from the same instants.
 handed to the audio track only together with its rendered image, so sound never runs ahead of the lips. What
 drives frame n:
 
-* an **utterance** (upload or text) when one is queued: its features are computed in full when it arrives
-  (equal to the offline ``render``'s, :func:`talkinghead.methods.streaming.utterance_features`), and its
-  frames follow one another from the next free frame on;
+* an **utterance** (upload or text) when one is queued: its features equal the offline ``render``'s
+  (:func:`talkinghead.methods.streaming.utterance_features`); they are computed when it arrives, part by
+  part (:func:`~talkinghead.methods.streaming.utterance_rows`: Whisper's 30 s windows, the encoder only as
+  deep as the avatar reads), and it is queued once its first part is in; its frames follow one another from
+  the next free frame on (a frame whose rows are still being computed waits for them);
 * the **microphone** when the client sends one: chunks go through the avatar's live features
   (:meth:`~talkinghead.methods.streaming.DrivenAvatar.live_features`; with Whisper computed in the thread
   that receives the mic, the encoder shared by all sessions); mic sample j is timeline sample
@@ -28,7 +30,9 @@ drives frame n:
 
 **Falling behind.** When a frame is already due when the producer reaches it (rendering slower than the
 frame rate), it is not rendered: the previous image is sent again with the frame's own audio (``dropped``
-in the stats). Sound stays continuous and the lips never lag more than one render.
+in the stats). Sound stays continuous and the lips never lag more than one render. The producer runs
+``RENDER_NICE`` nicer than the rest of the server, so that sending, the mic's features and an upload's
+features come first when the cores are busy.
 
 **Stats** (:meth:`Session.stats`): rendered fps, render ms, dropped frames, latency (mic chunk arrival ->
 its frame leaving the server) p50 / p95, first frame after an upload, and the A/V figures: ``pts_drift_ms``
@@ -54,6 +58,21 @@ from talkinghead.methods.streaming import DrivenAvatar
 
 VIDEO_CLOCK = 90000
 AUDIO_FRAME = 320  # 20 ms at 16 kHz
+# Niceness the producer threads add (Linux: per thread). On a busy machine the renderers then yield to what
+# is waited on: the event loop sending frames on their instants, the mic features, an upload's features in the
+# worker processes (its first frame), at the cost of a repeated image while those run.
+RENDER_NICE = 5
+
+
+def _lower_priority(by: int) -> None:
+    """Make the calling thread ``by`` nicer (Linux threads have their own niceness; elsewhere: nothing)."""
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except (AttributeError, OSError):
+        pass
 
 
 class MediaClock:
@@ -102,8 +121,10 @@ def video_pts(n: int, fps: float) -> int:
 class Utterance:
     id: str
     wave: np.ndarray  # [S] float32 16 kHz
-    rows: np.ndarray  # [T, D] normalised features (offline-equal)
+    rows: np.ndarray  # [T, D] normalised features (offline-equal); rows [0, ready) are computed
     received: float  # monotonic time the request arrived
+    ready: int = 0
+    failed: bool = False  # a later part's features failed: the utterance ends at `ready`
     first_sent: float | None = None
 
 
@@ -214,15 +235,49 @@ class Session:
 
     # ------------------------------------------------------------------------------ inputs
 
-    def say(self, wave: np.ndarray, received: float) -> Utterance:
-        """Queue an utterance known in full (computes its features here: call from a worker thread)."""
-        from talkinghead.methods.streaming import utterance_features
+    def say(self, wave: np.ndarray, received: float, later=None) -> Utterance:
+        """Queue an utterance known in full. Computes the rows of its first part here (call from a worker
+        thread), queues it, then the later parts' rows (Whisper windows past the first 30 s) in ``later`` (an
+        executor; None: here, before returning): the utterance starts while they are computed, and a frame
+        waits for its rows only if they are not in when it is due (:meth:`_utterance_rows_ready`)."""
+        from talkinghead.methods.streaming import utterance_parts, utterance_rows
 
-        rows = utterance_features(wave, self.fps, self.extract)
-        u = Utterance(uuid.uuid4().hex[:12], wave, rows, received)
+        parts = utterance_parts(wave, self.fps, self.extract)
+        first = utterance_rows(wave, self.fps, self.extract, 0)
+        rows = np.zeros((parts[-1][1], first.shape[1]), np.float32)
+        rows[parts[0][0]: parts[0][1]] = first
+        u = Utterance(uuid.uuid4().hex[:12], wave, rows, received, ready=parts[0][1])
         with self.lock:
             self.utterances.append(u)
+
+        def rest() -> None:
+            try:
+                for k, (a, b) in enumerate(parts[1:], 1):
+                    if self.closed:
+                        return
+                    u.rows[a:b] = utterance_rows(wave, self.fps, self.extract, k)
+                    u.ready = b  # after the rows: the producer reads rows below `ready` only
+            except Exception:  # a worker died: the utterance stops where its rows stop, the session goes on
+                import logging
+
+                logging.getLogger("talkinghead.serve").exception("session %s: utterance features failed", self.id)
+                u.failed = True
+
+        if len(parts) > 1 and later is not None:
+            later.submit(rest)
+        elif len(parts) > 1:
+            rest()
         return u
+
+    def _utterance_rows_ready(self, u: Utterance, frame: int) -> bool:
+        """Wait until the rows utterance frame ``frame`` reads (its condition window, radius rows each side)
+        are computed; False when they never will be (failed, or the session stops)."""
+        need = min(len(u.rows), frame + int(getattr(self.avatar, "radius", 0)) + 1)
+        while u.ready < need:
+            if u.failed or self.stop.is_set():
+                return False
+            time.sleep(0.005)
+        return True
 
     def mic_chunk(self, parts: list[tuple[np.ndarray, float]]) -> None:
         """Microphone audio: (16 kHz mono samples, arrival time) chunks, in order. Call from one worker thread:
@@ -307,6 +362,7 @@ class Session:
 
     def _produce(self) -> None:
         torch.set_num_threads(1)
+        _lower_priority(RENDER_NICE)
         av = self.avatar
         idle_rows = av.silence[None]
         last_image: np.ndarray | None = None
@@ -329,6 +385,8 @@ class Session:
                     with self.lock:
                         utt = self.utterances.popleft() if self.utterances else None
                     utt_frame = 0
+                if utt is not None and not self._utterance_rows_ready(utt, utt_frame):
+                    utt = None  # its later rows failed: back to idle (or the session is stopping)
                 if utt is not None:
                     source, rows, row = "utterance", utt.rows, utt_frame
                     s0 = frame_samples(utt_frame, self.fps)[0]

