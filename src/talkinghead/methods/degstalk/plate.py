@@ -20,9 +20,8 @@ All from a frame's parsing labels (docs/dataset.md: 0 background, 1 torso = neck
   and mouth regions during training "to better capture their features"): the face field is trained on the
   face + mouth region (or the whole head when there is no plate: w/o H), the mouth field on the inner mouth.
 * :func:`face_field_target` -- the face field's (background, target) pair of stages 1-2: the frame inside
-  the face mask, the plate outside, and on the inner mouth an empty key colour in both (TalkingGaussian's face
-  branch, whose ground truth has the inner mouth set to its background colour): the face field is asked to
-  be *transparent* there, so that the mouth field shows through the open mouth in the fused image (eq. 7).
+  the face mask, the plate outside, the frame's own inner mouth in both (so a face field transparent there
+  is exactly right), and :func:`mouth_opacity`, the term that asks the face field for that transparency.
 
 Dilation/erosion are square max-pools (Chebyshev distance), on [H, W] float masks in {0, 1}.
 """
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 HAIR, FACE, MOUTH = 2, 3, 4
-MOUTH_KEY = (0.0, 1.0, 0.0)  # TalkingGaussian's background colour: no face or mouth pixel is pure green
 
 
 def dilate(mask: Tensor, px: int) -> Tensor:
@@ -104,17 +102,19 @@ def pixels(fraction: float, size: int) -> int:
     return max(1, int(round(fraction * size)))
 
 
-def face_field_target(image: Tensor, plate: Tensor, face_mask: Tensor, labels: Tensor, clear_mouth: bool
-                      ) -> tuple[Tensor, Tensor]:
+def face_field_target(image: Tensor, plate: Tensor, face_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """(background, target), each [H, W, 3], of the face field's stage 1-2 loss.
 
     image: [H, W, 3] the frame; plate: [H, W, 3] C_hair; face_mask: [H, W] the (dilated) face-field region;
-    labels: [H, W] the frame's parsing. Target: ``image`` inside ``face_mask``, ``plate`` outside. On the inner
-    mouth both hold :data:`MOUTH_KEY` when ``clear_mouth`` -- the face field must let the mouth through there
-    (any face Gaussian over it costs its opacity times its distance to the key) -- else the frame's own mouth,
-    which leaves the face field free to paint the open mouth with its colours (what it learnt on cnn)."""
+    labels: [H, W] the frame's parsing. Target: ``image`` inside ``face_mask``, ``plate`` outside; background:
+    the plate with the frame's inner mouth pasted in, so that where the face field is transparent over the
+    open mouth the render equals the target there."""
     inner = (labels == MOUTH).to(image.dtype)[..., None]
-    fill = image.new_tensor(MOUTH_KEY).expand_as(image) if clear_mouth else image
     m = face_mask[..., None]
-    target = (image * m + plate * (1 - m)) * (1 - inner) + fill * inner
-    return plate * (1 - inner) + fill * inner, target
+    return plate * (1 - inner) + image * inner, image * m + plate * (1 - m)
+
+
+def mouth_opacity(alpha: Tensor, labels: Tensor) -> Tensor:
+    """[] the face field's accumulated opacity ``alpha`` [H, W, 1] on the inner-mouth pixels of ``labels``
+    [H, W], averaged over the whole frame (the normalisation of the L1 term it is added to)."""
+    return (alpha[..., 0] * (labels == MOUTH)).mean()
