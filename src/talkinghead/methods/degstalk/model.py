@@ -26,7 +26,8 @@ Pieces and where they follow the paper:
   ``binding`` = (3 vertex ids, 3 barycentric weights), copied on clone/split like z) are pulled, squared
   error in units of ``offset_scale``, towards the tracked mesh displacement of the frame
   (:func:`talkinghead.methods.surface.mesh_displacement`), averaged with ``geo_replay`` earlier training
-  frames (only those Gaussians deformed, nothing rendered), as GaussianTalker's notes found one frame a step
+  frames drawn from a :class:`talkinghead.methods.replay.FrameBank` (only those Gaussians deformed, nothing
+  rendered), as GaussianTalker's notes found one frame a step
   underfits the audio -> lips mapping. Measured why on cnn (Whisper, 4000 iterations, without it): the lip
   vertices' d_mu varied by 0.4 mm std over the test frames against a 2.7 mm tracked gap std, uncorrelated
   with it (r 0.02): the face field did not move the lips;
@@ -74,6 +75,7 @@ from talkinghead.errors import UserError
 from talkinghead.face.landmarks import MOUTH_VERTICES, NUM_LANDMARKS
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
 from talkinghead.methods.losses import PerceptualLoss, dssim
+from talkinghead.methods.replay import FrameBank
 from talkinghead.methods.surface import base_log_scales, initial_points, mesh_displacement, project_colors
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.render import DensityStrategy, GaussianModel, rasterize
@@ -164,9 +166,7 @@ class DEGSTalk(nn.Module):
         # [E, V, 3] the face model's expression basis: the lip-geometry guidance's targets (saved, for --resume).
         self.register_buffer("expression_basis", torch.zeros(E, NUM_LANDMARKS, 3))
         # Training frames seen (audio window, blink, source expression, tracked expression), for geo_replay.
-        self._geo_bank: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        self._geo_seen: set[int] = set()
-        self._geo_rng = np.random.default_rng(cfg.schedule.seed)
+        self._geo_bank = FrameBank(seed=cfg.schedule.seed)
         self._opt: torch.optim.Optimizer | None = None
         self._strategies: dict[str, DensityStrategy] = {}
         self._pending: dict[str, dict] = {}  # raster info of this step's static renders, for densification
@@ -407,10 +407,8 @@ class DEGSTalk(nn.Module):
     def _remember(self, batch: Batch) -> None:
         """Add a training frame's conditions and tracked expression to the replay bank (once per frame)."""
         cond = batch.cond
-        if self.cfg.geo_replay <= 0 or cond.index in self._geo_seen:
-            return
-        self._geo_seen.add(cond.index)
-        self._geo_bank.append((cond.audio, cond.blink, self._source(cond).expression, batch.expression))
+        if self.cfg.geo_replay > 0:
+            self._geo_bank.add(cond.index, cond.audio, cond.blink, self._source(cond).expression, batch.expression)
 
     def _geo_binding(self) -> tuple[Tensor, Tensor, Tensor]:
         """(rows [M] of the bound face Gaussians, their vertex ids [M, 3], barycentric weights [M, 3])."""
@@ -429,10 +427,9 @@ class DEGSTalk(nn.Module):
         target = mesh_displacement(expression, self.expression_basis, ids, bary)  # [M, 3]
         err = ((offsets[rows] - target) / scale).square().mean()
         k = self.cfg.geo_replay
-        if k <= 0 or not self._geo_bank:
+        if k <= 0 or not len(self._geo_bank):
             return err
-        pick = self._geo_rng.integers(len(self._geo_bank), size=k)
-        audio, blink, src, expr = (torch.stack(t) for t in zip(*(self._geo_bank[i] for i in pick)))
+        audio, blink, src, expr = self._geo_bank.sample(k)
         c_face, _, _ = self.condition_vectors(audio, blink, src if self.expression_mlp is not None else None)
         off = self.face.offsets_at(rows, c_face)  # [k, M, 3]
         target = mesh_displacement(expr, self.expression_basis, ids, bary)  # [k, M, 3]
