@@ -28,6 +28,9 @@ SETTINGS = {
     "dropout 0.3": {"dropout": 0.3},
     "teacher forcing (ground_truth inputs)": {"training_inputs": "ground_truth"},
     "linear projection only (encoder_layers 0)": {"encoder_layers": 0},
+    "1200 iterations": {"iterations": 1200},
+    "encoder_layers 0, 1200 iterations": {"encoder_layers": 0, "iterations": 1200},
+    "encoder_layers 0, audio look-ahead 2": {"encoder_layers": 0, "audio_lookahead": 2},
 }
 
 

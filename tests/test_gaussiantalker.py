@@ -13,6 +13,7 @@ from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
 from talkinghead import methods
 from talkinghead.methods import get_method
 from talkinghead.methods.data import FrameStore
+from talkinghead.methods.replay import FrameBank
 from talkinghead.methods.gaussiantalker.attention import SpatialAudioAttention, ViewpointEncoder
 from talkinghead.methods.gaussiantalker.deformation import CanonicalMLP, DeformMLP
 from talkinghead.methods.surface import base_log_scales, initial_points
@@ -245,7 +246,9 @@ def test_geometry_loss_replays_earlier_training_frames(synthetic):
     assert len(model._geo_bank) == 3
     # With every remembered frame identical to the current one, the replayed loss equals the frame's own.
     batch = store.batch(1)
-    model._geo_bank = [model._geo_bank[1]]
+    only = FrameBank()
+    only.add(1, *model._geo_bank._rows[1])  # the bank keeps frames in the order first seen: 0, 1, 2
+    model._geo_bank = only
     with torch.no_grad():
         _, logs = model.train_loss(batch, step=10**6)
         off = model.gaussians(batch.cond, deform=True)["offsets"][model.geo_points]

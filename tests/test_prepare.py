@@ -163,6 +163,9 @@ def test_new_size_redoes_only_what_depends_on_it(dataset, tmp_path):
 
 
 def test_interrupted_run_leaves_no_dataset_and_resumes(dataset, tmp_path):
+    """Ctrl-C in the middle of a run (here: while the head pose is fitted, after tracking finished) leaves no
+    dataset, keeps the work, and the next run resumes it. The geometry stage is made to wait for the signal, so
+    the interruption does not race the pipeline (it used to finish first on a fast machine)."""
     import os
     import signal
     import time
@@ -170,16 +173,24 @@ def test_interrupted_run_leaves_no_dataset_and_resumes(dataset, tmp_path):
     video, _, _ = dataset
     out = tmp_path / "ds"
     work = tmp_path / ".ds.partial"
-    proc = subprocess.Popen([sys.executable, "-m", "talkinghead.cli", "prepare", str(video), "--out", str(out),
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    started = tmp_path / "geometry_started"
+    hold = (  # prepare as the CLI runs it, with a geometry stage that announces itself and waits
+        "import sys, time, pathlib\n"
+        "import talkinghead.prepare.pipeline as p\n"
+        "def _wait(*a, **k):\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        "    time.sleep(600)\n"
+        "p._geometry = _wait\n"
+        "from talkinghead.cli import main\n"
+        "sys.exit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, "prepare", str(video), "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (work / "landmarks_source.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert started.exists(), proc.communicate(timeout=60)[1]
     os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: to the whole process group, audio process included
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("prepare finished before it could be interrupted")
     assert err.strip() == "error: interrupted"
     assert not out.exists() and work.exists()  # nothing that looks like a dataset; the work is kept
     run = _prepare(video, "--out", out)

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from talkinghead.face.landmarks import MOUTH_VERTICES, NUM_LANDMARKS
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
 from talkinghead.methods.losses import PerceptualLoss, dssim
+from talkinghead.methods.replay import FrameBank
 from talkinghead.methods.surface import base_log_scales, initial_points
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.nn.triplane import Triplane
@@ -113,9 +114,7 @@ class GaussianTalker(nn.Module):
         self._lpips_note = "off: not loaded"
         self._frozen = RenderCache(self._canonical_live)  # (f, canonical raw attributes) for rendering
         # Training frames seen so far (audio window, blink, viewmat, expression), replayed by the geometry loss.
-        self._geo_bank: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        self._geo_rng = np.random.default_rng(cfg.schedule.seed)
-        self._geo_seen: set[int] = set()
+        self._geo_bank = FrameBank(cfg.schedule.seed)
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -229,9 +228,9 @@ class GaussianTalker(nn.Module):
         deform = step >= self.canonical_steps()
         if deform and not bool(self.deform_on):
             self.deform_on.fill_(True)
-        if cfg.geo_replay > 0 and batch.cond.index not in self._geo_seen:
-            self._geo_seen.add(batch.cond.index)
-            self._geo_bank.append((batch.cond.audio, batch.cond.blink, batch.cond.viewmat, batch.expression))
+        if cfg.geo_replay > 0:
+            self._geo_bank.add(batch.cond.index, batch.cond.audio, batch.cond.blink, batch.cond.viewmat,
+                               batch.expression)
         g = self.gaussians(batch.cond, deform)
         pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop, batch.cond.eps2d)
         l1 = (pred - batch.image).abs().mean()
@@ -268,11 +267,11 @@ class GaussianTalker(nn.Module):
         the rows of the frame's own triplane pass (default: computed here)."""
         if f_geo is None:
             f_geo = self.triplane(self.means[self.geo_points])
-        pick = self._geo_rng.integers(len(self._geo_bank), size=self.cfg.geo_replay)
-        audio, blink, viewmat, expr = (torch.stack(t) for t in zip(*(self._geo_bank[i] for i in pick)))
+        n = self.cfg.geo_replay
+        audio, blink, viewmat, expr = self._geo_bank.sample(n)
         z, _ = self.attention(f_geo, self._tokens(audio, blink, viewmat))  # [B, M, d]
-        offsets = self.f_deform(z.flatten(0, 1))["means"].view(len(pick), -1, 3) * self.offset_scale
-        return self._geo_error(offsets, expr) * len(pick)  # each frame's mean, summed
+        offsets = self.f_deform(z.flatten(0, 1))["means"].view(n, -1, 3) * self.offset_scale
+        return self._geo_error(offsets, expr) * n  # each frame's mean, summed
 
     def _geo_error(self, offsets: Tensor, expression: Tensor) -> Tensor:
         """Mean squared error (offset_scale units) of the geometry-supervised Gaussians' offsets [..., M, 3]
