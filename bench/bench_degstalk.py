@@ -109,8 +109,10 @@ def compare(reports: list[Path], out: Path) -> str:
     return out.read_text()
 
 
-def sheet(data: Path, runs: list[tuple[str, Path]], out: Path, columns: int = 4) -> None:
-    """PNG: the ground truth row, then one row per run's prediction.mp4, at ``columns`` evenly spaced test frames."""
+def sheet(data: Path, runs: list[tuple[str, Path]], out: Path, columns: int = 4, mouth: bool = False) -> None:
+    """PNG: the ground truth row, then one row per run's prediction.mp4, at ``columns`` evenly spaced test frames
+    (with ``mouth``: the test frames with the widest tracked mouth opening, each cropped to a square around the
+    lips' landmarks, 2.2 times their width, so that the mouth is seen at 128^2)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,8 +125,23 @@ def sheet(data: Path, runs: list[tuple[str, Path]], out: Path, columns: int = 4)
     preds = {name: media.read_frames(rep / "prediction.mp4", ds.fps) for name, rep in runs}
     idx = ds.split_indices("test")
     pick = np.linspace(0, len(idx) - 1, columns).round().astype(int)
-    rows = [("ground truth", [np.round(ds.image(int(idx[k])) * 255).astype(np.uint8) for k in pick])]
-    rows += [(name, [frames[min(k, len(frames) - 1)] for k in pick]) for name, frames in preds.items()]
+    crop = lambda k, im: im  # noqa: E731 - whole frames unless mouth
+    if mouth:
+        from talkinghead.face.landmarks import LIPS_OUTER
+
+        opening = np.asarray(ds.tracks.mouth_opening)[idx]
+        pick = np.sort(np.argsort(-opening)[:columns])
+
+        def crop(k: int, im: np.ndarray) -> np.ndarray:
+            lips = ds.frame(int(idx[k])).landmarks[list(LIPS_OUTER), :2]
+            (x0, y0), (x1, y1) = lips.min(0), lips.max(0)
+            half = 1.1 * max(x1 - x0, 1.0)
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            r0, c0 = int(max(0, round(cy - half))), int(max(0, round(cx - half)))
+            return im[r0:int(round(cy + half)), c0:int(round(cx + half))]
+
+    rows = [("ground truth", [crop(k, np.round(ds.image(int(idx[k])) * 255).astype(np.uint8)) for k in pick])]
+    rows += [(name, [crop(k, frames[min(k, len(frames) - 1)]) for k in pick]) for name, frames in preds.items()]
     fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.3 * len(rows)), squeeze=False)
     for r, (name, frames) in enumerate(rows):
         for c, frame in enumerate(frames):
@@ -196,12 +213,14 @@ def main() -> None:
             continue
         table = compare(reports, args.work / f"compare_{key}.md")
         sheet(data, shown, args.work / f"sheet_{key}.png")
+        sheet(data, shown, args.work / f"sheet_{key}_mouth.png", mouth=True)
         parts.append(f"#### {key}: `{data}` (test split, self-driven, 128²)\n\n{table.strip()}\n\n"
-                     f"Sheet: `{args.work / f'sheet_{key}.png'}`")
+                     f"Sheets: `{args.work / f'sheet_{key}.png'}`, mouth close-ups (widest-open test frames) "
+                     f"`{args.work / f'sheet_{key}_mouth.png'}`")
     entry = [f"### {stamp()}", "",
              "All runs `--preset cpu-small` (128²)"
              + (f", {args.iterations} iterations" if args.iterations else ", the preset's length")
-             + "; one job at a time in a CPU slot (`/work/wt/heavy`, nice 5) on the shared 2 cores. " + args.note, ""]
+             + "; each training one job in a CPU slot of the FIFO queue (`/work/wt/q`, nice 5) on the shared 2 cores. " + args.note, ""]
     entry += ["| data | run | avatar | iterations | train loop (min) | command wall (min) | command CPU (min) | "
               "render FPS (eval, wall) | render frames / CPU s |", "|---|---|---|---|---|---|---|---|---|", *speed, ""]
     entry += parts

@@ -15,7 +15,10 @@ from talkinghead.methods.data import FrameStore, open_dataset
 from talkinghead.methods.degstalk.config import VARIANTS, DEGSTalkConfig, make_config
 from talkinghead.methods.degstalk.expression import jaw_functional, upper_face_projection, upper_face_vertices
 from talkinghead.methods.degstalk.model import DEGSTalk, _mouth_window
-from talkinghead.methods.degstalk.plate import dilate, erode, fill_holes, hair_plate, region_masks
+from talkinghead.methods.degstalk.plate import (MOUTH, dilate, erode, face_field_target, fill_holes, hair_plate,
+                                                mouth_opacity, region_masks)
+from talkinghead.methods.surface import mesh_displacement
+from talkinghead.render import rasterize
 from talkinghead.methods.trainer import load_model, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,6 +99,66 @@ def _toy_face(E: int = 3):
     B[2, up, 0] = 0.001
     B[2, 14, 1] = 0.005
     return v, B
+
+
+def _one_gaussian_on_the_mouth(colour, size=16):
+    """(image, plate, labels, Gaussian kwargs for rasterize at 16^2): an open mouth (dark red) in a skin face, one
+    opaque Gaussian of ``colour`` covering the mouth, seen by a camera at 1 m."""
+    img = torch.full((size, size, 3), 0.8)
+    labels = torch.zeros(size, size, dtype=torch.uint8)
+    labels[2:14, 2:14] = 3
+    labels[6:10, 5:11] = MOUTH
+    img[labels == MOUTH] = torch.tensor([0.25, 0.08, 0.1])
+    plate = torch.full((size, size, 3), 0.3)
+    K = torch.tensor([[40.0, 0, size / 2], [0, 40.0, size / 2], [0, 0, 1]])
+    g = dict(means=torch.tensor([[0.0, 0.0, 1.0]]), quats=torch.tensor([[1.0, 0, 0, 0]]),
+             scales=torch.tensor([[0.05, 0.03, 0.01]]), colors=torch.tensor([colour]), viewmat=torch.eye(4), K=K,
+             width=size, height=size, backend="torch")
+    return img, plate, labels, g
+
+
+def test_the_face_field_must_let_the_open_mouth_through():
+    mouth = (0.25, 0.08, 0.1)
+    img, plate, labels, g = _one_gaussian_on_the_mouth(mouth)
+    inner = labels == MOUTH
+    face = (labels >= 3).float()
+    bg, target = face_field_target(img, plate, face, labels)
+    assert target.equal(img * face[..., None] + plate * (1 - face[..., None]))
+    assert bg[inner].equal(img[inner]) and bg[~inner].equal(plate[~inner])  # transparent there = the target
+    assert float(mouth_opacity(torch.ones(16, 16, 1), labels)) == pytest.approx(float(inner.float().mean()))
+
+    def fit(lambda_clear: float, steps: int = 60) -> float:
+        """Opacity of a Gaussian painted in the open mouth's own colour after fitting only its opacity to the
+        face field's stage 1-2 terms (L1 + lambda_clear x mouth opacity)."""
+        logit = torch.tensor([3.0], requires_grad=True)  # starts at opacity 0.95
+        opt = torch.optim.Adam([logit], lr=0.1)
+        for _ in range(steps):
+            opt.zero_grad()
+            out, alpha, _, _ = rasterize(opacities=torch.sigmoid(logit), background=bg, **g)
+            # the model's L1 is a mean over the frame: the mouth pixels' share of it, as mouth_opacity's
+            l1 = (out - target)[inner].abs().mean(-1).sum() / inner.numel()
+            (l1 + lambda_clear * mouth_opacity(alpha, labels)).backward()
+            opt.step()
+        return float(torch.sigmoid(logit.detach()))
+
+    # Known answer: painting the open mouth in its own colour costs nothing photometrically (the failure on
+    # cnn: the Gaussian stays opaque); the opacity term of the default config makes it go transparent.
+    assert fit(0.0) > 0.9
+    assert fit(DEGSTalkConfig().lambda_clear) < 0.1
+
+
+def test_mesh_displacement_is_the_barycentric_mix_of_the_vertex_displacements():
+    basis = torch.randn(2, 5, 3)
+    e = torch.tensor([0.5, -2.0])
+    ids = torch.tensor([[3, 3, 3], [0, 1, 4]])
+    bary = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    disp = 0.5 * basis[0] - 2.0 * basis[1]  # [V, 3]
+    out = mesh_displacement(e, basis, ids, bary)
+    torch.testing.assert_close(out[0], disp[3])
+    torch.testing.assert_close(out[1], 0.2 * disp[0] + 0.3 * disp[1] + 0.5 * disp[4])
+    batched = mesh_displacement(torch.stack([e, 2 * e]), basis, ids, bary)
+    assert batched.shape == (2, 2, 3)
+    torch.testing.assert_close(batched[1], 2 * out)
 
 
 def test_upper_face_coefficients_ignore_the_jaw_and_have_unit_variance():
@@ -205,6 +268,7 @@ def test_static_stage_densifies_copying_embeddings_and_an_avatar_reloads_at_the_
     with torch.no_grad():
         model.face.gaussians.embedding.copy_(torch.arange(len(model.face), dtype=torch.float32)[:, None])
     before = len(model.face)
+    binding0 = model.face.gaussians.binding.detach().clone()
     for step in range(5):
         opt.zero_grad(set_to_none=True)
         loss, _ = model.train_loss(store.batch(step), step)
@@ -217,6 +281,9 @@ def test_static_stage_densifies_copying_embeddings_and_an_avatar_reloads_at_the_
     # Every Gaussian carries its parent's embedding (moved a little by Adam from the integer it started at).
     assert (emb - emb.round()).abs().max() < 0.05 and set(emb.round().long().tolist()) <= set(range(before))
     assert len({int(i) for i in emb.round().long().tolist()}) < len(emb)  # some rows are copies
+    # ... and its parent's place on the mesh, untouched by the optimiser.
+    parent = emb.round().long()
+    torch.testing.assert_close(model.face.gaussians.binding.detach(), binding0[parent], atol=0, rtol=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = DEGSTalk.build(cfg, store.info)
     fresh.load_state_dict(state)
@@ -244,6 +311,45 @@ def test_stages_motion_adds_the_jaw_loss_and_fine_tuning_updates_colours_only(da
     assert "l1_fused" in logs3 and int(model.stage) == 3
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad and all(n.rsplit(".", 1)[-1] in ("sh0", "shN") for n in with_grad)
+
+
+def test_lip_gaussians_are_bound_to_the_mouth_mesh_and_replayed_geometry_matches_per_frame(data):
+    from talkinghead.face.landmarks import MOUTH_VERTICES
+
+    cfg = _small_config(geo_replay=3)
+    model, store = _model(data, cfg)
+    rows, ids, bary = model._geo_binding()
+    on_mouth = torch.zeros(478, dtype=torch.bool)
+    on_mouth[list(MOUTH_VERTICES)] = True
+    assert 0 < len(rows) < len(model.face) and on_mouth[ids].any(1).all()
+    assert set(rows[rows < 478].tolist()) == set(MOUTH_VERTICES)  # vertex Gaussians: exactly the mouth's
+    with torch.no_grad():  # non-zero deformation heads and a non-trivial basis
+        for h in model.face.heads.values():
+            h.weight.normal_(0, 0.1)
+        model.expression_basis.normal_(0, 0.01)
+    motion, _ = model.stage_bounds()
+    batches = [store.batch(i) for i in range(4)]
+    for b in batches[1:]:
+        model._remember(b)
+    model._remember(batches[1])  # a frame already seen is not added twice
+    assert len(model._geo_bank) == 3
+    b = batches[0]
+    with torch.no_grad():
+        face, _, _ = model.fields(b.cond, deform=True)
+        pick = np.random.default_rng(cfg.schedule.seed).integers(3, size=3)  # the bank's draw (FrameBank)
+        got = model.geometry_loss(face["offsets"], b.expression)
+        # Reference: every frame deformed on its own through the full field.
+        errs = []
+        for bb in [b] + [batches[1 + i] for i in pick]:
+            off = model.face.deformed(model.conditions(bb.cond)[0])["offsets"][rows]
+            tgt = mesh_displacement(bb.expression, model.expression_basis, ids, bary)
+            errs.append(((off - tgt) / model.face.offset_scale).square().mean())
+    torch.testing.assert_close(got, torch.stack(errs).mean(), rtol=1e-5, atol=1e-7)
+    loss, logs = model.train_loss(b, motion)
+    assert "geo" in logs
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    assert model.face.gaussians.binding.grad is None and model.jaw_head[0].weight.grad.abs().sum() > 0
 
 
 def test_no_embedding_and_no_expression_drop_their_inputs(data):

@@ -11,7 +11,9 @@
     extent, without the part in front of the face surface and without the far back, which a talking-head
     video (near-frontal by construction) never shows;
 * :func:`base_log_scales` -- starting footprints from the points' spacing;
-* :func:`project_colors` -- starting colours: the pixel of a frame each point projects to.
+* :func:`project_colors` -- starting colours: the pixel of a frame each point projects to;
+* :func:`mesh_displacement` -- where a point bound to the mesh moves under a tracked expression (the
+  barycentric mix of its triangle's vertex displacements): the target of a method's lip-geometry guidance.
 
 The face model is the person's neutral mediapipe mesh in head coordinates (metres). Everything is drawn from
 a seeded generator, so the same dataset and config give the same points.
@@ -134,3 +136,12 @@ def project_colors(points: np.ndarray, viewmat: np.ndarray, K: np.ndarray, image
     out = np.full((len(points), 3), 0.5, np.float32)
     out[ok] = image[v[ok], u[ok]]
     return np.clip(out, 0.02, 0.98)
+
+
+def mesh_displacement(expression: Tensor, basis: Tensor, ids: Tensor, bary: Tensor) -> Tensor:
+    """[..., M, 3] displacement (metres, head frame) of M mesh-bound points under ``expression`` [..., E].
+
+    basis: [E, V, 3] the face model's expression basis; ids [M, 3] vertex ids and bary [M, 3] barycentric
+    weights of each point (:func:`initial_points` with ``binding``; a vertex point is (v, v, v), (1, 0, 0))."""
+    disp = torch.einsum("...e,evc->...vc", expression, basis)  # [..., V, 3]
+    return (disp[..., ids, :] * bary[..., None]).sum(-2)

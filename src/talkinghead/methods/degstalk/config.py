@@ -46,6 +46,12 @@ class DEGSTalkConfig:
     plate_erode: float = 0.008  # the plate keeps the face's border band this wide (1 px at 128), see plate.py
     plate_fill: float = 0.03  # the cut-out's outer band this wide is filled from around it (4 px at 128); 0: off
     fine_tune: bool = True  # stage 3 on the fused image; False = w/o R (with no dilation)
+    lambda_clear: float = 1.0  # face field's opacity on the inner mouth, per frame pixel (model.py); 0: off
+
+    # Lip-geometry guidance (deviation, model.py): the face field's Gaussians on the lip/chin mesh follow the
+    # tracked mesh displacement in motion learning; squared error in units of offset_scale (1% head radius).
+    lambda_geo: float = 0.5  # 0: off
+    geo_replay: int = 8  # earlier training frames added to each step's geometry loss
 
     # Training (sec. II-D): static init | motion learning | colour fine-tuning.
     static_fraction: float = 0.25

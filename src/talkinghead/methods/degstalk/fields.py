@@ -88,6 +88,18 @@ class DeformableField(nn.Module):
         out["means"] = out["means"] * self.offset_scale
         return out
 
+    def offsets_at(self, index: Tensor, cond: Tensor) -> Tensor:
+        """d_mu [B, M, 3] (metres) of the Gaussians ``index`` [M] under B condition vectors ``cond`` [B, C]:
+        the same MLP as :meth:`deformation`, for a few Gaussians and many frames at once."""
+        g = self.gaussians
+        parts = [self.triplane(g.means[index])]
+        if self.embedding_dim:
+            parts.append(g.embedding[index])
+        enc = torch.cat(parts, -1)  # [M, F]
+        B, M = cond.shape[0], enc.shape[0]
+        x = torch.cat([enc[None].expand(B, -1, -1), cond[:, None].expand(-1, M, -1)], -1)
+        return self.heads["means"](self.trunk(x)) * self.offset_scale
+
     def deformed(self, cond: Tensor | None) -> dict[str, Tensor]:
         """theta_D = theta_C + delta (eq. 6), activated; canonical when ``cond`` is None. With a condition
         the dict also holds ``offsets`` [N, 3] (d_mu in metres)."""

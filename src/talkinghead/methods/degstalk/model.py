@@ -19,6 +19,18 @@ Pieces and where they follow the paper:
   of both deformation MLPs. The paper leaves psi_jaw out of f_e and does not say where the jaw head's output
   goes; at our budget a photometric loss alone barely moves the lips from audio (GaussianTalker's notes
   measured mouth r 0.12 without geometric guidance), and the jaw value is the cheapest such guidance;
+* lip-geometry guidance (deviation, ``lambda_geo``; the paper has none, its SMIRK/FLAME prior and 50k
+  iterations are what we lack): in motion learning the position offsets of the face field's Gaussians bound to
+  the lip and chin mesh (:data:`talkinghead.face.landmarks.MOUTH_VERTICES`: the vertex points and the points
+  sampled on triangles touching one; each Gaussian carries its place on the mesh as a frozen per-Gaussian row
+  ``binding`` = (3 vertex ids, 3 barycentric weights), copied on clone/split like z) are pulled, squared
+  error in units of ``offset_scale``, towards the tracked mesh displacement of the frame
+  (:func:`talkinghead.methods.surface.mesh_displacement`), averaged with ``geo_replay`` earlier training
+  frames drawn from a :class:`talkinghead.methods.replay.FrameBank` (only those Gaussians deformed, nothing
+  rendered), as GaussianTalker's notes found one frame a step
+  underfits the audio -> lips mapping. Measured why on cnn (Whisper, 4000 iterations, without it): the lip
+  vertices' d_mu varied by 0.4 mm std over the test frames against a 2.7 mm tracked gap std, uncorrelated
+  with it (r 0.02): the face field did not move the lips;
 * dynamic hair-preserving portrait rendering (sec. II-C, eq. 7, :mod:`.plate`):
   C = C_face + (1 - O_face) (C_mouth + (1 - O_mouth) C_hair): the face field splatted over the mouth field
   splatted over the hair plate (rasterizer colours are premultiplied by their opacity, so this is eq. 7 with
@@ -31,11 +43,20 @@ Pieces and where they follow the paper:
   fine-tuning on the fused image (L1 + lambda D-SSIM + gamma LPIPS, eq. 9; only SH colours are updated;
   LPIPS only with local AlexNet weights, logged as off otherwise).
 
-Region targets of stages 1-2 (the paper's "masked ground truth for each region"): the face field is splatted
-over the hair plate with the frame's inner mouth pasted in (so it is neither asked to paint nor to hide the
-mouth), against the frame inside the dilated face + mouth mask and the plate outside; the mouth field is
-splatted over the frame with the dilated inner-mouth region blacked out, against the frame, through a camera
-cropped to the lips' box (the region is ~1% of a 128^2 frame: a full-frame mean would hardly see it).
+Region targets of stages 1-2 (the paper's "masked ground truth for each region", TalkingGaussian's face /
+mouth branches): the face field is splatted over the hair plate with the frame's inner mouth pasted in, against
+the frame inside the dilated face + mouth mask and the plate outside (:func:`.plate.face_field_target`); the
+mouth field is splatted over the frame with the dilated inner-mouth region blacked out, against the frame,
+through a camera cropped to the lips' box (the region is ~1% of a 128^2 frame: a full-frame mean would hardly
+see it). The face field must let the open mouth through to the mouth field (eq. 7 fuses the mouth behind the
+face): TalkingGaussian sets its face branch's target on the inner mouth to its background colour (and prunes
+Gaussians of that colour). We ask for the transparency directly, ``lambda_clear`` x the face field's opacity
+on the inner-mouth pixels (a per-pixel mean over the frame, as the L1): with the frame's own mouth as the
+background, transparency there has no photometric cost. Measured why, on cnn (Whisper, 4000 iterations):
+with the mouth pasted in and nothing else the face field painted the open mouth itself (opacity 0.88 there,
+its colour the mouth's to 0.01) and hid the mouth field: rendered mouth-opening r -0.06; with
+TalkingGaussian's background-colour target instead (green), the lip Gaussians took the key colour (green lips
+in the validation renders at 2500 iterations) rather than moving away.
 
 Other deviations: a dense multi-resolution triplane instead of hash grids; no opacity reset (the static
 stage is a few hundred iterations on a CPU, too short to re-earn opacities); the person-specific linear face
@@ -51,30 +72,47 @@ import torch
 from torch import Tensor, nn
 
 from talkinghead.errors import UserError
-from talkinghead.face.landmarks import NUM_LANDMARKS
+from talkinghead.face.landmarks import MOUTH_VERTICES, NUM_LANDMARKS
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, adam, decay_learning_rates
 from talkinghead.methods.losses import PerceptualLoss, dssim
-from talkinghead.methods.surface import base_log_scales, initial_points, project_colors
+from talkinghead.methods.replay import FrameBank
+from talkinghead.methods.surface import base_log_scales, initial_points, mesh_displacement, project_colors
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.render import DensityStrategy, GaussianModel, rasterize
 
 from .config import DEGSTalkConfig
 from .expression import jaw_functional, upper_face_projection
 from .fields import DeformableField
-from .plate import MOUTH, hair_plate, pixels, region_masks
+from .plate import face_field_target, hair_plate, mouth_opacity, pixels, region_masks
 
 COLOR_PARAMS = ("sh0", "shN")
 
 
-def _gaussians(points: Tensor, colors: Tensor, sh_degree: int, embedding_dim: int) -> GaussianModel:
-    """3DGS Gaussians on ``points`` [N, 3] with ``colors`` [N, 3], footprints from their spacing, and a zero
-    embedding [N, d] when ``embedding_dim``."""
-    extras = {"embedding": torch.zeros(points.shape[0], embedding_dim)} if embedding_dim else None
+def _gaussians(points: Tensor, colors: Tensor, sh_degree: int, embedding_dim: int,
+               binding: Tensor | None = None) -> GaussianModel:
+    """3DGS Gaussians on ``points`` [N, 3] with ``colors`` [N, 3], footprints from their spacing, a zero
+    embedding [N, d] when ``embedding_dim``, and the frozen mesh ``binding`` [N, 6] (vertex ids as floats,
+    barycentric weights; all-zero weights = not bound) when given."""
+    extras = {"embedding": torch.zeros(points.shape[0], embedding_dim)} if embedding_dim else {}
+    if binding is not None:
+        extras["binding"] = binding
     scales = torch.exp(base_log_scales(points))[:, 0] if len(points) > 3 else torch.full((len(points),), 0.01)
     m = GaussianModel.from_points(points, colors, sh_degree=sh_degree, scales=scales)
-    if extras is None:
+    if not extras:
         return m
-    return GaussianModel(m.means, m.log_scales, m.quats, m.logit_opacities, m.sh0, m.shN, extras=extras)
+    m = GaussianModel(m.means, m.log_scales, m.quats, m.logit_opacities, m.sh0, m.shN, extras=extras)
+    if binding is not None:
+        m.binding.requires_grad_(False)  # a record of where the Gaussian sits on the mesh, never optimised
+    return m
+
+
+def _lip_binding(ids: np.ndarray, bary: np.ndarray) -> Tensor:
+    """[N, 6] binding rows (ids, weights) of points with mesh ``ids`` / ``bary`` [N, 3]; the weights are kept
+    only for points on the lip and chin mesh (a vertex of MOUTH_VERTICES, or a triangle touching one)."""
+    on_mouth = np.zeros(NUM_LANDMARKS, bool)
+    on_mouth[list(MOUTH_VERTICES)] = True
+    keep = (bary.sum(1) > 0) & on_mouth[np.clip(ids, 0, NUM_LANDMARKS - 1)].any(1)
+    return torch.from_numpy(np.concatenate([ids.astype(np.float32), bary * keep[:, None]], 1).astype(np.float32))
 
 
 def _bounds(points: Tensor, pad: float) -> Tensor:
@@ -125,6 +163,10 @@ class DEGSTalk(nn.Module):
         self.register_buffer("jaw_weights", torch.zeros(E))  # [E]: gap_mm = jaw_offset + e @ jaw_weights
         self.register_buffer("jaw_stats", torch.tensor([0.0, 0.0, 1.0]))  # offset, mean, std of the gap (mm)
         self.register_buffer("stage", torch.ones((), dtype=torch.long))  # furthest stage reached (1, 2, 3)
+        # [E, V, 3] the face model's expression basis: the lip-geometry guidance's targets (saved, for --resume).
+        self.register_buffer("expression_basis", torch.zeros(E, NUM_LANDMARKS, 3))
+        # Training frames seen (audio window, blink, source expression, tracked expression), for geo_replay.
+        self._geo_bank = FrameBank(seed=cfg.schedule.seed)
         self._opt: torch.optim.Optimizer | None = None
         self._strategies: dict[str, DensityStrategy] = {}
         self._pending: dict[str, dict] = {}  # raster info of this step's static renders, for densification
@@ -144,17 +186,19 @@ class DEGSTalk(nn.Module):
         if dataset is None:
             one = torch.zeros(1, 3)
             box = torch.tensor([[-1.0] * 3, [1.0] * 3])
-            return cls(cfg, info, _gaussians(one, torch.full((1, 3), 0.5), cfg.sh_degree, cfg.embedding_dim),
+            return cls(cfg, info, _gaussians(one, torch.full((1, 3), 0.5), cfg.sh_degree, cfg.embedding_dim,
+                                             torch.zeros(1, 6)),
                        _gaussians(one, torch.full((1, 3), 0.5), cfg.sh_degree, cfg.embedding_dim), box, box.clone(), 0.1)
         fm, tracks = dataset.face_model, dataset.tracks
         train = dataset.split_indices("train")
         num = cfg.num_face + cfg.num_mouth + cfg.num_hair
-        pts = initial_points(fm.neutral, fm.triangles, num, cfg.num_face / num, cfg.num_mouth / num,
-                             cfg.lip_weight, seed=cfg.schedule.seed)
+        pts, ids, bary = initial_points(fm.neutral, fm.triangles, num, cfg.num_face / num, cfg.num_mouth / num,
+                                        cfg.lip_weight, seed=cfg.schedule.seed, binding=True)
         # initial_points' own split: face (>= the V mesh vertices), inner mouth, head shell.
         n_face = max(NUM_LANDMARKS, int(num * (cfg.num_face / num)))
         n_mouth = int(num * (cfg.num_mouth / num))
-        face_pts = pts[:n_face] if cfg.num_hair == 0 else np.concatenate([pts[:n_face], pts[n_face + n_mouth:]])
+        face_rows = np.r_[0:n_face] if cfg.num_hair == 0 else np.r_[0:n_face, n_face + n_mouth:num]
+        face_pts = pts[face_rows]
         mouth_pts = pts[n_face:n_face + n_mouth]
         first = int(train[0])
         image = dataset.frame(first).image
@@ -162,9 +206,11 @@ class DEGSTalk(nn.Module):
                   for p in (face_pts, mouth_pts)]
         face_t, mouth_t = torch.from_numpy(face_pts), torch.from_numpy(mouth_pts)
         extent = float((face_t.max(0).values - face_t.min(0).values).max())
-        model = cls(cfg, info, _gaussians(face_t, colors[0], cfg.sh_degree, cfg.embedding_dim),
+        model = cls(cfg, info, _gaussians(face_t, colors[0], cfg.sh_degree, cfg.embedding_dim,
+                                          _lip_binding(ids[face_rows], bary[face_rows])),
                     _gaussians(mouth_t, colors[1], cfg.sh_degree, cfg.embedding_dim),
                     _bounds(face_t, 0.1 * extent), _bounds(mouth_t, 0.1 * extent), extent / 2)
+        model.expression_basis.copy_(torch.from_numpy(np.asarray(fm.basis, np.float32)))
         X = np.asarray(tracks.expression[train], np.float32)
         mean, proj = upper_face_projection(fm.neutral, fm.basis, X, model.expression_projection.shape[1])
         j0, jw = jaw_functional(fm.neutral, fm.basis)
@@ -184,7 +230,12 @@ class DEGSTalk(nn.Module):
                                                                     "gamma_lpips")
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
-        """Resize the fields' per-Gaussian parameters to the saved counts first (densification changed them)."""
+        """Resize the fields' per-Gaussian parameters to the saved counts first (densification changed them).
+        Avatars from before the lip-geometry guidance have no binding / basis: they load with none (zeros)."""
+        state = dict(state)
+        n_face = state["face.gaussians.means"].shape[0] if "face.gaussians.means" in state else len(self.face)
+        state.setdefault("face.gaussians.binding", torch.zeros(n_face, 6))
+        state.setdefault("expression_basis", torch.zeros_like(self.expression_basis))
         for field in (self.face, self.mouth):
             prefix = "face.gaussians." if field is self.face else "mouth.gaussians."
             for name in field.gaussians.param_names:
@@ -226,16 +277,23 @@ class DEGSTalk(nn.Module):
     def conditions(self, cond: Condition) -> tuple[Tensor, Tensor, Tensor]:
         """(face condition [C_f], mouth condition [C_m], predicted inner-lip gap in mm []) of a frame:
         face = f_a + f_e + jaw, mouth = f_a + jaw (jaw normalised by the training frames' gap statistics)."""
-        jaw_n = self.jaw_head(self.mouth_audio(cond.audio))  # [1]
-        face = [self.face_audio(cond.audio)]
-        if self.expression_mlp is not None:
-            src = self._source(cond)
-            coeffs = (src.expression - self.expression_mean) @ self.expression_projection  # [k]
-            face.append(self.expression_mlp(torch.cat([coeffs, cond.blink])))
-        face.append(jaw_n)
-        mouth = torch.cat([self.mouth_audio(cond.audio), jaw_n])
+        expr = self._source(cond).expression[None] if self.expression_mlp is not None else None
+        face, mouth, jaw_n = self.condition_vectors(cond.audio[None], cond.blink[None], expr)
         _, mean, std = self.jaw_stats
-        return torch.cat(face), mouth, (jaw_n[0] * std + mean)
+        return face[0], mouth[0], jaw_n[0, 0] * std + mean
+
+    def condition_vectors(self, audio: Tensor, blink: Tensor, source_expression: Tensor | None
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+        """B frames at once: audio windows [B, 2R+1, D], blinks [B, 2], source expressions [B, E] (None
+        without f_e) -> (face conditions [B, C_f], mouth conditions [B, C_m], normalised jaw [B, 1])."""
+        f_mouth = self.mouth_audio(audio)  # [B, d]
+        jaw_n = self.jaw_head(f_mouth)  # [B, 1]
+        face = [self.face_audio(audio)]
+        if self.expression_mlp is not None:
+            coeffs = (source_expression - self.expression_mean) @ self.expression_projection  # [B, k]
+            face.append(self.expression_mlp(torch.cat([coeffs, blink], -1)))
+        face.append(jaw_n)
+        return torch.cat(face, -1), torch.cat([f_mouth, jaw_n], -1), jaw_n
 
     def jaw_target(self, expression: Tensor) -> Tensor:
         """Tracked inner-lip gap (mm) of an expression [E]."""
@@ -286,8 +344,8 @@ class DEGSTalk(nn.Module):
         groups.append({"params": [p for f in (self.face, self.mouth) for p in f.triplane.parameters()],
                        "lr": c.lr_triplane, "name": "triplane"})
         taken = {id(p) for grp in groups for p in grp["params"]}
-        groups.append({"params": [p for p in self.parameters() if id(p) not in taken], "lr": c.lr_mlp,
-                       "name": "mlp"})
+        groups.append({"params": [p for p in self.parameters() if id(p) not in taken and p.requires_grad],
+                       "lr": c.lr_mlp, "name": "mlp"})
         self._opt = adam(groups)
         motion, _ = self.stage_bounds()
         self._strategies = {
@@ -309,10 +367,9 @@ class DEGSTalk(nn.Module):
         face, mouth, jaw = self.fields(cond, deform=stage == 2)
         img = batch.image
         m_face, m_mouth = region_masks(labels, pixels(c.train_dilate, cond.width), with_hair=not c.hair_plate)
-        inner = (labels == MOUTH).float()[..., None]
-        m_face, m_mouth = m_face[..., None], m_mouth[..., None]
-        pred_f, _, _, info_f = self._raster(face, cond, plate * (1 - inner) + img * inner)
-        target_f = img * m_face + plate * (1 - m_face)
+        m_mouth = m_mouth[..., None]
+        bg_f, target_f = face_field_target(img, plate, m_face, labels)
+        pred_f, alpha_f, _, info_f = self._raster(face, cond, bg_f)
         # The mouth field is seen through a camera cropped to the lips' box (its region is ~1% of the frame).
         ys, xs, Kc = _mouth_window(batch.mouth_box, cond)
         bg_m = (img * (1 - m_mouth))[ys, xs]
@@ -324,10 +381,21 @@ class DEGSTalk(nn.Module):
         l1_m, ds_m = (pred_m - img[ys, xs]).abs().mean(), dssim(pred_m, img[ys, xs])
         loss = l1_f + c.lambda_dssim * ds_f + l1_m + c.lambda_dssim * ds_m
         logs = {"l1_face": l1_f.item(), "dssim_face": ds_f.item(), "l1_mouth": l1_m.item()}
+        if c.lambda_clear > 0:  # the face field lets the open mouth through (see the module docstring)
+            clear = mouth_opacity(alpha_f, labels)
+            loss = loss + c.lambda_clear * clear
+            logs["face_alpha_mouth"] = clear.item()
         if jaw is not None:
             l_jaw = (jaw - self.jaw_target(batch.expression)).square()
             loss = loss + c.beta_jaw * l_jaw
             logs["jaw_mm2"] = l_jaw.item()
+        if c.lambda_geo > 0:
+            self._remember(batch)
+            if jaw is not None:
+                geo = self.geometry_loss(face["offsets"], batch.expression)
+                if geo is not None:
+                    loss = loss + c.lambda_geo * geo
+                    logs["geo"] = geo.item()
         self._pending = {}
         if stage == 1:  # the screen-space gradients 3DGS density control reads after backward
             for name, info in (("face", info_f), ("mouth", info_m)):
@@ -335,6 +403,38 @@ class DEGSTalk(nn.Module):
                 self._pending[name] = info
         logs["loss"] = loss.item()
         return loss, logs
+
+    def _remember(self, batch: Batch) -> None:
+        """Add a training frame's conditions and tracked expression to the replay bank (once per frame)."""
+        cond = batch.cond
+        if self.cfg.geo_replay > 0:
+            self._geo_bank.add(cond.index, cond.audio, cond.blink, self._source(cond).expression, batch.expression)
+
+    def _geo_binding(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows [M] of the bound face Gaussians, their vertex ids [M, 3], barycentric weights [M, 3])."""
+        b = self.face.gaussians.binding
+        rows = (b[:, 3:].sum(1) > 0).nonzero()[:, 0]
+        return rows, b[rows, :3].round().long(), b[rows, 3:]
+
+    def geometry_loss(self, offsets: Tensor, expression: Tensor) -> Tensor | None:
+        """Lip-geometry guidance: mean squared error (offset_scale units) of the bound face Gaussians' d_mu
+        (``offsets`` [N, 3] of this frame, tracked ``expression`` [E]) against their tracked mesh displacement,
+        averaged with ``geo_replay`` frames drawn from the bank (all in one batched pass); None if none bound."""
+        rows, ids, bary = self._geo_binding()
+        if len(rows) == 0:
+            return None
+        scale = self.face.offset_scale
+        target = mesh_displacement(expression, self.expression_basis, ids, bary)  # [M, 3]
+        err = ((offsets[rows] - target) / scale).square().mean()
+        k = self.cfg.geo_replay
+        if k <= 0 or not len(self._geo_bank):
+            return err
+        audio, blink, src, expr = self._geo_bank.sample(k)
+        c_face, _, _ = self.condition_vectors(audio, blink, src if self.expression_mlp is not None else None)
+        off = self.face.offsets_at(rows, c_face)  # [k, M, 3]
+        target = mesh_displacement(expr, self.expression_basis, ids, bary)  # [k, M, 3]
+        replay = ((off - target) / scale).square().mean((1, 2)).sum()
+        return (err + replay) / (1 + k)
 
     def _fine_tune_loss(self, batch: Batch, plate: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Stage 3 (eq. 9): the fused image against the frame; only SH colours get gradients."""

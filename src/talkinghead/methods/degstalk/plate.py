@@ -19,6 +19,9 @@ All from a frame's parsing labels (docs/dataset.md: 0 background, 1 torso = neck
 * :func:`region_masks` -- the training targets' masks, dilated by ``dilate_px`` (the paper dilates the face
   and mouth regions during training "to better capture their features"): the face field is trained on the
   face + mouth region (or the whole head when there is no plate: w/o H), the mouth field on the inner mouth.
+* :func:`face_field_target` -- the face field's (background, target) pair of stages 1-2: the frame inside
+  the face mask, the plate outside, the frame's own inner mouth in both (so a face field transparent there
+  is exactly right), and :func:`mouth_opacity`, the term that asks the face field for that transparency.
 
 Dilation/erosion are square max-pools (Chebyshev distance), on [H, W] float masks in {0, 1}.
 """
@@ -97,3 +100,21 @@ def pixels(fraction: float, size: int) -> int:
     if fraction <= 0:
         return 0
     return max(1, int(round(fraction * size)))
+
+
+def face_field_target(image: Tensor, plate: Tensor, face_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(background, target), each [H, W, 3], of the face field's stage 1-2 loss.
+
+    image: [H, W, 3] the frame; plate: [H, W, 3] C_hair; face_mask: [H, W] the (dilated) face-field region;
+    labels: [H, W] the frame's parsing. Target: ``image`` inside ``face_mask``, ``plate`` outside; background:
+    the plate with the frame's inner mouth pasted in, so that where the face field is transparent over the
+    open mouth the render equals the target there."""
+    inner = (labels == MOUTH).to(image.dtype)[..., None]
+    m = face_mask[..., None]
+    return plate * (1 - inner) + image * inner, image * m + plate * (1 - m)
+
+
+def mouth_opacity(alpha: Tensor, labels: Tensor) -> Tensor:
+    """[] the face field's accumulated opacity ``alpha`` [H, W, 1] on the inner-mouth pixels of ``labels``
+    [H, W], averaged over the whole frame (the normalisation of the L1 term it is added to)."""
+    return (alpha[..., 0] * (labels == MOUTH)).mean()
