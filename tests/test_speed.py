@@ -214,13 +214,14 @@ def test_batched_geometry_replay_equals_one_frame_at_a_time(synthetic):
     model, store = _gaussiantalker(synthetic)
     for k in range(4):
         model.train_loss(store.batch(k), step=0)  # remember four frames
-    rng_state = model._geo_rng.bit_generator.state
+    bank = model._geo_bank
+    rng_state = bank._rng.bit_generator.state
     batched = model.replay_geometry_loss()
-    model._geo_rng.bit_generator.state = rng_state  # the same draws
+    bank._rng.bit_generator.state = rng_state  # the same draws
     f_geo = model.triplane(model.means[model.geo_points])
     loop = []
-    for i in model._geo_rng.integers(len(model._geo_bank), size=model.cfg.geo_replay):
-        audio, blink, viewmat, expr = model._geo_bank[i]
+    for i in bank._rng.integers(len(bank), size=model.cfg.geo_replay):
+        audio, blink, viewmat, expr = bank._rows[i]
         z, _ = model.attention(f_geo, model._tokens(audio, blink, viewmat))
         loop.append(model._geo_error(model.f_deform(z)["means"] * model.offset_scale, expr))
     torch.testing.assert_close(batched, torch.stack(loop).sum(), rtol=1e-5, atol=1e-7)
