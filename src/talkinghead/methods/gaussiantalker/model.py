@@ -50,7 +50,7 @@ from talkinghead.face.landmarks import MOUTH_VERTICES, NUM_LANDMARKS
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
 from talkinghead.methods.losses import PerceptualLoss, dssim
 from talkinghead.methods.replay import FrameBank
-from talkinghead.methods.surface import base_log_scales, initial_points
+from talkinghead.methods.surface import base_log_scales, initial_points, mesh_displacement
 from talkinghead.nn.audio import AudioEncoder
 from talkinghead.nn.triplane import Triplane
 from talkinghead.render import EPS2D, num_sh_bases, rasterize
@@ -277,8 +277,7 @@ class GaussianTalker(nn.Module):
         """Mean squared error (offset_scale units) of the geometry-supervised Gaussians' offsets [..., M, 3]
         against their tracked displacement (expression [..., E]): the barycentric mix of their triangle's
         vertex displacements."""
-        disp = torch.einsum("...e,evc->...vc", expression, self.expression_basis)  # [..., V, 3]
-        target = (disp[..., self.geo_vertices, :] * self.geo_weights[..., None]).sum(-2)
+        target = mesh_displacement(expression, self.expression_basis, self.geo_vertices, self.geo_weights)
         return ((offsets - target) / self.offset_scale).square().mean()
 
     def after_step(self, step: int) -> None:
