@@ -24,6 +24,8 @@ from benchlib import append_entry, stamp
 
 SETTINGS = {
     "defaults": {},
+    "no linear prior (prior_taps 0)": {"prior_taps": 0},
+    "linear prior, encoder_layers 0": {"encoder_layers": 0},
     "early stopping (val_fraction 0.1)": {"val_fraction": 0.1},
     "dropout 0.3": {"dropout": 0.3},
     "teacher forcing (ground_truth inputs)": {"training_inputs": "ground_truth"},

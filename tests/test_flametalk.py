@@ -9,7 +9,7 @@ import torch
 from talkinghead.face.landmarks import CHIN, LEFT_EYE_OUTER, LOWER_LIP_INNER, NOSE_TIP, RIGHT_EYE_OUTER, UPPER_LIP_INNER
 from talkinghead.methods.gaussianflametalk.flametalk import (
     FlameTalkConfig, alignment_mask, biased_causal_mask, build_flametalk, causal_average, evaluate_flametalk,
-    periodic_positional_encoding, speech_components, train_flametalk)
+    fit_linear_prior, periodic_positional_encoding, speech_components, train_flametalk)
 
 V = 478
 
@@ -129,9 +129,10 @@ def test_training_learns_audio_to_jaw_and_beats_the_mean_face():
     neutral, basis, _ = _face()
     audio, expr = _clip(1000, 1)
     test_audio, test_expr = _clip(150, 2)
-    # output_average=1: the toy jaw follows white-ish noise frame by frame; this tests what the network learns.
+    # output_average=1: the toy jaw follows white-ish noise frame by frame; this tests what the network learns
+    # (no linear prior: it alone would already fit this linear toy, see the next tests).
     cfg = FlameTalkConfig(d_model=32, heads=2, encoder_layers=1, context=40, iterations=300, batch=4, lr=3e-3,
-                          output_average=1)
+                          output_average=1, prior_taps=0)
     model = build_flametalk(cfg, audio, expr, neutral, basis)
     log: list = []
     train_flametalk(model, audio, expr, progress=False, log=log)
@@ -143,6 +144,35 @@ def test_training_learns_audio_to_jaw_and_beats_the_mean_face():
 
 
 @pytest.mark.slow
+def test_linear_prior_known_answer_and_strength_by_blocked_cv():
+    rng = np.random.default_rng(0)
+    z = np.c_[rng.normal(0, 1, (400, 5)), np.ones(400)]
+    w_true = rng.normal(0, 1, (6, 2))
+    w, lam = fit_linear_prior(z, z @ w_true, (1e-6, 1e2, 1e4))
+    assert lam == 1e-6
+    np.testing.assert_allclose(w, w_true, atol=1e-5)
+    # targets that carry nothing but a constant: the strongest ridge wins, the constant is kept unpenalised
+    y = 3.0 + rng.normal(0, 1, (400, 2))
+    w, lam = fit_linear_prior(z, y, (1e-6, 1e2, 1e4))
+    assert lam == 1e4 and np.abs(w[:-1]).max() < 0.02
+    np.testing.assert_allclose(w[-1], y.mean(0), atol=0.02)
+
+
+def test_linear_prior_alone_follows_a_lagged_jaw_before_training():
+    """The closed-form prior (rows t-1..t) finds the toy's one-frame-lagged jaw with the decoder still at zero."""
+    neutral, basis, _ = _face()
+    audio, expr = _clip(1000, 1)
+    test_audio, test_expr = _clip(150, 2)
+    cfg = FlameTalkConfig(d_model=16, heads=2, encoder_layers=0, context=40, output_average=1, prior_taps=2)
+    with_prior = evaluate_flametalk(build_flametalk(cfg, audio, expr, neutral, basis), test_audio, test_expr)
+    assert with_prior["mouth_opening_corr"] > 0.95
+    assert with_prior["vertex_error_mm"] < 0.3 * with_prior["baseline_vertex_error_mm"]
+    one_tap = FlameTalkConfig(d_model=16, heads=2, encoder_layers=0, context=40, output_average=1, prior_taps=1)
+    # row t alone does not see the audio of t-1 that drives the jaw at t (only its smoothed neighbour)
+    assert evaluate_flametalk(build_flametalk(one_tap, audio, expr, neutral, basis), test_audio,
+                              test_expr)["mouth_opening_corr"] < with_prior["mouth_opening_corr"] - 0.2
+
+
 def test_flametalk_on_a_real_clip_beats_the_mean_face(tmp_path):
     """cnn_anchor_en_71s: prepare, train FlameTalk on the training split, measure on the test split (~4 min)."""
     import subprocess

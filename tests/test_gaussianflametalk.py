@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -98,6 +99,11 @@ def test_train_save_load_render_both_stages(synthetic, tmp_path, monkeypatch):
         # Cross-driven: new audio, poses replayed from the training frames.
         res = render_audio(out, synthetic / "audio.wav", tmp_path / "cross.mp4")
         assert res["frames"] == 40 and (tmp_path / "cross.mp4").stat().st_size > 0
+        # An avatar saved before FlameTalk had its linear prior loads as a model without one.
+        state = {k: v for k, v in model.state_dict().items() if k != "flametalk.prior_weight"}
+        old = type(model)(copy.deepcopy(cfg), info, model.avatar, model.flametalk)
+        old.load_state_dict(state)
+        assert old.flametalk.cfg.prior_taps == 0 and old.flametalk.audio_prior(torch.zeros(1, 3, info.audio_dim)) is None
         # The FlameTalk stage re-run in place (the per-stage hook): the Gaussians are kept, FlameTalk changes.
         before = {k: v.clone() for k, v in model.state_dict().items()}
         retrain_flametalk(out, synthetic, {"d_model": 8, "iterations": 3}, progress=False)

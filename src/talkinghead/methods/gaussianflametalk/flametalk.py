@@ -102,6 +102,8 @@ class FlameTalkConfig:
     val_fraction: float = 0.0  # > 0: hold out the end of the training frames to pick the best iteration
     val_every: int = 50
     training_inputs: str = "own"  # decoder inputs in training: "own", "ground_truth" or "autoregressive"
+    prior_taps: int = 3  # linear prior reads audio rows t-taps+1..t (0: no prior; module docstring)
+    prior_lambdas: tuple[float, ...] = (3e2, 1e3, 3e3, 1e4, 3e4)  # ridge strengths tried by blocked CV
     seed: int = 0
 
 
@@ -207,6 +209,9 @@ class FlameTalk(nn.Module):
         self.register_buffer("audio_mean", torch.zeros(audio_dim) if audio_mean is None else audio_mean.float())
         self.register_buffer("audio_std", torch.ones(audio_dim) if audio_std is None else audio_std.float())
         self.register_buffer("speech_std", torch.ones(S) if speech_std is None else speech_std.float())
+        # linear prior [taps * D + 1, S] (normalised audio rows t-taps+1..t + 1 -> normalised speech); zero
+        # until build_flametalk fits it, so an untrained model is the plain FaceFormer-style one
+        self.register_buffer("prior_weight", torch.zeros(cfg.prior_taps * audio_dim + 1, S) if cfg.prior_taps else None)
         self.num_expression = E
 
         self.audio_embed = nn.Linear(audio_dim, d)
@@ -259,14 +264,23 @@ class FlameTalk(nn.Module):
         mask = causal_window_mask(T, self.cfg.context, self.cfg.audio_lookahead).to(x.device)
         return self.audio_projection(self.audio_encoder(x, mask=mask))
 
-    def _decode(self, inputs: Tensor, C: Tensor) -> Tensor:
-        """Decoder inputs [B, L, d] and aligned audio C [B, L, d] -> normalised speech coeffs [B, L, S]."""
+    def audio_prior(self, audio: Tensor) -> Tensor | None:
+        """The linear prior's normalised speech coefficients [B, T, S] for raw features [B, T, D] (None when
+        ``prior_taps`` is 0). Causal: row t reads rows t-taps+1..t, the first row repeated before the start."""
+        if not self.cfg.prior_taps:
+            return None
+        return _tap_rows((audio - self.audio_mean) / self.audio_std, self.cfg.prior_taps) @ self.prior_weight
+
+    def _decode(self, inputs: Tensor, C: Tensor, prior: Tensor | None) -> Tensor:
+        """Decoder inputs [B, L, d], aligned audio C [B, L, d] and the linear prior [B, L, S] (or None) ->
+        normalised speech coeffs [B, L, S]: the decoder's output is a residual on the prior."""
         B, L, d = inputs.shape
         x = inputs + periodic_positional_encoding(L, d, self.cfg.period).to(inputs)
         self_mask = biased_causal_mask(L, self.cfg.heads, self.cfg.period, self.cfg.context).to(x)
         self_mask = self_mask.repeat(B, 1, 1)  # [B * heads, L, L] as nn.MultiheadAttention wants
         O_v = self.decoder(x, C, tgt_mask=self_mask, memory_mask=alignment_mask(L).to(x.device))
-        return self.motion_decoder(O_v + self.style())  # eq. 1, then the motion decoder
+        out = self.motion_decoder(O_v + self.style())  # eq. 1, then the motion decoder
+        return out if prior is None else out + prior
 
     def forward(self, audio: Tensor, target_speech: Tensor | None = None) -> Tensor:
         """Speech coefficients [B, T, S] for audio features [B, T, D].
@@ -275,25 +289,28 @@ class FlameTalk(nn.Module):
         otherwise it runs autoregressively on its own predictions, never looking ahead.
         """
         C = self.encode_audio(audio)
+        prior = self.audio_prior(audio)
         B, T, d = C.shape
         if target_speech is not None:
             inputs = torch.cat([self.start_token.expand(B, 1, d), self.motion_embed(target_speech[:, :-1] / self.speech_std)], 1)
-            return self._decode(inputs, C) * self.speech_std
+            return self._decode(inputs, C, prior) * self.speech_std
         preds: list[Tensor] = []
         for t in range(T):
             lo = max(0, t + 1 - self.cfg.context)
-            preds.append(self.next_frame(C[:, lo : t + 1], torch.cat(preds[lo:t], 1) if t > lo else None))
+            preds.append(self.next_frame(C[:, lo : t + 1], torch.cat(preds[lo:t], 1) if t > lo else None,
+                                         None if prior is None else prior[:, lo : t + 1]))
         return torch.cat(preds, 1)
 
-    def next_frame(self, C: Tensor, prev: Tensor | None) -> Tensor:
+    def next_frame(self, C: Tensor, prev: Tensor | None, prior: Tensor | None = None) -> Tensor:
         """One autoregressive step: speech coefficients [B, 1, S] of the last frame of the window C [B, L, d]
-        given the predictions [B, L-1, S] of the window's earlier frames (None when L = 1). The window's
-        first decoder input is the start token, as in every training window."""
+        given the predictions [B, L-1, S] of the window's earlier frames (None when L = 1) and the window's
+        linear prior [B, L, S] (:meth:`audio_prior`; None: none). The window's first decoder input is the start
+        token, as in every training window."""
         B, L, d = C.shape
         inputs = self.start_token.expand(B, 1, d)
         if prev is not None:
             inputs = torch.cat([inputs, self.motion_embed(prev / self.speech_std)], 1)
-        return self._decode(inputs, C)[:, -1:] * self.speech_std
+        return self._decode(inputs, C, prior)[:, -1:] * self.speech_std
 
     def vertex_loss(self, pred_speech: Tensor, expression: Tensor) -> Tensor:
         """Eq. 2: mean squared vertex distance between the predicted mesh and M_gt' (tracked [B, T, E])."""
@@ -322,9 +339,37 @@ def causal_average(speech: Tensor, n: int) -> Tensor:
     return (csum[t] - csum[lo]) / (t - lo)[:, None].to(speech.dtype)
 
 
+def _tap_rows(x: Tensor, taps: int) -> Tensor:
+    """[B, T, D] -> [B, T, taps * D + 1]: rows t-taps+1..t side by side (oldest first; the first row repeated
+    before the start) and a constant 1."""
+    pad = torch.cat([x[:, :1].expand(-1, taps - 1, -1), x], 1)
+    cols = [pad[:, k : k + x.shape[1]] for k in range(taps)]
+    return torch.cat([*cols, torch.ones_like(x[..., :1])], -1)
+
+
+def fit_linear_prior(z: np.ndarray, y: np.ndarray, lambdas, blocks: int = 5) -> tuple[np.ndarray, float]:
+    """Ridge map z [T, K] (last column the constant) -> y [T, S], its strength chosen by blocked
+    cross-validation over ``blocks`` contiguous blocks (smallest held-out squared error; the constant is not
+    penalised). Returns (weight [K, S], the chosen lambda)."""
+    z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
+    K = z.shape[1]
+    pen = np.eye(K)
+    pen[-1, -1] = 0.0
+
+    def solve(rows, lam):
+        return np.linalg.solve(z[rows].T @ z[rows] + lam * pen, z[rows].T @ y[rows])
+
+    fold = np.arange(len(z)) * blocks // len(z)
+    errs = [sum(((z[fold == b] @ solve(fold != b, lam) - y[fold == b]) ** 2).sum() for b in range(blocks))
+            for lam in lambdas]
+    lam = float(lambdas[int(np.argmin(errs))])
+    return solve(np.ones(len(z), bool), lam), lam
+
+
 def build_flametalk(cfg: FlameTalkConfig, audio: np.ndarray, expression: np.ndarray, neutral: np.ndarray,
                     basis: np.ndarray) -> FlameTalk:
-    """A fresh FlameTalk for one identity from its training frames: audio [T, D], tracked expression [T, E]."""
+    """A fresh FlameTalk for one identity from its training frames: audio [T, D], tracked expression [T, E].
+    With ``prior_taps`` its linear prior is fitted here, in closed form (module docstring)."""
     idx = speech_components(neutral, basis, cfg.min_mouth_share, cfg.max_speech)
     template = expression.mean(0)
     std = np.maximum(expression[:, idx].std(0), 1e-6)
@@ -332,8 +377,13 @@ def build_flametalk(cfg: FlameTalkConfig, audio: np.ndarray, expression: np.ndar
     t = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
     with torch.random.fork_rng(devices=[]):  # initial weights from cfg.seed, whatever ran before
         torch.manual_seed(cfg.seed)
-        return FlameTalk(cfg, audio.shape[1], t(neutral), t(basis), t(template), torch.as_tensor(idx),
-                         t(audio.mean(0)), t(a_std), t(std))
+        model = FlameTalk(cfg, audio.shape[1], t(neutral), t(basis), t(template), torch.as_tensor(idx),
+                          t(audio.mean(0)), t(a_std), t(std))
+    if cfg.prior_taps:
+        z = _tap_rows(((t(audio) - model.audio_mean) / model.audio_std)[None], cfg.prior_taps)[0].numpy()
+        w, _ = fit_linear_prior(z, expression[:, idx] / std, cfg.prior_lambdas)
+        model.prior_weight.copy_(t(w))
+    return model
 
 
 TRAINING_INPUTS = ("own", "ground_truth", "autoregressive")

@@ -31,6 +31,7 @@ session its own. ``drive = "tracked"`` renders the tracked expression instead (t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -116,6 +117,8 @@ class GaussianFlameTalk(nn.Module):
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         self.avatar.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("avatar.")})
         ft = {k[10:]: v for k, v in state.items() if k.startswith("flametalk.")}
+        if "prior_weight" not in ft:  # saved before the linear prior existed: the model had none
+            self.cfg.flametalk = dataclasses.replace(self.cfg.flametalk, prior_taps=0)
         if "basis" in ft:  # rebuild FlameTalk at the saved sizes
             self.flametalk = FlameTalk(self.cfg.flametalk, self.info.audio_dim, ft["neutral"], ft["basis"],
                                        ft["template_expression"], ft["speech_idx"])
@@ -304,10 +307,12 @@ class _Stream:
                 n = self.audio.shape[0] - look
                 self.preds = ft(self.audio[None])[0, :n]
                 return self.preds[-max(1, ft.cfg.output_average):].mean(0)
-            C = ft.encode_audio(self.audio[None])[:, : self.audio.shape[0] - look]  # frames up to the current
+            n = self.audio.shape[0] - look  # frames up to the current
+            C = ft.encode_audio(self.audio[None])[:, :n]
+            prior = ft.audio_prior(self.audio[None])
             L = min(ctx, C.shape[1], self.preds.shape[0] + 1)
             prev = self.preds[self.preds.shape[0] - (L - 1):][None] if L > 1 else None
-            out = ft.next_frame(C[:, -L:], prev)[0, 0]
+            out = ft.next_frame(C[:, -L:], prev, None if prior is None else prior[:, n - L : n])[0, 0]
         self.preds = torch.cat([self.preds, out[None]])[-ctx:]
         return self.preds[-max(1, ft.cfg.output_average):].mean(0)  # as FlameTalk.predict: causal_average
 
