@@ -116,6 +116,19 @@ def test_train_save_load_render_both_stages(synthetic, tmp_path, monkeypatch):
         assert main(["train", str(synthetic), "--method", "gaussianflametalk", "--stage", "flametalk",
                      "--out", str(out)]) == 0
         assert json.loads((out / "train_log.json").read_text())["flametalk"]["iterations"] == 3
+        # An avatar from before the linear prior (no prior_taps in its config, no prior_weight saved) renders as
+        # it was trained, without one; retraining its FlameTalk gives it one.
+        from safetensors.torch import load_file, save_file
+
+        meta = json.loads((out / "config.json").read_text())
+        del meta["config"]["flametalk"]["prior_taps"]
+        (out / "config.json").write_text(json.dumps(meta))
+        tensors = load_file(out / "model.safetensors")
+        save_file({k: v for k, v in tensors.items() if not k.endswith("flametalk.prior_weight")},
+                  out / "model.safetensors", metadata={"method": "gaussianflametalk"})
+        assert load_model(out)[3].flametalk.prior_weight is None
+        retrain_flametalk(out, synthetic, {"iterations": 2}, progress=False)
+        assert load_model(out)[3].flametalk.prior_weight is not None
     finally:
         from talkinghead.methods import register_method
 

@@ -27,6 +27,15 @@ Pieces and where they follow the paper:
   future frames masked); cross-attention to ``C`` under the binary alignment mask (motion frame t attends to
   audio frame t only). Autoregressive: the input at t is the embedding of the prediction at t-1 (a start
   token at t=0). Its output is the latent offsets ``O_v^{1:T}``.
+* **Linear prior** (a deviation; ``prior_taps``). The decoder's output is a residual on a closed-form linear
+  map from the normalised audio rows t-2..t to the speech coefficients, fitted once by ridge regression on the
+  training frames in :func:`build_flametalk` (its strength chosen by blocked cross-validation over the training
+  frames, :func:`fit_linear_prior`) and then frozen. Why: on ~1600 training frames the learned model stayed
+  below a causal ridge on the same Whisper rows (mouth-opening r 0.636 over three seeds vs 0.73 on
+  cnn_anchor_en_71s's test split, bench/RESULTS.md "FlameTalk over seeds"): the transformer has too few frames
+  to find the linear part on its own and over-fits when trained longer. The prior keeps that part exact and
+  causal; the transformer models what is left (coarticulation, the person's style). ``prior_taps = 0`` is the
+  paper's model alone. Measured in bench/RESULTS.md (same section).
 * **Style encoder** (eq. 1): a linear layer embeds the template mesh N_m (the mean of the tracked training
   meshes, centred) into S; ``O_sv^t = S + O_v^t``.
 * **Motion decoder**: linear layers mapping ``O_sv^t`` to the speech-related coefficients (see
@@ -282,14 +291,16 @@ class FlameTalk(nn.Module):
         out = self.motion_decoder(O_v + self.style())  # eq. 1, then the motion decoder
         return out if prior is None else out + prior
 
-    def forward(self, audio: Tensor, target_speech: Tensor | None = None) -> Tensor:
+    def forward(self, audio: Tensor, target_speech: Tensor | None = None, prior: Tensor | None = None) -> Tensor:
         """Speech coefficients [B, T, S] for audio features [B, T, D].
 
         With ``target_speech`` [B, T, S] (training) the decoder reads it, shifted by one frame, in one pass;
-        otherwise it runs autoregressively on its own predictions, never looking ahead.
+        otherwise it runs autoregressively on its own predictions, never looking ahead. ``prior`` [B, T, S]
+        replaces :meth:`audio_prior` (training feeds the out-of-fold prior, :func:`train_flametalk`).
         """
         C = self.encode_audio(audio)
-        prior = self.audio_prior(audio)
+        if prior is None:
+            prior = self.audio_prior(audio)
         B, T, d = C.shape
         if target_speech is not None:
             inputs = torch.cat([self.start_token.expand(B, 1, d), self.motion_embed(target_speech[:, :-1] / self.speech_std)], 1)
@@ -366,6 +377,24 @@ def fit_linear_prior(z: np.ndarray, y: np.ndarray, lambdas, blocks: int = 5) -> 
     return solve(np.ones(len(z), bool), lam), lam
 
 
+def out_of_fold_prior(model: FlameTalk, audio: np.ndarray, expression: np.ndarray, blocks: int = 5) -> np.ndarray:
+    """The linear prior's normalised speech coefficients [T, S] on the training frames audio [T, D] /
+    expression [T, E], each block's predicted by a prior fitted on the other blocks (the strength chosen as in
+    :func:`build_flametalk`). Training the decoder on these keeps its residual honest: the in-sample prior fits
+    the training frames better than it will fit new audio."""
+    cfg = model.cfg
+    t = torch.as_tensor(np.asarray(audio, np.float32))
+    z = _tap_rows(((t - model.audio_mean) / model.audio_std)[None], cfg.prior_taps)[0].numpy()
+    y = np.asarray(expression, np.float64)[:, model.speech_idx.numpy()] / model.speech_std.numpy()
+    _, lam = fit_linear_prior(z, y, cfg.prior_lambdas, blocks)
+    fold = np.arange(len(z)) * blocks // len(z)
+    out = np.zeros_like(y)
+    for b in range(blocks):
+        w, _ = fit_linear_prior(z[fold != b], y[fold != b], (lam,))
+        out[fold == b] = z[fold == b] @ w
+    return out.astype(np.float32)
+
+
 def build_flametalk(cfg: FlameTalkConfig, audio: np.ndarray, expression: np.ndarray, neutral: np.ndarray,
                     basis: np.ndarray) -> FlameTalk:
     """A fresh FlameTalk for one identity from its training frames: audio [T, D], tracked expression [T, E].
@@ -390,7 +419,7 @@ TRAINING_INPUTS = ("own", "ground_truth", "autoregressive")
 
 
 def train_flametalk(model: FlameTalk, audio: np.ndarray, expression: np.ndarray, progress: bool = True,
-                    log: list | None = None) -> FlameTalk:
+                    log: list | None = None, oof_prior: bool = True) -> FlameTalk:
     """Train on one clip's training frames: audio features [T, D], tracked expression [T, E] (eq. 2 loss).
 
     With ``val_fraction`` > 0 the last part of the frames is held out: every ``val_every`` iterations the
@@ -411,6 +440,9 @@ def train_flametalk(model: FlameTalk, audio: np.ndarray, expression: np.ndarray,
     A_fit, X_fit = (A[:-n_val], X[:-n_val]) if n_val else (A, X)
     T = A_fit.shape[0]
     L = min(cfg.context, T)
+    P_fit = None  # the prior the decoder's residual is trained on (None: the model's own)
+    if cfg.prior_taps and oof_prior:
+        P_fit = torch.as_tensor(out_of_fold_prior(model, A_fit.numpy(), X_fit.numpy()))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.iterations)))
     best = (float("inf"), None)
@@ -420,15 +452,16 @@ def train_flametalk(model: FlameTalk, audio: np.ndarray, expression: np.ndarray,
         starts = torch.randint(0, T - L + 1, (cfg.batch,), generator=gen)
         a = torch.stack([A_fit[s : s + L] for s in starts])
         x = torch.stack([X_fit[s : s + L] for s in starts])
+        p = None if P_fit is None else torch.stack([P_fit[s : s + L] for s in starts])
         target = x[..., model.speech_idx]
         if cfg.training_inputs == "autoregressive":
-            pred = model(a)
+            pred = model(a, prior=p)
         elif cfg.training_inputs == "ground_truth":
-            pred = model(a, target)
+            pred = model(a, target, prior=p)
         else:
             with torch.no_grad():
-                own = model(a, target)
-            pred = model(a, own)
+                own = model(a, target, prior=p)
+            pred = model(a, own, prior=p)
         loss = model.vertex_loss(pred, x)
         opt.zero_grad()
         loss.backward()

@@ -47,7 +47,7 @@ from talkinghead.render import EPS2D, rasterize
 
 from .avatar import RiggedAvatar
 from .config import GaussianFlameTalkConfig
-from .flametalk import FlameTalk, build_flametalk, evaluate_flametalk, eye_components, train_flametalk
+from .flametalk import FlameTalk, FlameTalkConfig, build_flametalk, evaluate_flametalk, eye_components, train_flametalk
 
 
 class GaussianFlameTalk(nn.Module):
@@ -343,7 +343,6 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     FlameTalk reads audio, so the avatar then records DATA and its audio columns, and render drives it with
     DATA's encoder.
     """
-    import dataclasses
     import json
     from pathlib import Path
 
@@ -357,7 +356,11 @@ def retrain_flametalk(avatar, data=None, flametalk_config: dict | None = None, p
     if ds.num_frames != info.num_frames:
         raise UserError(f"{data} has {ds.num_frames} frames, the avatar was trained on {info.num_frames}: "
                         f"not the same clip")
-    cfg.flametalk = dataclasses.replace(cfg.flametalk, **(flametalk_config or {}))
+    fresh = {}  # fields the avatar's config predates take today's defaults (loading set them to the old model's)
+    saved = meta["config"].get("flametalk", {})
+    if "prior_taps" not in saved:
+        fresh["prior_taps"] = FlameTalkConfig().prior_taps
+    cfg.flametalk = dataclasses.replace(cfg.flametalk, **{**fresh, **(flametalk_config or {})})
     fm, tracks = ds.face_model, ds.tracks
     train = ds.split_indices("train")
     audio = np.asarray(ds.audio_matrix, np.float32)
