@@ -15,9 +15,9 @@ Pieces and where they follow the paper:
   encoder attends over its whole 30 s window, so frame t's features already depend on up to 4 s of future
   audio; strict causality holds only for what FlameTalk adds on top. ``encoder_layers = 0`` is the paper's
   design for such features (frozen encoder + linear projection, no layers of ours): on cnn_anchor_en_71s's
-  test split, seed 0, mouth-opening r 0.661 against 0.631 with the 2 layers, and rendered by the same avatar
-  (raw 128^2 frames) 0.628 against 0.604 (bench/RESULTS.md, issue 10); the default stays 2 until seeds 1 / 2
-  are measured (seeds moved r by 0.06 with the older features).
+  test split, without the linear prior below, mouth-opening r 0.661 / 0.692 / 0.577 (seeds 0 / 1 / 2) against
+  0.631 / 0.629 / 0.649 with the 2 layers; with the prior 0.720 / 0.736 / 0.727 against 0.744 / 0.729 / 0.741
+  (bench/RESULTS.md): the default stays 2 layers (lower vertex error, less seed spread).
   On top: a linear embedding and a small *causal* transformer encoder (frame t sees frames <= t, and at most
   ``context`` frames back: "for a given frame t, the transformer encoder ingests audio for frames {1..t}"),
   then the linear projection to ``C^{1:T}``. Deviation: with wav2vec features our encoder layers are trained
@@ -34,8 +34,14 @@ Pieces and where they follow the paper:
   below a causal ridge on the same Whisper rows (mouth-opening r 0.636 over three seeds vs 0.73 on
   cnn_anchor_en_71s's test split, bench/RESULTS.md "FlameTalk over seeds"): the transformer has too few frames
   to find the linear part on its own and over-fits when trained longer. The prior keeps that part exact and
-  causal; the transformer models what is left (coarticulation, the person's style). ``prior_taps = 0`` is the
-  paper's model alone. Measured in bench/RESULTS.md (same section).
+  causal; the transformer models what is left (coarticulation, the person's style). In training the residual
+  is taken on the *out-of-fold* prior (:func:`out_of_fold_prior`: each of 5 blocks of training frames predicted
+  by a prior fitted on the other 4), because the in-sample prior fits the training frames better than it fits
+  new audio and the decoder then learns to trust it too much. Measured on cnn_anchor_en_71s's test split, seeds
+  0 / 1 / 2, mouth-opening r / vertex error: no prior 0.631 / 0.629 / 0.649, 0.63-0.73 mm; in-sample prior
+  0.657 / 0.656 / 0.657, 0.68-0.71 mm; out-of-fold prior (default) 0.744 / 0.729 / 0.741, 0.65-0.66 mm; the
+  prior alone (no training) 0.713, 0.656 mm (bench/RESULTS.md "FlameTalk over seeds"). ``prior_taps = 0`` is
+  the paper's model alone.
 * **Style encoder** (eq. 1): a linear layer embeds the template mesh N_m (the mean of the tracked training
   meshes, centred) into S; ``O_sv^t = S + O_v^t``.
 * **Motion decoder**: linear layers mapping ``O_sv^t`` to the speech-related coefficients (see
@@ -419,7 +425,7 @@ TRAINING_INPUTS = ("own", "ground_truth", "autoregressive")
 
 
 def train_flametalk(model: FlameTalk, audio: np.ndarray, expression: np.ndarray, progress: bool = True,
-                    log: list | None = None, oof_prior: bool = True) -> FlameTalk:
+                    log: list | None = None) -> FlameTalk:
     """Train on one clip's training frames: audio features [T, D], tracked expression [T, E] (eq. 2 loss).
 
     With ``val_fraction`` > 0 the last part of the frames is held out: every ``val_every`` iterations the
@@ -440,8 +446,8 @@ def train_flametalk(model: FlameTalk, audio: np.ndarray, expression: np.ndarray,
     A_fit, X_fit = (A[:-n_val], X[:-n_val]) if n_val else (A, X)
     T = A_fit.shape[0]
     L = min(cfg.context, T)
-    P_fit = None  # the prior the decoder's residual is trained on (None: the model's own)
-    if cfg.prior_taps and oof_prior:
+    P_fit = None  # the out-of-fold prior the decoder's residual is trained on (module docstring)
+    if cfg.prior_taps:
         P_fit = torch.as_tensor(out_of_fold_prior(model, A_fit.numpy(), X_fit.numpy()))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.iterations)))
