@@ -14,8 +14,15 @@ Every refusal is ``{"error": "one sentence"}`` with a status: 400 malformed requ
 session, 413 upload or text too large, 415 not audio, 422 audio too long / too low a rate / silent,
 503 ``--max-sessions`` reached or TTS unavailable. A client that vanishes is noticed by ICE consent
 checks (every ``consent_interval`` s, ``consent_failures`` misses: ~4 s instead of aioice's 30 s); its
-session then ends, its thread stops and its tensors are dropped. A session whose connection never
-completes is closed after ``connect_timeout`` s.
+session then ends: its thread stops, its renderer and mic processes exit (their memory goes back to the
+system) and its tensors are dropped. A session whose connection never completes is closed after
+``connect_timeout`` s.
+
+Processes: the server's own (event loop, WebRTC, VP8/Opus, the sessions' producer threads); a zygote forked
+when the :class:`Server` is made, before it starts any thread, holding the loaded avatars (:mod:`.forked`);
+per session, a renderer process forked from it (and one for the mic's live features), sharing the avatars'
+pages copy-on-write; ``start_workers`` spawned feature workers for uploads and typed text (offline-equal rows,
+Whisper loaded in each). On a GPU, or without fork, sessions render in threads of the server.
 """
 
 from __future__ import annotations

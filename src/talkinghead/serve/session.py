@@ -1,4 +1,4 @@
-"""One live session: a timeline of frames, rendered by one producer thread, sent as one audio + one video track.
+"""One live session: a timeline of frames, produced by one thread, sent as one audio + one video track.
 
 **One media clock.** Frame ``n`` of the session is the instant ``n / fps`` of its timeline; the audio it was
 rendered from is samples ``[round(n * 16000 / fps), round((n + 1) * 16000 / fps))`` of the same timeline.
@@ -8,8 +8,14 @@ apart however long the session runs. Both tracks release a frame when the wall c
 (:class:`MediaClock`), so aiortc stamps its RTCP sender reports -- which the browser uses to line up the
 tracks -- from the same instants.
 
-**The producer** (:meth:`Session._produce`, a thread per session) renders frame after frame into a queue of
-``queue_frames`` slots (back-pressure: it waits for a free slot, nothing is unbounded). The audio of a frame is
+**The producer** (:meth:`Session._produce`, a thread per session) has frame after frame rendered into a queue
+of ``queue_frames`` slots (back-pressure: it waits for a free slot, nothing is unbounded). On the CPU the
+server renders each session in a process of its own, forked from its zygote (:class:`ForkedRenderer`,
+:mod:`talkinghead.serve.forked`: the avatar shared copy-on-write, the process gone with the session), so that
+sessions render on as many cores as there are instead of taking turns at one GIL; the producer thread only
+sends the frame's window of rows and waits for the image. Elsewhere (a GPU, no fork, a bare ``Session``) the
+producer thread renders (:class:`Renderer`); both wrap the avatar's one streaming interface,
+:class:`~talkinghead.methods.streaming.FrameStream`. The audio of a frame is
 handed to the audio track only together with its rendered image, so sound never runs ahead of the lips. What
 drives frame n:
 
@@ -19,8 +25,11 @@ drives frame n:
   deep as the avatar reads), and it is queued once its first part is in; its frames follow one another from
   the next free frame on (a frame whose rows are still being computed waits for them);
 * the **microphone** when the client sends one: chunks go through the avatar's live features
-  (:meth:`~talkinghead.methods.streaming.DrivenAvatar.live_features`; with Whisper computed in the thread
-  that receives the mic, the encoder shared by all sessions); mic sample j is timeline sample
+  (:meth:`~talkinghead.methods.streaming.DrivenAvatar.live_features`), computed in a process of their own
+  forked from the zygote (:class:`ForkedLiveFeatures`: the Whisper encoder shared, its KV cache the
+  session's; in this process they competed with the renderers and the event loop for the GIL and a third
+  of the mic's frames were repeats) or, without a zygote, in the thread that receives the mic; mic sample j
+  is timeline sample
   ``live_start + j`` where ``live_start`` is placed ``delay`` frames after the first chunk's arrival
   (``delay`` = the features' ``delay_frames`` + the method's look-ahead + 2 frames of margin), so that the row of
   a frame is normally there when the frame is due; the mic's sound is sent with the frames (the avatar
@@ -30,9 +39,9 @@ drives frame n:
 
 **Falling behind.** When a frame is already due when the producer reaches it (rendering slower than the
 frame rate), it is not rendered: the previous image is sent again with the frame's own audio (``dropped``
-in the stats). Sound stays continuous and the lips never lag more than one render. The producer runs
-``RENDER_NICE`` nicer than the rest of the server, so that sending, the mic's features and an upload's
-features come first when the cores are busy.
+in the stats). Sound stays continuous and the lips never lag more than one render. The renderer (its process,
+or the producer thread) runs ``RENDER_NICE`` nicer than the rest of the server, so that sending, the mic's
+features and an upload's features come first when the cores are busy.
 
 **Stats** (:meth:`Session.stats`): rendered fps, render ms, dropped frames, latency (mic chunk arrival ->
 its frame leaving the server) p50 / p95, first frame after an upload, and the A/V figures: ``pts_drift_ms``
