@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -351,12 +352,16 @@ def run(avatars: list[Path], host: str, port: int, max_sessions: int, limits: Up
     from aiohttp import web
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no tqdm monitor thread: the zygote is forked from a single-threaded process
     loaded = [DrivenAvatar(p) for p in tqdm(avatars, desc="loading avatars", unit="avatar")]
     names = [a.name for a in loaded]
     if len(set(names)) != len(names):
         from talkinghead.errors import UserError
 
         raise UserError(f"two avatars share a folder name ({', '.join(names)}); the page lists them by name")
+    if threading.active_count() > 1:  # a thread started by a library while loading: forking is less safe
+        log.warning("forking the zygote beside %d other thread(s): %s", threading.active_count() - 1,
+                    ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread()))
     server = Server(loaded, max_sessions=max_sessions, limits=limits)
     server.start_workers()
     server.tts.warm()
