@@ -40,8 +40,9 @@ drives frame n:
 **Falling behind.** When a frame is already due when the producer reaches it (rendering slower than the
 frame rate), it is not rendered: the previous image is sent again with the frame's own audio (``dropped``
 in the stats). Sound stays continuous and the lips never lag more than one render. The renderer (its process,
-or the producer thread) runs ``RENDER_NICE`` nicer than the rest of the server, so that sending, the mic's
-features and an upload's features come first when the cores are busy.
+or the producer thread when it renders) runs ``RENDER_NICE`` nicer than the rest of the server, so that
+sending, the mic's features and an upload's features come first when the cores are busy; a producer thread
+that only hands rows to a renderer process is not niced (niced, it woke late for every frame it waited on).
 
 **Stats** (:meth:`Session.stats`): rendered fps, render ms, dropped frames, latency (mic chunk arrival ->
 its frame leaving the server) p50 / p95, first frame after an upload, and the A/V figures: ``pts_drift_ms``
@@ -470,7 +471,8 @@ class Session:
 
     def _produce(self) -> None:
         torch.set_num_threads(1)
-        _lower_priority(RENDER_NICE)
+        if self.renderer.pid is None:  # renders here: this thread yields. A forked renderer is nicer itself and
+            _lower_priority(RENDER_NICE)  # this thread only hands over rows: niced, it woke late for every frame
         av = self.avatar
         idle_rows = av.silence[None]
         last_image: np.ndarray | None = None
