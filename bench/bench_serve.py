@@ -310,7 +310,10 @@ async def _mic_latency(base: str, server, avatar: str, speech: np.ndarray) -> di
     await c.close()
     return {"latency_ms": stats["latency_ms"], "render_ms": stats["render_ms"], "frames_dropped": stats["frames_dropped"],
             "frames_sent": stats["frames_sent"], "repeated_share": round(stats["frames_dropped"] / max(1, stats["frames_sent"]), 3),
-            "mic_rows_late": stats["mic_rows_late"], "send_skew_ms": stats["send_skew_ms"], "processes": procs}
+            "mic_rows_late": stats["mic_rows_late"], "frames_by_source": stats["frames_by_source"],
+            "mic_frames_repeated_share": round(stats["frames_by_source"]["mic"]["repeated"]
+                                               / max(1, stats["frames_by_source"]["mic"]["frames"]), 3),
+            "send_skew_ms": stats["send_skew_ms"], "processes": procs}
 
 
 async def _typed_text(base: str, server, avatar: str) -> dict:

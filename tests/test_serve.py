@@ -134,6 +134,11 @@ def test_api_frames_move_speech_plays_and_each_bad_request_gets_one_answer(live)
         # queue and one for its instant on the clock, so rendering may run that far ahead, never further.
         assert stats["frames_rendered"] > 0
         assert 0 <= stats["frames_rendered"] + stats["frames_dropped"] - stats["frames_sent"] <= 3, stats
+        by = stats["frames_by_source"]  # every produced frame counted once, under what drove it
+        produced = stats["frames_rendered"] + stats["frames_dropped"]  # (the producer runs on: one frame apart at most)
+        assert abs(produced - sum(v["frames"] for v in by.values())) <= 1, stats
+        assert abs(stats["frames_dropped"] - sum(v["repeated"] for v in by.values())) <= 1, stats
+        assert by["utterance"]["frames"] > 0
         assert stats["pts_drift_ms"] < 0.02  # video pts vs the pts of the audio it was rendered from
         assert len(c.received.video) > before
         assert (await c._json("DELETE", f"/api/sessions/{sid}"))[1] == {"closed": sid}

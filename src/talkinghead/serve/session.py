@@ -287,6 +287,7 @@ class Session:
         # stats
         self.rendered = 0
         self.dropped = 0
+        self.by_source = {k: [0, 0] for k in ("idle", "utterance", "mic")}  # source -> [frames, of them repeated]
         self.render_ms: collections.deque = collections.deque(maxlen=500)
         self.latency_ms: collections.deque = collections.deque(maxlen=2000)
         self.first_frame_ms: list = []
@@ -523,12 +524,14 @@ class Session:
                 if self.realtime and self.drop_late and last_image is not None and late:
                     image = last_image  # already late: send the last image with this frame's audio
                     self.dropped += 1
+                    self.by_source[source][1] += 1
                 else:
                     t = time.perf_counter()
                     image = self.renderer.render(row, rows, n)
                     self.render_ms.append((time.perf_counter() - t) * 1000)
                     self.rendered += 1
                     last_image = image
+                self.by_source[source][0] += 1
                 frame = _Frame(n, image, a, source, arrival, utt)
                 if utt is not None:
                     utt_frame += 1
@@ -626,6 +629,7 @@ class Session:
         return {
             "session": self.id, "avatar": self.avatar.name, "fps_target": self.fps,
             "frames_sent": self.frames_sent, "frames_rendered": self.rendered, "frames_dropped": self.dropped,
+            "frames_by_source": {k: {"frames": v[0], "repeated": v[1]} for k, v in self.by_source.items()},
             "fps_rendered": round(self.rendered / elapsed, 2),
             "render_ms": _percentiles(list(self.render_ms)),
             "latency_ms": _percentiles(list(self.latency_ms)),
