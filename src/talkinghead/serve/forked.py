@@ -13,6 +13,9 @@ fork shares the parent's pages copy-on-write: the avatar's tensors, the training
 Whisper encoder and the Numba-compiled rasteriser are the parent's pages, read, never written; what a session
 writes (its render state, each frame's buffers, the Python objects whose reference counts it touches) becomes
 its own, and is returned to the system when the process exits -- when the session ends, however it ends.
+Measured (session 6, 128² cpu-small avatars): a renderer process maps 845 MiB, 18-29 MiB of them its own; a
+mic process 26 MiB of its own; two GaussianFlameTalk renderers render 89 FPS together (one: 39-43), and two
+sessions 22.7 + 23.0 fps where threads rendered 11.7 + 11.6.
 
 Why a zygote: forking a process that runs threads copies only the forking thread; a lock another thread held
 at that instant (an allocator's, an interpreter's) stays locked in the child forever. The server's process runs
