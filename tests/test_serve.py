@@ -385,3 +385,33 @@ def test_a_forked_renderer_and_mic_stream_equal_the_in_process_ones_and_go_with_
         assert not alive  # exited and reaped: what they held is freed
     finally:
         zygote.close()
+
+
+def test_without_a_zygote_a_session_renders_and_hears_the_mic_in_this_process(avatars):  # noqa: F811
+    """The in-process path (a GPU, no fork): the producer thread renders, the mic's rows are computed in the
+    thread that feeds them; one second of mic gives its 25 consecutive frames, driven by the mic."""
+    from talkinghead.methods.streaming import DrivenAvatar
+    from talkinghead.serve.session import Session
+
+    av = DrivenAvatar(avatars["gft"])
+    s = Session(av, realtime=False)
+    assert s.renderer.pid is None
+    wave = speechlike(1.0)
+    frames: list = []
+    s.recorder = lambda kind, n, frame: frames.append(frame) if kind == "video" else None
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        s.start(loop)
+        await loop.run_in_executor(None, s.mic_chunk, [(wave, time.monotonic())])
+        await loop.run_in_executor(None, s.mic_ended)
+        assert s.live is not None and not hasattr(s.live.features, "pid")  # computed here
+        while not frames or frames[-1].source != "idle" or not any(f.source == "mic" for f in frames):
+            await asyncio.wait_for(s.next_video(), 60)
+
+    try:
+        _run(scenario())
+    finally:
+        s.close()
+    mic = [f for f in frames if f.source == "mic"]
+    assert len(mic) == 25 and [f.n for f in mic] == list(range(mic[0].n, mic[0].n + 25))
