@@ -196,6 +196,9 @@ class Talk3D(nn.Module):
         # The bottleneck cells that may attend to a_n [3 R_b^2] (bool): those near the lips and jaw (cfg.audio_region).
         n_cells = 3 * self.unet.side ** 2
         self.register_buffer("audio_cells", torch.ones(n_cells, dtype=torch.bool) if audio_cells is None else audio_cells)
+        # The cross-attention mask [3 R_b^2, 5] those cells make (True: may not attend), built once from
+        # audio_cells (and again when a state is loaded); not saved, audio_cells is.
+        self.register_buffer("token_mask", self._token_mask(self.audio_cells), persistent=False)
         if mouth_basis is None:
             mouth_basis = torch.zeros(info.expression_dim, n_mouth, 3)
         self.register_buffer("mouth_basis", mouth_basis.float())
@@ -247,7 +250,16 @@ class Talk3D(nn.Module):
                      "lip_proj.bias": torch.zeros_like(self.lip_proj.bias)}
         if "audio_cells" not in state:  # ... and from before the audio region: every cell sees a_n
             state = {**state, "audio_cells": torch.ones_like(self.audio_cells)}
-        return super().load_state_dict(state, strict=strict, assign=assign)
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        self.token_mask = self._token_mask(self.audio_cells)
+        return result
+
+    @staticmethod
+    def _token_mask(audio_cells: Tensor) -> Tensor:
+        """[3 R_b^2] cells that may attend to a_n -> the cross-attention mask [3 R_b^2, 5] (True: may not)."""
+        mask = torch.zeros(audio_cells.shape[0], 5, dtype=torch.bool, device=audio_cells.device)
+        mask[:, 0] = ~audio_cells
+        return mask
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -280,9 +292,7 @@ class Talk3D(nn.Module):
             skips = self.unet.encode(p_id)
             if not self.training:
                 self._skips = skips
-        mask = torch.zeros(self.audio_cells.shape[0], 5, dtype=torch.bool, device=self.audio_cells.device)
-        mask[:, 0] = ~self.audio_cells
-        delta, attn = self.unet(skips, self.tokens(cond, lip)[None], mask)
+        delta, attn = self.unet(skips, self.tokens(cond, lip)[None], self.token_mask)
         return p_id + delta[0], attn[0]
 
     @property
