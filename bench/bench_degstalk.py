@@ -48,6 +48,7 @@ RUNS = [
     ("degstalk-no-expression", "degstalk", "no-expression"),
     ("degstalk-direct-fusion", "degstalk", "direct-fusion"),
     ("degstalk-no-hair", "degstalk", "no-hair"),
+    ("degstalk-no-lip-geometry", "degstalk", "no-lip-geometry"),
 ]
 
 

@@ -189,7 +189,8 @@ def test_variants_switch_one_component_each_and_configs_round_trip():
                    if val != config_to_dict(base)[k]} for v in VARIANTS}
     assert changed == {"no-embedding": {"embedding_dim"}, "no-expression": {"expression"},
                        "direct-fusion": {"train_dilate", "plate_erode", "plate_fill", "fine_tune"},
-                       "no-hair": {"hair_plate", "num_hair", "max_face"}}
+                       "no-hair": {"hair_plate", "num_hair", "max_face"}, "no-lip-geometry": {"lambda_geo"}}
+    assert make_config("cpu-small", "no-lip-geometry").lambda_clear == base.lambda_clear > 0
     for preset in ("cpu-small", "gpu"):
         cfg = make_config(preset, "no-hair")
         assert config_from_dict(DEGSTalkConfig, config_to_dict(cfg)) == cfg
