@@ -17,7 +17,7 @@ Runs whose avatar is missing are listed as not run unless ``--train-missing`` tr
 
     PYTHONPATH=src .venv/bin/python bench/bench_degstalk.py [--work DIR] [--datasets cnn,lowres]
         [--data cnn=/work/scratch/whisper/cnn] [--reuse cnn/gaussiantalker=AVATAR] [--runs a,b]
-        [--iterations N] [--train-missing] [--no-write]
+        [--also cnn/degstalk-before-fix=AVATAR] [--iterations N] [--train-missing] [--no-write]
 
 Appends an entry to bench/RESULTS.md under "## DEGSTalk (bench/bench_degstalk.py)".
 """
@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="append", default=[], metavar="KEY/RUN=AVATAR",
                     help="take this already trained avatar for RUN on KEY instead of WORK/KEY_RUN")
     ap.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="run names to include")
+    ap.add_argument("--also", action="append", default=[], metavar="KEY/NAME=AVATAR",
+                    help="an extra row NAME on KEY from an already trained avatar (e.g. one from an earlier commit)")
     ap.add_argument("--iterations", type=int, help="override every run's preset length")
     ap.add_argument("--train-missing", action="store_true", help="train runs whose avatar is missing (else skip)")
     ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
@@ -187,15 +189,19 @@ def main() -> None:
     paths = {**DATASETS, **_pairs(args.data, "--data")}
     reuse = _pairs(args.reuse, "--reuse")
     wanted = args.runs.split(",")
+    also = _pairs(args.also, "--also")
     parts, skipped, speed = [], [], []
     for key in args.datasets.split(","):
         data = Path(paths[key])
         reports, shown = [], []
-        for name, method, variant in sorted(RUNS, key=lambda r: wanted.index(r[0]) if r[0] in wanted else 99):
-            if name not in wanted:
-                continue
-            avatar = Path(reuse.get(f"{key}/{name}", args.work / f"{key}_{name}"))
+        runs = sorted(RUNS, key=lambda r: wanted.index(r[0]) if r[0] in wanted else 99)
+        runs = [r for r in runs if r[0] in wanted]
+        runs += [(k.partition("/")[2], None, None) for k in also if k.partition("/")[0] == key]
+        for name, method, variant in runs:
+            avatar = Path(also.get(f"{key}/{name}") or reuse.get(f"{key}/{name}", args.work / f"{key}_{name}"))
             if not (avatar / "model.safetensors").is_file():
+                if method is None:
+                    raise SystemExit(f"error: --also {key}/{name}: no model.safetensors in {avatar}")
                 if not args.train_missing or f"{key}/{name}" in reuse:
                     skipped.append(f"{key}/{name}")
                     continue
