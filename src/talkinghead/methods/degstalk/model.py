@@ -50,8 +50,8 @@ mouth field is splatted over the frame with the plate in the dilated inner-mouth
 render time, :func:`.plate.mouth_field_background`; with black there the plate's backdrop showed through its
 edges: a blue lip line on cnn), against the frame, through a camera cropped to the lips' box (the region is
 ~1% of a 128^2 frame: a full-frame mean would hardly see it). The face field must let the open mouth through
-to the mouth field (eq. 7 fuses the mouth behind the face): TalkingGaussian sets its face branch's target on the inner mouth to its background colour (and prunes
-Gaussians of that colour). We ask for the transparency directly, ``lambda_clear`` x the face field's opacity
+to the mouth field (eq. 7 fuses the mouth behind the face): TalkingGaussian sets its face branch's target on
+the inner mouth to its background colour (and prunes Gaussians of that colour). We ask for the transparency directly, ``lambda_clear`` x the face field's opacity
 on the inner-mouth pixels (a per-pixel mean over the frame, as the L1): with the frame's own mouth as the
 background, transparency there has no photometric cost. Measured why, on cnn (Whisper, 4000 iterations):
 with the mouth pasted in and nothing else the face field painted the open mouth itself (opacity 0.88 there,
