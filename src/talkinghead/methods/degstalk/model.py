@@ -43,21 +43,21 @@ Pieces and where they follow the paper:
   fine-tuning on the fused image (L1 + lambda D-SSIM + gamma LPIPS, eq. 9; only SH colours are updated;
   LPIPS only with local AlexNet weights, logged as off otherwise).
 
-Region targets of stages 1-2 (the paper's "masked ground truth for each region", TalkingGaussian's face /
-mouth branches): the face field is splatted over the hair plate with the frame's inner mouth pasted in, against
-the frame inside the dilated face + mouth mask and the plate outside (:func:`.plate.face_field_target`); the
-mouth field is splatted over the frame with the plate in the dilated inner-mouth region (what is behind it at
-render time, :func:`.plate.mouth_field_background`; with black there the plate's backdrop showed through its
-edges: a blue lip line on cnn), against the frame, through a camera cropped to the lips' box (the region is
-~1% of a 128^2 frame: a full-frame mean would hardly see it). The face field must let the open mouth through
-to the mouth field (eq. 7 fuses the mouth behind the face): TalkingGaussian sets its face branch's target on
-the inner mouth to its background colour (and prunes Gaussians of that colour). We ask for the transparency directly, ``lambda_clear`` x the face field's opacity
-on the inner-mouth pixels (a per-pixel mean over the frame, as the L1): with the frame's own mouth as the
-background, transparency there has no photometric cost. Measured why, on cnn (Whisper, 4000 iterations):
-with the mouth pasted in and nothing else the face field painted the open mouth itself (opacity 0.88 there,
-its colour the mouth's to 0.01) and hid the mouth field: rendered mouth-opening r -0.06; with
-TalkingGaussian's background-colour target instead (green), the lip Gaussians took the key colour (green lips
-in the validation renders at 2500 iterations) rather than moving away.
+Region targets of stages 1-2 (the paper's "masked ground truth for each region", TalkingGaussian's face / mouth
+branches): the face field is splatted over the hair plate with the frame's inner mouth pasted in, against the
+frame inside the dilated face + mouth mask and the plate outside (:func:`.plate.face_field_target`); the mouth
+field is splatted over the frame with the plate in the dilated inner-mouth region (what is behind it at render
+time, :func:`.plate.mouth_field_background`; with black there the plate's backdrop showed through its edges: a
+blue lip line on cnn), against the frame, through a camera cropped to the lips' box (the region is ~1% of a 128^2
+frame: a full-frame mean would hardly see it). The face field must let the open mouth through to the mouth field
+(eq. 7 fuses the mouth behind the face): TalkingGaussian sets its face branch's target on the inner mouth to its
+background colour (and prunes Gaussians of that colour). We ask for the transparency directly, ``lambda_clear`` x
+the face field's opacity on the inner-mouth pixels (a per-pixel mean over the frame, as the L1): with the frame's
+own mouth as the background, transparency there has no photometric cost. Measured why, on cnn (Whisper, 4000
+iterations): with the mouth pasted in and nothing else the face field painted the open mouth itself (opacity 0.88
+there, its colour the mouth's to 0.01) and hid the mouth field: rendered mouth-opening r -0.06; with
+TalkingGaussian's background-colour target instead (green), the lip Gaussians took the key colour (green lips in
+the validation renders at 2500 iterations) rather than moving away.
 
 Other deviations: a dense multi-resolution triplane instead of hash grids; no opacity reset (the static
 stage is a few hundred iterations on a CPU, too short to re-earn opacities); the person-specific linear face
