@@ -17,7 +17,7 @@ Runs whose avatar is missing are listed as not run unless ``--train-missing`` tr
 
     PYTHONPATH=src .venv/bin/python bench/bench_degstalk.py [--work DIR] [--datasets cnn,lowres]
         [--data cnn=/work/scratch/whisper/cnn] [--reuse cnn/gaussiantalker=AVATAR] [--runs a,b]
-        [--iterations N] [--train-missing] [--no-write]
+        [--also cnn/degstalk-before-fix=AVATAR] [--iterations N] [--train-missing] [--no-write]
 
 Appends an entry to bench/RESULTS.md under "## DEGSTalk (bench/bench_degstalk.py)".
 """
@@ -48,6 +48,7 @@ RUNS = [
     ("degstalk-no-expression", "degstalk", "no-expression"),
     ("degstalk-direct-fusion", "degstalk", "direct-fusion"),
     ("degstalk-no-hair", "degstalk", "no-hair"),
+    ("degstalk-no-lip-geometry", "degstalk", "no-lip-geometry"),
 ]
 
 
@@ -102,6 +103,43 @@ def cpu_fps(avatar: Path, data: Path, frames: int = 24) -> float:
         for k in range(frames):
             model.render(store.condition(k % len(store)))
         return frames / (time.process_time() - t)
+
+
+def mouth_leak(avatar: Path, data: Path, open_px: int = 40) -> tuple[float, float, list[float]] | None:
+    """DEGSTalk only (None for other methods): on the inner mouth + a 1-px ring of the test frames (self-driven,
+    at the training size), the share of C_hair seen through both fields ((1 - O_face)(1 - O_mouth)), over all
+    frames and over those with an open mouth (>= ``open_px`` inner-mouth pixels), and the open frames' signed
+    colour error (render - truth, R G B, 0-255): where the plate's backdrop leaks into the mouth (cnn's blue
+    lip line)."""
+    import dataclasses
+
+    import torch
+
+    from talkinghead.methods.data import FrameStore
+    from talkinghead.methods.degstalk.plate import MOUTH, dilate
+    from talkinghead.methods.trainer import load_model
+
+    torch.set_num_threads(1)
+    _, cfg, info, model, _ = load_model(avatar, device=torch.device("cpu"))
+    if not hasattr(model, "fuse"):
+        return None
+    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test",
+                       progress=False)
+    seen, n, seen_o, n_o, err_o = 0.0, 0, 0.0, 0, torch.zeros(3)
+    with torch.no_grad():
+        for k in range(len(store)):
+            b = store.batch(k)
+            face, mouth, _ = model.fields(b.cond, deform=True)
+            behind, a_m, _, _ = model._raster(mouth, b.cond, model.plate(b.cond))
+            img, a_f, _, _ = model._raster(face, b.cond, behind)
+            inner = b.cond.source.labels == MOUTH
+            region = dilate(inner.float(), 1) > 0
+            through = float(((1 - a_f[..., 0]) * (1 - a_m[..., 0]))[region].sum())
+            seen, n = seen + through, n + int(region.sum())
+            if int(inner.sum()) >= open_px:
+                seen_o, n_o = seen_o + through, n_o + int(region.sum())
+                err_o += (img.clamp(0, 1) - b.image)[region].sum(0) * 255
+    return seen / max(n, 1), seen_o / max(n_o, 1), (err_o / max(n_o, 1)).tolist()
 
 
 def compare(reports: list[Path], out: Path) -> str:
@@ -177,6 +215,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="append", default=[], metavar="KEY/RUN=AVATAR",
                     help="take this already trained avatar for RUN on KEY instead of WORK/KEY_RUN")
     ap.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="run names to include")
+    ap.add_argument("--also", action="append", default=[], metavar="KEY/NAME=AVATAR",
+                    help="an extra row NAME on KEY from an already trained avatar (e.g. one from an earlier commit)")
     ap.add_argument("--iterations", type=int, help="override every run's preset length")
     ap.add_argument("--train-missing", action="store_true", help="train runs whose avatar is missing (else skip)")
     ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
@@ -186,15 +226,19 @@ def main() -> None:
     paths = {**DATASETS, **_pairs(args.data, "--data")}
     reuse = _pairs(args.reuse, "--reuse")
     wanted = args.runs.split(",")
-    parts, skipped, speed = [], [], []
+    also = _pairs(args.also, "--also")
+    parts, skipped, speed, leaks = [], [], [], []
     for key in args.datasets.split(","):
         data = Path(paths[key])
         reports, shown = [], []
-        for name, method, variant in sorted(RUNS, key=lambda r: wanted.index(r[0]) if r[0] in wanted else 99):
-            if name not in wanted:
-                continue
-            avatar = Path(reuse.get(f"{key}/{name}", args.work / f"{key}_{name}"))
+        runs = sorted(RUNS, key=lambda r: wanted.index(r[0]) if r[0] in wanted else 99)
+        runs = [r for r in runs if r[0] in wanted]
+        runs += [(k.partition("/")[2], None, None) for k in also if k.partition("/")[0] == key]
+        for name, method, variant in runs:
+            avatar = Path(also.get(f"{key}/{name}") or reuse.get(f"{key}/{name}", args.work / f"{key}_{name}"))
             if not (avatar / "model.safetensors").is_file():
+                if method is None:
+                    raise SystemExit(f"error: --also {key}/{name}: no model.safetensors in {avatar}")
                 if not args.train_missing or f"{key}/{name}" in reuse:
                     skipped.append(f"{key}/{name}")
                     continue
@@ -209,6 +253,10 @@ def main() -> None:
             speed.append(f"| {key} | {name} | `{avatar}` | {log['iterations']} | {log['train_time_s'] / 60:.1f} | "
                          + (f"{cpu[0] / 60:.1f} | {cpu[1] / 60:.1f}" if cpu else "– | –")
                          + f" | {m['render_fps']:.1f} | {cpu_fps(avatar, data):.1f} |")
+            leak = mouth_leak(avatar, data)
+            if leak is not None:
+                leaks.append(f"| {key} | {name} | {100 * leak[0]:.2f} | {100 * leak[1]:.2f} | "
+                             + " ".join(f"{x:+.1f}" for x in leak[2]) + " |")
         if not reports:
             continue
         table = compare(reports, args.work / f"compare_{key}.md")
@@ -223,6 +271,12 @@ def main() -> None:
              + "; each training one job in a CPU slot of the FIFO queue (`/work/wt/q`, nice 5) on the shared 2 cores. " + args.note, ""]
     entry += ["| data | run | avatar | iterations | train loop (min) | command wall (min) | command CPU (min) | "
               "render FPS (eval, wall) | render frames / CPU s |", "|---|---|---|---|---|---|---|---|---|", *speed, ""]
+    if leaks:
+        entry += ["Mouth region (inner mouth + 1 px, test split, raw renders): % of the hair plate seen through both "
+                  "fields, all frames / open-mouth frames (>= 40 inner-mouth px), and the open frames' signed colour "
+                  "error R G B (render - truth, 0-255).", "",
+                  "| data | run | plate seen (%) | plate seen, open (%) | signed error, open (R G B) |",
+                  "|---|---|---|---|---|", *leaks, ""]
     entry += parts
     if skipped:
         entry += ["", "Not run: " + ", ".join(skipped) + "."]

@@ -196,6 +196,42 @@ def bench_render(avatars: list) -> dict:
     return out
 
 
+def bench_render_processes(server, avatars: list, counts=(1, 2), frames: int = 150) -> dict:
+    """Renderers in forked processes (as sessions get them), ``k`` at once, each rendering ``frames`` frames as
+    fast as it can (no WebRTC, no clock): frames per second per renderer and together, and each one's memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from talkinghead.serve.forked import process_memory_mb
+    from talkinghead.serve.session import ForkedRenderer
+
+    if server.zygote is None:
+        return {"skipped": "the server renders in threads (no fork, or a GPU)"}
+    out = {}
+    for av in avatars:
+        rows = np.repeat(av.silence[None], frames, 0)
+        runs = []
+        for k in counts:
+            rs = [ForkedRenderer(server.zygote, av) for _ in range(k)]
+
+            def run(r):
+                for j in range(10):  # warm
+                    r.render(j, rows, j)
+                t = time.perf_counter()
+                for j in range(frames):
+                    r.render(j, rows, j)
+                return frames / (time.perf_counter() - t)
+
+            with ThreadPoolExecutor(k) as ex:
+                fps = list(ex.map(run, rs))
+            mem = [process_memory_mb(r.pid) for r in rs]
+            for r in rs:
+                r.close()
+            runs.append({"processes": k, "fps_each": [round(f, 1) for f in fps], "fps_total": round(sum(fps), 1),
+                         "memory_mb_each": mem})
+        out[av.name] = runs
+    return out
+
+
 # ------------------------------------------------------------------------------------------ C. live sessions
 
 
@@ -222,31 +258,62 @@ async def _sessions(base: str, server, avatar: str, k: int, seconds: float, spee
     wall = time.monotonic() - t0
     last = [(await c.stats())[1] for c in clients]
     firsts = [list(server.sessions[c.session].first_frame_ms) for c in clients]
+    procs = [_session_processes(server.sessions[c.session]) for c in clients]
     recv = [len(c.received.video) for c in clients]
     for c in clients:
         await c.close()
     per = []
-    for a, b, n, ff in zip(first, last, recv, firsts):
+    for a, b, n, ff, pr in zip(first, last, recv, firsts, procs):
         sent = b["frames_sent"] - a["frames_sent"]
         rendered = b["frames_rendered"] - a["frames_rendered"]
         per.append({"sent_fps": round(sent / wall, 1), "rendered_fps": round(rendered / wall, 1),
                     "dropped_share": round(1 - rendered / max(sent, 1), 3), "received_frames": n,
                     "first_frames_ms": ff, "render_ms": b["render_ms"], "send_skew_ms": b["send_skew_ms"],
-                    "clock_rebases": b["clock_rebases"] - a["clock_rebases"]})
+                    "clock_rebases": b["clock_rebases"] - a["clock_rebases"], "processes": pr})
     held = all(p["dropped_share"] < 0.05 and p["sent_fps"] >= 24 for p in per)
-    return {"sessions": k, "held_25fps": held, "per_session": per}
+    return {"sessions": k, "held_25fps": held, "per_session": per, "server_memory_mb": _server_memory(server)}
 
 
-async def _mic_latency(base: str, avatar: str, speech: np.ndarray) -> dict:
+def _session_processes(session) -> dict:
+    """The session's own processes (renderer, mic features): memory (MiB: rss, pss, private = what its end
+    frees) and CPU seconds so far; {} when it renders in the server's process."""
+    from talkinghead.serve.forked import process_memory_mb
+
+    out = {}
+    live = session.live.features if session.live is not None else None
+    for name, obj in (("renderer", session.renderer), ("mic_features", live)):
+        pid = getattr(obj, "pid", None)
+        if pid is not None:
+            out[name] = {"memory_mb": process_memory_mb(pid), "cpu_s": _proc_cpu_s([pid])}
+    return out
+
+
+def _server_memory(server) -> dict:
+    import os
+
+    from talkinghead.serve.forked import process_memory_mb
+
+    out = {"main": process_memory_mb(os.getpid())}
+    if server.zygote is not None:
+        out["zygote"] = process_memory_mb(server.zygote.pid)
+    return out
+
+
+async def _mic_latency(base: str, server, avatar: str, speech: np.ndarray) -> dict:
     from talkinghead.serve.client import Client
 
     c = Client(base, keep_images=False)
     await c.connect(avatar, mic_wave=speech, mic_lead_s=0.5)
     await asyncio.sleep(len(speech) / 16000 + 3.0)
     stats = (await c.stats())[1]
+    procs = _session_processes(server.sessions[c.session])
     await c.close()
     return {"latency_ms": stats["latency_ms"], "render_ms": stats["render_ms"], "frames_dropped": stats["frames_dropped"],
-            "frames_sent": stats["frames_sent"], "send_skew_ms": stats["send_skew_ms"]}
+            "frames_sent": stats["frames_sent"], "repeated_share": round(stats["frames_dropped"] / max(1, stats["frames_sent"]), 3),
+            "mic_rows_late": stats["mic_rows_late"], "frames_by_source": stats["frames_by_source"],
+            "mic_frames_repeated_share": round(stats["frames_by_source"]["mic"]["repeated"]
+                                               / max(1, stats["frames_by_source"]["mic"]["frames"]), 3),
+            "send_skew_ms": stats["send_skew_ms"], "processes": procs}
 
 
 async def _typed_text(base: str, server, avatar: str) -> dict:
@@ -361,7 +428,6 @@ class _StubAvatar:
         return AudioFeatures(fps=fps, mel=np.zeros((T, 1), np.float32), energy=np.zeros(T, np.float32),
                              phone_ids=np.zeros(T, np.int64), phone_posteriors=np.full((T, 40), 1 / 40, np.float32))
 
-    live_extract = extract
 
 
 async def _drift(minutes: float) -> dict:
@@ -370,7 +436,7 @@ async def _drift(minutes: float) -> dict:
     from talkinghead.serve.session import AUDIO_FRAME, VIDEO_CLOCK, Session, frame_samples
 
     av = _StubAvatar()
-    s = Session(av, realtime=False, extract=av.extract, live_extract=av.extract)
+    s = Session(av, realtime=False, extract=av.extract)
     period = 32768
     total = int(minutes * 60 * 16000)
     ramp = ((np.arange(total) % period) / period * 1.8 - 0.9).astype(np.float32)
@@ -568,6 +634,8 @@ def main() -> None:
         thread = ServerThread(server).start()
         speech = read_audio(SPEECH)
         try:
+            if "render" not in skip:
+                done("render_processes", bench_render_processes(server, avatars))
             if "sessions" not in skip:
                 res["sessions"] = {}
                 for av in avatars:
@@ -578,7 +646,7 @@ def main() -> None:
                     res["sessions"][av.name] = runs
                 done("sessions")
             if "mic" not in skip:
-                done("mic", {av.name: thread.call(_mic_latency(thread.base, av.name, speech), timeout=600) for av in avatars})
+                done("mic", {av.name: thread.call(_mic_latency(thread.base, server, av.name, speech), timeout=600) for av in avatars})
             if "text" not in skip:
                 done("typed_text", thread.call(_typed_text(thread.base, server, avatars[0].name), timeout=300))
             if "sync" not in skip:

@@ -16,8 +16,9 @@ Not a test. Steps (the 2 cores are shared: wall times come with the children's C
    the dataset's own extractor, same poses and backdrops): its mouth r should fall to ~0 if the mouth follows
    the audio and not the other tokens;
 5. Talk3D's audio path (sec. 3.3): how much the deltaplane varies between test frames (rms of its per-cell std
-   over the frames / its rms), the bottleneck's mean cross-attention on each token, and the lip code's
-   held-out mouth-opening r (the audio token's prediction of the tracked inner-lip gap).
+   over the frames / its rms), the bottleneck's mean cross-attention on each token, the lip code's held-out
+   mouth-opening r (the audio token's prediction of the tracked inner-lip gap), and the rendered lips with the
+   frame's audio vs with silence (L1 to the real lips, their difference, its r with the real opening).
 
     .venv/bin/python bench/bench_talk3d.py [--data /work/scratch/whisper/cnn] [--avatar DIR] [--gt-avatar DIR]
         [--work /tmp/bench_talk3d] [--frames N] [--no-write]
@@ -150,7 +151,10 @@ def novel_views(avatar: Path, data: Path, frames: int | None) -> tuple[dict, dic
 
 
 def audio_path(avatar: Path, data: Path) -> dict:
-    """Talk3D's audio path on the test split: deltaplane variation between frames, attention, lip code r."""
+    """Talk3D's audio path on the test split: deltaplane variation between frames, attention, lip code r; and in
+    the image, per test frame, the lips' box (grown by 2 px) rendered with the frame's audio and with silence:
+    their L1 to the real frame, how much they differ, and the Pearson r of that difference with the real
+    mouth opening (the audio should open the mouth where the real one is open)."""
     import dataclasses
 
     import torch
@@ -163,23 +167,34 @@ def audio_path(avatar: Path, data: Path) -> dict:
     torch.set_num_threads(1)
     _, cfg, info, model, _ = load_model(avatar, device=torch.device("cpu"))
     model.eval()
-    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test",
-                       with_targets=False, progress=False)
+    store = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=info, split="test", progress=False)
     gt_mouth = np.asarray(open_dataset(data).tracks.mouth_opening)[store.indices]
-    deltas, attn = [], []
+    quiet = silent_windows(data, info, cfg.data.audio_radius, store.indices)
+    deltas, attn, l1_own, l1_quiet, change = [], [], [], [], []
     with torch.no_grad():
         for k in range(len(store)):
-            planes, a = model.planes(store.condition(k), audio=True)
+            b = store.batch(k)
+            planes, a = model.planes(b.cond, audio=True)
             deltas.append(planes - model.p_id)
-            attn.append(a.mean(0))
+            attn.append(a[model.audio_cells].mean(0))  # over the cells that may attend to a_n
+            x0, y0, x1, y1 = (int(v) for v in b.mouth_box.tolist())
+            box = (slice(max(0, y0 - 2), y1 + 3), slice(max(0, x0 - 2), x1 + 3))
+            own = model.render(b.cond)[box]
+            silent = model.render(dataclasses.replace(b.cond, audio=quiet[k]))[box]
+            l1_own.append(float((own - b.image[box]).abs().mean()))
+            l1_quiet.append(float((silent - b.image[box]).abs().mean()))
+            change.append(float((own - silent).abs().mean()))
         d = torch.stack(deltas)  # [T, 3, C, R, R]
         code = model.lip_code(torch.stack([store.condition(k).audio for k in range(len(store))]))
     u, lo = MOUTH_VERTICES.index(UPPER_LIP_INNER), MOUTH_VERTICES.index(LOWER_LIP_INNER)
     gap = (code[:, lo, 1] - code[:, u, 1]).numpy()  # predicted change of the inner-lip gap (head y)
     rms = d.square().mean().sqrt()
-    return {"delta_rms": float(rms), "delta_frame_std_rel": float(d.std(0).square().mean().sqrt() / rms.clamp(min=1e-12)),
+    return {"delta_rms": float(rms), "audio_cells": int(model.audio_cells.sum()), "delta_frame_std_rel": float(d.std(0).square().mean().sqrt() / rms.clamp(min=1e-12)),
             "attention": dict(zip(("audio", "eye", "rot", "ldm", "null"), torch.stack(attn).mean(0).tolist())),
-            "lip_code_r": float(landmark_metrics.pearson(gap, gt_mouth))}
+            "lip_code_r": float(landmark_metrics.pearson(gap, gt_mouth)),
+            "mouth_l1_audio": float(np.mean(l1_own)), "mouth_l1_silence": float(np.mean(l1_quiet)),
+            "mouth_change_vs_silence": float(np.mean(change)),
+            "mouth_change_r": float(landmark_metrics.pearson(np.asarray(change), gt_mouth))}
 
 
 def write_sheet(path: Path, sheets: dict[str, dict], gt: np.ndarray) -> None:
@@ -272,8 +287,13 @@ def main() -> None:
     lines += ["", f"Rows: {len(VIEWS)} camera views with the split's audio, then `{SILENCE}` (tracked camera, "
               "silent audio). Mouth std: of the rendered mouth opening (interocular units).", "",
               f"Talk3D's audio path on the test split: deltaplane rms {path_t3['delta_rms']:.4f}, its variation "
-              f"between frames {path_t3['delta_frame_std_rel']:.3f} of that; bottleneck cross-attention {att}; "
-              f"lip code (a_n -> tracked inner-lip gap) r {path_t3['lip_code_r']:.3f}.", "",
+              f"between frames {path_t3['delta_frame_std_rel']:.3f} of that; bottleneck cross-attention (mean over the "
+              f"{path_t3['audio_cells']} cells that may attend to a_n) {att}; "
+              f"lip code (a_n -> tracked inner-lip gap) r {path_t3['lip_code_r']:.3f}. Lips' box (+2 px) on the "
+              f"test frames: L1 to the real frame {path_t3['mouth_l1_audio']:.4f} with the audio, "
+              f"{path_t3['mouth_l1_silence']:.4f} with silence; audio vs silence render differ by "
+              f"{path_t3['mouth_change_vs_silence']:.4f} (mean abs), r of that with the real mouth opening "
+              f"{path_t3['mouth_change_r']:.2f}.", "",
               f"Sheet: `{sheet}` (not committed)."]
     append_entry("## Talk3D", "\n".join(lines))
 

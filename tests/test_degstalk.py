@@ -16,7 +16,7 @@ from talkinghead.methods.degstalk.config import VARIANTS, DEGSTalkConfig, make_c
 from talkinghead.methods.degstalk.expression import jaw_functional, upper_face_projection, upper_face_vertices
 from talkinghead.methods.degstalk.model import DEGSTalk, _mouth_window
 from talkinghead.methods.degstalk.plate import (MOUTH, dilate, erode, face_field_target, fill_holes, hair_plate,
-                                                mouth_opacity, region_masks)
+                                                mouth_field_background, mouth_opacity, pixels, region_masks)
 from talkinghead.methods.surface import mesh_displacement
 from talkinghead.render import rasterize
 from talkinghead.methods.trainer import load_model, train
@@ -189,7 +189,8 @@ def test_variants_switch_one_component_each_and_configs_round_trip():
                    if val != config_to_dict(base)[k]} for v in VARIANTS}
     assert changed == {"no-embedding": {"embedding_dim"}, "no-expression": {"expression"},
                        "direct-fusion": {"train_dilate", "plate_erode", "plate_fill", "fine_tune"},
-                       "no-hair": {"hair_plate", "num_hair", "max_face"}}
+                       "no-hair": {"hair_plate", "num_hair", "max_face"}, "no-lip-geometry": {"lambda_geo"}}
+    assert make_config("cpu-small", "no-lip-geometry").lambda_clear == base.lambda_clear > 0
     for preset in ("cpu-small", "gpu"):
         cfg = make_config(preset, "no-hair")
         assert config_from_dict(DEGSTalkConfig, config_to_dict(cfg)) == cfg
@@ -259,6 +260,32 @@ def test_transparent_fields_render_the_hair_plate_and_the_source_frame_reaches_r
             f.gaussians.logit_opacities.fill_(-30.0)
         out = model.render(cond)
     torch.testing.assert_close(out, model.plate(cond).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_the_mouth_field_is_trained_over_what_is_behind_it_at_render_time(data):
+    """Eq. 7 splats the mouth field over C_hair: where it is transparent in training it must show the plate (not
+    black: a mouth field fading out over black let the plate's backdrop through at render, cnn's blue lip line)."""
+    img, plate, labels, _ = _one_gaussian_on_the_mouth((0.25, 0.08, 0.1))
+    inner = (labels == MOUTH).float()
+    bg = mouth_field_background(img, plate, inner)
+    assert bg[inner > 0].equal(plate[inner > 0]) and bg[inner == 0].equal(img[inner == 0])
+    cfg = _small_config()
+    model, store = _model(data, cfg)
+    k = next(k for k in range(len(store)) if (store.batch(k).cond.source.labels == MOUTH).sum() > 2)
+    b = store.batch(k)
+    with torch.no_grad():
+        model.mouth.gaussians.logit_opacities.fill_(-30.0)  # a transparent mouth field renders its background
+    _, logs = model.train_loss(b, 0)
+    with torch.no_grad():
+        ys, xs, _ = _mouth_window(b.mouth_box, b.cond)
+        _, m_mouth = region_masks(b.cond.source.labels, pixels(cfg.train_dilate, 64), with_hair=False)
+        plate = model.plate(b.cond)
+        expect = (plate - b.image)[ys, xs].mul(m_mouth[ys, xs, None]).abs().mean()
+        # ... which is what the fused render puts behind the face field there
+        behind, _, _, _ = model._raster(model.mouth.deformed(None), b.cond, plate)
+    assert m_mouth[ys, xs].sum() > 0 and expect > 0
+    assert logs["l1_mouth"] == pytest.approx(float(expect), rel=1e-4)
+    torch.testing.assert_close(behind, plate, atol=1e-6, rtol=0)
 
 
 def test_static_stage_densifies_copying_embeddings_and_an_avatar_reloads_at_the_new_size(data, tmp_path):

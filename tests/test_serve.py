@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import os
 import time
 import weakref
 
@@ -133,6 +134,11 @@ def test_api_frames_move_speech_plays_and_each_bad_request_gets_one_answer(live)
         # queue and one for its instant on the clock, so rendering may run that far ahead, never further.
         assert stats["frames_rendered"] > 0
         assert 0 <= stats["frames_rendered"] + stats["frames_dropped"] - stats["frames_sent"] <= 3, stats
+        by = stats["frames_by_source"]  # every produced frame counted once, under what drove it
+        produced = stats["frames_rendered"] + stats["frames_dropped"]  # (the producer runs on: one frame apart at most)
+        assert abs(produced - sum(v["frames"] for v in by.values())) <= 1, stats
+        assert abs(stats["frames_dropped"] - sum(v["repeated"] for v in by.values())) <= 1, stats
+        assert by["utterance"]["frames"] > 0
         assert stats["pts_drift_ms"] < 0.02  # video pts vs the pts of the audio it was rendered from
         assert len(c.received.video) > before
         assert (await c._json("DELETE", f"/api/sessions/{sid}"))[1] == {"closed": sid}
@@ -155,6 +161,8 @@ def test_too_many_sessions_and_a_vanished_client_leave_the_others_served(live):
         await a.wait_frames(5, 60)
         await b.wait_frames(5, 60)
         ref = weakref.ref(live.server.sessions[b.session])
+        pids = [live.server.sessions[x.session].renderer.pid for x in (a, b)]
+        assert live.server.zygote is None or None not in pids and len(set(pids)) == 2  # a process each
         await b.vanish()  # no DELETE, no goodbye: ICE consent checks find it gone
         end = time.monotonic() + 30
         while b.session in live.server.sessions and time.monotonic() < end:
@@ -166,6 +174,10 @@ def test_too_many_sessions_and_a_vanished_client_leave_the_others_served(live):
                 break
             await asyncio.sleep(0.25)
         assert ref() is None
+        if pids[1] is not None:  # its renderer process exited (reaped by the zygote): its memory is freed
+            while os.path.exists(f"/proc/{pids[1]}") and time.monotonic() < end:
+                await asyncio.sleep(0.1)
+            assert not os.path.exists(f"/proc/{pids[1]}") and os.path.exists(f"/proc/{pids[0]}")
         n = len(a.received.video)
         await asyncio.sleep(1.5)
         assert len(a.received.video) > n  # the other session never stopped
@@ -270,7 +282,7 @@ def test_an_utterance_starts_before_its_later_parts_rows_are_computed():
     from talkinghead.serve.session import Session
 
     av, ext = _ValueAvatar(), _Gated(split=10)
-    s = Session(av, realtime=False, extract=ext, live_extract=ext)
+    s = Session(av, realtime=False, extract=ext)
     later = ThreadPoolExecutor(1)
 
     async def values_until(stop: int) -> list[int]:
@@ -324,3 +336,82 @@ def test_the_voice_is_loaded_ahead_of_the_first_typed_utterance():
     assert voice is not None
     wave = tts.synthesize("Ready.")
     assert tts._voice is voice and wave.dtype == np.float32 and 0.2 < wave.size / AUDIO_RATE < 3
+
+
+def test_a_forked_renderer_and_mic_stream_equal_the_in_process_ones_and_go_with_their_session(avatars):  # noqa: F811
+    """Sessions render (and compute the mic's rows) in processes forked from the zygote: the same frames and rows
+    as in this process, bit for bit (GaussianFlameTalk: its causal state, reset included), the renderer RENDER_NICE
+    nicer, the avatar's pages shared with the parent, and the processes gone once closed."""
+    import os
+
+    from talkinghead.methods.streaming import DrivenAvatar
+    from talkinghead.serve.forked import Zygote, process_memory_mb
+    from talkinghead.serve.session import RENDER_NICE, ForkedLiveFeatures, ForkedRenderer, Renderer
+
+    av = DrivenAvatar(avatars["gft"])
+    zygote = Zygote({av.name: av})
+    try:
+        here, there = Renderer(av), ForkedRenderer(zygote, av)
+        assert there.pid not in (None, os.getpid()) and there.lookahead == here.lookahead
+        rows = np.random.default_rng(0).normal(size=(12, av.silence.size)).astype(np.float32)
+        got = []
+        for r in (here, there):
+            frames = [r.render(i, rows, i) for i in range(6)]
+            r.reset()
+            got.append(frames + [r.render(3, rows, 0)])
+        assert all(a.dtype == np.uint8 and np.array_equal(a, b) for a, b in zip(*got))
+        assert not np.array_equal(got[0][0], got[0][5])  # the frames differ: the comparison has teeth
+        if hasattr(os, "getpriority"):
+            assert os.getpriority(os.PRIO_PROCESS, there.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDER_NICE)
+        mem = process_memory_mb(there.pid)
+        if mem is not None:
+            assert 0 < mem["private"] < mem["rss"]  # it maps the parent's pages without copying them
+        wave = speechlike(2.0)
+        local, forked = av.live_features(), ForkedLiveFeatures(zygote, av, {})
+        assert forked.delay_frames == local.delay_frames
+        outs = []
+        for stream in (local, forked):
+            parts = [stream.push(wave[i: i + 640]) for i in range(0, wave.size, 640)] + [stream.flush()]
+            outs.append(np.concatenate([p for p in parts if p.size]))
+        assert outs[0].shape[0] == 50 and np.array_equal(outs[0], outs[1])
+        pids = [there.pid, forked.pid]
+        there.close()
+        forked.close()
+        end = time.monotonic() + 20
+        alive = pids
+        while alive and time.monotonic() < end:
+            time.sleep(0.1)
+            alive = [p for p in alive if os.path.exists(f"/proc/{p}")]
+        assert not alive  # exited and reaped: what they held is freed
+    finally:
+        zygote.close()
+
+
+def test_without_a_zygote_a_session_renders_and_hears_the_mic_in_this_process(avatars):  # noqa: F811
+    """The in-process path (a GPU, no fork): the producer thread renders, the mic's rows are computed in the
+    thread that feeds them; one second of mic gives its 25 consecutive frames, driven by the mic."""
+    from talkinghead.methods.streaming import DrivenAvatar
+    from talkinghead.serve.session import Session
+
+    av = DrivenAvatar(avatars["gft"])
+    s = Session(av, realtime=False)
+    assert s.renderer.pid is None
+    wave = speechlike(1.0)
+    frames: list = []
+    s.recorder = lambda kind, n, frame: frames.append(frame) if kind == "video" else None
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        s.start(loop)
+        await loop.run_in_executor(None, s.mic_chunk, [(wave, time.monotonic())])
+        await loop.run_in_executor(None, s.mic_ended)
+        assert s.live is not None and not hasattr(s.live.features, "pid")  # computed here
+        while not frames or frames[-1].source != "idle" or not any(f.source == "mic" for f in frames):
+            await asyncio.wait_for(s.next_video(), 60)
+
+    try:
+        _run(scenario())
+    finally:
+        s.close()
+    mic = [f for f in frames if f.source == "mic"]
+    assert len(mic) == 25 and [f.n for f in mic] == list(range(mic[0].n, mic[0].n + 25))

@@ -435,7 +435,8 @@ def test_lip_token_teacher_forcing_and_old_avatars(synthetic):
 def test_audio_region_keeps_the_audio_token_to_the_mouth_cells(synthetic):
     """region_cells (known answer): a point at a cell's centre selects that cell of each plane it projects onto,
     within the radius; in the U-Net only the selected cells attend to a_n (weight exactly 0 elsewhere, > 0 there);
-    a state dict from before the region loads with every cell selected (the paper's unrestricted attention)."""
+    a state dict from before the region loads with every cell selected (the paper's unrestricted attention),
+    and the attention mask, built once, follows it."""
     from talkinghead.data import PreparedDataset
     from talkinghead.methods.talk3d.unet import region_cells
 
@@ -461,3 +462,6 @@ def test_audio_region_keeps_the_audio_token_to_the_mouth_cells(synthetic):
     old = {k: v for k, v in model.state_dict().items() if k != "audio_cells"}
     model.load_state_dict(old)
     assert bool(model.audio_cells.all())
+    with torch.no_grad():  # the mask built once follows the loaded cells
+        _, attn = model.planes(store.condition(0), audio=True)
+    assert float(attn[:, 0].min()) > 0

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--variant", default=None,
                    help="method variant; gaussiantalker: 'fast' = GaussianTalker* (one attention layer); "
                         "degstalk: the paper's ablations no-embedding (w/o E), no-expression (w/o F), "
-                        "direct-fusion (w/o R), no-hair (w/o H)")
+                        "direct-fusion (w/o R), no-hair (w/o H); no-lip-geometry = without our lip-geometry "
+                        "guidance (not the paper's)")
     p.add_argument("--stage", default=None, choices=("avatar", "flametalk"),
                    help="gaussianflametalk: train one stage only (default: both); on an AVATAR that is already "
                         "trained, --stage flametalk retrains FlameTalk in place and keeps the Gaussians")

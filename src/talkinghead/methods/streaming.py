@@ -6,8 +6,9 @@ One interface, the same for every method; the live server (:mod:`talkinghead.ser
   20-40 ms chunks of a live stream (the microphone); ``push(samples)`` returns the rows that became final,
   ``flush()`` the rest, ``delay_frames`` says how many frames after a frame's instant its row is out at most.
   For a dataset with Whisper features (the default): :class:`talkinghead.audio.whisper_stream.
-  LiveWhisperFeatures`, each encoder row computed once with a look-ahead of ``WHISPER_LIVE`` (in this
-  process: the encoder is shared). Otherwise :class:`FeatureStream`, extractor-agnostic: every ``hop``
+  LiveWhisperFeatures`, each encoder row computed once with a look-ahead of ``WHISPER_LIVE`` (the encoder
+  loaded once per process, :func:`~talkinghead.audio.whisper.shared_whisper`; the server runs each mic's
+  stream in a process forked from the one that loaded it). Otherwise :class:`FeatureStream`, extractor-agnostic: every ``hop``
   frames it re-runs the dataset's own extractor (:func:`~talkinghead.audio.features.compute_audio_features`)
   over a short window (``context`` frames already emitted + the new frames + ``lookahead`` frames of audio
   after them) and emits the new rows; the per-utterance normalisation of ``AudioFeatures.stack()`` is
@@ -297,7 +298,7 @@ class DrivenAvatar:
     def live_features(self, extract: Extractor | None = None, **params):
         """A new live feature stream (module docstring): Whisper rows computed incrementally when the dataset's
         features are Whisper's alone, else windows of ``extract`` (default: :attr:`live_extract`; the server
-        runs it in a worker process). ``params`` override WHISPER_LIVE / PHONE_LIVE."""
+        runs the whole stream in a process of its own). ``params`` override WHISPER_LIVE / PHONE_LIVE."""
         return live_feature_stream(self.fps, self.extract.whisper, self.extract.wav2vec_model,
                                    extract or self.live_extract, **params)
 

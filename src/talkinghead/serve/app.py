@@ -14,8 +14,15 @@ Every refusal is ``{"error": "one sentence"}`` with a status: 400 malformed requ
 session, 413 upload or text too large, 415 not audio, 422 audio too long / too low a rate / silent,
 503 ``--max-sessions`` reached or TTS unavailable. A client that vanishes is noticed by ICE consent
 checks (every ``consent_interval`` s, ``consent_failures`` misses: ~4 s instead of aioice's 30 s); its
-session then ends, its thread stops and its tensors are dropped. A session whose connection never
-completes is closed after ``connect_timeout`` s.
+session then ends: its thread stops, its renderer and mic processes exit (their memory goes back to the
+system) and its tensors are dropped. A session whose connection never completes is closed after
+``connect_timeout`` s.
+
+Processes: the server's own (event loop, WebRTC, VP8/Opus, the sessions' producer threads); a zygote forked
+when the :class:`Server` is made, before it starts any thread, holding the loaded avatars (:mod:`.forked`);
+per session, a renderer process forked from it (and one for the mic's live features), sharing the avatars'
+pages copy-on-write; ``start_workers`` spawned feature workers for uploads and typed text (offline-equal rows,
+Whisper loaded in each). On a GPU, or without fork, sessions render in threads of the server.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,37 +101,26 @@ def start_feature_workers(count: int, whispers: tuple = ()):
     return pool
 
 
-class _InWorker:
-    """An extractor called in a worker process (the calling thread waits without holding the GIL)."""
-
-    def __init__(self, pool, extract):
-        self.pool, self.extract = pool, extract
-
-    def __call__(self, wave, fps, num_frames):
-        return self.pool.submit(self.extract, wave, fps, num_frames).result()
-
-    def parts(self, wave, fps, num_frames):  # cheap: computed here
-        parts = getattr(self.extract, "parts", None)
-        return parts(wave, fps, num_frames) if parts is not None else [(0, num_frames)]
-
-    def rows(self, wave, fps, num_frames, part):
-        if getattr(self.extract, "rows", None) is None:
-            return np.asarray(self(wave, fps, num_frames).stack(), np.float32)
-        return self.pool.submit(self.extract.rows, wave, fps, num_frames, part).result()
-
-
 class Server:
     """Avatars loaded once, shared by every session; at most ``max_sessions`` sessions at a time."""
 
     def __init__(self, avatars: list[DrivenAvatar], max_sessions: int = 4, limits: UploadLimits = UploadLimits(),
                  consent_interval: float = 1.0, consent_failures: int = 4, connect_timeout: float = 30.0,
-                 session_options: dict | None = None):
+                 session_options: dict | None = None, processes: bool | None = None):
+        """``processes``: each session's renderer and mic features in processes of their own, forked from a
+        zygote made here (:mod:`.forked`; None: wherever that works, i.e. fork and CPU avatars). Create the
+        server before starting threads of your own (``talkinghead serve`` does)."""
         import aioice.ice
+
+        from .forked import Zygote, can_fork
 
         # aioice reads these module constants in its consent loop: a vanished client is found in seconds.
         aioice.ice.CONSENT_INTERVAL = consent_interval
         aioice.ice.CONSENT_FAILURES = consent_failures
         self.avatars = {a.name: a for a in avatars}
+        if processes is None:
+            processes = can_fork([a.device for a in avatars])
+        self.zygote = Zygote(self.avatars) if processes else None  # first: before this server starts any thread
         self.max_sessions = max_sessions
         self.limits = limits
         self.tts = TextToSpeech()
@@ -142,9 +139,6 @@ class Server:
         whispers = tuple({a.extract.whisper for a in self.avatars.values() if a.extract.whisper is not None})
         self.workers = pool if pool is not None else start_feature_workers(count, whispers)
         self._own_workers = pool is None
-
-    def _remote(self, extract):
-        return extract if self.workers is None else _InWorker(self.workers, extract)
 
     # ------------------------------------------------------------------------------ app
 
@@ -168,6 +162,9 @@ class Server:
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.workers is not None and self._own_workers:
             self.workers.shutdown(wait=False, cancel_futures=True)
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
 
     async def index(self, request):
         from aiohttp import web
@@ -201,12 +198,19 @@ class Server:
         if len(self.sessions) >= self.max_sessions:
             return _error(503, f"the server is full ({self.max_sessions} sessions, --max-sessions); try again later")
         avatar = self.avatars[name]
-        session = Session(avatar, extract=self._remote(avatar.extract), live_extract=self._remote(avatar.live_extract),
-                          **self.session_options)
+        loop = asyncio.get_running_loop()
+        try:  # forks its renderer process: off the event loop
+            session = await loop.run_in_executor(self.pool, lambda: Session(
+                avatar, feature_pool=self.workers, zygote=self.zygote, **self.session_options))
+        except Exception as exc:
+            log.exception("cannot start a session of %s", name)
+            return _error(503, f"cannot start a renderer for {name!r} ({type(exc).__name__}: {exc})")
+        if len(self.sessions) >= self.max_sessions:  # filled up meanwhile
+            session.close()
+            return _error(503, f"the server is full ({self.max_sessions} sessions, --max-sessions); try again later")
         pc = RTCPeerConnection()
         self.sessions[session.id] = session
         self.pcs[session.id] = pc
-        loop = asyncio.get_running_loop()
         session.on_close.append(lambda s: loop.create_task(self._close(s.id, "its renderer stopped")))
         video_cls, audio_cls = _track_classes()
 
@@ -348,12 +352,16 @@ def run(avatars: list[Path], host: str, port: int, max_sessions: int, limits: Up
     from aiohttp import web
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no tqdm monitor thread: the zygote is forked from a single-threaded process
     loaded = [DrivenAvatar(p) for p in tqdm(avatars, desc="loading avatars", unit="avatar")]
     names = [a.name for a in loaded]
     if len(set(names)) != len(names):
         from talkinghead.errors import UserError
 
         raise UserError(f"two avatars share a folder name ({', '.join(names)}); the page lists them by name")
+    if threading.active_count() > 1:  # a thread started by a library while loading: forking is less safe
+        log.warning("forking the zygote beside %d other thread(s): %s", threading.active_count() - 1,
+                    ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread()))
     server = Server(loaded, max_sessions=max_sessions, limits=limits)
     server.start_workers()
     server.tts.warm()

@@ -1,4 +1,4 @@
-"""One live session: a timeline of frames, rendered by one producer thread, sent as one audio + one video track.
+"""One live session: a timeline of frames, produced by one thread, sent as one audio + one video track.
 
 **One media clock.** Frame ``n`` of the session is the instant ``n / fps`` of its timeline; the audio it was
 rendered from is samples ``[round(n * 16000 / fps), round((n + 1) * 16000 / fps))`` of the same timeline.
@@ -8,8 +8,14 @@ apart however long the session runs. Both tracks release a frame when the wall c
 (:class:`MediaClock`), so aiortc stamps its RTCP sender reports -- which the browser uses to line up the
 tracks -- from the same instants.
 
-**The producer** (:meth:`Session._produce`, a thread per session) renders frame after frame into a queue of
-``queue_frames`` slots (back-pressure: it waits for a free slot, nothing is unbounded). The audio of a frame is
+**The producer** (:meth:`Session._produce`, a thread per session) has frame after frame rendered into a queue
+of ``queue_frames`` slots (back-pressure: it waits for a free slot, nothing is unbounded). On the CPU the
+server renders each session in a process of its own, forked from its zygote (:class:`ForkedRenderer`,
+:mod:`talkinghead.serve.forked`: the avatar shared copy-on-write, the process gone with the session), so that
+sessions render on as many cores as there are instead of taking turns at one GIL; the producer thread only
+sends the frame's window of rows and waits for the image. Elsewhere (a GPU, no fork, a bare ``Session``) the
+producer thread renders (:class:`Renderer`); both wrap the avatar's one streaming interface,
+:class:`~talkinghead.methods.streaming.FrameStream`. The audio of a frame is
 handed to the audio track only together with its rendered image, so sound never runs ahead of the lips. What
 drives frame n:
 
@@ -19,8 +25,11 @@ drives frame n:
   deep as the avatar reads), and it is queued once its first part is in; its frames follow one another from
   the next free frame on (a frame whose rows are still being computed waits for them);
 * the **microphone** when the client sends one: chunks go through the avatar's live features
-  (:meth:`~talkinghead.methods.streaming.DrivenAvatar.live_features`; with Whisper computed in the thread
-  that receives the mic, the encoder shared by all sessions); mic sample j is timeline sample
+  (:meth:`~talkinghead.methods.streaming.DrivenAvatar.live_features`), computed in a process of their own
+  forked from the zygote (:class:`ForkedLiveFeatures`: the Whisper encoder shared, its KV cache the
+  session's; in this process they competed with the renderers and the event loop for the GIL and a third
+  of the mic's frames were repeats) or, without a zygote, in the thread that receives the mic; mic sample j
+  is timeline sample
   ``live_start + j`` where ``live_start`` is placed ``delay`` frames after the first chunk's arrival
   (``delay`` = the features' ``delay_frames`` + the method's look-ahead + 2 frames of margin), so that the row of
   a frame is normally there when the frame is due; the mic's sound is sent with the frames (the avatar
@@ -30,9 +39,10 @@ drives frame n:
 
 **Falling behind.** When a frame is already due when the producer reaches it (rendering slower than the
 frame rate), it is not rendered: the previous image is sent again with the frame's own audio (``dropped``
-in the stats). Sound stays continuous and the lips never lag more than one render. The producer runs
-``RENDER_NICE`` nicer than the rest of the server, so that sending, the mic's features and an upload's
-features come first when the cores are busy.
+in the stats). Sound stays continuous and the lips never lag more than one render. The renderer (its process,
+or the producer thread when it renders) runs ``RENDER_NICE`` nicer than the rest of the server, so that
+sending, the mic's features and an upload's features come first when the cores are busy; a producer thread
+that only hands rows to a renderer process is not niced (niced, it woke late for every frame it waited on).
 
 **Stats** (:meth:`Session.stats`): rendered fps, render ms, dropped frames, latency (mic chunk arrival ->
 its frame leaving the server) p50 / p95, first frame after an upload, and the A/V figures: ``pts_drift_ms``
@@ -161,20 +171,100 @@ def _percentiles(values, ps=(50, 95)) -> dict:
     return {f"p{p}": round(float(np.percentile(arr, p)), 2) for p in ps}
 
 
+class Renderer:
+    """A session's frames rendered in this process: the avatar's :class:`~talkinghead.methods.streaming.
+    FrameStream` (the one streaming interface every method satisfies), its Condition built here."""
+
+    def __init__(self, avatar: DrivenAvatar):
+        self.avatar = avatar
+        self.stream = avatar.open_stream()
+        self.lookahead = int(self.stream.lookahead)
+        self.pid = None  # this process
+
+    def render(self, row: int, rows: np.ndarray, pose_step: int) -> np.ndarray:
+        """The frame [H, W, 3] uint8 driven by ``rows[row]`` (rows [N, D]) with training pose ``pose_step``."""
+        with torch.no_grad():
+            img = self.stream.render(self.avatar.condition(row, rows, pose_step))
+        return (img.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
+
+    def reset(self) -> None:
+        self.stream.reset()
+
+    def close(self) -> None:
+        self.stream = None
+
+
+def _renderer_in_child(avatars: dict, name: str) -> Renderer:
+    torch.set_num_threads(1)
+    _lower_priority(RENDER_NICE)  # the whole (single-threaded) child
+    return Renderer(avatars[name])
+
+
+def _live_in_child(avatars: dict, name: str, params: dict):
+    torch.set_num_threads(1)
+    return avatars[name].live_features(**params)
+
+
+class ForkedRenderer:
+    """A :class:`Renderer` in a process of its own, forked from the server's zygote (:mod:`.forked`): sessions
+    render on as many cores as there are, the avatar shared copy-on-write, the process gone with the session.
+    Only the frame's window of rows (radius each side) travels; the image [H, W, 3] uint8 comes back."""
+
+    def __init__(self, zygote, avatar: DrivenAvatar):
+        self.radius = int(avatar.radius)
+        self.child = zygote.spawn(_renderer_in_child, avatar.name, attrs=("lookahead",))
+        self.lookahead, self.pid = int(self.child.info["lookahead"]), self.child.pid
+
+    def render(self, row: int, rows: np.ndarray, pose_step: int) -> np.ndarray:
+        R = self.radius  # the window DrivenAvatar.condition reads, so that condition(R, window) = condition(row, rows)
+        window = np.ascontiguousarray(rows[np.clip(np.arange(row - R, row + R + 1), 0, len(rows) - 1)])
+        return self.child.call("render", R, window, pose_step)
+
+    def reset(self) -> None:
+        self.child.call("reset")
+
+    def close(self) -> None:
+        self.child.close()
+
+
+class ForkedLiveFeatures:
+    """The avatar's live feature stream (:meth:`DrivenAvatar.live_features`) in a process of its own, forked
+    from the zygote (the Whisper encoder shared copy-on-write, its KV cache the child's): its rows no longer
+    compete with the renderers and the event loop for one GIL. ``push`` / ``flush`` / ``delay_frames`` as
+    the stream's."""
+
+    def __init__(self, zygote, avatar: DrivenAvatar, params: dict):
+        self.child = zygote.spawn(_live_in_child, avatar.name, dict(params), attrs=("delay_frames",))
+        self.delay_frames, self.pid = int(self.child.info["delay_frames"]), self.child.pid
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        return self.child.call("push", np.asarray(samples, np.float32))
+
+    def flush(self) -> np.ndarray:
+        return self.child.call("flush")
+
+    def close(self) -> None:
+        self.child.close()
+
+
 class Session:
     """One client's live avatar (see the module docstring). Created by the app, closed by it or by itself."""
 
     def __init__(self, avatar: DrivenAvatar, queue_frames: int = 2, mic_params: dict | None = None,
-                 realtime: bool = True, extract=None, live_extract=None, drop_late: bool = True):
+                 realtime: bool = True, extract=None, drop_late: bool = True, feature_pool=None, zygote=None):
         """``mic_params``: look-ahead / hop (/ context) of the live features, overriding the avatar's defaults
-        (:meth:`DrivenAvatar.live_features`)."""
+        (:meth:`DrivenAvatar.live_features`); ``extract``: the utterances' extractor (default the avatar's);
+        ``feature_pool``: an executor whose workers compute the utterances' rows (the server's worker processes:
+        pocketsphinx holds the GIL; None: here); ``zygote``: a :class:`~talkinghead.serve.forked.Zygote`
+        holding the avatars by name, to render and to compute the mic's rows in processes of their own (None:
+        here, the renderer in the producer thread)."""
         self.id = uuid.uuid4().hex[:12]
         self.avatar = avatar
-        # feature extractors (the server's run them in worker processes: pocketsphinx holds the GIL)
         self.extract = extract or avatar.extract
-        self.live_extract = live_extract or avatar.live_extract
+        self.feature_pool = feature_pool
+        self.zygote = zygote
         self.fps = avatar.fps
-        self.stream = avatar.open_stream()
+        self.renderer = ForkedRenderer(zygote, avatar) if zygote is not None else Renderer(avatar)
         self.clock = MediaClock()
         self.realtime = realtime
         self.mic_wait = 0.3  # s past its due time a frame waits for its mic row before it idles instead
@@ -197,6 +287,7 @@ class Session:
         # stats
         self.rendered = 0
         self.dropped = 0
+        self.by_source = {k: [0, 0] for k in ("idle", "utterance", "mic")}  # source -> [frames, of them repeated]
         self.render_ms: collections.deque = collections.deque(maxlen=500)
         self.latency_ms: collections.deque = collections.deque(maxlen=2000)
         self.first_frame_ms: list = []
@@ -227,8 +318,10 @@ class Session:
         # drop what holds memory now, even if the transport still references this object for a moment
         self.utterances.clear()
         self.video_q = self.audio_q = None
+        if self.live is not None and hasattr(self.live.features, "close"):
+            self.live.features.close()
         self.live = None
-        self.stream = None
+        self.renderer.close()  # a forked renderer's process exits: its memory is freed with it
         self.recorder = None
         for cb in self.on_close:
             cb(self)
@@ -240,10 +333,10 @@ class Session:
         thread), queues it, then the later parts' rows (Whisper windows past the first 30 s) in ``later`` (an
         executor; None: here, before returning): the utterance starts while they are computed, and a frame
         waits for its rows only if they are not in when it is due (:meth:`_utterance_rows_ready`)."""
-        from talkinghead.methods.streaming import utterance_parts, utterance_rows
+        from talkinghead.methods.streaming import utterance_parts
 
-        parts = utterance_parts(wave, self.fps, self.extract)
-        first = utterance_rows(wave, self.fps, self.extract, 0)
+        parts = utterance_parts(wave, self.fps, self.extract)  # cheap: here
+        first = self._utterance_rows(wave, 0)
         rows = np.zeros((parts[-1][1], first.shape[1]), np.float32)
         rows[parts[0][0]: parts[0][1]] = first
         u = Utterance(uuid.uuid4().hex[:12], wave, rows, received, ready=parts[0][1])
@@ -255,7 +348,7 @@ class Session:
                 for k, (a, b) in enumerate(parts[1:], 1):
                     if self.closed:
                         return
-                    u.rows[a:b] = utterance_rows(wave, self.fps, self.extract, k)
+                    u.rows[a:b] = self._utterance_rows(wave, k)
                     u.ready = b  # after the rows: the producer reads rows below `ready` only
             except Exception:  # a worker died: the utterance stops where its rows stop, the session goes on
                 import logging
@@ -268,6 +361,15 @@ class Session:
         elif len(parts) > 1:
             rest()
         return u
+
+    def _utterance_rows(self, wave: np.ndarray, part: int) -> np.ndarray:
+        """Rows of part ``part`` of an utterance (:func:`~talkinghead.methods.streaming.utterance_rows`), in a
+        worker of ``feature_pool`` when there is one (the calling thread waits without the GIL)."""
+        from talkinghead.methods.streaming import utterance_rows
+
+        if self.feature_pool is None:
+            return utterance_rows(wave, self.fps, self.extract, part)
+        return self.feature_pool.submit(utterance_rows, wave, self.fps, self.extract, part).result()
 
     def _utterance_rows_ready(self, u: Utterance, frame: int) -> bool:
         """Wait until the rows utterance frame ``frame`` reads (its condition window, radius rows each side)
@@ -286,8 +388,11 @@ class Session:
         if self.closed or not parts:
             return
         if self.live is None:
-            features = self.avatar.live_features(self.live_extract, **self.mic_params)
-            delay = features.delay_frames + self.stream.lookahead + 2
+            if self.zygote is not None:
+                features = ForkedLiveFeatures(self.zygote, self.avatar, self.mic_params)
+            else:
+                features = self.avatar.live_features(**self.mic_params)
+            delay = features.delay_frames + self.renderer.lookahead + 2
             with self.lock:
                 start = self._next_frame + delay
             self.live = _Live(features, start)
@@ -298,7 +403,12 @@ class Session:
                 live.nsamples += x.size
                 live.arrivals.append((live.nsamples, arrival))
                 live.last_chunk = arrival
-        rows = live.features.push(np.concatenate([x for x, _ in parts]))
+        try:
+            rows = live.features.push(np.concatenate([x for x, _ in parts]))
+        except Exception:
+            if self.closed:  # closed meanwhile: its feature process is gone
+                return
+            raise
         if rows.size:
             with self.lock:
                 live.rows.append(rows)
@@ -362,7 +472,8 @@ class Session:
 
     def _produce(self) -> None:
         torch.set_num_threads(1)
-        _lower_priority(RENDER_NICE)
+        if self.renderer.pid is None:  # renders here: this thread yields. A forked renderer is nicer itself and
+            _lower_priority(RENDER_NICE)  # this thread only hands over rows: niced, it woke late for every frame
         av = self.avatar
         idle_rows = av.silence[None]
         last_image: np.ndarray | None = None
@@ -406,21 +517,21 @@ class Session:
                         else:
                             rows, row, source = live_rows, n - self.live.start_frame, "mic"
                 if source != prev_source or (source == "utterance" and utt_frame == 0):
-                    self.stream.reset()  # a new utterance starts afresh, as the offline render does
+                    self.renderer.reset()  # a new utterance starts afresh, as the offline render does
                 prev_source = source
                 due = self.clock.due(n / self.fps)
                 late = due is not None and time.monotonic() > due
                 if self.realtime and self.drop_late and last_image is not None and late:
                     image = last_image  # already late: send the last image with this frame's audio
                     self.dropped += 1
+                    self.by_source[source][1] += 1
                 else:
                     t = time.perf_counter()
-                    with torch.no_grad():
-                        img = self.stream.render(av.condition(row, rows, n))
-                    image = (img.clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
+                    image = self.renderer.render(row, rows, n)
                     self.render_ms.append((time.perf_counter() - t) * 1000)
                     self.rendered += 1
                     last_image = image
+                self.by_source[source][0] += 1
                 frame = _Frame(n, image, a, source, arrival, utt)
                 if utt is not None:
                     utt_frame += 1
@@ -431,6 +542,8 @@ class Session:
         except Exception as exc:  # a render failure ends this session only; the server keeps serving
             import logging
 
+            if self.stop.is_set():  # closed while a frame was rendering (a forked renderer is gone): no failure
+                return
             logging.getLogger("talkinghead.serve").exception("session %s: the producer failed", self.id)
             self.error = f"{type(exc).__name__}: {exc}"
             if self.loop is not None and not self.loop.is_closed():
@@ -516,6 +629,7 @@ class Session:
         return {
             "session": self.id, "avatar": self.avatar.name, "fps_target": self.fps,
             "frames_sent": self.frames_sent, "frames_rendered": self.rendered, "frames_dropped": self.dropped,
+            "frames_by_source": {k: {"frames": v[0], "repeated": v[1]} for k, v in self.by_source.items()},
             "fps_rendered": round(self.rendered / elapsed, 2),
             "render_ms": _percentiles(list(self.render_ms)),
             "latency_ms": _percentiles(list(self.latency_ms)),

@@ -13,6 +13,8 @@ VARIANTS = {
     "no-expression": "w/o F: no implicit expression coefficients f_e",
     "direct-fusion": "w/o R: face, mouth and hair fused directly (no dilated masks, plate fill or fused fine-tuning)",
     "no-hair": "w/o H: no hair-preserving rendering (the face field renders the hair, over the torso)",
+    # Not the paper's: our lip-geometry guidance (a deviation, model.py) off, to measure what it buys.
+    "no-lip-geometry": "without our lip-geometry guidance (lambda_geo 0; the opacity term lambda_clear stays)",
 }
 
 
@@ -108,6 +110,8 @@ def make_config(preset: str, variant: str | None) -> DEGSTalkConfig:
         cfg.hair_plate = False
         cfg.num_hair = cfg.num_face * 5 // 6  # as many head-shell points as GaussianTalker gives the hair
         cfg.max_face += cfg.num_hair
+    elif variant == "no-lip-geometry":
+        cfg.lambda_geo = 0.0
     elif variant is not None:
         raise UserError(f"degstalk has no variant {variant!r} ({', '.join(VARIANTS)})")
     return cfg

@@ -43,20 +43,21 @@ Pieces and where they follow the paper:
   fine-tuning on the fused image (L1 + lambda D-SSIM + gamma LPIPS, eq. 9; only SH colours are updated;
   LPIPS only with local AlexNet weights, logged as off otherwise).
 
-Region targets of stages 1-2 (the paper's "masked ground truth for each region", TalkingGaussian's face /
-mouth branches): the face field is splatted over the hair plate with the frame's inner mouth pasted in, against
-the frame inside the dilated face + mouth mask and the plate outside (:func:`.plate.face_field_target`); the
-mouth field is splatted over the frame with the dilated inner-mouth region blacked out, against the frame,
-through a camera cropped to the lips' box (the region is ~1% of a 128^2 frame: a full-frame mean would hardly
-see it). The face field must let the open mouth through to the mouth field (eq. 7 fuses the mouth behind the
-face): TalkingGaussian sets its face branch's target on the inner mouth to its background colour (and prunes
-Gaussians of that colour). We ask for the transparency directly, ``lambda_clear`` x the face field's opacity
-on the inner-mouth pixels (a per-pixel mean over the frame, as the L1): with the frame's own mouth as the
-background, transparency there has no photometric cost. Measured why, on cnn (Whisper, 4000 iterations):
-with the mouth pasted in and nothing else the face field painted the open mouth itself (opacity 0.88 there,
-its colour the mouth's to 0.01) and hid the mouth field: rendered mouth-opening r -0.06; with
-TalkingGaussian's background-colour target instead (green), the lip Gaussians took the key colour (green lips
-in the validation renders at 2500 iterations) rather than moving away.
+Region targets of stages 1-2 (the paper's "masked ground truth for each region", TalkingGaussian's face / mouth
+branches): the face field is splatted over the hair plate with the frame's inner mouth pasted in, against the
+frame inside the dilated face + mouth mask and the plate outside (:func:`.plate.face_field_target`); the mouth
+field is splatted over the frame with the plate in the dilated inner-mouth region (what is behind it at render
+time, :func:`.plate.mouth_field_background`; with black there the plate's backdrop showed through its edges: a
+blue lip line on cnn), against the frame, through a camera cropped to the lips' box (the region is ~1% of a 128^2
+frame: a full-frame mean would hardly see it). The face field must let the open mouth through to the mouth field
+(eq. 7 fuses the mouth behind the face): TalkingGaussian sets its face branch's target on the inner mouth to its
+background colour (and prunes Gaussians of that colour). We ask for the transparency directly, ``lambda_clear`` x
+the face field's opacity on the inner-mouth pixels (a per-pixel mean over the frame, as the L1): with the frame's
+own mouth as the background, transparency there has no photometric cost. Measured why, on cnn (Whisper, 4000
+iterations): with the mouth pasted in and nothing else the face field painted the open mouth itself (opacity 0.88
+there, its colour the mouth's to 0.01) and hid the mouth field: rendered mouth-opening r -0.06; with
+TalkingGaussian's background-colour target instead (green), the lip Gaussians took the key colour (green lips in
+the validation renders at 2500 iterations) rather than moving away.
 
 Other deviations: a dense multi-resolution triplane instead of hash grids; no opacity reset (the static
 stage is a few hundred iterations on a CPU, too short to re-earn opacities); the person-specific linear face
@@ -83,7 +84,7 @@ from talkinghead.render import DensityStrategy, GaussianModel, rasterize
 from .config import DEGSTalkConfig
 from .expression import jaw_functional, upper_face_projection
 from .fields import DeformableField
-from .plate import face_field_target, hair_plate, mouth_opacity, pixels, region_masks
+from .plate import face_field_target, hair_plate, mouth_field_background, mouth_opacity, pixels, region_masks
 
 COLOR_PARAMS = ("sh0", "shN")
 
@@ -367,12 +368,11 @@ class DEGSTalk(nn.Module):
         face, mouth, jaw = self.fields(cond, deform=stage == 2)
         img = batch.image
         m_face, m_mouth = region_masks(labels, pixels(c.train_dilate, cond.width), with_hair=not c.hair_plate)
-        m_mouth = m_mouth[..., None]
         bg_f, target_f = face_field_target(img, plate, m_face, labels)
         pred_f, alpha_f, _, info_f = self._raster(face, cond, bg_f)
         # The mouth field is seen through a camera cropped to the lips' box (its region is ~1% of the frame).
         ys, xs, Kc = _mouth_window(batch.mouth_box, cond)
-        bg_m = (img * (1 - m_mouth))[ys, xs]
+        bg_m = mouth_field_background(img, plate, m_mouth)[ys, xs]
         pred_m, _, _, info_m = rasterize(mouth["means"], mouth["quats"], mouth["scales"], mouth["opacities"],
                                          mouth["sh"], cond.viewmat, Kc, bg_m.shape[1], bg_m.shape[0],
                                          background=bg_m, sh_degree=c.sh_degree, backend=c.backend,

@@ -22,6 +22,11 @@ All from a frame's parsing labels (docs/dataset.md: 0 background, 1 torso = neck
 * :func:`face_field_target` -- the face field's (background, target) pair of stages 1-2: the frame inside
   the face mask, the plate outside, the frame's own inner mouth in both (so a face field transparent there
   is exactly right), and :func:`mouth_opacity`, the term that asks the face field for that transparency.
+* :func:`mouth_field_background` -- the mouth field's background in stages 1-2: the frame with the plate in
+  the (dilated) inner-mouth region, i.e. what lies behind the mouth field there at render time (eq. 7 splats
+  it over C_hair). With black there instead (the paper's C_hair is zero inside the face) the mouth field learnt
+  to fade out at its edges over a dark cavity, and at render the plate's backdrop showed through those edges:
+  on cnn a blue line between the lips (the studio's blue behind the head, plate colour (0.0, 0.41, 0.88)).
 
 Dilation/erosion are square max-pools (Chebyshev distance), on [H, W] float masks in {0, 1}.
 """
@@ -112,6 +117,13 @@ def face_field_target(image: Tensor, plate: Tensor, face_mask: Tensor, labels: T
     inner = (labels == MOUTH).to(image.dtype)[..., None]
     m = face_mask[..., None]
     return plate * (1 - inner) + image * inner, image * m + plate * (1 - m)
+
+
+def mouth_field_background(image: Tensor, plate: Tensor, mouth_mask: Tensor) -> Tensor:
+    """[H, W, 3] the mouth field's stage 1-2 background: ``image`` [H, W, 3] outside ``mouth_mask`` [H, W] (the
+    dilated inner mouth), ``plate`` [H, W, 3] (C_hair, behind the mouth field in eq. 7) inside it."""
+    m = mouth_mask[..., None]
+    return image * (1 - m) + plate * m
 
 
 def mouth_opacity(alpha: Tensor, labels: Tensor) -> Tensor:

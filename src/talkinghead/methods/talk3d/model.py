@@ -91,7 +91,11 @@ What we have to do differently (no pretrained weights exist offline, and a 2-cor
   mask, :attr:`audio_cells`); the other tokens reach every cell, and the decoder's convolutions carry the edit
   around the mouth. In fine-tune probes (300 audio-stage steps, 400 cnn frames) it raised the audio's effect on
   the lips' box 3.5x over the same losses without it and 5.7x on the failed run's avatar (bench/RESULTS.md,
-  session 5); it has not had a full training run yet. Avatars from before it load with every cell selected.
+  session 5). Its full cpu-small run (session 6) made the U-Net use the lip token -- the tracked lip code of an
+  open frame now moves a closed test frame's lips' box by 0.017 (session 5's run: 0.0007; the real frames
+  differ by 0.09) -- but not the audio: the code the audio predicts for the same frames moves it by 0.003, and
+  driven by silence the mouth moves as with the audio (bench/RESULTS.md). Avatars from before the region load
+  with every cell selected.
 * **Audio**: a window of the dataset's per-frame features (Whisper encoder states + energy by default, or
   phone posteriors + log-mel + energy, or wav2vec where prepared with it; the paper: wav2vec) through an audio
   net + attention over the window (the AD-NeRF / ER-NeRF audio attention net the public code reuses),
@@ -111,7 +115,9 @@ between frames (above); at (yaw, pitch) = (+30, +20) mediapipe found no face -- 
 sides of the head are not constrained, the opposite of the paper's Table 1. With the lip code (3600 iterations,
 session 4): face PSNR 26.5, mouth-opening r 0.01; with the lip token and the mouth crop (session 5, no audio
 region): face PSNR 26.4, r 0.20, but driven by silence its mouth moved as with the audio (first 40 test frames:
-r -0.64 vs -0.63) -- the mouth does not follow the audio yet.
+r -0.64 vs -0.63) -- the mouth does not follow the audio yet. With the audio region (session 6, same schedule):
+face PSNR 26.5, mouth r 0.08, silence-driven mouth r as with the audio (first 40 test frames -0.55 vs -0.56):
+still not from the audio (the lip token now moves the mouth, the audio's prediction of it barely; see above).
 """
 
 from __future__ import annotations
@@ -196,6 +202,9 @@ class Talk3D(nn.Module):
         # The bottleneck cells that may attend to a_n [3 R_b^2] (bool): those near the lips and jaw (cfg.audio_region).
         n_cells = 3 * self.unet.side ** 2
         self.register_buffer("audio_cells", torch.ones(n_cells, dtype=torch.bool) if audio_cells is None else audio_cells)
+        # The cross-attention mask [3 R_b^2, 5] those cells make (True: may not attend), built once from
+        # audio_cells (and again when a state is loaded); not saved, audio_cells is.
+        self.register_buffer("token_mask", self._token_mask(self.audio_cells), persistent=False)
         if mouth_basis is None:
             mouth_basis = torch.zeros(info.expression_dim, n_mouth, 3)
         self.register_buffer("mouth_basis", mouth_basis.float())
@@ -247,7 +256,16 @@ class Talk3D(nn.Module):
                      "lip_proj.bias": torch.zeros_like(self.lip_proj.bias)}
         if "audio_cells" not in state:  # ... and from before the audio region: every cell sees a_n
             state = {**state, "audio_cells": torch.ones_like(self.audio_cells)}
-        return super().load_state_dict(state, strict=strict, assign=assign)
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        self.token_mask = self._token_mask(self.audio_cells)
+        return result
+
+    @staticmethod
+    def _token_mask(audio_cells: Tensor) -> Tensor:
+        """[3 R_b^2] cells that may attend to a_n -> the cross-attention mask [3 R_b^2, 5] (True: may not)."""
+        mask = torch.zeros(audio_cells.shape[0], 5, dtype=torch.bool, device=audio_cells.device)
+        mask[:, 0] = ~audio_cells
+        return mask
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -280,9 +298,7 @@ class Talk3D(nn.Module):
             skips = self.unet.encode(p_id)
             if not self.training:
                 self._skips = skips
-        mask = torch.zeros(self.audio_cells.shape[0], 5, dtype=torch.bool, device=self.audio_cells.device)
-        mask[:, 0] = ~self.audio_cells
-        delta, attn = self.unet(skips, self.tokens(cond, lip)[None], mask)
+        delta, attn = self.unet(skips, self.tokens(cond, lip)[None], self.token_mask)
         return p_id + delta[0], attn[0]
 
     @property
