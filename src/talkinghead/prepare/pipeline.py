@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -609,6 +610,11 @@ def _run(cfg: PrepareConfig, video: Path, out: Path, work: Path, stages: _Stages
     finally:
         io_pool.shutdown(wait=True, cancel_futures=True)  # no thread may write into a folder being removed
         if pool is not None:
+            if sys.exc_info()[0] is not None and audio_future is not None and not audio_future.done():
+                # interrupted or failed: the audio process (it ignores Ctrl-C) would otherwise keep the exit
+                # waiting until its features are done -- or forever, should it hang -- for a result nobody reads
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):  # no public API before 3.14
+                    proc.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
 
     timings["total"] = round(time.perf_counter() - start, 3)
