@@ -175,7 +175,10 @@ def test_interrupted_run_leaves_no_dataset_and_resumes(dataset, tmp_path):
     work = tmp_path / ".ds.partial"
     started = tmp_path / "geometry_started"
     hold = (  # prepare as the CLI runs it, with a geometry stage that announces itself and waits
-        "import sys, time, pathlib\n"
+        "import signal, sys, time, pathlib\n"
+        # as from a terminal: a job started in the background by a non-interactive shell (a CI runner) inherits
+        # SIGINT ignored, and Python then keeps it ignored
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import talkinghead.prepare.pipeline as p\n"
         "def _wait(*a, **k):\n"
         f"    pathlib.Path({str(started)!r}).touch()\n"
