@@ -148,12 +148,13 @@ def test_linear_prior_known_answer_and_strength_by_blocked_cv():
     rng = np.random.default_rng(0)
     z = np.c_[rng.normal(0, 1, (400, 5)), np.ones(400)]
     w_true = rng.normal(0, 1, (6, 2))
-    w, lam = fit_linear_prior(z, z @ w_true, (1e-6, 1e2, 1e4))
+    w, lam, held_out = fit_linear_prior(z, z @ w_true, (1e-6, 1e2, 1e4))
     assert lam == 1e-6
     np.testing.assert_allclose(w, w_true, atol=1e-5)
+    np.testing.assert_allclose(held_out, z @ w_true, atol=1e-5)  # an exact map predicts unseen blocks too
     # targets that carry nothing but a constant: the strongest ridge wins, the constant is kept unpenalised
     y = 3.0 + rng.normal(0, 1, (400, 2))
-    w, lam = fit_linear_prior(z, y, (1e-6, 1e2, 1e4))
+    w, lam, _ = fit_linear_prior(z, y, (1e-6, 1e2, 1e4))
     assert lam == 1e4 and np.abs(w[:-1]).max() < 0.02
     np.testing.assert_allclose(w[-1], y.mean(0), atol=0.02)
 

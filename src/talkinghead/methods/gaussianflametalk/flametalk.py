@@ -284,7 +284,11 @@ class FlameTalk(nn.Module):
         ``prior_taps`` is 0). Causal: row t reads rows t-taps+1..t, the first row repeated before the start."""
         if not self.cfg.prior_taps:
             return None
-        return _tap_rows((audio - self.audio_mean) / self.audio_std, self.cfg.prior_taps) @ self.prior_weight
+        return self.prior_inputs(audio) @ self.prior_weight
+
+    def prior_inputs(self, audio: Tensor) -> Tensor:
+        """What the linear prior reads [B, T, taps * D + 1]: the normalised rows t-taps+1..t and a constant 1."""
+        return _tap_rows((audio - self.audio_mean) / self.audio_std, self.cfg.prior_taps)
 
     def _decode(self, inputs: Tensor, C: Tensor, prior: Tensor | None) -> Tensor:
         """Decoder inputs [B, L, d], aligned audio C [B, L, d] and the linear prior [B, L, S] (or None) ->
@@ -364,10 +368,12 @@ def _tap_rows(x: Tensor, taps: int) -> Tensor:
     return torch.cat([*cols, torch.ones_like(x[..., :1])], -1)
 
 
-def fit_linear_prior(z: np.ndarray, y: np.ndarray, lambdas, blocks: int = 5) -> tuple[np.ndarray, float]:
+def fit_linear_prior(z: np.ndarray, y: np.ndarray, lambdas,
+                     blocks: int = 5) -> tuple[np.ndarray, float, np.ndarray]:
     """Ridge map z [T, K] (last column the constant) -> y [T, S], its strength chosen by blocked
     cross-validation over ``blocks`` contiguous blocks (smallest held-out squared error; the constant is not
-    penalised). Returns (weight [K, S], the chosen lambda)."""
+    penalised). Returns (weight [K, S], the chosen lambda, the out-of-fold predictions [T, S] at that lambda:
+    each block's by the map fitted on the other blocks)."""
     z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
     K = z.shape[1]
     pen = np.eye(K)
@@ -377,10 +383,15 @@ def fit_linear_prior(z: np.ndarray, y: np.ndarray, lambdas, blocks: int = 5) -> 
         return np.linalg.solve(z[rows].T @ z[rows] + lam * pen, z[rows].T @ y[rows])
 
     fold = np.arange(len(z)) * blocks // len(z)
-    errs = [sum(((z[fold == b] @ solve(fold != b, lam) - y[fold == b]) ** 2).sum() for b in range(blocks))
-            for lam in lambdas]
-    lam = float(lambdas[int(np.argmin(errs))])
-    return solve(np.ones(len(z), bool), lam), lam
+    held_out = []  # per lambda: [T, S] out-of-fold predictions
+    for lam in lambdas:
+        pred = np.zeros_like(y)
+        for b in range(blocks):
+            pred[fold == b] = z[fold == b] @ solve(fold != b, lam)
+        held_out.append(pred)
+    best = int(np.argmin([((pred - y) ** 2).sum() for pred in held_out]))
+    lam = float(lambdas[best])
+    return solve(np.ones(len(z), bool), lam), lam, held_out[best]
 
 
 def out_of_fold_prior(model: FlameTalk, audio: np.ndarray, expression: np.ndarray, blocks: int = 5) -> np.ndarray:
@@ -388,17 +399,9 @@ def out_of_fold_prior(model: FlameTalk, audio: np.ndarray, expression: np.ndarra
     expression [T, E], each block's predicted by a prior fitted on the other blocks (the strength chosen as in
     :func:`build_flametalk`). Training the decoder on these keeps its residual honest: the in-sample prior fits
     the training frames better than it will fit new audio."""
-    cfg = model.cfg
-    t = torch.as_tensor(np.asarray(audio, np.float32))
-    z = _tap_rows(((t - model.audio_mean) / model.audio_std)[None], cfg.prior_taps)[0].numpy()
+    z = model.prior_inputs(torch.as_tensor(np.asarray(audio, np.float32))[None])[0].numpy()
     y = np.asarray(expression, np.float64)[:, model.speech_idx.numpy()] / model.speech_std.numpy()
-    _, lam = fit_linear_prior(z, y, cfg.prior_lambdas, blocks)
-    fold = np.arange(len(z)) * blocks // len(z)
-    out = np.zeros_like(y)
-    for b in range(blocks):
-        w, _ = fit_linear_prior(z[fold != b], y[fold != b], (lam,))
-        out[fold == b] = z[fold == b] @ w
-    return out.astype(np.float32)
+    return fit_linear_prior(z, y, model.cfg.prior_lambdas, blocks)[2].astype(np.float32)
 
 
 def build_flametalk(cfg: FlameTalkConfig, audio: np.ndarray, expression: np.ndarray, neutral: np.ndarray,
@@ -415,8 +418,8 @@ def build_flametalk(cfg: FlameTalkConfig, audio: np.ndarray, expression: np.ndar
         model = FlameTalk(cfg, audio.shape[1], t(neutral), t(basis), t(template), torch.as_tensor(idx),
                           t(audio.mean(0)), t(a_std), t(std))
     if cfg.prior_taps:
-        z = _tap_rows(((t(audio) - model.audio_mean) / model.audio_std)[None], cfg.prior_taps)[0].numpy()
-        w, _ = fit_linear_prior(z, expression[:, idx] / std, cfg.prior_lambdas)
+        z = model.prior_inputs(t(audio)[None])[0].numpy()
+        w, _, _ = fit_linear_prior(z, expression[:, idx] / std, cfg.prior_lambdas)
         model.prior_weight.copy_(t(w))
     return model
 
