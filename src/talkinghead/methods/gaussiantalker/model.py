@@ -47,7 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import MOUTH_VERTICES, NUM_LANDMARKS
+from talkinghead.errors import UserError
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
+from talkinghead.methods.data import audio_windows
 from talkinghead.methods.losses import PerceptualLoss, dssim
 from talkinghead.methods.replay import FrameBank
 from talkinghead.methods.surface import base_log_scales, initial_points, mesh_displacement
@@ -60,13 +62,15 @@ from talkinghead.nn.encoding import blink_encoding
 from .attention import SpatialAudioAttention, ViewpointEncoder
 from .config import GaussianTalkerConfig
 from .deformation import CanonicalMLP, DeformMLP
+from .readout import SpeechReadout, fit_speech_readout
 
 
 class GaussianTalker(nn.Module):
     """The method's model; satisfies :class:`talkinghead.methods.base.Method`."""
 
     def __init__(self, cfg: GaussianTalkerConfig, info: DatasetInfo, points: Tensor | None = None,
-                 expression_basis: Tensor | None = None, binding: tuple[Tensor, Tensor] | None = None):
+                 expression_basis: Tensor | None = None, binding: tuple[Tensor, Tensor] | None = None,
+):
         super().__init__()
         self.cfg = cfg
         n = cfg.num_gaussians
@@ -104,6 +108,12 @@ class GaussianTalker(nn.Module):
         self.triplane = Triplane(cfg.triplane_resolutions, cfg.triplane_channels, bounds)
         self.f_can = CanonicalMLP(d, cfg.hidden, self.num_sh)
         self.audio_encoder = AudioEncoder(info.audio_dim, d, cfg.hidden)
+        # speech readout added to the audio token (readout.py); None: the paper's token
+        if cfg.readout_radius > cfg.data.audio_radius:
+            raise UserError(f"readout_radius {cfg.readout_radius} must be within the audio window "
+                            f"(audio_radius {cfg.data.audio_radius})")
+        self.readout = SpeechReadout(cfg.readout_radius, info.audio_dim, d, info.num_frames, info.expression_dim) \
+            if cfg.readout_radius else None
         self.eye_proj = nn.Linear(blink_encoding(torch.zeros(2)).shape[-1], d)
         self.view_encoder = ViewpointEncoder(d, cfg.hidden)
         self.null = nn.Parameter(torch.randn(d) * 0.1)
@@ -130,9 +140,26 @@ class GaussianTalker(nn.Module):
             points, binding = torch.from_numpy(pts), (torch.from_numpy(ids), torch.from_numpy(bary))
             basis = torch.from_numpy(np.asarray(fm.basis, np.float32))
         model = cls(cfg, info, points, basis, binding)
+        if dataset is not None and model.readout is not None:
+            model._fit_readout(dataset)
         if dataset is not None:
             model._setup_lpips()
         return model
+
+    def _fit_readout(self, dataset) -> None:
+        cfg = self.cfg
+        train = dataset.split_indices("train")
+        windows = audio_windows(np.asarray(dataset.audio_matrix, np.float32), cfg.data.audio_radius)[train]
+        fm = dataset.face_model
+        fit_speech_readout(self.readout, windows, dataset.tracks.expression[train], train, fm.neutral, fm.basis,
+                           cfg.readout_lambdas)
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        """An avatar saved before the speech readout existed loads as the model it was: without one."""
+        if "readout.weight" not in state and self.readout is not None:
+            self.readout = None
+            self.cfg.readout_radius = 0
+        return super().load_state_dict(state, strict, assign)
 
     def _setup_lpips(self) -> None:
         self._lpips, self._lpips_note = PerceptualLoss.optional(self.cfg.lambda_lpips, self.cfg.lpips_weights,
@@ -165,11 +192,21 @@ class GaussianTalker(nn.Module):
 
     def tokens(self, cond: Condition) -> Tensor:
         """[4, d] condition tokens {audio, eye, viewpoint, null} of eq. 13."""
-        return self._tokens(cond.audio, cond.blink, cond.pose)  # the tracked pose, also under a novel view
+        # the tracked pose, also under a novel view
+        return self._tokens(cond.audio, cond.blink, cond.pose, self._readout_input(cond))
 
-    def _tokens(self, audio: Tensor, blink: Tensor, viewmat: Tensor) -> Tensor:
-        """Tokens [4, d] of one frame (audio [2R+1, D], blink [2], viewmat [4, 4]), or [B, 4, d] of B frames."""
+    def _readout_input(self, cond: Condition) -> Tensor | None:
+        """The readout's coefficients for ``cond`` when training (out-of-fold); None: read from the window."""
+        if self.readout is None or not self.training:
+            return None
+        return self.readout.training_input(cond.index, cond.audio)
+
+    def _tokens(self, audio: Tensor, blink: Tensor, viewmat: Tensor, speech: Tensor | None = None) -> Tensor:
+        """Tokens [4, d] of one frame (audio [2R+1, D], blink [2], viewmat [4, 4]), or [B, 4, d] of B frames.
+        ``speech`` [E] / [B, E]: the readout's coefficients (default: the frozen map's, from ``audio``)."""
         a = self.audio_encoder(audio)
+        if self.readout is not None:
+            a = a + self.readout(self.readout.predict(audio) if speech is None else speech)
         e = self.eye_proj(blink_encoding(blink))
         v = self.view_encoder(viewmat)
         return torch.stack([a, e, v, self.null.expand_as(a)], -2)
@@ -229,8 +266,9 @@ class GaussianTalker(nn.Module):
         if deform and not bool(self.deform_on):
             self.deform_on.fill_(True)
         if cfg.geo_replay > 0:
+            speech = self._readout_input(batch.cond)
             self._geo_bank.add(batch.cond.index, batch.cond.audio, batch.cond.blink, batch.cond.viewmat,
-                               batch.expression)
+                               batch.expression, *([] if speech is None else [speech]))
         g = self.gaussians(batch.cond, deform)
         pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop, batch.cond.eps2d)
         l1 = (pred - batch.image).abs().mean()
@@ -268,8 +306,8 @@ class GaussianTalker(nn.Module):
         if f_geo is None:
             f_geo = self.triplane(self.means[self.geo_points])
         n = self.cfg.geo_replay
-        audio, blink, viewmat, expr = self._geo_bank.sample(n)
-        z, _ = self.attention(f_geo, self._tokens(audio, blink, viewmat))  # [B, M, d]
+        audio, blink, viewmat, expr, *speech = self._geo_bank.sample(n)
+        z, _ = self.attention(f_geo, self._tokens(audio, blink, viewmat, *speech))  # [B, M, d]
         offsets = self.f_deform(z.flatten(0, 1))["means"].view(n, -1, 3) * self.offset_scale
         return self._geo_error(offsets, expr) * n  # each frame's mean, summed
 
