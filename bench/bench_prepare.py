@@ -93,11 +93,16 @@ print(json.dumps({"seconds": len(wave) / media.AUDIO_RATE, "wall": wall, "cpu": 
 """
 
 
-def run_audio_step(video: Path, loops: int, encoder: str, src: Path | None, save: Path | None = None) -> dict:
+def run_audio_step(video: Path, loops: int, encoder: str, src: Path | None, save: Path | None = None,
+                   cache: Path | None = None) -> dict:
     """prepare's audio step alone in a fresh interpreter (imports included): its wall / CPU s, peak RSS; with
-    ``save``, its Whisper features are written there (.npy) when it computed any."""
+    ``save``, its Whisper features are written there (.npy) when it computed any; ``cache``: the Whisper trace
+    cache folder it uses (``TALKINGHEAD_CACHE``; default: the user's)."""
     cmd = [sys.executable, "-c", _AUDIO_STEP, str(video), str(loops), encoder] + ([str(save)] if save else [])
-    out = subprocess.run(cmd, env=_env(src), capture_output=True, text=True, check=True)
+    env = _env(src)
+    if cache is not None:
+        env = {**(env or os.environ), "TALKINGHEAD_CACHE": str(cache)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

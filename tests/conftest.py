@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The Whisper trace cache (talkinghead.audio.whisper.cache_folder) of this test run: its own, empty at the
+# start (the tests exercise both the first, caching load and the cached one), inherited by the CLI
+# subprocesses, removed at the end; never the user's ~/.cache.
+CACHE = os.environ["TALKINGHEAD_CACHE"] = tempfile.mkdtemp(prefix="talkinghead-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 def shared_clip(name: str) -> Path:

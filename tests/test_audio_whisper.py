@@ -475,3 +475,56 @@ def test_features_without_phones_save_and_load(tmp_path, tiny_random):
     f.save(tmp_path / "b.npz")
     with pytest.raises(UserError, match="inconsistent"):
         AudioFeatures.load(tmp_path / "b.npz")
+
+
+# --- log-mel and the trace cache ------------------------------------------------------------------------
+def test_log_mel_is_the_feature_extractors(tiny_random):
+    enc = W.load_whisper(tiny_random[0] / "hf", device="cpu")
+    for wave in (synthetic_signal(), np.zeros(8000, np.float32), synthetic_signal()[:100]):
+        ref = enc.extractor(wave, sampling_rate=RATE, return_tensors="np", padding="max_length")["input_features"]
+        np.testing.assert_array_equal(W.log_mel(wave, enc.filters).numpy(), ref)
+
+
+def test_a_cached_load_builds_nothing_and_gives_the_same_states_as_the_module(tiny_random, tmp_path, monkeypatch):
+    monkeypatch.setenv("TALKINGHEAD_CACHE", str(tmp_path))
+    folder = tiny_random[0] / "ct2"
+    wave = synthetic_signal()
+    times = np.arange(60) / 25.0
+    first = W.load_whisper(folder, device="cpu")
+    assert first._model is not None  # nothing cached yet: the module was built
+    got = {d: W.encode_window(first, wave, times, d) for d in (None, 1)}
+    cached = sorted(p.name.split("-")[1] for p in (tmp_path / "whisper").iterdir())
+    assert cached == ["meta", "states1", "states2"]
+    again = W.load_whisper(folder, device="cpu")
+    assert again._model is None and again.num_layers == 2 and again.width == 16 and again.sha256 == first.sha256
+    for d in (None, 1):
+        np.testing.assert_array_equal(W.encode_window(again, wave, times, d), got[d])
+    assert again._model is None  # the cached graphs ran, not the module
+    # the module's own forward, as the trace was taken from it
+    mel = W.log_mel(wave, again.filters)
+    with torch.inference_mode():
+        plain = W._eager_states(again.model, mel, 2, 2)[0]
+    np.testing.assert_array_equal(again.states(mel).numpy(), plain.numpy())
+    # a damaged cached graph is traced again; no cache at all: the module runs
+    next((tmp_path / "whisper").glob("*states2*")).write_bytes(b"not a graph")
+    np.testing.assert_array_equal(W.encode_window(W.load_whisper(folder, device="cpu"), wave, times), got[None])
+    monkeypatch.setenv("TALKINGHEAD_CACHE", "none")
+    enc = W.load_whisper(folder, device="cpu")
+    assert W.cache_folder() is None and enc._model is not None
+    np.testing.assert_array_equal(W.encode_window(enc, wave, times), got[None])
+
+
+def test_with_a_warm_cache_encoding_never_imports_transformers(tiny_random, tmp_path):
+    import os
+    import subprocess
+
+    folder = tiny_random[0] / "hf"
+    code = ("import sys, numpy as np\n"
+            "from talkinghead.audio import whisper as W\n"
+            f"enc = W.load_whisper({str(folder)!r}, device='cpu')\n"
+            "h = W.whisper_features(enc, np.zeros(16000, np.float32), 25.0, 20)\n"
+            "print(h.shape, any(m.startswith('transformers') for m in sys.modules))\n")
+    env = dict(os.environ, TALKINGHEAD_CACHE=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs == ["(20, 3, 16) True\n", "(20, 3, 16) False\n"]

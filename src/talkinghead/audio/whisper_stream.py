@@ -48,9 +48,8 @@ import numpy as np
 import torch
 
 from talkinghead.audio.features import ENERGY_FLOOR_DB, ENERGY_RANGE, ENERGY_SCALE
-from talkinghead.audio.whisper import CONTEXT_S, CORE_S, RATE, ROW_S, WINDOW_S, WhisperEncoder
+from talkinghead.audio.whisper import CONTEXT_S, CORE_S, MEL_HOP, N_FFT, RATE, ROW_S, WINDOW_S, WhisperEncoder
 
-N_FFT, MEL_HOP = 400, 160  # Whisper's STFT
 ROW = int(ROW_S * RATE)  # 320 samples per encoder row
 CONV_REACH = 2 * MEL_HOP + N_FFT // 2  # 520: samples past a row's instant its convolutions read
 ROWS = int(WINDOW_S / ROW_S)  # 1500 positions
@@ -80,7 +79,7 @@ class WhisperStream:
         self.la_rows = math.ceil(lookahead / fps / ROW_S - 1e-9)  # rows of right context past a frame's rows
         m = encoder.model
         self.device = encoder.device
-        self.filters = torch.as_tensor(encoder.extractor.mel_filters, dtype=torch.float32, device=self.device)  # [201, 80]
+        self.filters = torch.as_tensor(encoder.filters, dtype=torch.float32, device=self.device)  # [201, 80]
         self.hann = torch.hann_window(N_FFT, device=self.device)
         self.conv1, self.conv2, self.pos = m.conv1, m.conv2, m.embed_positions.weight  # pos: [1500, D]
         self.blocks = list(m.layers[: self.depth])
