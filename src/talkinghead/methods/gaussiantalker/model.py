@@ -31,6 +31,15 @@ the trainer passes them; only the supervised Gaussians are deformed for them, no
 frame a step the audio -> lip mapping saw each frame ~2 times and underfit (predicted inner-lip gap std 0.8 mm
 vs 3.1 mm tracked on training frames, 0.6 vs 2.6 mm held out).
 
+Second deviation for the audio (``readout_radius``; 0 = the paper's token): the audio token a_n is the audio
+encoder's output plus a learned projection (starting at zero) of the person's speech-related expression
+coefficients read off the window by a closed-form ridge map fitted on the training frames and then frozen
+(:mod:`.readout`; in training the map's out-of-fold predictions, as FlameTalk's linear prior). Why: with the
+Whisper features the network alone reached rendered mouth-opening r 0.55-0.61 on cnn_anchor_en_71s's test
+split (``eval --size 512``) while the same ridge map alone predicts the tracked meshes' opening at r 0.77
+there: the regression audio -> lips, learnt through the attention and the rasterizer one frame a step, did
+not converge to what a linear map reads directly (bench/RESULTS.md, issue 10).
+
 Other deviations: no adaptive density control (the point count stays ``num_gaussians``: the cpu-small budget has
 no room for it, and mu_c starts on the face surface instead of from SfM); pre-norm attention blocks; the
 canonical scale has a fixed per-point base (see :mod:`.deformation`); the eye token encodes prepare's blink
