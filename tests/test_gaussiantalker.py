@@ -352,3 +352,38 @@ def test_the_readout_reaches_the_audio_token_and_old_avatars_load_without_one(sy
     assert empty.readout is None and empty.cfg.readout_radius == 0
     with torch.no_grad():
         torch.testing.assert_close(empty.tokens(cond)[0], plain)
+
+
+def test_the_rig_displaces_the_mouth_gaussians_by_the_face_model_under_the_readout_and_survives_loading(synthetic):
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.surface import mesh_displacement
+
+    path, _ = synthetic
+    cfg = _tiny_config(10)
+    store = FrameStore(path, cfg.data, progress=False)
+    model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64)).eval()
+    with torch.no_grad():
+        model.expression_basis.normal_(0, 0.003)
+        model.readout.weight[-1] = 1.0  # p = 1 for every coefficient, whatever the audio
+        model.readout.expression_std.fill_(0.5)
+    cond = store.condition(2)
+    with torch.no_grad():
+        rigged = model.gaussians(cond, deform=True)["offsets"]
+        model.cfg.readout_rig = False
+        plain = model.gaussians(cond, deform=True)["offsets"]
+        model.cfg.readout_rig = True
+        want = mesh_displacement(model.readout.expression_std, model.expression_basis, model.geo_vertices,
+                                 model.geo_weights)
+    pts = model.geo_points
+    assert len(pts) > 0 and float(want.abs().max()) > 1e-4
+    torch.testing.assert_close(rigged[pts], plain[pts] + want)
+    others = torch.ones(len(rigged), dtype=torch.bool)
+    others[pts] = False
+    torch.testing.assert_close(rigged[others], plain[others])
+    # a loaded avatar has the binding (sizes from the saved tensors) and renders the same frame
+    empty = get_method("gaussiantalker").build(_tiny_config(10), store.info)
+    empty.load_state_dict(model.state_dict())
+    empty.deform_on.fill_(True)
+    model.deform_on.fill_(True)
+    with torch.no_grad():
+        torch.testing.assert_close(empty.eval().render(cond), model.render(cond))

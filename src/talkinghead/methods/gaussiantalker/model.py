@@ -103,7 +103,8 @@ class GaussianTalker(nn.Module):
         self.mouth_vertices = torch.tensor(MOUTH_VERTICES)
         # Gaussians on the mesh around the mouth (vertex points of MOUTH_VERTICES and points sampled on
         # triangles touching one) and their place there: the geometry loss's targets interpolate the tracked
-        # vertex displacements. Training only, so not saved (a loaded avatar has none; a build has them).
+        # vertex displacements, and with ``readout_rig`` rendering displaces them. Saved with the avatar (sizes
+        # from the saved tensors, :meth:`load_state_dict`).
         ids = torch.zeros(n, 3, dtype=torch.long)
         bary = torch.zeros(n, 3)
         if binding is not None:
@@ -111,9 +112,9 @@ class GaussianTalker(nn.Module):
         on_mouth = torch.zeros(NUM_LANDMARKS + 1, dtype=torch.bool)
         on_mouth[list(MOUTH_VERTICES)] = True
         sel = (bary.sum(1) > 0) & on_mouth[ids.clamp(max=NUM_LANDMARKS)].any(1)
-        self.register_buffer("geo_points", sel.nonzero()[:, 0], persistent=False)  # [M]
-        self.register_buffer("geo_vertices", ids[sel], persistent=False)  # [M, 3]
-        self.register_buffer("geo_weights", bary[sel], persistent=False)  # [M, 3]
+        self.register_buffer("geo_points", sel.nonzero()[:, 0])  # [M]
+        self.register_buffer("geo_vertices", ids[sel])  # [M, 3]
+        self.register_buffer("geo_weights", bary[sel])  # [M, 3]
         self.triplane = Triplane(cfg.triplane_resolutions, cfg.triplane_channels, bounds)
         self.f_can = CanonicalMLP(d, cfg.hidden, self.num_sh)
         self.audio_encoder = AudioEncoder(info.audio_dim, d, cfg.hidden)
@@ -164,10 +165,15 @@ class GaussianTalker(nn.Module):
                            cfg.readout_lambdas)
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
-        """An avatar saved before the speech readout existed loads as the model it was: without one."""
+        """The mouth Gaussians' binding at its saved size; an avatar saved before the speech readout (or the
+        saved binding) existed loads as the model it was: without them."""
+        state = dict(state)
         if "readout.weight" not in state and self.readout is not None:
             self.readout = None
             self.cfg.readout_radius = 0
+        for name in ("geo_points", "geo_vertices", "geo_weights"):
+            state.setdefault(name, getattr(self, name)[:0])
+            setattr(self, name, torch.empty_like(state[name]))
         return super().load_state_dict(state, strict, assign)
 
     def _setup_lpips(self) -> None:
@@ -202,13 +208,25 @@ class GaussianTalker(nn.Module):
     def tokens(self, cond: Condition) -> Tensor:
         """[4, d] condition tokens {audio, eye, viewpoint, null} of eq. 13."""
         # the tracked pose, also under a novel view
-        return self._tokens(cond.audio, cond.blink, cond.pose, self._readout_input(cond))
+        return self._tokens(cond.audio, cond.blink, cond.pose, self._speech(cond))
 
-    def _readout_input(self, cond: Condition) -> Tensor | None:
-        """The readout's coefficients for ``cond`` when training (out-of-fold); None: read from the window."""
-        if self.readout is None or not self.training:
+    def _speech(self, cond: Condition) -> Tensor | None:
+        """The readout's coefficients p [E] for ``cond`` (training: out-of-fold); None without a readout."""
+        if self.readout is None:
             return None
-        return self.readout.training_input(cond.index, cond.audio)
+        if self.training:
+            return self.readout.training_input(cond.index, cond.audio)
+        return self.readout.predict(cond.audio)
+
+    def _rigged(self, offsets: Tensor, speech: Tensor | None, points: Tensor) -> Tensor:
+        """``offsets`` [.., N, 3] plus, with ``readout_rig``, the face model's displacement under the readout's
+        coefficients ``speech`` [.., E] at the mouth Gaussians: [.., M, 3] rows ``points`` of ``offsets`` are
+        those Gaussians (all N rows: ``points`` = geo_points; M rows: ``points`` = arange(M))."""
+        if speech is None or not self.cfg.readout_rig or not len(self.geo_points):
+            return offsets
+        disp = mesh_displacement(speech * self.readout.expression_std, self.expression_basis, self.geo_vertices,
+                                 self.geo_weights)  # [.., M, 3]
+        return offsets.index_add(-2, points, disp)
 
     def _tokens(self, audio: Tensor, blink: Tensor, viewmat: Tensor, speech: Tensor | None = None) -> Tensor:
         """Tokens [4, d] of one frame (audio [2R+1, D], blink [2], viewmat [4, 4]), or [B, 4, d] of B frames.
@@ -230,9 +248,10 @@ class GaussianTalker(nn.Module):
         rot, sh, logit = can["rotation"], can["sh"], can["opacity"][:, 0]
         out: dict[str, Tensor] = {}
         if deform:
-            z, attn = self.attention(f, self.tokens(cond))
+            speech = self._speech(cond)
+            z, attn = self.attention(f, self._tokens(cond.audio, cond.blink, cond.pose, speech))
             dlt = self.f_deform(z)
-            offsets = dlt["means"] * self.offset_scale
+            offsets = self._rigged(dlt["means"] * self.offset_scale, speech, self.geo_points)
             means = means + offsets
             log_s = log_s + dlt["scale"]
             rot = rot + dlt["rotation"]
@@ -275,7 +294,7 @@ class GaussianTalker(nn.Module):
         if deform and not bool(self.deform_on):
             self.deform_on.fill_(True)
         if cfg.geo_replay > 0:
-            speech = self._readout_input(batch.cond)
+            speech = self._speech(batch.cond)
             self._geo_bank.add(batch.cond.index, batch.cond.audio, batch.cond.blink, batch.cond.viewmat,
                                batch.expression, *([] if speech is None else [speech]))
         g = self.gaussians(batch.cond, deform)
@@ -318,6 +337,7 @@ class GaussianTalker(nn.Module):
         audio, blink, viewmat, expr, *speech = self._geo_bank.sample(n)
         z, _ = self.attention(f_geo, self._tokens(audio, blink, viewmat, *speech))  # [B, M, d]
         offsets = self.f_deform(z.flatten(0, 1))["means"].view(n, -1, 3) * self.offset_scale
+        offsets = self._rigged(offsets, speech[0] if speech else None, torch.arange(offsets.shape[1]))
         return self._geo_error(offsets, expr) * n  # each frame's mean, summed
 
     def _geo_error(self, offsets: Tensor, expression: Tensor) -> Tensor:
