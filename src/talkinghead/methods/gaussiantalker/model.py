@@ -38,7 +38,11 @@ coefficients read off the window by a closed-form ridge map fitted on the traini
 Whisper features the network alone reached rendered mouth-opening r 0.55-0.61 on cnn_anchor_en_71s's test
 split (``eval --size 512``) while the same ridge map alone predicts the tracked meshes' opening at r 0.77
 there: the regression audio -> lips, learnt through the attention and the rasterizer one frame a step, did
-not converge to what a linear map reads directly (bench/RESULTS.md, issue 10).
+not converge to what a linear map reads directly (bench/RESULTS.md, issue 10). With ``readout_rig`` (default)
+the same coefficients also displace the geometry-supervised mouth Gaussians through the face model (the
+barycentric mix of their triangle's vertex displacements, as the geometry loss's targets), and F_deform's
+position offsets are a residual on that, as FlameTalk's decoder is on its prior: the lips are rigged to an
+audio-driven linear face model, the network refines them and moves everything else.
 
 Other deviations: no adaptive density control (the point count stays ``num_gaussians``: the cpu-small budget has
 no room for it, and mu_c starts on the face surface instead of from SfM); pre-norm attention blocks; the
