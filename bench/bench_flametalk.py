@@ -39,8 +39,7 @@ SETTINGS = {
 def ridge_reference(ds, lam: float = 3e3) -> float:
     """Mouth-opening r of a causal ridge map (audio rows t-2..t -> speech coefficients) on the test split."""
     from talkinghead.face.landmarks import mouth_opening
-    from talkinghead.methods.gaussianflametalk.flametalk import FlameTalkConfig
-    from talkinghead.methods.speech_prior import speech_components
+    from talkinghead.methods.gaussianflametalk.flametalk import FlameTalkConfig, speech_components
 
     fm, X = ds.face_model, ds.tracks.expression
     train, test = ds.split_indices("train"), ds.split_indices("test")

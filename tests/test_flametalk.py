@@ -9,8 +9,7 @@ import torch
 from talkinghead.face.landmarks import CHIN, LEFT_EYE_OUTER, LOWER_LIP_INNER, NOSE_TIP, RIGHT_EYE_OUTER, UPPER_LIP_INNER
 from talkinghead.methods.gaussianflametalk.flametalk import (
     FlameTalkConfig, alignment_mask, biased_causal_mask, build_flametalk, causal_average, evaluate_flametalk,
-    periodic_positional_encoding, train_flametalk)
-from talkinghead.methods.speech_prior import fit_linear_prior, speech_components
+    fit_linear_prior, periodic_positional_encoding, speech_components, train_flametalk)
 
 V = 478
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from talkinghead.errors import UserError
 from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
 from talkinghead import methods
 from talkinghead.methods import get_method
@@ -285,105 +284,22 @@ def test_expression_supervision_moves_the_mouth_vertices(synthetic):
     assert off[list(MOUTH_VERTICES), 1].mean() > 0.001
 
 
-def test_speech_readout_recovers_a_linear_jaw_from_the_window_and_trains_on_out_of_fold_predictions():
-    """The readout's map reads the speech coefficient (a linear function of the next frame's audio) off the
-    window, leaves the brow coefficient at 0, and gives training its out-of-fold predictions."""
-    from test_flametalk import _face
-
-    from talkinghead.methods.data import audio_windows
-    from talkinghead.methods.gaussiantalker.readout import SpeechReadout, fit_speech_readout
-    from talkinghead.methods.speech_prior import fit_linear_prior
-
-    neutral, basis, _ = _face()
-    rng = np.random.default_rng(1)
-    T, D = 400, 6
-    audio = rng.normal(0, 1, (T, D)).astype(np.float32)
-    jaw = np.r_[audio[1:, 0], 0.0] * 2.0 + 1.0  # frame t's jaw follows audio row t+1 (inside the window)
-    expression = np.stack([jaw, rng.normal(0, 1, T), rng.normal(0, 0.1, T)], 1).astype(np.float32)
-    windows = audio_windows(audio, 3)
-    train = np.arange(300)
-    readout = SpeechReadout(2, D, 8, T, 3)
-    fit_speech_readout(readout, windows[train], expression[train], train, neutral, basis, (1e-3, 1e1, 1e3))
-    with torch.no_grad():
-        p = readout.predict(windows[300:]).numpy()  # held-out frames, [100, 3]
-    std = expression[train].std(0)
-    np.testing.assert_allclose(p[:-1, 0] * std[0], jaw[300:-1], atol=0.05)
-    assert np.all(p[:, 1] == 0) and float(readout.weight[:, 1].abs().max()) == 0.0
-    # training frames: the map's out-of-fold predictions (each block's from the other blocks), not its own
-    z = readout.inputs(windows[train]).double().numpy()
-    _, _, held_out = fit_linear_prior(z, expression[train][:, [0]] / std[0], (1e-3, 1e1, 1e3))
-    np.testing.assert_allclose(readout.oof[train, 0].numpy(), held_out[:, 0], rtol=1e-4, atol=1e-5)
-    assert torch.isnan(readout.oof[300:]).all()
-    torch.testing.assert_close(readout.training_input(5, windows[5]), readout.oof[5])
-    torch.testing.assert_close(readout.training_input(350, windows[350]), readout.predict(windows[350]))
-    # the projection starts at zero: the token term is 0 until training moves it
-    assert float(readout(torch.from_numpy(p)).detach().abs().max()) == 0.0
-
-
-def test_the_readout_reaches_the_audio_token_and_old_avatars_load_without_one(synthetic):
+def test_the_mouth_binding_is_saved_so_a_resumed_run_keeps_its_geometry_supervision(synthetic):
     from talkinghead.data import PreparedDataset
 
     path, _ = synthetic
-    cfg = _tiny_config(10)
-    store = FrameStore(path, cfg.data, progress=False)
-    model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
-    assert model.readout is not None and not torch.isnan(model.readout.oof[store.indices]).any()
-    torch.nn.init.normal_(model.readout.proj.weight)
-    cond = store.condition(3)
-    with torch.no_grad():
-        model.readout.oof[cond.index] += 1.0  # so that the out-of-fold input differs from the map's
-        model.train()
-        trained = model.tokens(cond)[0]
-        model.eval()
-        served = model.tokens(cond)[0]
-        plain = model.audio_encoder(cond.audio)
-        want = model.readout(model.readout.predict(cond.audio))
-        oof = model.readout(model.readout.oof[cond.index])
-    torch.testing.assert_close(served, plain + want)
-    torch.testing.assert_close(trained, plain + oof)
-    with pytest.raises(UserError, match="readout_radius"):
-        bad = _tiny_config(10)
-        bad.readout_radius = 3
-        get_method("gaussiantalker").build(bad, store.info)
-    # an avatar saved before the readout existed: no readout tensors in its state
-    old = {k: v for k, v in model.state_dict().items() if not k.startswith("readout.")}
-    empty = get_method("gaussiantalker").build(_tiny_config(10), store.info)
-    empty.load_state_dict(old)
-    assert empty.readout is None and empty.cfg.readout_radius == 0
-    with torch.no_grad():
-        torch.testing.assert_close(empty.tokens(cond)[0], plain)
-
-
-def test_the_rig_displaces_the_mouth_gaussians_by_the_face_model_under_the_readout_and_survives_loading(synthetic):
-    from talkinghead.data import PreparedDataset
-    from talkinghead.methods.surface import mesh_displacement
-
-    path, _ = synthetic
-    cfg = _tiny_config(10)
-    store = FrameStore(path, cfg.data, progress=False)
-    model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64)).eval()
-    with torch.no_grad():
-        model.expression_basis.normal_(0, 0.003)
-        model.readout.weight[-1] = 1.0  # p = 1 for every coefficient, whatever the audio
-        model.readout.expression_std.fill_(0.5)
-    cond = store.condition(2)
-    with torch.no_grad():
-        rigged = model.gaussians(cond, deform=True)["offsets"]
-        model.cfg.readout_rig = False
-        plain = model.gaussians(cond, deform=True)["offsets"]
-        model.cfg.readout_rig = True
-        want = mesh_displacement(model.readout.expression_std, model.expression_basis, model.geo_vertices,
-                                 model.geo_weights)
-    pts = model.geo_points
-    assert len(pts) > 0 and float(want.abs().max()) > 1e-4
-    torch.testing.assert_close(rigged[pts], plain[pts] + want)
-    others = torch.ones(len(rigged), dtype=torch.bool)
-    others[pts] = False
-    torch.testing.assert_close(rigged[others], plain[others])
-    # a loaded avatar has the binding (sizes from the saved tensors) and renders the same frame
-    empty = get_method("gaussiantalker").build(_tiny_config(10), store.info)
+    store = FrameStore(path, _tiny_config(10).data, progress=False)
+    model = get_method("gaussiantalker").build(_tiny_config(10), store.info, dataset=PreparedDataset(path, size=64))
+    assert len(model.geo_points) > 0
+    empty = get_method("gaussiantalker").build(_tiny_config(10), store.info)  # what --resume builds
+    assert len(empty.geo_points) == 0
     empty.load_state_dict(model.state_dict())
-    empty.deform_on.fill_(True)
-    model.deform_on.fill_(True)
+    for name in ("geo_points", "geo_vertices", "geo_weights"):
+        torch.testing.assert_close(getattr(empty, name), getattr(model, name))
+    batch = store.batch(0)
     with torch.no_grad():
-        torch.testing.assert_close(empty.eval().render(cond), model.render(cond))
+        assert "geo" in empty.train_loss(batch, step=10**6)[1]
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("geo_")}  # saved before
+    again = get_method("gaussiantalker").build(_tiny_config(10), store.info)
+    again.load_state_dict(old)
+    assert len(again.geo_points) == 0

@@ -43,9 +43,6 @@ class GaussianTalkerConfig:
     lambda_lip: float = 2.0
     lambda_geo: float = 0.5  # lip/chin mesh Gaussians follow the tracked expression (model.py; not in the paper)
     geo_replay: int = 8  # earlier training frames added to each step's geometry loss (model.py; not in the paper)
-    readout_radius: int = 2  # speech readout reads window rows t-r..t+r (0: none; readout.py; not in the paper)
-    readout_lambdas: tuple[float, ...] = (3e2, 1e3, 3e3, 1e4, 3e4)  # its ridge strengths tried by blocked CV
-    readout_rig: bool = True  # lip/chin Gaussians displaced by the face model under the readout's coefficients
     lpips_weights: str | None = None  # folder with alex.pth + alexnet-owt-*.pth (else env / torch hub cache)
     lr_means: float = 1.6e-4  # times the head radius (3DGS's spatial_lr_scale), decayed 100x over training
     lr_triplane: float = 5e-3

@@ -31,19 +31,6 @@ the trainer passes them; only the supervised Gaussians are deformed for them, no
 frame a step the audio -> lip mapping saw each frame ~2 times and underfit (predicted inner-lip gap std 0.8 mm
 vs 3.1 mm tracked on training frames, 0.6 vs 2.6 mm held out).
 
-Second deviation for the audio (``readout_radius``; 0 = the paper's token): the audio token a_n is the audio
-encoder's output plus a learned projection (starting at zero) of the person's speech-related expression
-coefficients read off the window by a closed-form ridge map fitted on the training frames and then frozen
-(:mod:`.readout`; in training the map's out-of-fold predictions, as FlameTalk's linear prior). Why: with the
-Whisper features the network alone reached rendered mouth-opening r 0.55-0.61 on cnn_anchor_en_71s's test
-split (``eval --size 512``) while the same ridge map alone predicts the tracked meshes' opening at r 0.77
-there: the regression audio -> lips, learnt through the attention and the rasterizer one frame a step, did
-not converge to what a linear map reads directly (bench/RESULTS.md, issue 10). With ``readout_rig`` (default)
-the same coefficients also displace the geometry-supervised mouth Gaussians through the face model (the
-barycentric mix of their triangle's vertex displacements, as the geometry loss's targets), and F_deform's
-position offsets are a residual on that, as FlameTalk's decoder is on its prior: the lips are rigged to an
-audio-driven linear face model, the network refines them and moves everything else.
-
 Other deviations: no adaptive density control (the point count stays ``num_gaussians``: the cpu-small budget has
 no room for it, and mu_c starts on the face surface instead of from SfM); pre-norm attention blocks; the
 canonical scale has a fixed per-point base (see :mod:`.deformation`); the eye token encodes prepare's blink
@@ -60,9 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from talkinghead.face.landmarks import MOUTH_VERTICES, NUM_LANDMARKS
-from talkinghead.errors import UserError
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
-from talkinghead.methods.data import audio_windows
 from talkinghead.methods.losses import PerceptualLoss, dssim
 from talkinghead.methods.replay import FrameBank
 from talkinghead.methods.surface import base_log_scales, initial_points, mesh_displacement
@@ -75,15 +60,13 @@ from talkinghead.nn.encoding import blink_encoding
 from .attention import SpatialAudioAttention, ViewpointEncoder
 from .config import GaussianTalkerConfig
 from .deformation import CanonicalMLP, DeformMLP
-from .readout import SpeechReadout, fit_speech_readout
 
 
 class GaussianTalker(nn.Module):
     """The method's model; satisfies :class:`talkinghead.methods.base.Method`."""
 
     def __init__(self, cfg: GaussianTalkerConfig, info: DatasetInfo, points: Tensor | None = None,
-                 expression_basis: Tensor | None = None, binding: tuple[Tensor, Tensor] | None = None,
-):
+                 expression_basis: Tensor | None = None, binding: tuple[Tensor, Tensor] | None = None):
         super().__init__()
         self.cfg = cfg
         n = cfg.num_gaussians
@@ -107,8 +90,8 @@ class GaussianTalker(nn.Module):
         self.mouth_vertices = torch.tensor(MOUTH_VERTICES)
         # Gaussians on the mesh around the mouth (vertex points of MOUTH_VERTICES and points sampled on
         # triangles touching one) and their place there: the geometry loss's targets interpolate the tracked
-        # vertex displacements, and with ``readout_rig`` rendering displaces them. Saved with the avatar (sizes
-        # from the saved tensors, :meth:`load_state_dict`).
+        # vertex displacements. Saved with the avatar, so that a resumed run keeps its geometry supervision
+        # (sizes from the saved tensors, :meth:`load_state_dict`).
         ids = torch.zeros(n, 3, dtype=torch.long)
         bary = torch.zeros(n, 3)
         if binding is not None:
@@ -122,12 +105,6 @@ class GaussianTalker(nn.Module):
         self.triplane = Triplane(cfg.triplane_resolutions, cfg.triplane_channels, bounds)
         self.f_can = CanonicalMLP(d, cfg.hidden, self.num_sh)
         self.audio_encoder = AudioEncoder(info.audio_dim, d, cfg.hidden)
-        # speech readout added to the audio token (readout.py); None: the paper's token
-        if cfg.readout_radius > cfg.data.audio_radius:
-            raise UserError(f"readout_radius {cfg.readout_radius} must be within the audio window "
-                            f"(audio_radius {cfg.data.audio_radius})")
-        self.readout = SpeechReadout(cfg.readout_radius, info.audio_dim, d, info.num_frames, info.expression_dim) \
-            if cfg.readout_radius else None
         self.eye_proj = nn.Linear(blink_encoding(torch.zeros(2)).shape[-1], d)
         self.view_encoder = ViewpointEncoder(d, cfg.hidden)
         self.null = nn.Parameter(torch.randn(d) * 0.1)
@@ -154,27 +131,13 @@ class GaussianTalker(nn.Module):
             points, binding = torch.from_numpy(pts), (torch.from_numpy(ids), torch.from_numpy(bary))
             basis = torch.from_numpy(np.asarray(fm.basis, np.float32))
         model = cls(cfg, info, points, basis, binding)
-        if dataset is not None and model.readout is not None:
-            model._fit_readout(dataset)
         if dataset is not None:
             model._setup_lpips()
         return model
 
-    def _fit_readout(self, dataset) -> None:
-        cfg = self.cfg
-        train = dataset.split_indices("train")
-        windows = audio_windows(np.asarray(dataset.audio_matrix, np.float32), cfg.data.audio_radius)[train]
-        fm = dataset.face_model
-        fit_speech_readout(self.readout, windows, dataset.tracks.expression[train], train, fm.neutral, fm.basis,
-                           cfg.readout_lambdas)
-
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
-        """The mouth Gaussians' binding at its saved size; an avatar saved before the speech readout (or the
-        saved binding) existed loads as the model it was: without them."""
+        """The mouth Gaussians' binding at its saved size (an avatar saved before it was saved loads without)."""
         state = dict(state)
-        if "readout.weight" not in state and self.readout is not None:
-            self.readout = None
-            self.cfg.readout_radius = 0
         for name in ("geo_points", "geo_vertices", "geo_weights"):
             state.setdefault(name, getattr(self, name)[:0])
             setattr(self, name, torch.empty_like(state[name]))
@@ -211,33 +174,11 @@ class GaussianTalker(nn.Module):
 
     def tokens(self, cond: Condition) -> Tensor:
         """[4, d] condition tokens {audio, eye, viewpoint, null} of eq. 13."""
-        # the tracked pose, also under a novel view
-        return self._tokens(cond.audio, cond.blink, cond.pose, self._speech(cond))
+        return self._tokens(cond.audio, cond.blink, cond.pose)  # the tracked pose, also under a novel view
 
-    def _speech(self, cond: Condition) -> Tensor | None:
-        """The readout's coefficients p [E] for ``cond`` (training: out-of-fold); None without a readout."""
-        if self.readout is None:
-            return None
-        if self.training:
-            return self.readout.training_input(cond.index, cond.audio)
-        return self.readout.predict(cond.audio)
-
-    def _rigged(self, offsets: Tensor, speech: Tensor | None, points: Tensor) -> Tensor:
-        """``offsets`` [.., N, 3] plus, with ``readout_rig``, the face model's displacement under the readout's
-        coefficients ``speech`` [.., E] at the mouth Gaussians: [.., M, 3] rows ``points`` of ``offsets`` are
-        those Gaussians (all N rows: ``points`` = geo_points; M rows: ``points`` = arange(M))."""
-        if speech is None or not self.cfg.readout_rig or not len(self.geo_points):
-            return offsets
-        disp = mesh_displacement(speech * self.readout.expression_std, self.expression_basis, self.geo_vertices,
-                                 self.geo_weights)  # [.., M, 3]
-        return offsets.index_add(-2, points, disp)
-
-    def _tokens(self, audio: Tensor, blink: Tensor, viewmat: Tensor, speech: Tensor | None = None) -> Tensor:
-        """Tokens [4, d] of one frame (audio [2R+1, D], blink [2], viewmat [4, 4]), or [B, 4, d] of B frames.
-        ``speech`` [E] / [B, E]: the readout's coefficients (default: the frozen map's, from ``audio``)."""
+    def _tokens(self, audio: Tensor, blink: Tensor, viewmat: Tensor) -> Tensor:
+        """Tokens [4, d] of one frame (audio [2R+1, D], blink [2], viewmat [4, 4]), or [B, 4, d] of B frames."""
         a = self.audio_encoder(audio)
-        if self.readout is not None:
-            a = a + self.readout(self.readout.predict(audio) if speech is None else speech)
         e = self.eye_proj(blink_encoding(blink))
         v = self.view_encoder(viewmat)
         return torch.stack([a, e, v, self.null.expand_as(a)], -2)
@@ -252,10 +193,9 @@ class GaussianTalker(nn.Module):
         rot, sh, logit = can["rotation"], can["sh"], can["opacity"][:, 0]
         out: dict[str, Tensor] = {}
         if deform:
-            speech = self._speech(cond)
-            z, attn = self.attention(f, self._tokens(cond.audio, cond.blink, cond.pose, speech))
+            z, attn = self.attention(f, self.tokens(cond))
             dlt = self.f_deform(z)
-            offsets = self._rigged(dlt["means"] * self.offset_scale, speech, self.geo_points)
+            offsets = dlt["means"] * self.offset_scale
             means = means + offsets
             log_s = log_s + dlt["scale"]
             rot = rot + dlt["rotation"]
@@ -298,9 +238,8 @@ class GaussianTalker(nn.Module):
         if deform and not bool(self.deform_on):
             self.deform_on.fill_(True)
         if cfg.geo_replay > 0:
-            speech = self._speech(batch.cond)
             self._geo_bank.add(batch.cond.index, batch.cond.audio, batch.cond.blink, batch.cond.viewmat,
-                               batch.expression, *([] if speech is None else [speech]))
+                               batch.expression)
         g = self.gaussians(batch.cond, deform)
         pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop, batch.cond.eps2d)
         l1 = (pred - batch.image).abs().mean()
@@ -338,10 +277,9 @@ class GaussianTalker(nn.Module):
         if f_geo is None:
             f_geo = self.triplane(self.means[self.geo_points])
         n = self.cfg.geo_replay
-        audio, blink, viewmat, expr, *speech = self._geo_bank.sample(n)
-        z, _ = self.attention(f_geo, self._tokens(audio, blink, viewmat, *speech))  # [B, M, d]
+        audio, blink, viewmat, expr = self._geo_bank.sample(n)
+        z, _ = self.attention(f_geo, self._tokens(audio, blink, viewmat))  # [B, M, d]
         offsets = self.f_deform(z.flatten(0, 1))["means"].view(n, -1, 3) * self.offset_scale
-        offsets = self._rigged(offsets, speech[0] if speech else None, torch.arange(offsets.shape[1]))
         return self._geo_error(offsets, expr) * n  # each frame's mean, summed
 
     def _geo_error(self, offsets: Tensor, expression: Tensor) -> Tensor:
