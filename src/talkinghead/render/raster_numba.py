@@ -189,8 +189,8 @@ def _compile():
         lim_y = 0.3 * 0.5 * height / fy
         R = np.empty((3, 3))
         W = np.empty((3, 3))
+        p = np.empty(3)
         for i in range(n):
-            p = np.empty(3)
             for r in range(3):
                 p[r] = (viewmat[r, 0] * means[i, 0] + viewmat[r, 1] * means[i, 1] + viewmat[r, 2] * means[i, 2]
                         + viewmat[r, 3])
