@@ -42,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = Path("/work/data/cnn_anchor_en_71s")
 METHODS = ("gaussiantalker", "gaussianflametalk")
-EXTRA = ("/work/scratch/degstalk/runs/cnn_degstalk", "/work/scratch/talk3d/try300b")
+EXTRA = ("/work/scratch/degstalk/runs/cnn_degstalk", "/work/scratch/s6/s6-t3d/full")
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -321,7 +321,11 @@ def worker(args) -> None:
     for avatar in args.extra:
         method = json.loads((Path(avatar) / "config.json").read_text())["method"]
         if method in available_methods():  # the "before" tree may predate the method
-            out.setdefault("extra", {})[avatar] = extra_render(avatar, args.repeats)
+            try:
+                out.setdefault("extra", {})[avatar] = extra_render(avatar, args.repeats)
+            except Exception as e:  # an avatar this tree cannot load (a later or earlier format): reported, skipped
+                print(avatar, "not measured:", repr(e)[:200], flush=True)
+                continue
             print(avatar, json.dumps(out["extra"][avatar]), flush=True)
     out["load_end"] = os.getloadavg()
     Path(args.worker).write_text(json.dumps(out, indent=1))

@@ -228,16 +228,27 @@ def test_batched_geometry_replay_equals_one_frame_at_a_time(synthetic):
 
 
 def test_gaussiantalker_render_equals_the_live_reference_computation(synthetic):
+    torch.manual_seed(0)
     model, store = _gaussiantalker(synthetic)
-    cond = store.condition(2)
+    with torch.no_grad():  # non-zero head biases and LayerNorm affines: the render state folds them
+        for h in model.f_deform.heads.values():
+            torch.nn.init.normal_(h.bias, std=0.2)
+        for block in model.attention.blocks:
+            for norm in (block.norm_q, block.norm_f):
+                torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)
+                torch.nn.init.normal_(norm.bias, std=0.2)
+    conds = [store.condition(k) for k in (0, 3)]
     model.eval()
     with torch.no_grad():
-        fast = model.render(cond)  # frozen canonical state + the auto (Numba where installed) compositor
-        model.train()  # live: triplane and F_can recomputed, the torch reference compositor
+        # kept render state (folded heads, first block's queries) + the auto (Numba where installed) compositor
+        fast = [model.render(c) for c in conds]
+        model.train()  # live: triplane, F_can, attention and F_deform as training runs them, torch compositor
         model.cfg.backend = "torch"
-        ref = model.render(cond)
-    assert_same_frame(fast, ref)
-    assert (ref - cond.backdrop).abs().max() > 0.03  # the head is in the picture
+        ref = [model.render(c) for c in conds]
+    for a, b, c in zip(fast, ref, conds):
+        assert_same_frame(a, b)
+        assert (b - c.backdrop).abs().max() > 0.03  # the head is in the picture
+    assert (ref[0] - ref[1]).abs().max() > 1e-4  # two different frames
 
 
 def test_gaussianflametalk_render_equals_the_live_reference_computation(synthetic, monkeypatch):

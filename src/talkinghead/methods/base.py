@@ -242,7 +242,7 @@ class RenderCache:
         if module.training:
             self.clear()
             return None
-        key = tuple((id(t), t.data_ptr(), t._version, t.device) for t in (*module.parameters(), *module.buffers()))
+        key = tuple((id(t), t.data_ptr(), t._version, t.device) for t in _tensors(module))
         if key != self._key:
             with torch.no_grad():
                 self._value = self._build()
@@ -252,6 +252,19 @@ class RenderCache:
     def clear(self) -> None:
         """Drop the kept value (e.g. when a non-tensor attribute the build reads changed)."""
         self._key, self._value = None, None
+
+
+def _tensors(module: torch.nn.Module) -> list[Tensor]:
+    """Every parameter and buffer of ``module`` and its submodules (shared ones repeated): what
+    ``parameters()`` + ``buffers()`` visit, without their name bookkeeping (checked on every rendered frame)."""
+    out: list[Tensor] = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        out.extend(t for t in m._parameters.values() if t is not None)
+        out.extend(t for t in m._buffers.values() if t is not None)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return out
 
 
 @dataclass(frozen=True)

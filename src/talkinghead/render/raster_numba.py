@@ -10,7 +10,8 @@ the last Gaussian that contributed, so memory is O(pixels + Gaussians): no pair 
   :func:`.raster_torch._spans` computes them;
 * forward: per pixel of the footprint, ``alpha = min(o exp(-sigma), 0.99)``, skipped below 1/255; the pixel
   stops (3DGS's early termination) at the first Gaussian that would bring its transmittance below 1e-4; else
-  ``out += alpha T f`` and ``T *= 1 - alpha``;
+  ``out += alpha T f`` and ``T *= 1 - alpha``; ``exp(-sigma)`` is not called per pixel but stepped along the
+  row by forward differences (:func:`run_start`: sigma is a quadratic in x, so two products per pixel);
 * backward: the same pairs back to front, recovering each pair's ``T`` from the pixel's final transmittance
   by division (as 3DGS's CUDA backward does), with the running sum of the weighted feature gradients behind
   it; gradients go straight to the Gaussian's centre, conic, opacity and features (sigma is a quadratic in the
@@ -39,7 +40,6 @@ from .sh import C0, C1, C2, C3
 from .raster_torch import _EDGE as EDGE
 from .raster_torch import ALPHA_MAX, T_MIN
 
-Q_MAX = -math.log(ALPHA_MIN)  # exp(-q) < 1/255 beyond this: no exp needed to skip a pair
 
 _kernels = None
 
@@ -77,43 +77,52 @@ def _compile():
         return int(x0), int(x1), dy
 
     @numba.njit(cache=True, nogil=True)
+    def run_start(u, a, b, c, dy, log_o, x0):  # pragma: no cover - compiled
+        """(alpha before clamping at pixel x0 of a row, its ratio to the next pixel's).
+
+        Along a row the exponent q = sigma - log(o) is a quadratic in x, so exp(-q) at x + 1 is exp(-q) at x
+        times a ratio that itself shrinks by exp(-a) per pixel (forward differences): two products per pixel
+        instead of an exp (half of the compositing's time). In float64 over a run of k pixels the relative
+        error is ~k^2 1e-16, far below the float32 the images are."""
+        dx = x0 + 0.5 - u
+        q = (0.5 * a * dx + b * dy) * dx + 0.5 * c * dy * dy - log_o
+        return math.exp(-q), math.exp(-(a * dx + b * dy + 0.5 * a))
+
+    @numba.njit(cache=True, nogil=True)
     def forward(means2d, conics, opac, feats, width, height):  # pragma: no cover - compiled
         n, F = feats.shape
         out = np.zeros((width * height, F))
-        T = np.ones(width * height)
-        done = np.zeros(width * height, np.bool_)
+        T = np.ones(width * height)  # negated once the pixel stopped (T > 0 until then)
         last = np.full(width * height, -1, np.int64)  # the last Gaussian that contributed to the pixel
         for g in range(n):
             u, v = means2d[g, 0], means2d[g, 1]
             a, b, c, o = conics[g, 0], conics[g, 1], conics[g, 2], opac[g]
             y0, y1, det, thr = rows(u, v, a, b, c, o, height)
             log_o = math.log(o)
+            step = math.exp(-a)
             for y in range(y0, y1):
                 x0, x1, dy = span(u, v, a, b, det, thr, y, width)
-                B = b * dy
-                C = 0.5 * c * dy * dy - log_o
+                raw, ratio = run_start(u, a, b, c, dy, log_o, x0)
+                base = y * width
                 for x in range(x0, x1):
-                    p = y * width + x
-                    if done[p]:
+                    p = base + x
+                    alpha = raw
+                    raw *= ratio
+                    ratio *= step
+                    t = T[p]
+                    if t < 0.0 or alpha < ALPHA_MIN:
                         continue
-                    dx = x + 0.5 - u
-                    q = (0.5 * a * dx + B) * dx + C  # sigma - log(o)
-                    if q > Q_MAX:
-                        continue
-                    raw = math.exp(-q)
-                    if raw < ALPHA_MIN:
-                        continue
-                    alpha = min(raw, ALPHA_MAX)
-                    t_after = T[p] * (1.0 - alpha)
+                    alpha = min(alpha, ALPHA_MAX)
+                    t_after = t * (1.0 - alpha)
                     if t_after < T_MIN:
-                        done[p] = True
+                        T[p] = -t
                         continue
-                    w = alpha * T[p]
+                    w = alpha * t
                     for f in range(F):
                         out[p, f] += w * feats[g, f]
                     T[p] = t_after
                     last[p] = g
-        return out, T, last
+        return out, np.abs(T), last
 
     @numba.njit(cache=True, nogil=True)
     def backward(means2d, conics, opac, feats, width, height, T_final, last, grad_out):  # pragma: no cover
@@ -130,21 +139,19 @@ def _compile():
             y0, y1, det, thr = rows(u, v, a, b, c, o, height)
             log_o = math.log(o)
             gu = gv = ga = gb = gc = go = 0.0
+            step = math.exp(-a)
             for y in range(y0, y1):
                 x0, x1, dy = span(u, v, a, b, det, thr, y, width)
-                B = b * dy
-                C = 0.5 * c * dy * dy - log_o
+                nxt, ratio = run_start(u, a, b, c, dy, log_o, x0)
+                base = y * width
                 for x in range(x0, x1):
-                    p = y * width + x
-                    if g > last[p]:
-                        continue  # behind where the pixel stopped (or it never started)
+                    p = base + x
+                    raw = nxt
+                    nxt *= ratio
+                    ratio *= step
+                    if g > last[p] or raw < ALPHA_MIN:
+                        continue  # behind where the pixel stopped (or it never started), or too faint
                     dx = x + 0.5 - u
-                    q = (0.5 * a * dx + B) * dx + C
-                    if q > Q_MAX:
-                        continue
-                    raw = math.exp(-q)
-                    if raw < ALPHA_MIN:
-                        continue
                     alpha = min(raw, ALPHA_MAX)
                     t = T[p] / (1.0 - alpha)  # transmittance in front of this Gaussian
                     w = alpha * t
@@ -182,8 +189,8 @@ def _compile():
         lim_y = 0.3 * 0.5 * height / fy
         R = np.empty((3, 3))
         W = np.empty((3, 3))
+        p = np.empty(3)
         for i in range(n):
-            p = np.empty(3)
             for r in range(3):
                 p[r] = (viewmat[r, 0] * means[i, 0] + viewmat[r, 1] * means[i, 1] + viewmat[r, 2] * means[i, 2]
                         + viewmat[r, 3])
@@ -241,41 +248,38 @@ def _compile():
         no gather of the visible rows is made."""
         D = colors.shape[1]
         out = np.zeros((width * height, D + 1))
-        T = np.ones(width * height)
-        done = np.zeros(width * height, np.bool_)
+        T = np.ones(width * height)  # negated once the pixel stopped
         for k in range(order.shape[0]):
             g = order[k]
             u, v = means2d[g, 0], means2d[g, 1]
             a, b, c, o = conics[g, 0], conics[g, 1], conics[g, 2], opac[g]
             y0, y1, det, thr = rows(u, v, a, b, c, o, height)
             log_o = math.log(o)
+            step = math.exp(-a)
             z = depths[g]
             for y in range(y0, y1):
                 x0, x1, dy = span(u, v, a, b, det, thr, y, width)
-                B = b * dy
-                C = 0.5 * c * dy * dy - log_o
+                raw, ratio = run_start(u, a, b, c, dy, log_o, x0)
+                base = y * width
                 for x in range(x0, x1):
-                    p = y * width + x
-                    if done[p]:
+                    p = base + x
+                    alpha = raw
+                    raw *= ratio
+                    ratio *= step
+                    t = T[p]
+                    if t < 0.0 or alpha < ALPHA_MIN:
                         continue
-                    dx = x + 0.5 - u
-                    q = (0.5 * a * dx + B) * dx + C
-                    if q > Q_MAX:
-                        continue
-                    raw = math.exp(-q)
-                    if raw < ALPHA_MIN:
-                        continue
-                    alpha = min(raw, ALPHA_MAX)
-                    t_after = T[p] * (1.0 - alpha)
+                    alpha = min(alpha, ALPHA_MAX)
+                    t_after = t * (1.0 - alpha)
                     if t_after < T_MIN:
-                        done[p] = True
+                        T[p] = -t
                         continue
-                    w = alpha * T[p]
+                    w = alpha * t
                     for f in range(D):
                         out[p, f] += w * colors[g, f]
                     out[p, D] += w * z
                     T[p] = t_after
-        return out, T
+        return out, np.abs(T)
 
     @numba.njit(cache=True, nogil=True)
     def project_backward(means, quats, scales, opac, viewmat, K, width, height, near, far, eps2d, g_m2d, g_con,

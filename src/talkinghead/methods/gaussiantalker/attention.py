@@ -69,18 +69,26 @@ class CrossAttentionBlock(nn.Module):
         # last axis of 4 costs ~2 ms per 5000 x 16 scores on a CPU, over axis -2 with 4 heads inside ~0.5 ms.
         fold_q = torch.einsum("...mhe,hei->...imh", k, w_q.view(h, dh, d)) * scale  # [..., d, M, H]
         bias_q = torch.einsum("...mhe,he->...mh", k, b_q.view(h, dh)) * scale  # [..., M, H]
-        scores = (q @ fold_q.flatten(-2)).unflatten(-1, bias_q.shape[-2:]) + bias_q.unsqueeze(-3)
+        one = q.dim() == 2 and tokens.dim() == 2  # one frame: each bias added inside its product (addmm)
+        if one:
+            scores = torch.addmm(bias_q.flatten(), q, fold_q.flatten(-2)).unflatten(-1, bias_q.shape)
+        else:
+            scores = (q @ fold_q.flatten(-2)).unflatten(-1, bias_q.shape[-2:]) + bias_q.unsqueeze(-3)
         w = torch.softmax(scores, dim=-2)  # [..., N, M, H]
         fold_o = torch.einsum("...mhe,ohe->...mho", v, attn.out_proj.weight.view(d, h, dh))  # [..., M, H, d]
-        out = w.flatten(-2) @ fold_o.flatten(-3, -2) + attn.out_proj.bias
-        return out, w
+        if one:
+            return torch.addmm(attn.out_proj.bias, w.flatten(-2), fold_o.flatten(-3, -2)), w
+        return w.flatten(-2) @ fold_o.flatten(-3, -2) + attn.out_proj.bias, w
 
-    def forward(self, z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """z: [..., N, d] queries, tokens: [..., M, d] -> (z [..., N, d], head-averaged attention [..., N, M])."""
-        a, w = self.cross_attention(self.norm_q(z), tokens)
+    def forward(self, z: Tensor, tokens: Tensor, q: Tensor | None = None,
+                weights: bool = True) -> tuple[Tensor, Tensor | None]:
+        """z: [..., N, d] queries, tokens: [..., M, d] -> (z [..., N, d], head-averaged attention [..., N, M], or
+        None without ``weights``). ``q``: LN(z) when the caller has it (a renderer keeps the first block's: its
+        z = f(mu_c) does not depend on the frame)."""
+        a, w = self.cross_attention(self.norm_q(z) if q is None else q, tokens)
         z = z + a
         z = z + self.ffn(self.norm_f(z))
-        return z, w.mean(-1)
+        return z, w.mean(-1) if weights else None
 
 
 class SpatialAudioAttention(nn.Module):
@@ -90,10 +98,13 @@ class SpatialAudioAttention(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads) for _ in range(layers))
 
-    def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor, tokens: Tensor, first_query: Tensor | None = None,
+                weights: bool = True) -> tuple[Tensor, Tensor | None]:
         """features [..., N, d] (f(mu_c)), tokens [..., M, d] -> (z^L [..., N, d], last layer's attention
-        [..., N, M]); leading axes (a batch of frames) broadcast."""
+        [..., N, M], None without ``weights``); leading axes (a batch of frames) broadcast. ``first_query``:
+        the first block's LN(features), when kept (:meth:`GaussianTalker.render`)."""
         z, w = features, None
-        for block in self.blocks:
-            z, w = block(z, tokens)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            z, w = block(z, tokens, q=first_query if i == 0 else None, weights=weights and i == last)
         return z, w

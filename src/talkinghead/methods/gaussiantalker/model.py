@@ -113,7 +113,7 @@ class GaussianTalker(nn.Module):
         self._opt: torch.optim.Optimizer | None = None
         self._lpips: PerceptualLoss | None = None
         self._lpips_note = "off: not loaded"
-        self._frozen = RenderCache(self._canonical_live)  # (f, canonical raw attributes) for rendering
+        self._frozen = RenderCache(self._render_state)  # frame-independent render state (_render_state)
         # Training frames seen so far (audio window, blink, viewmat, expression), replayed by the geometry loss.
         self._geo_bank = FrameBank(cfg.schedule.seed)
 
@@ -166,11 +166,41 @@ class GaussianTalker(nn.Module):
     def _canonical(self) -> tuple[Tensor, dict[str, Tensor]]:
         """(f(mu_c) [N, d], F_can's raw attributes): once per avatar when rendering (:class:`RenderCache`)."""
         frozen = self._frozen.get(self)
-        return frozen if frozen is not None else self._canonical_live()
+        return frozen["canonical"] if frozen is not None else self._canonical_live()
 
     def _canonical_live(self) -> tuple[Tensor, dict[str, Tensor]]:
         f = self.triplane(self.means)  # f(mu_c): [N, d]
         return f, self.f_can(f)
+
+    def _render_state(self) -> dict[str, Any]:
+        """What rendering a frame needs that does not depend on the frame (built once per avatar, no grad):
+
+        * ``canonical``: f(mu_c) [N, d] and F_can's raw attributes;
+        * ``query``: the first attention block's LN(f(mu_c)) [N, d] (its queries are the canonical features);
+        * ``base`` [N, A] and ``heads`` [hidden, A]: eq. 9's sums folded into F_deform's heads. Every deformed
+          raw attribute is canonical + head(h), so ``base + h @ heads`` gives them all in one product: base =
+          (mu_c, base log-scale + s_c, r_c, SH_c, alpha_c) + the heads' biases, with the position head's weights
+          and bias times :attr:`offset_scale`. The same sums as :meth:`gaussians`, in another order (float
+          rounding)."""
+        f, can = self._canonical_live()
+        heads = self.f_deform.heads
+        s = self.offset_scale
+        canonical = {"means": self.means, "scale": self.base_log_scale + can["scale"], "rotation": can["rotation"],
+                     "sh": can["sh"].flatten(1), "opacity": can["opacity"]}
+        scale = {"means": s}
+        base = torch.cat([canonical[k] + heads[k].bias * scale.get(k, 1.0) for k in heads], 1)
+        w = torch.cat([heads[k].weight * scale.get(k, 1.0) for k in heads]).T.contiguous()
+        return {"canonical": (f, can), "query": self.attention.blocks[0].norm_q(f), "base": base, "heads": w,
+                "sizes": [heads[k].out_features for k in heads]}
+
+    def _render_gaussians(self, cond: Condition, state: dict[str, Any]) -> dict[str, Tensor]:
+        """:meth:`gaussians` (deformed) from the kept render state: attributes only, no attention weights."""
+        f, _ = state["canonical"]
+        z, _ = self.attention(f, self.tokens(cond), first_query=state["query"], weights=False)
+        raw = torch.addmm(state["base"], self.f_deform.trunk(z), state["heads"])
+        means, log_s, rot, sh, logit = raw.split(state["sizes"], dim=1)
+        return {"means": means, "quats": F.normalize(rot, dim=-1), "scales": torch.exp(log_s.clamp(max=0.0)),
+                "opacities": torch.sigmoid(logit[:, 0]), "sh": sh.unflatten(1, (self.num_sh, 3))}
 
     def tokens(self, cond: Condition) -> Tensor:
         """[4, d] condition tokens {audio, eye, viewpoint, null} of eq. 13."""
@@ -217,7 +247,11 @@ class GaussianTalker(nn.Module):
     # ------------------------------------------------------------------------------------------ Method
 
     def render(self, cond: Condition) -> Tensor:
-        g = self.gaussians(cond, deform=bool(self.deform_on))
+        state = self._frozen.get(self)
+        if state is not None and bool(self.deform_on):
+            g = self._render_gaussians(cond, state)
+        else:
+            g = self.gaussians(cond, deform=bool(self.deform_on))
         return self._raster(g, cond.viewmat, cond.K, cond.backdrop, cond.eps2d).clamp(0, 1)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
