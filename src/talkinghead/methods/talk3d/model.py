@@ -135,6 +135,11 @@ region): face PSNR 26.4, r 0.20, but driven by silence its mouth moved as with t
 r -0.64 vs -0.63) -- the mouth does not follow the audio yet. With the audio region (session 6, same schedule):
 face PSNR 26.5, mouth r 0.08, silence-driven mouth r as with the audio (first 40 test frames -0.55 vs -0.56):
 still not from the audio (the lip token now moves the mouth, the audio's prediction of it barely; see above).
+With the mouth replay and no teacher forcing (session 7, 3000 iterations): face PSNR 26.1, mouth r 0.18; now
+*from the audio*: on all 162 test frames mediapipe's mouth-opening r is 0.23 with the audio against -0.07 with
+silence (session 6's avatar: see bench/RESULTS.md), the audio and silence renders differ by 0.025 on the lips'
+box (session 6: 0.005) and the audio render is the closer to the real lips (L1 0.0468 vs 0.0482). The edit is
+still small: the gap between the lips darkens and thickens with the audio, it does not open with teeth.
 """
 
 from __future__ import annotations
