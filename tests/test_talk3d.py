@@ -294,7 +294,7 @@ def test_a_briefly_trained_deltaplane_moves_the_mouth_with_the_audio(tmp_path):
 
     opening = _synthetic_with_lip_tracks(tmp_path)
     cfg = _tiny(240)
-    cfg.static_fraction, cfg.sr_fraction = 1 / 3, 0.0
+    cfg.static_fraction, cfg.sr_fraction, cfg.lip_teacher = 1 / 3, 0.0, 1.0
     store = FrameStore(tmp_path, cfg.data, progress=False)
     torch.manual_seed(0)
     model = Talk3D.build(cfg, store.info, dataset=PreparedDataset(tmp_path, size=cfg.data.size))
@@ -392,7 +392,7 @@ def test_lip_token_teacher_forcing_and_old_avatars(synthetic):
     from talkinghead.methods.talk3d import Talk3D
 
     cfg = _tiny(100)
-    cfg.lambda_lipcode = 0.0
+    cfg.lambda_lipcode, cfg.lip_teacher = 0.0, 1.0
     store = FrameStore(synthetic, cfg.data, progress=False)
     torch.manual_seed(0)
     info = dataclasses.replace(store.info, expression_dim=2)
@@ -465,3 +465,58 @@ def test_audio_region_keeps_the_audio_token_to_the_mouth_cells(synthetic):
     with torch.no_grad():  # the mask built once follows the loaded cells
         _, attn = model.planes(store.condition(0), audio=True)
     assert float(attn[:, 0].min()) > 0
+
+
+def test_mouth_replay_renders_remembered_frames_crops_through_one_batched_unet_call(synthetic):
+    """The mouth replay: nothing in the static stage; from the audio stage each frame is remembered once, and a
+    step draws ``mouth_replay`` remembered frames with their own crop and camera and (teacher-forced) their own
+    tracked lip code; the batched U-Net call gives each of them exactly its one-frame planes; the replayed crops'
+    loss is logged and reaches the audio path through the predicted lip code."""
+    from talkinghead.data import PreparedDataset
+
+    cfg = _tiny(100)
+    cfg.data.mouth_crop = 32
+    cfg.mouth_replay, cfg.replay_teacher, cfg.lip_teacher, cfg.lambda_lipcode = 3, 1.0, 1.0, 0.0
+    store = FrameStore(synthetic, cfg.data, progress=False)
+    torch.manual_seed(0)
+    model = get_method("talk3d").build(cfg, store.info, dataset=PreparedDataset(synthetic, size=64))
+    model.optimizers()
+    model.train()
+    torch.nn.init.normal_(model.unet.out.conv.weight, std=0.05)  # a trained U-Net: deltas differ between frames
+    a, _ = model.stage_bounds()
+    batches = [store.batch(k) for k in range(4)]
+    by_index = {b.cond.index: b for b in batches}
+    _, logs = model.train_loss(batches[0], a - 1)
+    assert "replay" not in logs and len(model._crops) == 0  # static stage: no U-Net, no replay
+    for k, b in enumerate(batches + batches[:1]):
+        _, logs = model.train_loss(b, a)
+        assert logs["replay"] > 0 and len(model._crops) == min(k + 1, 4)
+
+    replay = model._replay(batches[1], a)  # teacher probability 1 at the audio stage's start
+    assert len(replay) == 3
+    with torch.no_grad():
+        for cond, crop, lip in replay:
+            src = by_index[cond.index]
+            assert torch.equal(crop.image, src.mouth.image) and torch.equal(cond.viewmat, src.cond.viewmat)
+            assert torch.equal(cond.audio, src.cond.audio)
+            assert torch.allclose(lip, model.lip_target(src.expression[None])[0])
+        tokens = torch.stack([model.tokens(c, l) for c, _, l in replay])
+        batched, _ = model._edit(model.p_id.detach(), tokens)
+        for k, (cond, _, lip) in enumerate(replay):
+            one, _ = model.planes(cond, audio=True, lip=lip)
+            assert torch.allclose(batched[k], one, atol=1e-5)
+    assert len({c.index for c, _, _ in replay}) > 1 and not torch.allclose(batched[0], batched[1])
+
+    # Unforced (the audio's own prediction of the code, as rendering uses), the replay trains the lip head too.
+    model.cfg.lip_teacher = model.cfg.replay_teacher = 0.0
+    assert all(lip is None for _, _, lip in model._replay(batches[2], a))
+
+    def lip_head_grad(n: int) -> torch.Tensor:
+        model.cfg.mouth_replay = n
+        model._gen.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        loss, _ = model.train_loss(batches[2], a)
+        loss.backward()
+        return model.lip_head.weight.grad.clone()
+
+    assert not torch.allclose(lip_head_grad(3), lip_head_grad(0))

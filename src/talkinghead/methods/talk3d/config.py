@@ -48,11 +48,17 @@ class Talk3DConfig:
     # on the frame and ``lipcode_replay`` remembered training frames per step; 0 turns it off.
     lambda_lipcode: float = 1.0
     lipcode_replay: int = 32
-    # The lip code also drives the U-Net: a_n = audio net + a projection of the lip code. While training, a step
-    # projects the frame's tracked lip code instead of the audio's prediction (teacher forcing) with probability
-    # lip_teacher at the start of the audio stage, falling linearly to 0 at its end (model.teacher_probability);
-    # rendering always uses the prediction from the audio.
-    lip_teacher: float = 1.0
+    # The lip code also drives the U-Net: a_n = audio net + a projection of the lip code (model.py, "Lip token").
+    # While training, a step may project the frame's tracked lip code instead of the audio's prediction (teacher
+    # forcing) with probability lip_teacher at the start of the audio stage, falling linearly to 0 at its end
+    # (model.teacher_probability); rendering always uses the prediction from the audio. Off by default since
+    # session 7: trained on the prediction (with the mouth replay) the U-Net learnt the mouth, teacher-forced not.
+    lip_teacher: float = 0.0
+    # Mouth replay (ours, model.py): each audio-stage step also renders the mouth crops of this many remembered
+    # training frames, the U-Net batched over them and the frame, each driven by the lip code its audio predicts
+    # (teacher-forced with probability replay_teacher x the frame's); 0: off. ~0.2 CPU s per crop at cpu-small.
+    mouth_replay: int = 1
+    replay_teacher: float = 0.0
     lpips_weights: str | None = None
     lr_planes: float = 1e-2
     lr_render: float = 2e-3  # decoder + super-resolution
@@ -67,9 +73,10 @@ def make_config(preset: str, variant: str | None) -> Talk3DConfig:
         # Sized for a shared 2-core CPU (~25 CPU-min, ~0.4 s per iteration): 32^2 volume render (24 + 24
         # samples) + SR x4 to 128^2 (the paper's ratio, 128 -> 512), 3 x 16 x 64^2 planes, a three-level U-Net
         # (16 -> 32 -> 64, bottleneck 16^2), one attention layer. Most of the schedule is the audio stage: the
-        # mouth is what it has to learn, one frame per step (1600 training frames on the cnn clip).
+        # mouth is what it has to learn, one frame per step (1600 training frames on the cnn clip) plus one
+        # replayed mouth crop (3000 iterations, not 3600, to pay for the replay: ~0.2 CPU s per audio step).
         return Talk3DConfig(data=DataConfig(size=128, audio_radius=4, mouth_crop=64),
-                            schedule=Schedule(iterations=3600, val_every=900, checkpoint_every=300),
+                            schedule=Schedule(iterations=3000, val_every=900, checkpoint_every=300),
                             render_size=32, num_coarse=24, num_fine=24, sr_channels=(64, 32),
                             static_fraction=0.3, sr_fraction=0.05)
     if preset == "gpu":

@@ -75,10 +75,11 @@ What we have to do differently (no pretrained weights exist offline, and a 2-cor
   the deltaplane sat on the lips' cells of the xy plane (2x its size elsewhere) but showed in the image as the
   chin's outline moving, not the lips parting; the photometric losses' gradient on the audio net was 1/56 of the
   lip code's. So a_n is the audio net's output *plus* a linear projection of a lip code (``lip_proj``): at
-  render the code the audio predicts (:meth:`lip_code`), while training, with a probability that falls from
-  ``lip_teacher`` to 0 over the audio stage (scheduled sampling, :meth:`teacher_probability`), the frame's
-  tracked one -- so the U-Net first learns the mouth from a clean lip signal and ends trained on the audio's
-  prediction, which is what rendering feeds it. Training only: rendering is driven by the audio alone; the
+  render the code the audio predicts (:meth:`lip_code`), while training optionally, with a probability that
+  falls from ``lip_teacher`` to 0 over the audio stage (scheduled sampling, :meth:`teacher_probability`), the
+  frame's tracked one -- meant to let the U-Net learn the mouth from a clean lip signal first (sessions 5-6:
+  lip_teacher 1; it taught the U-Net the tracked code's edit but not the prediction's, see "Mouth replay" for
+  why the default is now 0). Training only: rendering is driven by the audio alone; the
   tracked expression is never a render input. An avatar from before the lip token loads with a zero
   projection, which is exactly that model.
 * **Audio region (ours; the paper lets every bottleneck cell attend to every token).** With the lip token
@@ -96,6 +97,22 @@ What we have to do differently (no pretrained weights exist offline, and a 2-cor
   differ by 0.09) -- but not the audio: the code the audio predicts for the same frames moves it by 0.003, and
   driven by silence the mouth moves as with the audio (bench/RESULTS.md). Avatars from before the region load
   with every cell selected.
+* **Mouth replay, and no teacher forcing (ours; session 7).** What did not converge was the many-frame
+  regression lip code -> deltaplane with one rendered frame per step: from a trained static head with the U-Net
+  re-initialised, 2 training frames taught it in 120 steps, 32 frames not in 280 (session 6). So each
+  audio-stage step also renders the mouth crops of ``mouth_replay`` remembered training frames
+  (:class:`~talkinghead.methods.replay.FrameBank`: camera, audio window, blink, crop and its backdrop), the U-Net
+  batched over them and the frame in one call (its encoder, on P_ID alone, runs once; :meth:`_edit`), each
+  crop's L1 weighted as the frame's (``lambda_lip``, their mean): every step sees the lip code -> mouth relation
+  on several frames. The crop is cheap to render (16 x 12 rays), the U-Net's decoder is not (~0.14 CPU s of
+  the ~0.2 s a replayed crop costs at cpu-small), so the preset replays one crop per step and runs 3000
+  iterations instead of 3600. The replayed frames, and now the frame too, are driven by the lip code their
+  audio *predicts* (``lip_teacher`` 0, ``replay_teacher`` 0): the photometric loss then trains the whole
+  audio -> lip code -> deltaplane chain end to end on what rendering feeds it. Probes (32 train frames, 160
+  steps from session 6's static head, U-Net re-initialised; bench/RESULTS.md): predicted codes + 4 replayed
+  crops moved the 5 most open test frames' lips by 0.0039 when given the closed frame's audio (session 6's full
+  run: 0.0032) and brought the audio render closer to the real lips than the silence render; the same replay
+  teacher-forced moved them by 0.0003, predicted codes without the replay by 0.00003 (120 steps).
 * **Audio**: a window of the dataset's per-frame features (Whisper encoder states + energy by default, or
   phone posteriors + log-mel + energy, or wav2vec where prepared with it; the paper: wav2vec) through an audio
   net + attention over the window (the AD-NeRF / ER-NeRF audio attention net the public code reuses),
@@ -118,6 +135,11 @@ region): face PSNR 26.4, r 0.20, but driven by silence its mouth moved as with t
 r -0.64 vs -0.63) -- the mouth does not follow the audio yet. With the audio region (session 6, same schedule):
 face PSNR 26.5, mouth r 0.08, silence-driven mouth r as with the audio (first 40 test frames -0.55 vs -0.56):
 still not from the audio (the lip token now moves the mouth, the audio's prediction of it barely; see above).
+With the mouth replay and no teacher forcing (session 7, 3000 iterations): face PSNR 26.1, mouth r 0.18; now
+*from the audio*: on all 162 test frames mediapipe's mouth-opening r is 0.23 with the audio against -0.07 with
+silence (session 6's avatar: see bench/RESULTS.md), the audio and silence renders differ by 0.025 on the lips'
+box (session 6: 0.005) and the audio render is the closer to the real lips (L1 0.0468 vs 0.0482). The edit is
+still small: the gap between the lips darkens and thickens with the audio, it does not open with teeth.
 """
 
 from __future__ import annotations
@@ -209,6 +231,8 @@ class Talk3D(nn.Module):
             mouth_basis = torch.zeros(info.expression_dim, n_mouth, 3)
         self.register_buffer("mouth_basis", mouth_basis.float())
         self._bank = FrameBank(cfg.schedule.seed)  # (audio window, expression) of the frames seen
+        # (viewmat, audio, blink, index, crop K, crop image, crop backdrop, expression) for the mouth replay
+        self._crops = FrameBank(cfg.schedule.seed + 1)
         self.register_buffer("audio_on", torch.tensor(False))  # the U-Net is applied (audio stage reached)
         self.volume_cfg = VolumeConfig(num_coarse=cfg.num_coarse, num_fine=cfg.num_fine, chunk=cfg.chunk)
         self._opt: torch.optim.Optimizer | None = None
@@ -292,14 +316,20 @@ class Talk3D(nn.Module):
         p_id = self.p_id.detach() if freeze_id else self.p_id
         if not audio:
             return p_id, None
+        planes, attn = self._edit(p_id, self.tokens(cond, lip)[None])
+        return planes[0], attn[0]
+
+    def _edit(self, p_id: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """P_ID [3, C, R, R] + the tokens of B frames [B, 5, d] -> P_ID + Delta P [B, 3, C, R, R] and the
+        bottleneck's attention [B, 3 R_b^2, 5]: one U-Net call, its encoder (on P_ID alone) run once."""
         if self._skips is not None:
             skips = self._skips
         else:
             skips = self.unet.encode(p_id)
             if not self.training:
                 self._skips = skips
-        delta, attn = self.unet(skips, self.tokens(cond, lip)[None], self.token_mask)
-        return p_id + delta[0], attn[0]
+        delta, attn = self.unet(skips, tokens, self.token_mask)
+        return p_id + delta, attn
 
     @property
     def lip_unit(self) -> Tensor:
@@ -409,8 +439,14 @@ class Talk3D(nn.Module):
             if float(torch.rand((), generator=self._gen)) < self.teacher_probability(step):
                 lip = self.lip_target(batch.expression[None])[0]  # teacher forcing (see the module docstring)
         crop = batch.mouth if cfg.lambda_lip > 0 else None
+        replay = self._replay(batch, step) if stage == "audio" and crop is not None and cfg.mouth_replay > 0 else None
         with torch.no_grad() if stage == "sr" else contextlib.nullcontext():
-            planes, _ = self.planes(cond, audio=audio, freeze_id=audio, lip=lip)
+            if replay is None:
+                planes, _ = self.planes(cond, audio=audio, freeze_id=audio, lip=lip)
+            else:  # the frame and the replayed ones through one batched U-Net call
+                tokens = torch.cat([self.tokens(cond, lip)[None], torch.stack([self.tokens(c, l) for c, _, l in replay])])
+                all_planes, _ = self._edit(self.p_id.detach(), tokens)
+                planes = all_planes[0]
             vol = self.volume(planes, cond, perturb=True)
             vol_crop = self.volume(planes, cond, perturb=True, crop=crop) if crop is not None else None
         rgb, alpha = self.upsample(vol)
@@ -422,6 +458,14 @@ class Talk3D(nn.Module):
             lp = (self.over(c_rgb, c_alpha, crop.backdrop) - crop.image).abs().mean()
             loss = loss + cfg.lambda_lip * lp
             logs["lip"] = lp.item()
+        if replay is not None:
+            errs = []
+            for k, (c, mc, _) in enumerate(replay):
+                r_rgb, r_alpha = self.upsample(self.volume(all_planes[k + 1], c, perturb=True, crop=mc))
+                errs.append((self.over(r_rgb, r_alpha, mc.backdrop) - mc.image).abs().mean())
+            rp = torch.stack(errs).mean()
+            loss = loss + cfg.lambda_lip * rp
+            logs["replay"] = rp.item()
         x0, y0, x1, y1 = batch.mouth_box.tolist()
         gw, gh = 0.25 * (x1 - x0), 0.25 * (y1 - y0)  # the lips' box grown by a quarter each side
         xs = slice(max(0, int(x0 - gw)), int(np.ceil(x1 + gw)))
@@ -447,6 +491,21 @@ class Talk3D(nn.Module):
             logs["lipcode"] = lc.item()
         logs["loss"] = loss.item()
         return loss, logs
+
+    def _replay(self, batch: Batch, step: int) -> list[tuple[Condition, MouthCrop, Tensor | None]]:
+        """``mouth_replay`` remembered training frames for this audio-stage step (the frame itself is remembered
+        first): each as (a Condition for its tokens and camera, its mouth crop, a tracked lip code [Vm, 3] with
+        probability ``replay_teacher`` x :meth:`teacher_probability`, else None: the audio's prediction)."""
+        c, m = batch.cond, batch.mouth
+        self._crops.add(c.index, c.viewmat, c.audio, c.blink, torch.tensor(c.index), m.K, m.image, m.backdrop,
+                        batch.expression)
+        p = self.cfg.replay_teacher * self.teacher_probability(step)
+        out = []
+        for vm, au, bl, idx, K, img, bd, ex in zip(*self._crops.sample(self.cfg.mouth_replay)):
+            cond = Condition(viewmat=vm, K=K, backdrop=bd, audio=au, blink=bl, index=int(idx))
+            teach = p > 0 and float(torch.rand((), generator=self._gen)) < p
+            out.append((cond, MouthCrop(K, img, bd), self.lip_target(ex[None])[0] if teach else None))
+        return out
 
     def after_step(self, step: int) -> None:
         """Networks decay to 30 % of their rate over training; the audio stage starts the render group at 1/4."""
