@@ -528,3 +528,12 @@ def test_with_a_warm_cache_encoding_never_imports_transformers(tiny_random, tmp_
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
             for _ in range(2)]
     assert runs == ["(20, 3, 16) True\n", "(20, 3, 16) False\n"]
+
+
+def test_a_graph_that_does_not_trace_is_tried_once_not_on_every_window(tiny_random, tmp_path, monkeypatch):
+    monkeypatch.setenv("TALKINGHEAD_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(W, "_save_trace", lambda *a: calls.append(a[1]))  # as a failed trace: None
+    enc = W.load_whisper(tiny_random[0] / "hf", device="cpu")
+    h = W.whisper_features(enc, synthetic_signal().repeat(20)[: 60 * RATE], 25.0, 1500)  # 60 s: 3 windows
+    assert len(W.whisper_windows(60 * RATE, 25.0, 1500)) == 3 and calls == [2] and np.isfinite(h).all()

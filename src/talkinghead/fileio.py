@@ -14,6 +14,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def _umask() -> int:
@@ -42,6 +43,19 @@ def publish(tmp: Path, path: Path) -> None:
     """Give ``tmp`` (a file or folder from the functions above) default permissions, then rename it to ``path``."""
     os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~_umask())
     os.replace(tmp, path)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
+    """``write(tmp)`` into a :func:`temp_file` beside ``path`` (its folder created), then :func:`publish` it;
+    the temporary file is removed whatever happens (errors, OSError included, reach the caller)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_file(path, suffix)
+    try:
+        write(tmp)
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def sha256(path: Path) -> str:

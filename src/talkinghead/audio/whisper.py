@@ -53,7 +53,6 @@ estimate from what it has heard so far.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -68,6 +67,7 @@ from typing import Callable
 
 import numpy as np
 
+from talkinghead import fileio
 from talkinghead.errors import UserError
 from talkinghead.startup import gc_paused
 
@@ -123,7 +123,7 @@ class WhisperEncoder:
     device: object  # torch.device
     _build: Callable[[], object] = field(repr=False)  # -> the transformers WhisperEncoder on ``device``
     _model: object | None = field(default=None, repr=False)
-    _traced: dict = field(default_factory=dict, repr=False)  # depth -> TorchScript of states 0..depth
+    _traced: dict = field(default_factory=dict, repr=False)  # depth -> TorchScript of states 0..depth, or None
 
     @property
     def model(self):
@@ -147,7 +147,7 @@ class WhisperEncoder:
         import torch
 
         d = self.num_layers if depth is None or depth >= self.num_layers else int(depth)
-        graph = self._traced.get(d) or self._trace(d, mel)
+        graph = self._traced[d] if d in self._traced else self._trace(d, mel)
         with torch.inference_mode():
             if graph is not None:
                 return graph(mel)[0]
@@ -155,15 +155,15 @@ class WhisperEncoder:
 
     def _trace(self, depth: int, mel):
         """The traced graph of states 0..depth from the cache, or traced now and stored there; None without a
-        cache, or where tracing does not reproduce the module (then it runs as it is)."""
+        cache, or where tracing does not reproduce the module (then it runs as it is). Either answer is kept
+        for the encoder's later windows: a failed trace is not tried again on each one."""
         path = _trace_path(self, depth)
-        if path is None:
-            return None
-        graph = _load_trace(path, self.device)
-        if graph is None:
-            graph = _save_trace(self, depth, mel, path)
-        if graph is not None:
-            self._traced[depth] = graph
+        graph = None
+        if path is not None:
+            graph = _load_trace(path, self.device)
+            if graph is None:
+                graph = _save_trace(self, depth, mel, path)
+        self._traced[depth] = graph
         return graph
 
 
@@ -255,15 +255,7 @@ def _save_trace(enc: WhisperEncoder, depth: int, mel, path: Path):
             graph = torch.jit.trace(module, mel, check_trace=False)
             if not torch.equal(graph(mel), module(mel)):
                 return None
-        from talkinghead.fileio import publish, temp_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_file(path)
-        try:
-            graph.save(str(tmp))
-            publish(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        fileio.write_atomic(path, lambda tmp: graph.save(str(tmp)))
     except OSError:  # an unwritable cache: the graph still serves this process
         pass
     except Exception:  # a transformers version whose encoder does not trace: run the module itself
@@ -445,11 +437,7 @@ def sha256_file(path: Path) -> str:
 
 @lru_cache(maxsize=8)
 def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return fileio.sha256(Path(path))  # keyed by mtime and size: a file rewritten in place is hashed again
 
 
 def checkpoint_identity(checkpoint: str | os.PathLike | None) -> tuple[str, str, Path, str]:
@@ -535,16 +523,9 @@ def _write_meta(digest: str, num_layers: int, width: int, filters: np.ndarray) -
     path = _meta_path(digest)
     if path is None:
         return
-    from talkinghead.fileio import publish, temp_file
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_file(path, suffix=".npz")
-        try:
-            np.savez(tmp, num_layers=num_layers, width=width, filters=filters)
-            publish(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    try:  # .npz: np.savez appends it to any other name
+        fileio.write_atomic(path, lambda tmp: np.savez(tmp, num_layers=num_layers, width=width, filters=filters),
+                            ".npz")
     except OSError:  # an unwritable cache: nothing is cached
         pass
 
