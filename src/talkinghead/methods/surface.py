@@ -6,7 +6,11 @@
 
   - face: the mesh vertices plus points sampled uniformly on its triangles by area, lips and mouth-corner
     triangles weighted ``lip_weight`` times (the mouth is what the audio moves; it needs many Gaussians);
-  - inner mouth: points in the slab just behind the inner-lip ring (teeth, tongue, dark cavity);
+  - inner mouth: points in the slab just behind the inner-lip ring (teeth, tongue, dark cavity); bound
+    between the inner lips: a point a fraction t down the slab (0 at its top edge, 1 at its bottom) moves
+    as (1 - t) x the nearest upper inner-lip vertex + t x the nearest lower one, so under an opening
+    expression the cavity stretches with the lips (upper teeth with the upper lip, lower teeth and tongue
+    with the jaw) instead of staying a closed slit behind them;
   - head volume (hair, ears, sides and top of the head): a thick ellipsoidal shell sized from the face's
     extent, without the part in front of the face surface and without the far back, which a talking-head
     video (near-frontal by construction) never shows;
@@ -45,8 +49,9 @@ def initial_points(neutral: np.ndarray, triangles: np.ndarray, num: int, face_fr
     """[num, 3] float32 canonical positions from the neutral mesh [V, 3] and its triangles [F, 3].
 
     With ``binding``, also each point's place on the mesh: vertex ids [num, 3] (int64) and barycentric
-    weights [num, 3] (float32; a vertex point is (v, v, v) with weights (1, 0, 0), the inner-mouth and head
-    points, which are not on the mesh, have weights 0)."""
+    weights [num, 3] (float32; a vertex point is (v, v, v) with weights (1, 0, 0), an inner-mouth point
+    (upper, lower, lower) with (1 - t, t, 0) between its nearest inner-lip vertices; head points, which
+    follow no vertex, have weights 0)."""
     rng = np.random.default_rng(seed)
     v = np.asarray(neutral, np.float64)
     tri = np.asarray(triangles, np.int64)
@@ -74,6 +79,9 @@ def initial_points(neutral: np.ndarray, triangles: np.ndarray, num: int, face_fr
     mouth = np.stack([centre[0] + half[0] * r * np.cos(ang),
                       centre[1] + max(half[1], 0.08 * half[0]) * r * np.sin(ang),
                       centre[2] - front * rng.random(n_mouth) * 0.12 * width], 1)
+    upper, lower = np.array(LIPS_INNER[11:]), np.array(LIPS_INNER[1:10])  # arcs without the two corners
+    down = np.sign(v[lower, 1].mean() - v[upper, 1].mean()) or 1.0  # +y is down the face when lower lip y > upper
+    t = 0.5 + 0.5 * down * r * np.sin(ang)  # 0 at the slab's upper edge, 1 at its lower edge
 
     head = _head_shell(v, front, n_head, rng)
     points = np.concatenate([face, mouth, head]).astype(np.float32)
@@ -85,6 +93,10 @@ def initial_points(neutral: np.ndarray, triangles: np.ndarray, num: int, face_fr
     bary[:len(v), 0] = 1.0
     ids[len(v):n_face] = s_tri
     bary[len(v):n_face] = s_bary
+    near_up = upper[np.abs(mouth[:, None, 0] - v[upper][None, :, 0]).argmin(1)]
+    near_lo = lower[np.abs(mouth[:, None, 0] - v[lower][None, :, 0]).argmin(1)]
+    ids[n_face:n_face + n_mouth] = np.stack([near_up, near_lo, near_lo], 1)
+    bary[n_face:n_face + n_mouth] = np.stack([1 - t, t, np.zeros_like(t)], 1)
     return points, ids, bary
 
 
