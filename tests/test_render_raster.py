@@ -340,9 +340,11 @@ def test_numba_compositor_equals_the_torch_reference_forward_and_backward_in_flo
 
 
 @pytest.mark.skipif(not numba_available(), reason="needs numba")
-@pytest.mark.parametrize("sh_degree", [None, 1, 3])
-def test_numba_inference_path_equals_the_torch_reference(sh_degree):
-    """Without autograd the numba backend also projects, sorts and colours in compiled loops: same frame."""
+@pytest.mark.parametrize("sh_degree,background", [(None, "image"), (1, "image"), (3, "image"), (1, None),
+                                                   (1, "colour"), (1, "colour per camera"), (1, "image per camera")])
+def test_numba_inference_path_equals_the_torch_reference(sh_degree, background):
+    """Without autograd the numba backend also projects, sorts, colours and composites the background in compiled
+    loops: same frame, whatever the background's shape."""
     W, H = 40, 30
     _, K = camera(W, H, 35.0, torch.float64)
     viewmats = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
@@ -352,7 +354,9 @@ def test_numba_inference_path_equals_the_torch_reference(sh_degree):
     if sh_degree is not None:
         colors = 0.3 * torch.randn(200, (sh_degree + 1) ** 2, 3, generator=torch.Generator().manual_seed(15),
                                    dtype=torch.float64)
-    bg = torch.rand(H, W, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
+    shape = {None: None, "image": (H, W, 3), "colour": (3,), "colour per camera": (2, 3),
+             "image per camera": (2, H, W, 3)}[background]
+    bg = None if shape is None else torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
     scene = (means, quats, scales, opacities, colors, viewmats, K.repeat(2, 1, 1), W, H)
     with torch.no_grad():
         fast = rasterize(*scene, background=bg, sh_degree=sh_degree, backend="numba")

@@ -19,7 +19,8 @@ the last Gaussian that contributed, so memory is O(pixels + Gaussians): no pair 
 
 For inference (nothing needs a gradient) :func:`render_numba` also runs the projection
 (:func:`.projection.project`'s EWA splatting, culling and extents), the depth sort and the SH colours
-(:func:`.sh.eval_sh`) in compiled loops, so a frame makes no per-Gaussian tensor operations at all.
+(:func:`.sh.eval_sh`) in compiled loops, and its compositing loop writes the final image (background
+composited), alpha and depth itself, so a frame makes no per-Gaussian or per-pixel tensor operations at all.
 
 Transmittance and sums are float64 inside (the torch path's scan is float64 too), so the two compositors agree
 to float rounding (``tests/test_render_raster.py``). Numba compiles the two loops on first use (a few seconds,
@@ -241,11 +242,13 @@ def _compile():
         return means2d, conics, depths, radii, visible
 
     @numba.njit(cache=True, nogil=True)
-    def draw(order, means2d, conics, opac, colors, depths, width, height):  # pragma: no cover - compiled
+    def draw(order, means2d, conics, opac, colors, depths, width, height, background, image, alpha,
+             depth):  # pragma: no cover - compiled
         """Inference's compositing: :func:`forward` over the Gaussians ``order`` (front to back) of the
-        projected arrays, features = (colors [N, D], depth); returns (out [P, D + 1], T [P]). The pixel alpha is
-        1 - T (the weights telescope: sum_i alpha_i T_i = 1 - T_final), so no column of ones is summed and
-        no gather of the visible rows is made."""
+        projected arrays, features = (colors [N, D], depth), written straight into the outputs image [P, D]
+        (+ T x background [1 or P, D]), alpha [P] = 1 - T and depth [P] = the weighted depth over alpha (the
+        weights telescope: sum_i alpha_i T_i = 1 - T_final, so no column of ones is summed and no gather of the
+        visible rows is made). Sums and T are float64; the outputs take their arrays' dtype."""
         D = colors.shape[1]
         out = np.zeros((width * height, D + 1))
         T = np.ones(width * height)  # negated once the pixel stopped
@@ -263,23 +266,30 @@ def _compile():
                 base = y * width
                 for x in range(x0, x1):
                     p = base + x
-                    alpha = raw
+                    al = raw
                     raw *= ratio
                     ratio *= step
                     t = T[p]
-                    if t < 0.0 or alpha < ALPHA_MIN:
+                    if t < 0.0 or al < ALPHA_MIN:
                         continue
-                    alpha = min(alpha, ALPHA_MAX)
-                    t_after = t * (1.0 - alpha)
+                    al = min(al, ALPHA_MAX)
+                    t_after = t * (1.0 - al)
                     if t_after < T_MIN:
                         T[p] = -t
                         continue
-                    w = alpha * t
+                    w = al * t
                     for f in range(D):
                         out[p, f] += w * colors[g, f]
                     out[p, D] += w * z
                     T[p] = t_after
-        return out, np.abs(T)
+        per_pixel = background.shape[0] > 1
+        for p in range(width * height):
+            t = abs(T[p])
+            q = p if per_pixel else 0
+            for f in range(D):
+                image[p, f] = out[p, f] + t * background[q, f]
+            alpha[p] = 1.0 - t
+            depth[p] = out[p, D] / max(1.0 - t, 1e-10)
 
     @numba.njit(cache=True, nogil=True)
     def project_backward(means, quats, scales, opac, viewmat, K, width, height, near, far, eps2d, g_m2d, g_con,
@@ -509,11 +519,12 @@ def composite_numba(means2d: Tensor, conics: Tensor, opacities: Tensor, feats: T
 
 def render_numba(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor, viewmat: Tensor,
                  K: Tensor, width: int, height: int, sh_degree: int | None, near: float, far: float,
-                 eps2d: float = 0.3) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """One camera without autograd, every step compiled: what ``_rasterize_torch`` computes for it.
+                 eps2d: float = 0.3, background: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """One camera without autograd, every step compiled: what ``rasterize`` computes for it.
 
-    Returns image [H, W, D], alpha [H, W, 1], depth [H, W, 1] and info (means2d [N, 2], radii [N, 2],
-    depths [N]), as tensors of the inputs' dtype."""
+    Returns image [H, W, D] (+ ``(1 - alpha) background`` when one is given: [D] or [H, W, D]), alpha [H, W, 1],
+    depth [H, W, 1] and info (means2d [N, 2], radii [N, 2], depths [N]), as tensors of the inputs' dtype: the
+    kernel writes the outputs, no per-pixel tensor operation follows."""
     _, _, proj, sh, _, draw = _compile()
     m = _np(means)
     means2d, conics, depths, radii, visible = proj(m, _np(quats), _np(scales), _np(opacities), _np(viewmat), _np(K),
@@ -526,9 +537,18 @@ def render_numba(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor
         campos = -vm[:3, :3].T @ vm[:3, 3]
         c = sh(c, m - campos, sh_degree)  # every Gaussian's: a gather of the visible ones costs more than the few
     D = c.shape[1]
-    out, T = draw(idx, means2d, conics, _np(opacities), np.ascontiguousarray(c), depths, width, height)
-    out = torch.from_numpy(out.reshape(height, width, D + 1)).to(means.dtype)
-    alpha = torch.from_numpy(1.0 - T.reshape(height, width, 1)).to(means.dtype)
-    info = {"means2d": torch.from_numpy(means2d).to(means.dtype), "radii": torch.from_numpy(radii),
-            "depths": torch.from_numpy(depths).to(means.dtype)}
-    return out[..., :D], alpha, out[..., D:] / alpha.clamp(min=1e-10), info
+    dtype = means.dtype
+    if background is None:
+        bg = np.zeros((1, D))
+    else:
+        bg = np.ascontiguousarray(background.detach().cpu().numpy()).reshape(-1, D)
+        if bg.shape[0] not in (1, width * height):
+            raise ValueError(f"background {tuple(background.shape)} is neither [{D}] nor [{height}, {width}, {D}]")
+    image = torch.empty(height, width, D, dtype=dtype)
+    alpha = torch.empty(height, width, 1, dtype=dtype)
+    depth = torch.empty(height, width, 1, dtype=dtype)
+    draw(idx, means2d, conics, _np(opacities), np.ascontiguousarray(c), depths, width, height, bg,
+         image.numpy().reshape(-1, D), alpha.numpy().reshape(-1), depth.numpy().reshape(-1))
+    info = {"means2d": torch.from_numpy(means2d).to(dtype), "radii": torch.from_numpy(radii),
+            "depths": torch.from_numpy(depths).to(dtype)}
+    return image, alpha, depth, info
