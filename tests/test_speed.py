@@ -6,6 +6,7 @@
 * the folded cross-attention vs ``nn.MultiheadAttention`` with the same weights (values, weights, gradients);
 * GaussianTalker's batched geometry replay vs one frame at a time (the same replayed frames);
 * :class:`RenderCache`: kept while nothing changes, rebuilt after an optimiser step, a load or a move;
+* FlameTalk's streaming step (only the rows its one output reads) vs the full encoder + decoder pass it replaces;
 * whole renders: eval mode (frozen per-avatar state, the Numba inference path) vs the live training-mode
   computation with the torch reference rasterizer, for GaussianTalker and GaussianFlameTalk.
 """
@@ -269,3 +270,39 @@ def test_gaussianflametalk_render_equals_the_live_reference_computation(syntheti
         ref = model.render(cond)
     assert_same_frame(fast, ref)
     assert (ref - cond.backdrop).abs().max() > 0.03
+
+
+@pytest.mark.parametrize("encoder_layers,decoder_layers,lookahead,norm_first", [
+    (2, 1, 0, False), (2, 1, 1, False), (0, 1, 0, False), (3, 2, 2, False), (2, 1, 1, True)])
+def test_flametalk_streaming_step_equals_the_full_pass(encoder_layers, decoder_layers, lookahead, norm_first):
+    """next_frame_of (encoder rows the window reaches, the last decoder row alone) = next_frame over the whole
+    encoded history, at every history length up to past the stream's cap, with the linear prior."""
+    import numpy as np
+
+    from talkinghead.face.landmarks import NUM_LANDMARKS
+    from talkinghead.methods.gaussianflametalk.flametalk import FlameTalkConfig, build_flametalk
+
+    cfg = FlameTalkConfig(d_model=16, heads=2, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                          context=6, period=4, audio_lookahead=lookahead, prior_taps=3)
+    rng = np.random.default_rng(0)
+    E, D = 6, 5
+    neutral, basis = rng.normal(0, 0.05, (NUM_LANDMARKS, 3)), rng.normal(0, 0.01, (E, NUM_LANDMARKS, 3))
+    audio = rng.normal(0, 1, (40, D)).astype(np.float32)
+    model = build_flametalk(cfg, audio, rng.normal(0, 1, (40, E)), neutral, basis).eval()
+    if norm_first:
+        for layer in [*(model.audio_encoder.layers if model.audio_encoder else []), *model.decoder.layers]:
+            layer.norm_first = True
+    torch.nn.init.normal_(model.motion_decoder[-1].weight, std=1.0)
+    x = torch.as_tensor(audio)[None]
+    S = model.speech_idx.numel()
+    with torch.no_grad():
+        for rows in (1, 2, 5, 9, 2 * cfg.context + lookahead, 30):
+            hist = x[:, :rows]
+            n = rows - lookahead
+            if n < 1:
+                continue
+            for L in sorted({1, min(n, 3), min(n, cfg.context)}):
+                prev = torch.randn(1, L - 1, S) if L > 1 else None
+                C = model.encode_audio(hist)[:, :n]
+                ref = model.next_frame(C[:, n - L:], prev, model.audio_prior(hist)[:, n - L:n])
+                torch.testing.assert_close(model.next_frame_of(hist, n, prev), ref, rtol=1e-5, atol=1e-6)
