@@ -366,3 +366,25 @@ def test_numba_inference_path_equals_the_torch_reference(sh_degree, background):
     for key in ("means2d", "radii", "depths"):
         torch.testing.assert_close(fast[3][key], ref[3][key])
     assert (ref[3]["radii"][:, :5] == 0).all() and (ref[1] > 0.999).any()
+
+
+@pytest.mark.skipif(not numba_available(), reason="needs numba")
+@pytest.mark.parametrize("features", [3, 5])
+def test_numba_inference_steps_large_thin_footprints_as_the_reference(features):
+    """The inference loop steps each row's start from the row above (no exp per row): on footprints tens of
+    pixels tall, thin and rotated (row starts jumping by more than the stepped range too), and for features
+    other than RGB (its generic loop), the frame is the torch reference's."""
+    W, H = 160, 120
+    _, K = camera(W, H, 150.0, torch.float64)
+    means, quats, scales, opacities, _ = random_scene(60, seed=21, dtype=torch.float64, opacity_max=1.0)
+    g = torch.Generator().manual_seed(22)
+    scales = scales * torch.tensor([2.0, 0.3, 1.0], dtype=torch.float64)  # elongated: long, thin, tilted
+    colors = torch.rand(60, features, generator=g, dtype=torch.float64)
+    bg = torch.rand(H, W, features, generator=g, dtype=torch.float64)
+    scene = (means, quats, scales, opacities, colors, torch.eye(4, dtype=torch.float64), K, W, H)
+    with torch.no_grad():
+        fast = rasterize(*scene, background=bg, backend="numba")
+        ref = rasterize(*scene, background=bg, backend="torch")
+    for a, b in zip(fast[:3], ref[:3]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    assert fast[3]["radii"].max() > 20  # footprints tens of pixels across
