@@ -6,6 +6,7 @@
 * the folded cross-attention vs ``nn.MultiheadAttention`` with the same weights (values, weights, gradients);
 * GaussianTalker's batched geometry replay vs one frame at a time (the same replayed frames);
 * :class:`RenderCache`: kept while nothing changes, rebuilt after an optimiser step, a load or a move;
+* GaussianFlameTalk's compiled binding (rendering) vs :func:`rigging.bind_activated`;
 * FlameTalk's streaming step (only the rows its one output reads) vs the full encoder + decoder pass it replaces;
 * whole renders: eval mode (frozen per-avatar state, the Numba inference path) vs the live training-mode
   computation with the torch reference rasterizer, for GaussianTalker and GaussianFlameTalk.
@@ -306,3 +307,29 @@ def test_flametalk_streaming_step_equals_the_full_pass(encoder_layers, decoder_l
                 C = model.encode_audio(hist)[:, :n]
                 ref = model.next_frame(C[:, n - L:], prev, model.audio_prior(hist)[:, n - L:n])
                 torch.testing.assert_close(model.next_frame_of(hist, n, prev), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_binding_equals_bind_activated():
+    """Means and scales to float rounding, quaternions up to sign (q and -q: the same rotation), also on a
+    sliver triangle (a closing mouth's curtain) and on one with its normal along every axis."""
+    from talkinghead.methods.gaussianflametalk.rigging import bind_activated, bind_numba, quat_multiply
+
+    g = torch.Generator().manual_seed(3)
+    verts = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    verts[39] = (verts[0] + verts[1]) / 2 + 1e-5  # faces[-1] is nearly flat
+    faces = torch.stack([torch.randperm(39, generator=g)[:3] for _ in range(60)])  # three distinct vertices
+    faces[-1] = torch.tensor([0, 1, 39])
+    faces[:3] = torch.tensor([[0, 1, 2]] * 3)
+    verts[:3] = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.float64)  # normal along z
+    parent = torch.randint(0, 60, (300,), generator=g)
+    parent[:3] = torch.tensor([0, 59, 59])
+    local_means = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    local_quats = F.normalize(torch.randn(300, 4, generator=g, dtype=torch.float64), dim=-1)
+    local_scales = torch.rand(300, 3, generator=g, dtype=torch.float64)
+    ref = bind_activated(verts, faces, parent, local_means, local_quats, local_scales)
+    fast = bind_numba(verts, faces, parent, local_means, local_quats, local_scales)
+    torch.testing.assert_close(fast[0], ref[0])
+    torch.testing.assert_close(fast[2], ref[2])
+    sign = torch.sign((fast[1] * ref[1]).sum(-1, keepdim=True))
+    torch.testing.assert_close(fast[1] * sign, ref[1], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(fast[1]).all() and quat_multiply is not None
