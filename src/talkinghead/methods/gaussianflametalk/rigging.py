@@ -36,6 +36,10 @@ mouth. We add two things, both our design (GaussianAvatars relies on FLAME's ful
   learned like any 3DGS splat.
 
 Shapes follow gsplat's habit: ``verts: [..., V, 3]``, ``faces: [F, 3]``.
+
+Rendering (no autograd) binds with :func:`bind_numba`: the same frames, quaternions and products as
+:func:`bind_activated`, one compiled loop over the triangles and one over the Gaussians instead of ~60 tensor
+operations (~1.2 -> ~0.2 ms a frame; ``tests/test_speed.py``).
 """
 
 from __future__ import annotations
