@@ -263,8 +263,9 @@ def render_parts(method: str, model, test, repeats: int) -> dict:
             exprs = [model._expression(cc, model.speech_for(cc)) for cc in conds]
             res["flametalk (streaming) + expression"] = (time.process_time() - t) * 1000 / len(conds)
             expr = exprs[len(conds) // 2]
-            res["rigging"] = cpu_ms(lambda: model.avatar.gaussians(expr), repeats)
-            g = model.avatar.gaussians(expr)
+            static = model._frozen.get(model)  # as render() rigs: with the kept expression-independent state
+            res["rigging"] = cpu_ms(lambda: model.avatar.gaussians(expr, static), repeats)
+            g = model.avatar.gaussians(expr, static)
         res["raster"] = cpu_ms(lambda: model._raster(g, c.viewmat, c.K, c.backdrop), repeats)
         for size in (256, 512):
             scale = size / test.cfg.size
