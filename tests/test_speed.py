@@ -7,6 +7,7 @@
 * GaussianTalker's batched geometry replay vs one frame at a time (the same replayed frames);
 * :class:`RenderCache`: kept while nothing changes, rebuilt after an optimiser step, a load or a move;
 * GaussianFlameTalk's compiled binding (rendering) vs :func:`rigging.bind_activated`;
+* DEGSTalk's mask dilation (running-sum counts, or two 1-D max-pools) vs the square max-pool;
 * FlameTalk's streaming step (only the rows its one output reads) vs the full encoder + decoder pass it replaces;
 * whole renders: eval mode (frozen per-avatar state, the Numba inference path) vs the live training-mode
   computation with the torch reference rasterizer, for GaussianTalker and GaussianFlameTalk.
@@ -333,3 +334,17 @@ def test_compiled_binding_equals_bind_activated():
     sign = torch.sign((fast[1] * ref[1]).sum(-1, keepdim=True))
     torch.testing.assert_close(fast[1] * sign, ref[1], rtol=1e-6, atol=1e-6)
     assert torch.isfinite(fast[1]).all() and quat_multiply is not None
+
+
+@pytest.mark.parametrize("px", [1, 3, 17])
+def test_separable_dilation_equals_the_square_max_pool(px):
+    from talkinghead.methods.degstalk.plate import dilate, erode
+
+    g = torch.Generator().manual_seed(px)
+    mask = (torch.rand(37, 53, generator=g) > 0.97).float()
+    mask[0, 5] = mask[36, 52] = 1.0  # at the borders
+    square = lambda m: F.max_pool2d(m[None, None], 2 * px + 1, stride=1, padding=px)[0, 0]  # noqa: E731
+    assert torch.equal(dilate(mask, px), square(mask))
+    assert torch.equal(erode(mask, px), 1.0 - square(1.0 - mask))
+    soft = mask * torch.rand(37, 53, generator=g)  # not a {0, 1} mask: the max-pool path
+    assert torch.equal(dilate(soft, px), square(soft))
