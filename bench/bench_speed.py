@@ -375,7 +375,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", default=None, help="git ref of the 'before' tree")
     ap.add_argument("--avatars", nargs=2, default=None, metavar=("GAUSSIANTALKER", "GAUSSIANFLAMETALK"))
-    ap.add_argument("--data", default=str(DATA), help="the prepared clip the parts are measured on (default: %(default)s)")
+    ap.add_argument("--data", default=str(DATA),
+                    help="the prepared clip the parts are measured on (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--extra", nargs="*", default=[a for a in EXTRA if (Path(a) / "model.safetensors").exists()],
                     metavar="AVATAR", help="trained avatars of other methods, render figures only")

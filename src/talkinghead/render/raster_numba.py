@@ -561,7 +561,8 @@ def composite_numba(means2d: Tensor, conics: Tensor, opacities: Tensor, feats: T
 
 def render_numba(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor, viewmat: Tensor,
                  K: Tensor, width: int, height: int, sh_degree: int | None, near: float, far: float,
-                 eps2d: float = 0.3, background: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+                 eps2d: float = 0.3,
+                 background: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """One camera without autograd, every step compiled: what ``rasterize`` computes for it.
 
     Returns image [H, W, D] (+ ``(1 - alpha) background`` when one is given: [D] or [H, W, D]), alpha [H, W, 1],

@@ -197,7 +197,7 @@ class RiggedAvatar(nn.Module):
             # rendering: the binding as one compiled loop, written into the frame's arrays (shell rows copied)
             nb, n = self.num_bound, self.opacity_logits.shape[0]
             dt = self.local_means.dtype
-            means, quats, scales = (torch.empty(n, 3, dtype=dt), torch.empty(n, 4, dtype=dt), torch.empty(n, 3, dtype=dt))
+            means, quats, scales = (torch.empty(n, k, dtype=dt) for k in (3, 4, 3))
             bind_numba(verts, self.faces, self.parent, self.local_means, s["local_quats"], s["local_scales"],
                        (means[:nb], quats[:nb], scales[:nb]))
             means[nb:], quats[nb:], scales[nb:] = self.shell_means, s["shell_quats"], s["shell_scales"]
