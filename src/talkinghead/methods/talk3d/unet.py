@@ -8,7 +8,9 @@ Shapes: B batch, C channels, R plane side; a triplane batch is ``[B, 3, C, R, R]
 * Roll-out blending (the Rodin "3D-aware convolution" the paper cites [23]) before every block: each plane gets,
   beside its own features, the other two planes' features averaged along the axis it does not share with
   them and broadcast along the one it does (plane xy gets xz averaged over z, as a function of x, and zy
-  averaged over z, as a function of y). Input of a block: 3C channels per plane.
+  averaged over z, as a function of y). Input of a block: 3C channels per plane. The block's first convolution
+  runs as :func:`rollout_conv`, the same function as the plain ``conv(rollout(x))`` (its reference in the tests)
+  at about half the cost: the broadcast thirds' part of it is a 1-D convolution.
 * Encoder: one level per ``channels`` entry, each level a block of two split 3x3 convolutions, halving the side
   between levels (the public code: 32 -> 64 -> 128 -> 256 channels, 256^2 -> 32^2).
 * Bottleneck (eq. 4-5): the three planes' cells are flattened into 3 R_b^2 tokens, a 3-D positional encoding
