@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = Path("/work/data/cnn_anchor_en_71s")
+DATA = Path("/work/scratch/s8/data/cnn")  # default --data: the cnn clip (Whisper features)
 METHODS = ("gaussiantalker", "gaussianflametalk")
 EXTRA = ("/work/scratch/degstalk/runs/cnn_degstalk", "/work/scratch/s6/s6-t3d/full")
 
@@ -89,7 +89,7 @@ def fwd_bwd(fn, inputs, repeats: int) -> tuple[float, float]:
     return f_ms, b_ms
 
 
-def build(method: str, avatar: str | None):
+def build(method: str, avatar: str | None, data: Path):
     """(model in train mode, its config, the train FrameStore subset, the test FrameStore)."""
     import torch
 
@@ -100,15 +100,15 @@ def build(method: str, avatar: str | None):
     cfg = spec.make_config("cpu-small", None)
     if method == "gaussianflametalk":
         cfg.stages = ("avatar",)  # FlameTalk's own training is not timed here; its weights come with --avatars
-    store = FrameStore(DATA, cfg.data, split="train", pick=list(range(0, 1600, 40)), progress=False)
-    model = spec.build(cfg, store.info, dataset=open_dataset(DATA, size=cfg.data.size))
+    store = FrameStore(data, cfg.data, split="train", pick=list(range(0, 1600, 40)), progress=False)
+    model = spec.build(cfg, store.info, dataset=open_dataset(data, size=cfg.data.size))
     if avatar:
         from safetensors.torch import load_file
 
         state = {k[6:]: v for k, v in load_file(str(Path(avatar) / "model.safetensors")).items()
                  if k.startswith("model.")}
         model.load_state_dict(state)
-    test = FrameStore(DATA, dataclasses.replace(cfg.data, mouth_crop=0), info=store.info, split="test",
+    test = FrameStore(data, dataclasses.replace(cfg.data, mouth_crop=0), info=store.info, split="test",
                       with_targets=False, progress=False)
     torch.manual_seed(0)
     return model, cfg, store, test
@@ -263,8 +263,9 @@ def render_parts(method: str, model, test, repeats: int) -> dict:
             exprs = [model._expression(cc, model.speech_for(cc)) for cc in conds]
             res["flametalk (streaming) + expression"] = (time.process_time() - t) * 1000 / len(conds)
             expr = exprs[len(conds) // 2]
-            res["rigging"] = cpu_ms(lambda: model.avatar.gaussians(expr), repeats)
-            g = model.avatar.gaussians(expr)
+            static = model._frozen.get(model)  # as render() rigs: with the kept expression-independent state
+            res["rigging"] = cpu_ms(lambda: model.avatar.gaussians(expr, static), repeats)
+            g = model.avatar.gaussians(expr, static)
         res["raster"] = cpu_ms(lambda: model._raster(g, c.viewmat, c.K, c.backdrop), repeats)
         for size in (256, 512):
             scale = size / test.cfg.size
@@ -311,7 +312,7 @@ def worker(args) -> None:
     out = {"load_start": os.getloadavg()}
     avatars = dict(zip(METHODS, args.avatars or [None, None]))
     for method in METHODS:
-        model, cfg, store, test = build(method, avatars[method])
+        model, cfg, store, test = build(method, avatars[method], Path(args.data))
         parts = gaussiantalker_parts if method == "gaussiantalker" else gaussianflametalk_parts
         out[method] = {"train": parts(model, cfg, store, args.repeats),
                        "render": render_parts(method, model, test, args.repeats)}
@@ -344,7 +345,7 @@ def export_tree(ref: str, dest: Path) -> Path:
 
 def run_tree(src: Path, args, out: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), "--repeats", str(args.repeats),
-           "--extra", *args.extra]
+           "--data", str(args.data), "--extra", *args.extra]
     if args.avatars:
         cmd += ["--avatars", *args.avatars]
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
@@ -374,6 +375,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", default=None, help="git ref of the 'before' tree")
     ap.add_argument("--avatars", nargs=2, default=None, metavar=("GAUSSIANTALKER", "GAUSSIANFLAMETALK"))
+    ap.add_argument("--data", default=str(DATA),
+                    help="the prepared clip the parts are measured on (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--extra", nargs="*", default=[a for a in EXTRA if (Path(a) / "model.safetensors").exists()],
                     metavar="AVATAR", help="trained avatars of other methods, render figures only")
@@ -397,7 +400,8 @@ def main() -> None:
              f"Before: `{args.before}`, after: this commit. CPU ms per call (process time, 1 thread, median of "
              f"{args.repeats}); load average {' / '.join(f'{x:.1f}' for x in before['load_start'])} at the "
              f"start, {' / '.join(f'{x:.1f}' for x in after['load_end'])} at the end. Avatars: "
-             f"{'trained (' + ', '.join(args.avatars) + ')' if args.avatars else 'fresh from the dataset'}.", ""]
+             f"{'trained (' + ', '.join(args.avatars) + ')' if args.avatars else 'fresh from the dataset'}; data "
+             f"{args.data}.", ""]
     for method in METHODS:
         for what in ("train", "render"):
             lines += [f"{method}, {'one training iteration' if what == 'train' else 'one rendered frame'}:", ""]

@@ -340,9 +340,11 @@ def test_numba_compositor_equals_the_torch_reference_forward_and_backward_in_flo
 
 
 @pytest.mark.skipif(not numba_available(), reason="needs numba")
-@pytest.mark.parametrize("sh_degree", [None, 1, 3])
-def test_numba_inference_path_equals_the_torch_reference(sh_degree):
-    """Without autograd the numba backend also projects, sorts and colours in compiled loops: same frame."""
+@pytest.mark.parametrize("sh_degree,background", [(None, "image"), (1, "image"), (3, "image"), (1, None),
+                                                   (1, "colour"), (1, "colour per camera"), (1, "image per camera")])
+def test_numba_inference_path_equals_the_torch_reference(sh_degree, background):
+    """Without autograd the numba backend also projects, sorts, colours and composites the background in compiled
+    loops: same frame, whatever the background's shape."""
     W, H = 40, 30
     _, K = camera(W, H, 35.0, torch.float64)
     viewmats = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
@@ -352,7 +354,9 @@ def test_numba_inference_path_equals_the_torch_reference(sh_degree):
     if sh_degree is not None:
         colors = 0.3 * torch.randn(200, (sh_degree + 1) ** 2, 3, generator=torch.Generator().manual_seed(15),
                                    dtype=torch.float64)
-    bg = torch.rand(H, W, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
+    shape = {None: None, "image": (H, W, 3), "colour": (3,), "colour per camera": (2, 3),
+             "image per camera": (2, H, W, 3)}[background]
+    bg = None if shape is None else torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
     scene = (means, quats, scales, opacities, colors, viewmats, K.repeat(2, 1, 1), W, H)
     with torch.no_grad():
         fast = rasterize(*scene, background=bg, sh_degree=sh_degree, backend="numba")
@@ -362,3 +366,25 @@ def test_numba_inference_path_equals_the_torch_reference(sh_degree):
     for key in ("means2d", "radii", "depths"):
         torch.testing.assert_close(fast[3][key], ref[3][key])
     assert (ref[3]["radii"][:, :5] == 0).all() and (ref[1] > 0.999).any()
+
+
+@pytest.mark.skipif(not numba_available(), reason="needs numba")
+@pytest.mark.parametrize("features", [3, 5])
+def test_numba_inference_steps_large_thin_footprints_as_the_reference(features):
+    """The inference loop steps each row's start from the row above (no exp per row): on footprints tens of
+    pixels tall, thin and rotated (row starts jumping by more than the stepped range too), and for features
+    other than RGB (its generic loop), the frame is the torch reference's."""
+    W, H = 160, 120
+    _, K = camera(W, H, 150.0, torch.float64)
+    means, quats, scales, opacities, _ = random_scene(60, seed=21, dtype=torch.float64, opacity_max=1.0)
+    g = torch.Generator().manual_seed(22)
+    scales = scales * torch.tensor([2.0, 0.3, 1.0], dtype=torch.float64)  # elongated: long, thin, tilted
+    colors = torch.rand(60, features, generator=g, dtype=torch.float64)
+    bg = torch.rand(H, W, features, generator=g, dtype=torch.float64)
+    scene = (means, quats, scales, opacities, colors, torch.eye(4, dtype=torch.float64), K, W, H)
+    with torch.no_grad():
+        fast = rasterize(*scene, background=bg, backend="numba")
+        ref = rasterize(*scene, background=bg, backend="torch")
+    for a, b in zip(fast[:3], ref[:3]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    assert fast[3]["radii"].max() > 20  # footprints tens of pixels across

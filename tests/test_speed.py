@@ -6,6 +6,9 @@
 * the folded cross-attention vs ``nn.MultiheadAttention`` with the same weights (values, weights, gradients);
 * GaussianTalker's batched geometry replay vs one frame at a time (the same replayed frames);
 * :class:`RenderCache`: kept while nothing changes, rebuilt after an optimiser step, a load or a move;
+* GaussianFlameTalk's compiled binding (rendering) vs :func:`rigging.bind_activated`;
+* DEGSTalk's mask dilation (running-sum counts, or two 1-D max-pools) vs the square max-pool;
+* FlameTalk's streaming step (only the rows its one output reads) vs the full encoder + decoder pass it replaces;
 * whole renders: eval mode (frozen per-avatar state, the Numba inference path) vs the live training-mode
   computation with the torch reference rasterizer, for GaussianTalker and GaussianFlameTalk.
 """
@@ -269,3 +272,79 @@ def test_gaussianflametalk_render_equals_the_live_reference_computation(syntheti
         ref = model.render(cond)
     assert_same_frame(fast, ref)
     assert (ref - cond.backdrop).abs().max() > 0.03
+
+
+@pytest.mark.parametrize("encoder_layers,decoder_layers,lookahead,norm_first", [
+    (2, 1, 0, False), (2, 1, 1, False), (0, 1, 0, False), (3, 2, 2, False), (2, 1, 1, True)])
+def test_flametalk_streaming_step_equals_the_full_pass(encoder_layers, decoder_layers, lookahead, norm_first):
+    """next_frame_of (encoder rows the window reaches, the last decoder row alone) = next_frame over the whole
+    encoded history, at every history length up to past the stream's cap, with the linear prior."""
+    import numpy as np
+
+    from talkinghead.face.landmarks import NUM_LANDMARKS
+    from talkinghead.methods.gaussianflametalk.flametalk import FlameTalkConfig, build_flametalk
+
+    cfg = FlameTalkConfig(d_model=16, heads=2, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                          context=6, period=4, audio_lookahead=lookahead, prior_taps=3)
+    rng = np.random.default_rng(0)
+    E, D = 6, 5
+    neutral, basis = rng.normal(0, 0.05, (NUM_LANDMARKS, 3)), rng.normal(0, 0.01, (E, NUM_LANDMARKS, 3))
+    audio = rng.normal(0, 1, (40, D)).astype(np.float32)
+    model = build_flametalk(cfg, audio, rng.normal(0, 1, (40, E)), neutral, basis).eval()
+    if norm_first:
+        for layer in [*(model.audio_encoder.layers if model.audio_encoder else []), *model.decoder.layers]:
+            layer.norm_first = True
+    torch.nn.init.normal_(model.motion_decoder[-1].weight, std=1.0)
+    x = torch.as_tensor(audio)[None]
+    S = model.speech_idx.numel()
+    with torch.no_grad():
+        for rows in (1, 2, 5, 9, 2 * cfg.context + lookahead, 30):
+            hist = x[:, :rows]
+            n = rows - lookahead
+            if n < 1:
+                continue
+            for L in sorted({1, min(n, 3), min(n, cfg.context)}):
+                prev = torch.randn(1, L - 1, S) if L > 1 else None
+                C = model.encode_audio(hist)[:, :n]
+                ref = model.next_frame(C[:, n - L:], prev, model.audio_prior(hist)[:, n - L:n])
+                torch.testing.assert_close(model.next_frame_of(hist, n, prev), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_binding_equals_bind_activated():
+    """Means and scales to float rounding, quaternions up to sign (q and -q: the same rotation), also on a
+    sliver triangle (a closing mouth's curtain) and on one with its normal along every axis."""
+    from talkinghead.methods.gaussianflametalk.rigging import bind_activated, bind_numba, quat_multiply
+
+    g = torch.Generator().manual_seed(3)
+    verts = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    verts[39] = (verts[0] + verts[1]) / 2 + 1e-5  # faces[-1] is nearly flat
+    faces = torch.stack([torch.randperm(39, generator=g)[:3] for _ in range(60)])  # three distinct vertices
+    faces[-1] = torch.tensor([0, 1, 39])
+    faces[:3] = torch.tensor([[0, 1, 2]] * 3)
+    verts[:3] = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.float64)  # normal along z
+    parent = torch.randint(0, 60, (300,), generator=g)
+    parent[:3] = torch.tensor([0, 59, 59])
+    local_means = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    local_quats = F.normalize(torch.randn(300, 4, generator=g, dtype=torch.float64), dim=-1)
+    local_scales = torch.rand(300, 3, generator=g, dtype=torch.float64)
+    ref = bind_activated(verts, faces, parent, local_means, local_quats, local_scales)
+    fast = bind_numba(verts, faces, parent, local_means, local_quats, local_scales)
+    torch.testing.assert_close(fast[0], ref[0])
+    torch.testing.assert_close(fast[2], ref[2])
+    sign = torch.sign((fast[1] * ref[1]).sum(-1, keepdim=True))
+    torch.testing.assert_close(fast[1] * sign, ref[1], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(fast[1]).all() and quat_multiply is not None
+
+
+@pytest.mark.parametrize("px", [1, 3, 17])
+def test_separable_dilation_equals_the_square_max_pool(px):
+    from talkinghead.methods.degstalk.plate import dilate, erode
+
+    g = torch.Generator().manual_seed(px)
+    mask = (torch.rand(37, 53, generator=g) > 0.97).float()
+    mask[0, 5] = mask[36, 52] = 1.0  # at the borders
+    square = lambda m: F.max_pool2d(m[None, None], 2 * px + 1, stride=1, padding=px)[0, 0]  # noqa: E731
+    assert torch.equal(dilate(mask, px), square(mask))
+    assert torch.equal(erode(mask, px), 1.0 - square(1.0 - mask))
+    soft = mask * torch.rand(37, 53, generator=g)  # not a {0, 1} mask: the max-pool path
+    assert torch.equal(dilate(soft, px), square(soft))

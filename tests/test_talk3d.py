@@ -10,7 +10,7 @@ from talkinghead import camera
 from talkinghead.errors import UserError
 from talkinghead.methods import get_method
 from talkinghead.methods.data import FrameStore
-from talkinghead.methods.talk3d.unet import AttentionUNet, SplitConv, rollout
+from talkinghead.methods.talk3d.unet import AttentionUNet, SplitConv, rollout, rollout_conv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,6 +34,22 @@ def test_rollout_puts_the_other_planes_on_the_shared_axes():
     # Plane zy (rows y, cols z): xy over x as a function of y (rows); xz over x as a function of z (columns).
     assert torch.allclose(out[0, 2, 1], (7 * y)[:, None].expand(R, R))
     assert torch.allclose(out[0, 2, 2], (z + 20)[None, :].expand(R, R))
+
+
+@pytest.mark.parametrize("C,O,R", [(2, 3, 5), (4, 2, 8), (3, 5, 2)])
+def test_rollout_conv_matches_the_plain_rollout_then_convolution(C, O, R):
+    """The fast path (1-D convolutions for the blended thirds) against ``conv(rollout(x))``, gradients included."""
+    torch.manual_seed(0)
+    conv = SplitConv(3 * C, O).double()
+    x = torch.randn(2, 3, C, R, R, dtype=torch.float64, requires_grad=True)
+    ref = conv(rollout(x))
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * g).sum(), [x, conv.conv.weight, conv.conv.bias])
+    out = rollout_conv(x, conv)
+    got = torch.autograd.grad((out * g).sum(), [x, conv.conv.weight, conv.conv.bias])
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-11)
 
 
 def test_split_convolution_keeps_the_planes_apart():

@@ -98,10 +98,15 @@ def rasterize(
         run = functools.partial(_rasterize_torch, kernel=backend)
     else:
         raise ValueError(f"unknown backend {backend!r} (auto, torch, numba or gsplat)")
-    image, alpha, depth, info = run(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near_plane, far_plane,
-        float(eps2d),
-    )
+    args = (means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near_plane, far_plane,
+            float(eps2d))
+    if backend == "numba" and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (means, quats, scales, opacities, colors, background) if t is not None)):
+        # inference: projection, sort, colours and the background composite compiled too
+        image, alpha, depth, info = _render_numba(*args, background=background, batched=batched)
+        background = None  # composited by the kernel
+    else:
+        image, alpha, depth, info = run(*args)
     if background is not None:
         bg = background.to(image)
         if bg.dim() == 1 or (batched and bg.dim() == 2):  # one colour (per camera)
@@ -122,14 +127,6 @@ def _colors(colors: Tensor, means: Tensor, viewmat: Tensor, sh_degree: int | Non
 
 def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far,
                      eps2d, kernel="torch"):
-    if kernel == "numba" and not (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (means, quats, scales, opacities, colors))):
-        from .raster_numba import render_numba  # inference: projection, sort and colours compiled too
-
-        outs = [render_numba(means, quats, scales, opacities, colors, v, k, width, height, sh_degree, near, far,
-                             eps2d) for v, k in zip(viewmats, Ks)]
-        info = {key: torch.stack([o[3][key] for o in outs]) for key in ("means2d", "radii", "depths")}
-        return (*(torch.stack([o[i] for o in outs]) for i in range(3)), info)
     if kernel == "numba" and not Ks.requires_grad:
         from .raster_numba import project_numba  # the same projection, compiled forward and backward
 
@@ -160,6 +157,20 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
         "depths": torch.stack([p.depths for p in projs]),
     }
     return torch.stack(images), torch.stack(alphas), torch.stack(depths), info
+
+
+def _render_numba(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far,
+                  eps2d, background, batched):
+    """Every camera through :func:`.raster_numba.render_numba` (no autograd), the background composited there."""
+    from .raster_numba import render_numba
+
+    per_camera = background is not None and batched and background.dim() in (2, 4)  # [C, D] or [C, H, W, D]
+    outs = [render_numba(means, quats, scales, opacities, colors, v, k, width, height, sh_degree, near, far, eps2d,
+                         background[c] if per_camera else background) for c, (v, k) in enumerate(zip(viewmats, Ks))]
+    if len(outs) == 1:  # one camera: views, no copies
+        return (*(t[None] for t in outs[0][:3]), {key: t[None] for key, t in outs[0][3].items()})
+    info = {key: torch.stack([o[3][key] for o in outs]) for key in ("means2d", "radii", "depths")}
+    return (*(torch.stack([o[i] for o in outs]) for i in range(3)), info)
 
 
 def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, near, far,

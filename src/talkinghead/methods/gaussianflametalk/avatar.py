@@ -28,7 +28,9 @@ from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
 from talkinghead.methods.surface import points_on_triangles, project_colors
 from talkinghead.render import num_sh_bases, rgb_to_sh
 
-from .rigging import bind_activated, face_forward, fill_holes, shell_points, triangle_frames
+from talkinghead.render.raster_numba import available as numba_available
+
+from .rigging import bind_activated, bind_numba, face_forward, fill_holes, shell_points, triangle_frames
 
 
 def axis_angle_to_matrix(v: Tensor) -> Tensor:
@@ -191,6 +193,15 @@ class RiggedAvatar(nn.Module):
         opacities [N], sh [N, K, 3] (bound first, then shell). ``static``: :meth:`static`, precomputed."""
         s = self.static() if static is None else static
         verts = self.mesh(expression)
+        if static is not None and not torch.is_grad_enabled() and verts.device.type == "cpu" and numba_available():
+            # rendering: the binding as one compiled loop, written into the frame's arrays (shell rows copied)
+            nb, n = self.num_bound, self.opacity_logits.shape[0]
+            dt = self.local_means.dtype
+            means, quats, scales = (torch.empty(n, k, dtype=dt) for k in (3, 4, 3))
+            bind_numba(verts, self.faces, self.parent, self.local_means, s["local_quats"], s["local_scales"],
+                       (means[:nb], quats[:nb], scales[:nb]))
+            means[nb:], quats[nb:], scales[nb:] = self.shell_means, s["shell_quats"], s["shell_scales"]
+            return {"means": means, "quats": quats, "scales": scales, "opacities": s["opacities"], "sh": self.sh}
         bm, bq, bs = bind_activated(verts, self.faces, self.parent, self.local_means, s["local_quats"],
                                     s["local_scales"])
         return {

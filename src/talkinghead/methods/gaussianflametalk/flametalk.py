@@ -333,6 +333,58 @@ class FlameTalk(nn.Module):
             inputs = torch.cat([inputs, self.motion_embed(prev / self.speech_std)], 1)
         return self._decode(inputs, C, prior)[:, -1:] * self.speech_std
 
+    def next_frame_of(self, audio: Tensor, n: int, prev: Tensor | None) -> Tensor:
+        """``next_frame(encode_audio(audio)[:, n - L:n], prev, audio_prior(audio)[:, n - L:n])`` with L = 1 + the
+        frames of ``prev`` [B, L-1, S] (the streaming step, ``model._Stream``), computing only what its one output
+        row reads: the last decoder layer for the last frame only (its cross-attention reads the aligned audio
+        frame alone, so that is the one row of C it needs), the encoder layers for the rows the next layer's
+        window (``context`` back, ``audio_lookahead`` ahead) reaches, the prior for the one row. The same
+        function, a few times fewer operations (each layer's rows are computed exactly as in the full pass)."""
+        L = 1 if prev is None else prev.shape[1] + 1
+        one = len(self.decoder.layers) == 1  # else earlier decoder layers read C over the whole window
+        C = self._encode_rows(audio, n - 1 if one else n - L, n)
+        prior = None
+        if self.cfg.prior_taps:
+            taps = self.cfg.prior_taps
+            rows = audio[:, max(0, n - taps) : n]
+            prior = self.prior_inputs(rows)[:, -1:] @ self.prior_weight  # row n-1 reads rows n-taps..n-1
+        B, _, d = C.shape
+        inputs = self.start_token.expand(B, 1, d)
+        if prev is not None:
+            inputs = torch.cat([inputs, self.motion_embed(prev / self.speech_std)], 1)
+        x = inputs + periodic_positional_encoding(L, d, self.cfg.period).to(inputs)
+        self_mask = biased_causal_mask(L, self.cfg.heads, self.cfg.period, self.cfg.context).to(x).repeat(B, 1, 1)
+        *front, last = self.decoder.layers
+        for layer in front:
+            x = layer(x, C, tgt_mask=self_mask, memory_mask=alignment_mask(L).to(x.device))
+        x = _decoder_layer_last_row(last, x, C[:, -1:], self_mask[:, -1:])
+        if self.decoder.norm is not None:
+            x = self.decoder.norm(x)
+        out = self.motion_decoder(x + self.style())
+        return (out if prior is None else out + prior) * self.speech_std
+
+    def _encode_rows(self, audio: Tensor, lo: int, hi: int) -> Tensor:
+        """``encode_audio(audio)[:, lo:hi]``, each encoder layer run only for the rows the next one reads."""
+        x = self.audio_embed((audio - self.audio_mean) / self.audio_std)
+        if self.audio_encoder is None:
+            return self.audio_projection(x[:, lo:hi])
+        T = x.shape[1]
+        ctx, look = self.cfg.context, self.cfg.audio_lookahead
+        x = x + periodic_positional_encoding(T, x.shape[-1], self.cfg.period).to(x)
+        mask = causal_window_mask(T, ctx, look).to(x.device)
+        layers = self.audio_encoder.layers
+        spans = [(lo, hi)]  # query rows of each layer, the last layer's first
+        for _ in layers[1:]:
+            a, b = spans[0]
+            spans.insert(0, (max(0, a - ctx + 1), min(T, b + look)))
+        k0, k1 = 0, T  # rows of the current input
+        for layer, (a, b) in zip(layers, spans):
+            x = _encoder_layer_rows(layer, x, a - k0, b - k0, mask[a:b, k0:k1])
+            k0, k1 = a, b
+        if self.audio_encoder.norm is not None:
+            x = self.audio_encoder.norm(x)
+        return self.audio_projection(x)
+
     def vertex_loss(self, pred_speech: Tensor, expression: Tensor) -> Tensor:
         """Eq. 2: mean squared vertex distance between the predicted mesh and M_gt' (tracked [B, T, E])."""
         diff = pred_speech - expression[..., self.speech_idx]  # the template parts cancel exactly
@@ -348,6 +400,34 @@ class FlameTalk(nn.Module):
         speech = causal_average(self(x)[0], self.cfg.output_average)
         self.train(was)
         return self.full_expression(speech).cpu().numpy().astype(np.float32)
+
+
+def _encoder_layer_rows(layer: nn.TransformerEncoderLayer, x: Tensor, a: int, b: int, mask: Tensor) -> Tensor:
+    """``layer(x, src_mask)[:, a:b]`` (``mask`` [b - a, T]: the full mask's rows a..b-1), computing rows a..b-1
+    only: its self-attention reads every row as keys, everything else is per row."""
+    q = x[:, a:b]
+    if layer.norm_first:
+        h = layer.norm1(x)
+        q = q + layer.dropout1(layer.self_attn(h[:, a:b], h, h, attn_mask=mask, need_weights=False)[0])
+        return q + layer._ff_block(layer.norm2(q))
+    q = layer.norm1(q + layer.dropout1(layer.self_attn(q, x, x, attn_mask=mask, need_weights=False)[0]))
+    return layer.norm2(q + layer._ff_block(q))
+
+
+def _decoder_layer_last_row(layer: nn.TransformerDecoderLayer, x: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
+    """The last row [B, 1, d] of ``layer(x, C, tgt_mask, memory_mask=alignment_mask)``: the self-attention of the
+    last query over every row (``mask`` [B * heads, 1, L]), the cross-attention over the one aligned row
+    ``memory`` [B, 1, d] (the alignment mask leaves it alone: its softmax weight is exactly 1), then per row."""
+    q = x[:, -1:]
+    if layer.norm_first:
+        h = layer.norm1(x)
+        q = q + layer.dropout1(layer.self_attn(h[:, -1:], h, h, attn_mask=mask, need_weights=False)[0])
+        h = layer.norm2(q)
+        q = q + layer.dropout2(layer.multihead_attn(h, memory, memory, need_weights=False)[0])
+        return q + layer._ff_block(layer.norm3(q))
+    q = layer.norm1(q + layer.dropout1(layer.self_attn(q, x, x, attn_mask=mask, need_weights=False)[0]))
+    q = layer.norm2(q + layer.dropout2(layer.multihead_attn(q, memory, memory, need_weights=False)[0]))
+    return layer.norm3(q + layer._ff_block(q))
 
 
 def causal_average(speech: Tensor, n: int) -> Tensor:

@@ -281,8 +281,9 @@ class GaussianFlameTalk(nn.Module):
 
 
 class _Stream:
-    """FlameTalk run causally across successive ``render`` calls (see the module docstring): one encoder pass
-    over the kept audio history and one decoder step per frame."""
+    """FlameTalk run causally across successive ``render`` calls (see the module docstring): per frame, one
+    decoder step over the kept audio history (:meth:`.FlameTalk.next_frame_of`: only the encoder rows and the
+    decoder row that the frame's output reads)."""
 
     def __init__(self):
         self.audio: Tensor | None = None  # [n, D] raw features up to the current frame + the lookahead rows
@@ -308,11 +309,9 @@ class _Stream:
                 self.preds = ft(self.audio[None])[0, :n]
                 return self.preds[-max(1, ft.cfg.output_average):].mean(0)
             n = self.audio.shape[0] - look  # frames up to the current
-            C = ft.encode_audio(self.audio[None])[:, :n]
-            prior = ft.audio_prior(self.audio[None])
-            L = min(ctx, C.shape[1], self.preds.shape[0] + 1)
+            L = min(ctx, n, self.preds.shape[0] + 1)
             prev = self.preds[self.preds.shape[0] - (L - 1):][None] if L > 1 else None
-            out = ft.next_frame(C[:, -L:], prev, None if prior is None else prior[:, n - L : n])[0, 0]
+            out = ft.next_frame_of(self.audio[None], n, prev)[0, 0]
         self.preds = torch.cat([self.preds, out[None]])[-ctx:]
         return self.preds[-max(1, ft.cfg.output_average):].mean(0)  # as FlameTalk.predict: causal_average
 

@@ -56,7 +56,8 @@ class Talk3DConfig:
     lip_teacher: float = 0.0
     # Mouth replay (ours, model.py): each audio-stage step also renders the mouth crops of this many remembered
     # training frames, the U-Net batched over them and the frame, each driven by the lip code its audio predicts
-    # (teacher-forced with probability replay_teacher x the frame's); 0: off. ~0.2 CPU s per crop at cpu-small.
+    # (teacher-forced with probability replay_teacher x the frame's); 0: off. ~0.07 CPU s per crop at cpu-small
+    # (session 8's Xeon; ~0.05 of it the U-Net's decoder on one more frame).
     mouth_replay: int = 1
     replay_teacher: float = 0.0
     lpips_weights: str | None = None
@@ -70,11 +71,15 @@ def make_config(preset: str, variant: str | None) -> Talk3DConfig:
     if variant is not None:
         raise UserError(f"talk3d has no variant {variant!r}")
     if preset == "cpu-small":
-        # Sized for a shared 2-core CPU (~25 CPU-min, ~0.4 s per iteration): 32^2 volume render (24 + 24
-        # samples) + SR x4 to 128^2 (the paper's ratio, 128 -> 512), 3 x 16 x 64^2 planes, a three-level U-Net
-        # (16 -> 32 -> 64, bottleneck 16^2), one attention layer. Most of the schedule is the audio stage: the
-        # mouth is what it has to learn, one frame per step (1600 training frames on the cnn clip) plus one
-        # replayed mouth crop (3000 iterations, not 3600, to pay for the replay: ~0.2 CPU s per audio step).
+        # Sized for a shared 2-core CPU (session 8, Intel Xeon: 16 min wall, 15.6 CPU-min for the whole
+        # command on the cnn clip; ~0.15 CPU s per static step, ~0.3-0.4 per audio step; session 7's AMD EPYC
+        # was 2.5-3x slower): 32^2 volume render (24 + 24 samples) + SR x4 to 128^2 (the paper's ratio, 128 ->
+        # 512), 3 x 16 x 64^2 planes, a three-level U-Net (16 -> 32 -> 64, bottleneck 16^2), one attention
+        # layer. Most of the schedule is the audio stage: the mouth is what it has to learn, one frame per step
+        # (1600 training frames on the cnn clip) plus one replayed mouth crop (3000 iterations, not 3600, to pay
+        # for the replay). Session 8 (bench/RESULTS.md): at equal CPU one crop per step beat four (more steps
+        # matter more than more crops), and 2400 iterations kept the mouth r with the audio but not its gap to
+        # silence (+0.12 against +0.31).
         return Talk3DConfig(data=DataConfig(size=128, audio_radius=4, mouth_crop=64),
                             schedule=Schedule(iterations=3000, val_every=900, checkpoint_every=300),
                             render_size=32, num_coarse=24, num_fine=24, sr_channels=(64, 32),

@@ -8,7 +8,9 @@ Shapes: B batch, C channels, R plane side; a triplane batch is ``[B, 3, C, R, R]
 * Roll-out blending (the Rodin "3D-aware convolution" the paper cites [23]) before every block: each plane gets,
   beside its own features, the other two planes' features averaged along the axis it does not share with
   them and broadcast along the one it does (plane xy gets xz averaged over z, as a function of x, and zy
-  averaged over z, as a function of y). Input of a block: 3C channels per plane.
+  averaged over z, as a function of y). Input of a block: 3C channels per plane. The block's first convolution
+  runs as :func:`rollout_conv`, the same function as the plain ``conv(rollout(x))`` (its reference in the tests)
+  at about half the cost: the broadcast thirds' part of it is a 1-D convolution.
 * Encoder: one level per ``channels`` entry, each level a block of two split 3x3 convolutions, halving the side
   between levels (the public code: 32 -> 64 -> 128 -> 256 channels, 256^2 -> 32^2).
 * Bottleneck (eq. 4-5): the three planes' cells are flattened into 3 R_b^2 tokens, a 3-D positional encoding
@@ -60,8 +62,50 @@ class SplitConv(nn.Module):
         return y.reshape(B, 3, -1, y.shape[-2], y.shape[-1])
 
 
+# Per plane (xy, xz, zy): which of its blended thirds (1 or 2, see rollout) is constant down the rows (a function
+# of the column), and which is constant along the rows (a function of the row).
+_COL_THIRD, _ROW_THIRD = (1, 1, 2), (2, 2, 1)
+
+
+def rollout_conv(x: Tensor, conv: SplitConv) -> Tensor:
+    """``conv(rollout(x))`` for a split 3x3 convolution (stride 1, zero padding 1) without building the roll-out:
+    [B, 3, C, R, R] -> [B, 3, O, R, R], equal to the plain form up to float rounding.
+
+    A blended third is constant along one image axis, so its part of the convolution is a 1-D convolution along
+    the other axis, the same in every row (column) -- the kernel's rows (columns) summed -- except in the first
+    and last, where one kernel row (column) falls on the zero padding and its term is taken off again. The
+    plane's own third is convolved as usual. At cpu-small this halves the cost of the U-Net's first convolution
+    in every block (3C -> C input channels per pixel)."""
+    B, P, C, H, W = x.shape
+    w = conv.conv.weight  # [3 O, 3 C, 3, 3]; group p (plane p) reads [own, first blend, second blend] x C
+    if w.shape[-2:] != (3, 3) or conv.conv.stride != (1, 1) or H != W or H < 2:
+        return conv(rollout(x))
+    O = w.shape[0] // 3
+    wg = w.view(3, O, 3, C, 3, 3)  # [plane, O, third, C, kernel row, kernel column]
+    y = F.conv2d(x.reshape(B, 3 * C, H, W), wg[:, :, 0].reshape(3 * O, C, 3, 3), conv.conv.bias, padding=1,
+                 groups=3).view(B, 3, O, H, W)
+    xy, xz, zy = x.unbind(1)
+    cols = [xz.mean(-2), xy.mean(-2), xz.mean(-1)]  # [B, C, R]: x of xz, x of xy, z of xz (xz's rows are z)
+    rows = [zy.mean(-1), zy.mean(-2), xy.mean(-1)]  # y of zy, z of zy (zy's columns are z), y of xy
+    # A column third is convolved along the columns once per kernel row ([kernel row, O, C, column taps]), a row
+    # third along the rows once per kernel column; one grouped 1-D convolution for the six.
+    kc = [wg[p, :, _COL_THIRD[p]].permute(2, 0, 1, 3) for p in range(3)]
+    kr = [wg[p, :, _ROW_THIRD[p]].permute(3, 0, 1, 2) for p in range(3)]
+    u = F.conv1d(torch.cat(cols + rows, 1), torch.cat(kc + kr).reshape(18 * O, C, 3), padding=1,
+                 groups=6).view(B, 2, 3, 3, O, H)  # [B, column|row, plane, kernel row|column, O, R]
+    full = u.sum(3)
+    y = y + full[:, 0, :, :, None, :] + full[:, 1, :, :, :, None]
+    y[..., 0, :] -= u[:, 0, :, 0]  # row 0 has no row above: kernel row 0 saw the padding
+    y[..., -1, :] -= u[:, 0, :, 2]
+    y[..., :, 0] -= u[:, 1, :, 0]
+    y[..., :, -1] -= u[:, 1, :, 2]
+    return y
+
+
 class SplitBlock(nn.Module):
-    """Roll-out, then two split 3x3 convolutions with LeakyReLU: [B, 3, Cin, R, R] -> [B, 3, Cout, R, R]."""
+    """Roll-out, then two split 3x3 convolutions with LeakyReLU: [B, 3, Cin, R, R] -> [B, 3, Cout, R, R].
+
+    The first convolution runs as :func:`rollout_conv` (the same function as ``c1(rollout(x))``, cheaper)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -69,7 +113,7 @@ class SplitBlock(nn.Module):
         self.c2 = SplitConv(cout, cout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.leaky_relu(self.c1(rollout(x)), 0.2)
+        x = F.leaky_relu(rollout_conv(x, self.c1), 0.2)
         return F.leaky_relu(self.c2(x), 0.2)
 
 
