@@ -192,11 +192,19 @@ def test_initial_points_binding_places_the_mesh_points_on_their_triangles():
     again, ids, bary = initial_points(v, tri, 3000, face_fraction=0.5, mouth_fraction=0.05, lip_weight=4.0,
                                       seed=1, binding=True)
     np.testing.assert_array_equal(pts, again)  # same points with or without the binding
-    on_mesh = bary.sum(1) > 0
-    assert on_mesh[:1500].all() and not on_mesh[1500:].any()  # face points only
-    np.testing.assert_allclose(bary[on_mesh].sum(1), 1.0, atol=1e-6)
+    on_mesh = np.zeros(3000, bool)
+    on_mesh[:1500] = True
+    mouth = slice(1500, 1650)
+    assert (bary.sum(1) > 0)[:1650].all() and not (bary.sum(1) > 0)[1650:].any()  # face + inner mouth, no head
+    np.testing.assert_allclose(bary[:1650].sum(1), 1.0, atol=1e-6)
     assert (bary >= -1e-6).all()
     np.testing.assert_allclose((v[ids] * bary[..., None]).sum(1)[on_mesh], pts[on_mesh], atol=1e-6)
+    # Inner-mouth points hang between an upper and a lower inner-lip vertex: the higher a point sits in the
+    # cavity, the more it follows the upper lip.
+    upper, lower = set(LIPS_INNER[11:]), set(LIPS_INNER[1:10])
+    assert set(ids[mouth, 0]) <= upper and set(ids[mouth, 1]) <= lower
+    down = np.sign(v[list(lower), 1].mean() - v[list(upper), 1].mean())
+    assert np.corrcoef(down * pts[mouth, 1], bary[mouth, 1])[0, 1] > 0.99
 
 
 def test_expression_supervision_targets_interpolate_the_triangle_displacements(synthetic):

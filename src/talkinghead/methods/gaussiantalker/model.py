@@ -18,10 +18,11 @@ Pieces and where they follow the paper (``../shared/papers/001_e7f8775f0c6545fb.
 
 Deviation that makes the audio learnable in the CPU budget: in the deformation stage the position offsets of
 the Gaussians that started on the face model's mesh around the mouth -- its lip and chin vertices
-(:data:`MOUTH_VERTICES`) and the points sampled on triangles touching one of them -- are also pulled (squared
-error, weight ``lambda_geo``) towards their tracked displacement in that frame: the dataset's per-frame
-expression through the person's linear face model, at a triangle point the barycentric mix of its three
-vertices' displacements (training only -- rendering is driven by audio alone). Measured on the CNN clip:
+(:data:`MOUTH_VERTICES`) and the points sampled on triangles touching one of them -- and the inner-mouth
+Gaussians, bound between their nearest upper and lower inner-lip vertices (:func:`initial_points`) -- are also
+pulled (squared error, weight ``lambda_geo``) towards their tracked displacement in that frame: the dataset's
+per-frame expression through the person's linear face model, at a triangle point the barycentric mix of its
+three vertices' displacements (training only -- rendering is driven by audio alone). Measured on the CNN clip:
 without it, after 2250 deformation iterations at 128^2 the offsets varied by < 0.2 mm between frames and the
 mouth did not follow the audio (mouth-opening correlation 0.12 with audio, 0.12 with silence); supervising all
 478 vertices instead of the mouth's drowned the lips' few millimetres in the rest of the face (held-out
@@ -30,6 +31,9 @@ lower-lip correlation 0.17 vs 0.68 for the mouth set). Each step's geometry loss
 the trainer passes them; only the supervised Gaussians are deformed for them, nothing is rendered): with one
 frame a step the audio -> lip mapping saw each frame ~2 times and underfit (predicted inner-lip gap std 0.8 mm
 vs 3.1 mm tracked on training frames, 0.6 vs 2.6 mm held out).
+With the lips alone supervised, the cavity stayed a closed slit behind them: lips placed at their *tracked*
+positions still rendered no opening; with the bound cavity it shows (bench/RESULTS.md, issue 10, session 8:
+landmark-sync confidence up in 4 of 4 seed/size pairs, mouth-opening r within the seed noise).
 
 Other deviations: no adaptive density control (the point count stays ``num_gaussians``: the cpu-small budget has
 no room for it, and mu_c starts on the face surface instead of from SfM); pre-norm attention blocks; the
