@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from talkinghead.data import FaceModel, PreparedDataset, Tracks
+from talkinghead.data import FaceModel, Tracks
 from talkinghead.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
