@@ -274,10 +274,14 @@ class FlameTalk(nn.Module):
         x = self.audio_embed((audio - self.audio_mean) / self.audio_std)
         if self.audio_encoder is None:  # frozen encoder + linear projection: C^t from frame t's features alone
             return self.audio_projection(x)
+        x, mask = self._encoder_inputs(x)
+        return self.audio_projection(self.audio_encoder(x, mask=mask))
+
+    def _encoder_inputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The audio encoder's input [B, T, d] (embedded features + positions) and its causal window mask [T, T]."""
         T = x.shape[1]
         x = x + periodic_positional_encoding(T, x.shape[-1], self.cfg.period).to(x)
-        mask = causal_window_mask(T, self.cfg.context, self.cfg.audio_lookahead).to(x.device)
-        return self.audio_projection(self.audio_encoder(x, mask=mask))
+        return x, causal_window_mask(T, self.cfg.context, self.cfg.audio_lookahead).to(x.device)
 
     def audio_prior(self, audio: Tensor) -> Tensor | None:
         """The linear prior's normalised speech coefficients [B, T, S] for raw features [B, T, D] (None when
@@ -293,13 +297,26 @@ class FlameTalk(nn.Module):
     def _decode(self, inputs: Tensor, C: Tensor, prior: Tensor | None) -> Tensor:
         """Decoder inputs [B, L, d], aligned audio C [B, L, d] and the linear prior [B, L, S] (or None) ->
         normalised speech coeffs [B, L, S]: the decoder's output is a residual on the prior."""
+        x, self_mask = self._decoder_positions(inputs)
+        O_v = self.decoder(x, C, tgt_mask=self_mask, memory_mask=alignment_mask(inputs.shape[1]).to(x.device))
+        out = self.motion_decoder(O_v + self.style())  # eq. 1, then the motion decoder
+        return out if prior is None else out + prior
+
+    def _decoder_positions(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder inputs [B, L, d] + their periodic positions, and the biased causal self-attention mask
+        [B * heads, L, L] (the layout nn.MultiheadAttention wants)."""
         B, L, d = inputs.shape
         x = inputs + periodic_positional_encoding(L, d, self.cfg.period).to(inputs)
         self_mask = biased_causal_mask(L, self.cfg.heads, self.cfg.period, self.cfg.context).to(x)
-        self_mask = self_mask.repeat(B, 1, 1)  # [B * heads, L, L] as nn.MultiheadAttention wants
-        O_v = self.decoder(x, C, tgt_mask=self_mask, memory_mask=alignment_mask(L).to(x.device))
-        out = self.motion_decoder(O_v + self.style())  # eq. 1, then the motion decoder
-        return out if prior is None else out + prior
+        return x, self_mask.repeat(B, 1, 1)
+
+    def _step_inputs(self, B: int, d: int, prev: Tensor | None) -> Tensor:
+        """An autoregressive window's decoder inputs [B, L, d]: the start token, then the embedded predictions
+        ``prev`` [B, L-1, S] of the window's earlier frames (None when L = 1)."""
+        inputs = self.start_token.expand(B, 1, d)
+        if prev is None:
+            return inputs
+        return torch.cat([inputs, self.motion_embed(prev / self.speech_std)], 1)
 
     def forward(self, audio: Tensor, target_speech: Tensor | None = None, prior: Tensor | None = None) -> Tensor:
         """Speech coefficients [B, T, S] for audio features [B, T, D].
@@ -328,10 +345,7 @@ class FlameTalk(nn.Module):
         linear prior [B, L, S] (:meth:`audio_prior`; None: none). The window's first decoder input is the start
         token, as in every training window."""
         B, L, d = C.shape
-        inputs = self.start_token.expand(B, 1, d)
-        if prev is not None:
-            inputs = torch.cat([inputs, self.motion_embed(prev / self.speech_std)], 1)
-        return self._decode(inputs, C, prior)[:, -1:] * self.speech_std
+        return self._decode(self._step_inputs(B, d, prev), C, prior)[:, -1:] * self.speech_std
 
     def next_frame_of(self, audio: Tensor, n: int, prev: Tensor | None) -> Tensor:
         """``next_frame(encode_audio(audio)[:, n - L:n], prev, audio_prior(audio)[:, n - L:n])`` with L = 1 + the
@@ -344,19 +358,14 @@ class FlameTalk(nn.Module):
         one = len(self.decoder.layers) == 1  # else earlier decoder layers read C over the whole window
         C = self._encode_rows(audio, n - 1 if one else n - L, n)
         prior = None
-        if self.cfg.prior_taps:
-            taps = self.cfg.prior_taps
-            rows = audio[:, max(0, n - taps) : n]
-            prior = self.prior_inputs(rows)[:, -1:] @ self.prior_weight  # row n-1 reads rows n-taps..n-1
+        if self.cfg.prior_taps:  # row n-1 of the prior reads rows n-taps..n-1
+            prior = self.prior_inputs(audio[:, max(0, n - self.cfg.prior_taps) : n])[:, -1:] @ self.prior_weight
         B, _, d = C.shape
-        inputs = self.start_token.expand(B, 1, d)
-        if prev is not None:
-            inputs = torch.cat([inputs, self.motion_embed(prev / self.speech_std)], 1)
-        x = inputs + periodic_positional_encoding(L, d, self.cfg.period).to(inputs)
-        self_mask = biased_causal_mask(L, self.cfg.heads, self.cfg.period, self.cfg.context).to(x).repeat(B, 1, 1)
+        x, self_mask = self._decoder_positions(self._step_inputs(B, d, prev))
         *front, last = self.decoder.layers
+        align = alignment_mask(L).to(x.device)
         for layer in front:
-            x = layer(x, C, tgt_mask=self_mask, memory_mask=alignment_mask(L).to(x.device))
+            x = layer(x, C, tgt_mask=self_mask, memory_mask=align)
         x = _decoder_layer_last_row(last, x, C[:, -1:], self_mask[:, -1:])
         if self.decoder.norm is not None:
             x = self.decoder.norm(x)
@@ -370,8 +379,7 @@ class FlameTalk(nn.Module):
             return self.audio_projection(x[:, lo:hi])
         T = x.shape[1]
         ctx, look = self.cfg.context, self.cfg.audio_lookahead
-        x = x + periodic_positional_encoding(T, x.shape[-1], self.cfg.period).to(x)
-        mask = causal_window_mask(T, ctx, look).to(x.device)
+        x, mask = self._encoder_inputs(x)
         layers = self.audio_encoder.layers
         spans = [(lo, hi)]  # query rows of each layer, the last layer's first
         for _ in layers[1:]:
