@@ -318,3 +318,42 @@ def test_the_mouth_binding_is_saved_so_a_resumed_run_keeps_its_geometry_supervis
     again = get_method("gaussiantalker").build(_tiny_config(10), store.info)
     again.load_state_dict(old)
     assert len(again.geo_points) == 0
+
+
+def test_training_renders_the_lips_at_their_tracked_place_and_the_gradient_reaches_the_offsets(synthetic, monkeypatch):
+    """With ``tracked_lips`` the deformation stage's training render puts the geometry-supervised Gaussians at
+    canonical + tracked displacement (every other Gaussian where the network puts it), and the photometric loss
+    alone (no geometry term) still trains the position offsets."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.surface import mesh_displacement
+
+    path, _ = synthetic
+    cfg = _tiny_config(10)
+    cfg.lambda_lip = 0.0
+    store = FrameStore(path, cfg.data, progress=False)
+    model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
+    with torch.no_grad():
+        model.expression_basis[0, :, 1] = 0.004
+        for h in model.f_deform.heads.values():  # the network's own offsets differ from the tracked ones
+            torch.nn.init.normal_(h.weight, std=0.5)
+    batch = store.batch(0)
+    batch.expression = torch.tensor([1.0, 0.0])
+    seen = []
+    raster = model._raster
+    monkeypatch.setattr(model, "_raster", lambda g, *a, **k: (seen.append(g["means"]), raster(g, *a, **k))[1])
+    loss, _ = model.train_loss(batch, step=10**6)
+    net = model.gaussians(batch.cond, deform=True)["means"].detach()
+    pts = model.geo_points
+    want = model.means[pts] + mesh_displacement(batch.expression, model.expression_basis, model.geo_vertices,
+                                                model.geo_weights)
+    torch.testing.assert_close(seen[0][pts], want, atol=1e-6, rtol=0)
+    assert (seen[0][pts] - net[pts]).abs().max() > 1e-3  # the network alone would have put them elsewhere
+    rest = torch.ones(len(net), dtype=torch.bool)
+    rest[pts] = False
+    torch.testing.assert_close(seen[0][rest], net[rest])
+    # Photometric gradient only: still reaches the position head through the moved points.
+    model.zero_grad()
+    l1 = (raster(model._at_tracked_place(model.gaussians(batch.cond, deform=True), batch.expression),
+                 batch.cond.viewmat, batch.cond.K, batch.cond.backdrop) - batch.image).abs().mean()
+    l1.backward()
+    assert model.f_deform.heads["means"].weight.grad.abs().sum() > 0

@@ -43,6 +43,7 @@ class GaussianTalkerConfig:
     lambda_lip: float = 2.0
     lambda_geo: float = 0.5  # lip/chin mesh Gaussians follow the tracked expression (model.py; not in the paper)
     geo_replay: int = 8  # earlier training frames added to each step's geometry loss (model.py; not in the paper)
+    tracked_lips: bool = True  # training renders put those Gaussians at their tracked place (model.py; not in the paper)
     lpips_weights: str | None = None  # folder with alex.pth + alexnet-owt-*.pth (else env / torch hub cache)
     lr_means: float = 1.6e-4  # times the head radius (3DGS's spatial_lr_scale), decayed 100x over training
     lr_triplane: float = 5e-3

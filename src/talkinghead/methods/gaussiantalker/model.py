@@ -34,6 +34,12 @@ vs 3.1 mm tracked on training frames, 0.6 vs 2.6 mm held out).
 With the lips alone supervised, the cavity stayed a closed slit behind them: lips placed at their *tracked*
 positions still rendered no opening; with the bound cavity it shows (bench/RESULTS.md, issue 10, session 8:
 landmark-sync confidence up in 4 of 4 seed/size pairs, mouth-opening r within the seed noise).
+The training renders (frame and mouth crop) also place these Gaussians at their *tracked* displacement
+(``tracked_lips``; straight-through, so the photometric gradient still reaches the offsets): trained on the
+network's own, noisier positions, the colours and the cavity learned an average mouth that did not open where the
+geometry did (lips moved to their tracked place rendered mouth-opening r 0.35 against the real frames, the
+network's own 0.56); trained at the tracked place, the same oracle renders 0.87, and what remains between the
+audio and the rendered opening is the audio -> lip-geometry mapping (bench/RESULTS.md, issue 10, session 9).
 
 Other deviations: no adaptive density control (the point count stays ``num_gaussians``: the cpu-small budget has
 no room for it, and mu_c starts on the face surface instead of from SfM); pre-norm attention blocks; the
@@ -279,6 +285,9 @@ class GaussianTalker(nn.Module):
             self._geo_bank.add(batch.cond.index, batch.cond.audio, batch.cond.blink, batch.cond.viewmat,
                                batch.expression)
         g = self.gaussians(batch.cond, deform)
+        geo_on = deform and cfg.lambda_geo > 0 and self.expression_basis.shape[0] > 0 and len(self.geo_points) > 0
+        if geo_on and cfg.tracked_lips:
+            g = self._at_tracked_place(g, batch.expression)
         pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop, batch.cond.eps2d)
         l1 = (pred - batch.image).abs().mean()
         ds = dssim(pred, batch.image)
@@ -288,7 +297,7 @@ class GaussianTalker(nn.Module):
             lp = self._lpips(pred, batch.image)
             loss = loss + cfg.lambda_lpips * lp
             logs["lpips"] = lp.item()
-        if deform and cfg.lambda_geo > 0 and self.expression_basis.shape[0] > 0 and len(self.geo_points):
+        if geo_on:
             # Gaussians on the lips and jaw follow the tracked expression through their place on the mesh:
             # the barycentric mix of their triangle's tracked vertex displacements (squared error in
             # offset_scale units).
@@ -307,6 +316,16 @@ class GaussianTalker(nn.Module):
             logs["lip"] = lip.item()
         logs["loss"] = loss.item()
         return loss, logs
+
+    def _at_tracked_place(self, g: dict[str, Tensor], expression: Tensor) -> dict[str, Tensor]:
+        """``g`` with the geometry-supervised Gaussians moved to their tracked place (canonical + tracked
+        displacement, expression [E]) for the training render. Straight-through: the value is the tracked
+        place, the gradient of the photometric losses still reaches the network's offsets (and mu_c) as if
+        they had put the points there, so appearance is learned for the lips where the frame has them."""
+        off = g["offsets"][self.geo_points]
+        target = mesh_displacement(expression, self.expression_basis, self.geo_vertices, self.geo_weights)
+        means = g["means"].index_add(0, self.geo_points, target - off.detach())
+        return dict(g, means=means)
 
     def replay_geometry_loss(self, f_geo: Tensor | None = None) -> Tensor:
         """Sum over ``geo_replay`` frames drawn from the bank of their geometry loss, all frames in one batched
