@@ -114,7 +114,7 @@ def evaluate(avatar: Path, data: Path, work: Path) -> dict:
     return res
 
 
-def cross_driven(avatar: Path, audio: Path, work: Path, data: Path) -> dict:
+def cross_driven(avatar: Path, audio: Path, work: Path, data: Path, video: Path) -> dict:
     """Render ``audio`` and measure whether the lips move with it: landmark-sync confidence (eval's), beside
     the same figure for a still frame of the render (no lip motion: the floor) and for the training clip's
     real frames with their own audio (what a real speaker scores)."""
@@ -139,7 +139,10 @@ def cross_driven(avatar: Path, audio: Path, work: Path, data: Path) -> dict:
     ours = landmark_sync(art, m, fps)
     still = landmark_sync(art, mouth_track([frames[0]] * len(frames)), fps)  # the first frame, repeated
     ds = PreparedDataset(data)
-    real = landmark_sync(articulation_signal(ds.audio_features), ds.tracks.mouth_opening, ds.fps)
+    # The clip's own articulation from its sound track, as eval computes it (a Whisper dataset's features
+    # carry no phone posteriors).
+    own = compute_audio_features(load_driving_audio(video), ds.fps, int(ds.num_frames))
+    real = landmark_sync(articulation_signal(own), ds.tracks.mouth_opening, ds.fps)
     return {"frames": r["frames"], "fps": r["fps"], "duration_s": duration, "mouth_std": float(np.nanstd(m)),
             "sync_conf": ours.confidence, "sync_offset": ours.offset, "sync_conf_still": still.confidence,
             "sync_conf_real_clip": real.confidence, "sync_offset_real_clip": real.offset, "mp4": str(out)}
@@ -177,7 +180,7 @@ def main() -> None:
     log["train_log"] = json.loads((avatar / "train_log.json").read_text())
     log["load_after_train"] = load()
     log["self"] = evaluate(avatar, data, args.work)
-    log["cross"] = cross_driven(avatar, args.audio, args.work, data)
+    log["cross"] = cross_driven(avatar, args.audio, args.work, data, args.video)
     log["load_end"] = load()
     (args.work / "bench.json").write_text(json.dumps(log, indent=1))
     print(json.dumps(log, indent=1))
