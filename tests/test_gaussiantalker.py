@@ -242,20 +242,26 @@ def test_expression_supervision_targets_interpolate_the_triangle_displacements(s
     assert logs["geo"] == pytest.approx(want, rel=1e-3)
 
 
-def test_geometry_loss_replays_earlier_training_frames(synthetic):
-    """Each training frame is remembered once; the geometry loss averages the current frame with
-    ``geo_replay`` remembered ones, deforming only the supervised Gaussians (same offsets as a full deform)."""
+def _model_with_offsets(path, cfg):
+    """(FrameStore, GaussianTalker) on the synthetic clip: expression 0 moves every vertex 4 mm down and the
+    deformation heads have random weights, so the network's offsets are non-zero and differ between frames."""
     from talkinghead.data import PreparedDataset
 
-    path, _ = synthetic
-    cfg = _tiny_config(10)
-    cfg.geo_replay = 3
     store = FrameStore(path, cfg.data, progress=False)
     model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
     with torch.no_grad():
         model.expression_basis[0, :, 1] = 0.004
-        for h in model.f_deform.heads.values():  # non-zero offsets, so frames differ
+        for h in model.f_deform.heads.values():
             torch.nn.init.normal_(h.weight, std=0.5)
+    return store, model
+
+
+def test_geometry_loss_replays_earlier_training_frames(synthetic):
+    """Each training frame is remembered once; the geometry loss averages the current frame with
+    ``geo_replay`` remembered ones, deforming only the supervised Gaussians (same offsets as a full deform)."""
+    cfg = _tiny_config(10)
+    cfg.geo_replay = 3
+    store, model = _model_with_offsets(synthetic[0], cfg)  # non-zero offsets, so frames differ
     for k in (0, 1, 0, 2):
         model.train_loss(store.batch(k), step=0)  # canonical stage: frames are remembered already
     assert len(model._geo_bank) == 3
@@ -324,18 +330,11 @@ def test_training_renders_the_lips_at_their_tracked_place_and_the_gradient_reach
     """With ``tracked_lips`` the deformation stage's training render puts the geometry-supervised Gaussians at
     canonical + tracked displacement (every other Gaussian where the network puts it), and the photometric loss
     alone (no geometry term) still trains the position offsets."""
-    from talkinghead.data import PreparedDataset
     from talkinghead.methods.surface import mesh_displacement
 
-    path, _ = synthetic
     cfg = _tiny_config(10)
     cfg.lambda_lip = 0.0
-    store = FrameStore(path, cfg.data, progress=False)
-    model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
-    with torch.no_grad():
-        model.expression_basis[0, :, 1] = 0.004
-        for h in model.f_deform.heads.values():  # the network's own offsets differ from the tracked ones
-            torch.nn.init.normal_(h.weight, std=0.5)
+    store, model = _model_with_offsets(synthetic[0], cfg)  # the network's own offsets differ from the tracked
     batch = store.batch(0)
     batch.expression = torch.tensor([1.0, 0.0])
     seen = []
