@@ -34,9 +34,8 @@ SIZE = 512
 def measure(avatar: str, data: str) -> dict[str, float]:
     import torch
 
-    from talkinghead.face.landmarks import LIPS_INNER, mouth_opening, track
+    from talkinghead.face.landmarks import LIPS_INNER_LOWER, LIPS_INNER_UPPER, mouth_opening, track
     from talkinghead.methods.data import Conditions
-    from talkinghead.methods.surface import mesh_displacement
     from talkinghead.methods.trainer import load_model
     from talkinghead.render import low_pass
 
@@ -50,7 +49,7 @@ def measure(avatar: str, data: str) -> dict[str, float]:
     pts, vids, w = model.geo_points, model.geo_vertices, model.geo_weights
     vertex = w[:, 0] == 1  # a vertex Gaussian is bound (v, v, v) with weights (1, 0, 0)
     rows = lambda arc: torch.cat([(vertex & (vids[:, 0] == v)).nonzero()[:, 0] for v in arc])
-    upper, lower = list(LIPS_INNER[11:]), list(LIPS_INNER[1:10])
+    upper, lower = list(LIPS_INNER_UPPER), list(LIPS_INNER_LOWER)
     up, lo = rows(upper), rows(lower)
     gap, gap_tracked, net, oracle = [], [], [], []
     eps = low_pass(SIZE / info.size)
@@ -65,8 +64,7 @@ def measure(avatar: str, data: str) -> dict[str, float]:
             d = torch.einsum("e,evc->vc", e, model.expression_basis)
             gap_tracked.append(float(d[lower, 1].mean() - d[upper, 1].mean()))
             net.append(to_u8(model._raster(g, c.viewmat, c.K, c.backdrop, eps)))
-            target = mesh_displacement(e, model.expression_basis, vids, w)
-            g["means"] = g["means"].index_add(0, pts, target - off)
+            g = model._at_tracked_place(g, e)  # as the training renders place them (tracked_lips)
             oracle.append(to_u8(model._raster(g, c.viewmat, c.K, c.backdrop, eps)))
 
     def r(frames):

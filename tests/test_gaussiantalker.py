@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from talkinghead.face.landmarks import LIPS_INNER, LIPS_OUTER
+from talkinghead.face.landmarks import LIPS_INNER, LIPS_INNER_LOWER, LIPS_INNER_UPPER, LIPS_OUTER
 from talkinghead import methods
 from talkinghead.methods import get_method
 from talkinghead.methods.data import FrameStore
@@ -201,7 +201,7 @@ def test_initial_points_binding_places_the_mesh_points_on_their_triangles():
     np.testing.assert_allclose((v[ids] * bary[..., None]).sum(1)[on_mesh], pts[on_mesh], atol=1e-6)
     # Inner-mouth points hang between an upper and a lower inner-lip vertex: the higher a point sits in the
     # cavity, the more it follows the upper lip.
-    upper, lower = set(LIPS_INNER[11:]), set(LIPS_INNER[1:10])
+    upper, lower = set(LIPS_INNER_UPPER), set(LIPS_INNER_LOWER)
     assert set(ids[mouth, 0]) <= upper and set(ids[mouth, 1]) <= lower
     down = np.sign(v[list(lower), 1].mean() - v[list(upper), 1].mean())
     assert np.corrcoef(down * pts[mouth, 1], bary[mouth, 1])[0, 1] > 0.99

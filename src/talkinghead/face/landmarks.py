@@ -23,6 +23,8 @@ NUM_LANDMARKS = 478
 LIPS_OUTER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
 LIPS_INNER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191)
 UPPER_LIP_INNER, LOWER_LIP_INNER = 13, 14
+# The inner-lip ring's two arcs without its corners (78, 308): upper 415 .. 191, lower 95 .. 324.
+LIPS_INNER_UPPER, LIPS_INNER_LOWER = LIPS_INNER[11:], LIPS_INNER[1:10]
 MOUTH_CORNERS = (61, 291)
 RIGHT_EYE = (33, 160, 158, 133, 153, 144)  # outer, upper x2, inner, lower x2 (EAR order p1..p6)
 LEFT_EYE = (263, 387, 385, 362, 380, 373)

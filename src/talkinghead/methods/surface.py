@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from talkinghead.face.landmarks import FACE_OVAL, LIPS_INNER, LIPS_OUTER, NOSE_TIP
+from talkinghead.face.landmarks import (FACE_OVAL, LIPS_INNER, LIPS_INNER_LOWER, LIPS_INNER_UPPER, LIPS_OUTER,
+                                        NOSE_TIP)
 
 
 def points_on_triangles(verts: np.ndarray, tris: np.ndarray, rng: np.random.Generator
@@ -79,7 +80,7 @@ def initial_points(neutral: np.ndarray, triangles: np.ndarray, num: int, face_fr
     mouth = np.stack([centre[0] + half[0] * r * np.cos(ang),
                       centre[1] + max(half[1], 0.08 * half[0]) * r * np.sin(ang),
                       centre[2] - front * rng.random(n_mouth) * 0.12 * width], 1)
-    upper, lower = np.array(LIPS_INNER[11:]), np.array(LIPS_INNER[1:10])  # arcs without the two corners
+    upper, lower = np.array(LIPS_INNER_UPPER), np.array(LIPS_INNER_LOWER)
     down = np.sign(v[lower, 1].mean() - v[upper, 1].mean()) or 1.0  # +y is down the face when lower lip y > upper
     t = 0.5 + 0.5 * down * r * np.sin(ang)  # 0 at the slab's upper edge, 1 at its lower edge
 
