@@ -9,7 +9,8 @@ import torch
 from talkinghead.face.landmarks import CHIN, LEFT_EYE_OUTER, LOWER_LIP_INNER, NOSE_TIP, RIGHT_EYE_OUTER, UPPER_LIP_INNER
 from talkinghead.methods.gaussianflametalk.flametalk import (
     FlameTalkConfig, alignment_mask, biased_causal_mask, build_flametalk, causal_average, evaluate_flametalk,
-    fit_linear_prior, periodic_positional_encoding, speech_components, train_flametalk)
+    periodic_positional_encoding, speech_components, train_flametalk)
+from talkinghead.methods.prior import fit_linear_prior
 
 V = 478
 

@@ -215,6 +215,7 @@ def test_expression_supervision_targets_interpolate_the_triangle_displacements(s
 
     path, _ = synthetic
     cfg = _tiny_config(10)
+    cfg.lip_prior = 0  # the network places them
     store = FrameStore(path, cfg.data, progress=False)
     model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
     pts, ids = model.geo_points, model.geo_vertices
@@ -260,7 +261,7 @@ def test_geometry_loss_replays_earlier_training_frames(synthetic):
     """Each training frame is remembered once; the geometry loss averages the current frame with
     ``geo_replay`` remembered ones, deforming only the supervised Gaussians (same offsets as a full deform)."""
     cfg = _tiny_config(10)
-    cfg.geo_replay = 3
+    cfg.geo_replay, cfg.lip_prior = 3, 0
     store, model = _model_with_offsets(synthetic[0], cfg)  # non-zero offsets, so frames differ
     for k in (0, 1, 0, 2):
         model.train_loss(store.batch(k), step=0)  # canonical stage: frames are remembered already
@@ -285,7 +286,7 @@ def test_expression_supervision_moves_the_mouth_vertices(synthetic):
 
     path, _ = synthetic
     cfg = _tiny_config(10)
-    cfg.lambda_lip, cfg.lambda_dssim = 0.0, 0.0
+    cfg.lambda_lip, cfg.lambda_dssim, cfg.lip_prior = 0.0, 0.0, 0
     store = FrameStore(path, cfg.data, progress=False)
     model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
     with torch.no_grad():
@@ -309,10 +310,11 @@ def test_the_mouth_binding_is_saved_so_a_resumed_run_keeps_its_geometry_supervis
     from talkinghead.data import PreparedDataset
 
     path, _ = synthetic
-    store = FrameStore(path, _tiny_config(10).data, progress=False)
-    model = get_method("gaussiantalker").build(_tiny_config(10), store.info, dataset=PreparedDataset(path, size=64))
+    cfg = dataclasses.replace(_tiny_config(10), lip_prior=0)  # the network places them, by the geometry loss
+    store = FrameStore(path, cfg.data, progress=False)
+    model = get_method("gaussiantalker").build(cfg, store.info, dataset=PreparedDataset(path, size=64))
     assert len(model.geo_points) > 0
-    empty = get_method("gaussiantalker").build(_tiny_config(10), store.info)  # what --resume builds
+    empty = get_method("gaussiantalker").build(cfg, store.info)  # what --resume builds
     assert len(empty.geo_points) == 0
     empty.load_state_dict(model.state_dict())
     for name in ("geo_points", "geo_vertices", "geo_weights"):
@@ -321,7 +323,7 @@ def test_the_mouth_binding_is_saved_so_a_resumed_run_keeps_its_geometry_supervis
     with torch.no_grad():
         assert "geo" in empty.train_loss(batch, step=10**6)[1]
     old = {k: v for k, v in model.state_dict().items() if not k.startswith("geo_")}  # saved before
-    again = get_method("gaussiantalker").build(_tiny_config(10), store.info)
+    again = get_method("gaussiantalker").build(cfg, store.info)
     again.load_state_dict(old)
     assert len(again.geo_points) == 0
 
@@ -333,7 +335,7 @@ def test_training_renders_the_lips_at_their_tracked_place_and_the_gradient_reach
     from talkinghead.methods.surface import mesh_displacement
 
     cfg = _tiny_config(10)
-    cfg.lambda_lip = 0.0
+    cfg.lambda_lip, cfg.lip_prior = 0.0, 0
     store, model = _model_with_offsets(synthetic[0], cfg)  # the network's own offsets differ from the tracked
     batch = store.batch(0)
     batch.expression = torch.tensor([1.0, 0.0])
@@ -356,3 +358,68 @@ def test_training_renders_the_lips_at_their_tracked_place_and_the_gradient_reach
                  batch.cond.viewmat, batch.cond.K, batch.cond.backdrop) - batch.image).abs().mean()
     l1.backward()
     assert model.f_deform.heads["means"].weight.grad.abs().sum() > 0
+
+
+class _LinearClip:
+    """A dataset stand-in whose tracked expression is an exact linear map of the audio window (+ a constant)."""
+
+    def __init__(self, T: int, D: int, E: int, radius: int, seed: int = 0):
+        from talkinghead.methods.data import audio_windows
+
+        rng = np.random.default_rng(seed)
+        self.audio_matrix = rng.normal(0, 1, (T, D)).astype(np.float32)
+        win = audio_windows(self.audio_matrix, radius).flatten(1).numpy()
+        self.map = rng.normal(0, 0.3, (win.shape[1], E))
+        expression = win @ self.map + 0.5
+        self.tracks = type("Tracks", (), {"expression": expression.astype(np.float32)})()
+        self._test = np.arange(T - 20, T)
+
+    def split_indices(self, name: str) -> np.ndarray:
+        return self._test if name == "test" else np.arange(self._test[0])
+
+
+def test_lip_prior_recovers_a_linear_audio_to_expression_map_and_places_the_lips(synthetic):
+    """The lip prior, fitted in closed form, recovers an exact linear audio -> expression map on held-out
+    frames (its leading components; the rest at their training mean), and puts the geometry-bound Gaussians
+    (only those) at that expression's displacement -- in training's deform and in the kept render state alike."""
+    from talkinghead.data import PreparedDataset
+    from talkinghead.methods.surface import mesh_displacement
+
+    cfg = _tiny_config(10)
+    cfg.lip_prior, cfg.prior_lambdas = 1, (1e-8, 1e4)
+    store, model = _model_with_offsets(synthetic[0], cfg)  # random heads: the network would move every point
+    clip = _LinearClip(1000, store.info.audio_dim, 2, cfg.data.audio_radius)  # more frames than window dims
+    model._fit_lip_prior(clip)
+    assert model.log_extras()["lip_prior"].startswith("1 expression components, ridge lambda 1e-08")
+    from talkinghead.methods.data import audio_windows
+
+    test = clip.split_indices("test")
+    win = audio_windows(clip.audio_matrix, cfg.data.audio_radius)[test]
+    want = clip.tracks.expression[test].copy()
+    want[:, 1] = clip.tracks.expression[clip.split_indices("train"), 1].mean()  # not predicted: its mean
+    with torch.no_grad():
+        got = mesh_displacement(torch.from_numpy(want), model.expression_basis, model.geo_vertices, model.geo_weights)
+        torch.testing.assert_close(model._prior_offsets(win), got, atol=1e-5, rtol=1e-4)
+        cond = store.condition(0, audio=win[0])
+        g = model.gaussians(cond, deform=True)
+        pts = model.geo_points
+        torch.testing.assert_close(g["means"][pts], model.means[pts] + got[0], atol=1e-6, rtol=0)
+        canonical = model.gaussians(cond, deform=False)["means"]
+        rest = torch.ones(len(canonical), dtype=torch.bool)
+        rest[pts] = False
+        assert (g["means"][rest] - canonical[rest]).abs().max() > 1e-4  # the network moves the others
+        model.eval()  # the render path's kept state gives the same Gaussians
+        state = model._frozen.get(model)
+        torch.testing.assert_close(model._render_gaussians(cond, state)["means"], g["means"], atol=1e-5, rtol=0)
+    # No geometry loss to train F_deform for points it does not place; the training render has them tracked.
+    model.train()
+    batch = store.batch(0)
+    _, logs = model.train_loss(batch, step=10**6)
+    assert "geo" not in logs and len(model._geo_bank) == 0
+    # Saved and loaded with the avatar; an avatar saved before the prior existed loads without it.
+    again = get_method("gaussiantalker").build(cfg, store.info)
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again.prior_weight, model.prior_weight)
+    old = get_method("gaussiantalker").build(dataclasses.replace(cfg), store.info)
+    old.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("prior_")})
+    assert old.cfg.lip_prior == 0 and not old._lip_prior_on

@@ -94,6 +94,7 @@ from torch import Tensor, nn
 
 from talkinghead.face.landmarks import (CHIN, LEFT_EYE, LEFT_EYE_OUTER, LIPS_INNER, LIPS_OUTER, NOSE_TIP, RIGHT_EYE,
                                         RIGHT_EYE_OUTER, mouth_opening)
+from talkinghead.methods.prior import fit_linear_prior
 
 
 @dataclass
@@ -454,32 +455,6 @@ def _tap_rows(x: Tensor, taps: int) -> Tensor:
     pad = torch.cat([x[:, :1].expand(-1, taps - 1, -1), x], 1)
     cols = [pad[:, k : k + x.shape[1]] for k in range(taps)]
     return torch.cat([*cols, torch.ones_like(x[..., :1])], -1)
-
-
-def fit_linear_prior(z: np.ndarray, y: np.ndarray, lambdas,
-                     blocks: int = 5) -> tuple[np.ndarray, float, np.ndarray]:
-    """Ridge map z [T, K] (last column the constant) -> y [T, S], its strength chosen by blocked
-    cross-validation over ``blocks`` contiguous blocks (smallest held-out squared error; the constant is not
-    penalised). Returns (weight [K, S], the chosen lambda, the out-of-fold predictions [T, S] at that lambda:
-    each block's by the map fitted on the other blocks)."""
-    z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
-    K = z.shape[1]
-    pen = np.eye(K)
-    pen[-1, -1] = 0.0
-
-    def solve(rows, lam):
-        return np.linalg.solve(z[rows].T @ z[rows] + lam * pen, z[rows].T @ y[rows])
-
-    fold = np.arange(len(z)) * blocks // len(z)
-    held_out = []  # per lambda: [T, S] out-of-fold predictions
-    for lam in lambdas:
-        pred = np.zeros_like(y)
-        for b in range(blocks):
-            pred[fold == b] = z[fold == b] @ solve(fold != b, lam)
-        held_out.append(pred)
-    best = int(np.argmin([((pred - y) ** 2).sum() for pred in held_out]))
-    lam = float(lambdas[best])
-    return solve(np.ones(len(z), bool), lam), lam, held_out[best]
 
 
 def out_of_fold_prior(model: FlameTalk, audio: np.ndarray, expression: np.ndarray, blocks: int = 5) -> np.ndarray:

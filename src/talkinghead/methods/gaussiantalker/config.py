@@ -44,6 +44,11 @@ class GaussianTalkerConfig:
     lambda_geo: float = 0.5  # lip/chin mesh Gaussians follow the tracked expression (model.py; not in the paper)
     geo_replay: int = 8  # earlier training frames added to each step's geometry loss (model.py; not in the paper)
     tracked_lips: bool = True  # training renders put those Gaussians at their tracked place (model.py; not in the paper)
+    # Those Gaussians' positions from a closed-form ridge map audio window -> the face model's ``lip_prior``
+    # leading expression components, fitted on the training frames (0: from F_deform; model.py; not in the paper).
+    lip_prior: int = 6
+    prior_lambdas: tuple[float, ...] = (1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5)  # ridge strengths tried by blocked CV
+    prior_full_variance: bool = True  # scale the prior's audio part to the tracked coefficients' spread (model.py)
     lpips_weights: str | None = None  # folder with alex.pth + alexnet-owt-*.pth (else env / torch hub cache)
     lr_means: float = 1.6e-4  # times the head radius (3DGS's spatial_lr_scale), decayed 100x over training
     lr_triplane: float = 5e-3

@@ -58,7 +58,9 @@ from torch import Tensor, nn
 
 from talkinghead.face.landmarks import MOUTH_VERTICES, NUM_LANDMARKS
 from talkinghead.methods.base import Batch, Condition, DatasetInfo, RenderCache, adam, decay_learning_rates
+from talkinghead.methods.data import audio_windows
 from talkinghead.methods.losses import PerceptualLoss, dssim
+from talkinghead.methods.prior import fit_linear_prior
 from talkinghead.methods.replay import FrameBank
 from talkinghead.methods.surface import base_log_scales, initial_points, mesh_displacement
 from talkinghead.nn.audio import AudioEncoder
@@ -112,6 +114,14 @@ class GaussianTalker(nn.Module):
         self.register_buffer("geo_points", sel.nonzero()[:, 0])  # [M]
         self.register_buffer("geo_vertices", ids[sel])  # [M, 3]
         self.register_buffer("geo_weights", bary[sel])  # [M, 3]
+        # The lip prior (cfg.lip_prior): those Gaussians' expression [E] = z @ prior_weight, z the audio window
+        # [(2R+1) D] standardised by prior_mean / prior_std, then a constant 1 (fitted in build).
+        A = (2 * cfg.data.audio_radius + 1) * info.audio_dim
+        on = cfg.lip_prior > 0
+        self.register_buffer("prior_weight", torch.zeros(A + 1, info.expression_dim) if on else None)
+        self.register_buffer("prior_mean", torch.zeros(A) if on else None)
+        self.register_buffer("prior_std", torch.ones(A) if on else None)
+        self._prior_note = "off" if not on else "loaded"
         self.triplane = Triplane(cfg.triplane_resolutions, cfg.triplane_channels, bounds)
         self.f_can = CanonicalMLP(d, cfg.hidden, self.num_sh)
         self.audio_encoder = AudioEncoder(info.audio_dim, d, cfg.hidden)
@@ -143,7 +153,36 @@ class GaussianTalker(nn.Module):
         model = cls(cfg, info, points, basis, binding)
         if dataset is not None:
             model._setup_lpips()
+            if cfg.lip_prior:
+                model._fit_lip_prior(dataset)
         return model
+
+    def _fit_lip_prior(self, ds) -> None:
+        """The lip prior from ``ds``'s training frames, in closed form: a ridge map (strength by blocked CV,
+        :func:`~talkinghead.methods.prior.fit_linear_prior`) from the standardised audio window to the tracked
+        expression's ``cfg.lip_prior`` leading components; the others stay at their training mean."""
+        train = ds.split_indices("train")
+        win = audio_windows(ds.audio_matrix, self.cfg.data.audio_radius)[train].flatten(1).double().numpy()
+        mean, std = win.mean(0), np.maximum(win.std(0), 1e-3)
+        expr = np.asarray(ds.tracks.expression, np.float64)[train]
+        k = min(self.cfg.lip_prior, expr.shape[1])
+        z = np.c_[(win - mean) / std, np.ones(len(win))]
+        w, lam, held_out = fit_linear_prior(z, expr[:, :k], self.cfg.prior_lambdas)
+        if self.cfg.prior_full_variance and len(self.geo_points):
+            # Ridge shrinks towards the mean: held out, the bound Gaussians moved about half as far as tracked,
+            # and a mouth opened half as wide renders as barely open. One gain on the map's audio part (z is
+            # centred on the training frames, so the mean stays) makes their out-of-fold displacement spread as
+            # far as the tracked one; one gain for all components keeps the mouth's shapes (and correlation).
+            basis = self.expression_basis[:k, self.geo_vertices].double()  # [k, M, 3, 3]
+            B = (basis * self.geo_weights.double()[None, :, :, None]).sum(2).flatten(1).numpy()  # [k, M*3]
+            spread = lambda c: ((c - c.mean(0)) @ B).var(0).sum()  # noqa: E731
+            w[:-1] *= np.sqrt(spread(expr[:, :k]) / max(spread(held_out), 1e-30))
+        weight = np.zeros((z.shape[1], expr.shape[1]))
+        weight[:, :k] = w
+        weight[-1, k:] = expr[:, k:].mean(0)
+        for name, value in (("prior_weight", weight), ("prior_mean", mean), ("prior_std", std)):
+            getattr(self, name).copy_(torch.from_numpy(value))
+        self._prior_note = f"{k} expression components, ridge lambda {lam:g}, {len(train)} frames"
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         """The mouth Gaussians' binding at its saved size (an avatar saved before it was saved loads without)."""
@@ -151,6 +190,10 @@ class GaussianTalker(nn.Module):
         for name in ("geo_points", "geo_vertices", "geo_weights"):
             state.setdefault(name, getattr(self, name)[:0])
             setattr(self, name, torch.empty_like(state[name]))
+        if "prior_weight" not in state and self.prior_weight is not None:  # saved before the lip prior existed
+            self.cfg.lip_prior = 0
+            self.prior_weight = self.prior_mean = self.prior_std = None
+            self._prior_note = "off"
         return super().load_state_dict(state, strict, assign)
 
     def _setup_lpips(self) -> None:
@@ -165,6 +208,17 @@ class GaussianTalker(nn.Module):
         64-wide layer moves points by centimetres and the deformation stage starts by shaking the head.
         In these units a lip moves a few units, like every other offset (log-scale, logit, SH)."""
         return 0.01 * self.head_radius
+
+    @property
+    def _lip_prior_on(self) -> bool:
+        return self.prior_weight is not None and len(self.geo_points) > 0
+
+    def _prior_offsets(self, audio: Tensor) -> Tensor:
+        """[..., M, 3] the lip prior's displacement (metres) of the geometry-bound Gaussians for audio windows
+        [..., 2R+1, D]."""
+        z = (audio.flatten(-2) - self.prior_mean) / self.prior_std
+        expression = z @ self.prior_weight[:-1] + self.prior_weight[-1]
+        return mesh_displacement(expression, self.expression_basis, self.geo_vertices, self.geo_weights)
 
     @property
     def head_radius(self) -> float:
@@ -209,6 +263,9 @@ class GaussianTalker(nn.Module):
         z, _ = self.attention(f, self.tokens(cond), first_query=state["query"], weights=False)
         raw = torch.addmm(state["base"], self.f_deform.trunk(z), state["heads"])
         means, log_s, rot, sh, logit = raw.split(state["sizes"], dim=1)
+        if self._lip_prior_on:
+            pts = self.geo_points
+            means = means.index_copy(0, pts, self.means[pts] + self._prior_offsets(cond.audio))
         return {"means": means, "quats": F.normalize(rot, dim=-1), "scales": torch.exp(log_s.clamp(max=0.0)),
                 "opacities": torch.sigmoid(logit[:, 0]), "sh": sh.unflatten(1, (self.num_sh, 3))}
 
@@ -236,6 +293,8 @@ class GaussianTalker(nn.Module):
             z, attn = self.attention(f, self.tokens(cond))
             dlt = self.f_deform(z)
             offsets = dlt["means"] * self.offset_scale
+            if self._lip_prior_on:
+                offsets = offsets.index_copy(0, self.geo_points, self._prior_offsets(cond.audio))
             means = means + offsets
             log_s = log_s + dlt["scale"]
             rot = rot + dlt["rotation"]
@@ -281,12 +340,15 @@ class GaussianTalker(nn.Module):
         deform = step >= self.canonical_steps()
         if deform and not bool(self.deform_on):
             self.deform_on.fill_(True)
-        if cfg.geo_replay > 0:
+        # With the lip prior the bound Gaussians' positions come from it: F_deform's are not used, nor trained.
+        learned = cfg.lambda_geo > 0 and not self._lip_prior_on
+        if learned and cfg.geo_replay > 0:
             self._geo_bank.add(batch.cond.index, batch.cond.audio, batch.cond.blink, batch.cond.viewmat,
                                batch.expression)
         g = self.gaussians(batch.cond, deform)
-        geo_on = deform and cfg.lambda_geo > 0 and self.expression_basis.shape[0] > 0 and len(self.geo_points) > 0
-        if geo_on and cfg.tracked_lips:
+        bound = deform and self.expression_basis.shape[0] > 0 and len(self.geo_points) > 0
+        geo_on = bound and learned
+        if bound and cfg.tracked_lips and (learned or self._lip_prior_on):
             g = self._at_tracked_place(g, batch.expression)
         pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop, batch.cond.eps2d)
         l1 = (pred - batch.image).abs().mean()
@@ -353,7 +415,7 @@ class GaussianTalker(nn.Module):
                                  lambda name: 0.01 if name == "means" else 0.3)
 
     def log_extras(self) -> dict[str, Any]:
-        return {"lpips": self._lpips_note, "num_gaussians": self.cfg.num_gaussians,
+        return {"lpips": self._lpips_note, "lip_prior": self._prior_note, "num_gaussians": self.cfg.num_gaussians,
                 "attention_layers": self.cfg.attention_layers, "canonical_iterations": self.canonical_steps()}
 
     def attention_summary(self, cond: Condition) -> np.ndarray:
