@@ -40,6 +40,20 @@ network's own, noisier positions, the colours and the cavity learned an average 
 geometry did (lips moved to their tracked place rendered mouth-opening r 0.35 against the real frames, the
 network's own 0.56); trained at the tracked place, the same oracle renders 0.87, and what remains between the
 audio and the rendered opening is the audio -> lip-geometry mapping (bench/RESULTS.md, issue 10, session 9).
+**Lip prior** (``lip_prior``, default 6): that mapping is a closed-form linear one. At build time a ridge map
+from the standardised audio window (the 2R+1 rows the audio token reads) to the tracked expression's 6 leading
+components (the face model's PCA order; the rest at their training mean) is fitted on the training frames,
+its strength by blocked cross-validation (:func:`~talkinghead.methods.prior.fit_linear_prior`), and its audio
+part scaled by one gain so that the bound Gaussians' out-of-fold displacement spreads as far as the tracked one
+(``prior_full_variance``: ridge shrinks towards the mean, and a mouth opened half as wide rendered as barely
+open). These Gaussians' positions then come from the prior alone, at render time; F_deform still gives their
+scale, rotation, colour and opacity offsets, and every other Gaussian's position. Training is unchanged but for
+the geometry loss, which has nothing left to train (the training renders put them at their tracked place).
+Why: on the cnn test split the lip gap of the attention network, trained by the geometry loss, followed the
+tracked gap at r 0.67-0.72 over seeds; a ridge on the same rows reaches 0.757 for the 6 leading components
+(0.69 for all 24, 0.725 for 8, 0.760 for 4); the network trained as a residual on the prior brought it back
+to 0.70. Rendered mouth-opening r (bench/RESULTS.md, issue 10, session 11): see there for the three seeds.
+``lip_prior = 0`` restores the network-placed lips with the geometry loss.
 
 Other deviations: no adaptive density control (the point count stays ``num_gaussians``: the cpu-small budget has
 no room for it, and mu_c starts on the face surface instead of from SfM); pre-norm attention blocks; the
