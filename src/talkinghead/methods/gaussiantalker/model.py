@@ -52,7 +52,9 @@ the geometry loss, which has nothing left to train (the training renders put the
 Why: on the cnn test split the lip gap of the attention network, trained by the geometry loss, followed the
 tracked gap at r 0.67-0.72 over seeds; a ridge on the same rows reaches 0.757 for the 6 leading components
 (0.69 for all 24, 0.725 for 8, 0.760 for 4); the network trained as a residual on the prior brought it back
-to 0.70. Rendered mouth-opening r (bench/RESULTS.md, issue 10, session 11): see there for the three seeds.
+to 0.70. With the prior, seeds 0 / 1 / 2, ``eval --size 512`` mouth-opening r 0.640 / 0.729 / 0.671 against
+0.576 / 0.448 / 0.634 with the network's lips; silence-driven 0.03 / 0.02 / -0.05 (bench/RESULTS.md, issue 10,
+session 11).
 ``lip_prior = 0`` restores the network-placed lips with the geometry loss.
 
 Other deviations: no adaptive density control (the point count stays ``num_gaussians``: the cpu-small budget has
