@@ -41,8 +41,9 @@ class GaussianTalkerConfig:
     lambda_dssim: float = 0.2
     lambda_lpips: float = 0.1  # used only where LPIPS weights exist locally
     lambda_lip: float = 2.0
-    lambda_geo: float = 0.5  # lip/chin mesh Gaussians follow the tracked expression (model.py; not in the paper)
-    geo_replay: int = 8  # earlier training frames added to each step's geometry loss (model.py; not in the paper)
+    # With lip_prior 0: lip/chin mesh Gaussians follow the tracked expression (model.py; not in the paper) ...
+    lambda_geo: float = 0.5
+    geo_replay: int = 8  # ... averaged over this many earlier training frames too (model.py; not in the paper)
     tracked_lips: bool = True  # training renders put those Gaussians at their tracked place (model.py; not in the paper)
     # Those Gaussians' positions from a closed-form ridge map audio window -> the face model's ``lip_prior``
     # leading expression components, fitted on the training frames (0: from F_deform; model.py; not in the paper).
