@@ -12,7 +12,7 @@ import torch
 from talkinghead.face.landmarks import LIPS_INNER, LIPS_INNER_LOWER, LIPS_INNER_UPPER, LIPS_OUTER
 from talkinghead import methods
 from talkinghead.methods import get_method
-from talkinghead.methods.data import FrameStore
+from talkinghead.methods.data import FrameStore, audio_windows
 from talkinghead.methods.replay import FrameBank
 from talkinghead.methods.gaussiantalker.attention import SpatialAudioAttention, ViewpointEncoder
 from talkinghead.methods.gaussiantalker.deformation import CanonicalMLP, DeformMLP
@@ -364,8 +364,6 @@ class _LinearClip:
     """A dataset stand-in whose tracked expression is an exact linear map of the audio window (+ a constant)."""
 
     def __init__(self, T: int, D: int, E: int, radius: int, seed: int = 0):
-        from talkinghead.methods.data import audio_windows
-
         rng = np.random.default_rng(seed)
         self.audio_matrix = rng.normal(0, 1, (T, D)).astype(np.float32)
         win = audio_windows(self.audio_matrix, radius).flatten(1).numpy()
@@ -391,8 +389,6 @@ def test_lip_prior_recovers_a_linear_audio_to_expression_map_and_places_the_lips
     clip = _LinearClip(1000, store.info.audio_dim, 2, cfg.data.audio_radius)  # more frames than window dims
     model._fit_lip_prior(clip)
     assert model.log_extras()["lip_prior"].startswith("1 expression components, ridge lambda 1e-08")
-    from talkinghead.methods.data import audio_windows
-
     test = clip.split_indices("test")
     win = audio_windows(clip.audio_matrix, cfg.data.audio_radius)[test]
     want = clip.tracks.expression[test].copy()

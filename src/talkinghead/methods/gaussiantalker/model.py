@@ -189,8 +189,9 @@ class GaussianTalker(nn.Module):
             # and a mouth opened half as wide renders as barely open. One gain on the map's audio part (z is
             # centred on the training frames, so the mean stays) makes their out-of-fold displacement spread as
             # far as the tracked one; one gain for all components keeps the mouth's shapes (and correlation).
-            basis = self.expression_basis[:k, self.geo_vertices].double()  # [k, M, 3, 3]
-            B = (basis * self.geo_weights.double()[None, :, :, None]).sum(2).flatten(1).numpy()  # [k, M*3]
+            unit = torch.eye(expr.shape[1], dtype=torch.float64)[:k]  # each component alone: [k, E]
+            B = mesh_displacement(unit, self.expression_basis.double(), self.geo_vertices,
+                                  self.geo_weights.double()).flatten(1).numpy()  # [k, M*3]
             spread = lambda c: ((c - c.mean(0)) @ B).var(0).sum()  # noqa: E731
             w[:-1] *= np.sqrt(spread(expr[:, :k]) / max(spread(held_out), 1e-30))
         weight = np.zeros((z.shape[1], expr.shape[1]))
@@ -364,7 +365,7 @@ class GaussianTalker(nn.Module):
         g = self.gaussians(batch.cond, deform)
         bound = deform and self.expression_basis.shape[0] > 0 and len(self.geo_points) > 0
         geo_on = bound and learned
-        if bound and cfg.tracked_lips and (learned or self._lip_prior_on):
+        if bound and cfg.tracked_lips and (cfg.lambda_geo > 0 or self._lip_prior_on):
             g = self._at_tracked_place(g, batch.expression)
         pred = self._raster(g, batch.cond.viewmat, batch.cond.K, batch.cond.backdrop, batch.cond.eps2d)
         l1 = (pred - batch.image).abs().mean()
